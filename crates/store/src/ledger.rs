@@ -1,0 +1,314 @@
+//! The command path for patient records: load a patient's stream, decide, seal, sign, append.
+//!
+//! This is where the pure domain meets keys and storage. Every event is sealed under the
+//! patient's own data key and signed before it reaches a backend; every event read back is
+//! verified (hash, signature, chain) before it is opened. A signature is checked right after
+//! signing too, so a broken signer fails the write, not some later read.
+
+use std::sync::Arc;
+
+use chartlog_crypto::{
+    CryptoError, DataKeyId, DataKeys, EventHash, EventHeader, EventSigner, IntegrityError,
+    KeyError, KeyStore, SealedEvent, SignatureVerifier, open, seal_event, verify_chain,
+};
+use chartlog_domain::{
+    Actor, EventId, Patient, PatientCommand, PatientId, Rejection, StreamId, Timestamp, codec,
+    decide, evolve,
+};
+use uuid::Uuid;
+
+use crate::{EventStore, StoreError, StreamHead};
+
+/// How many times a command is re-decided after losing a race to another writer.
+pub const CONFLICT_RETRIES_MAX: u32 = 3;
+/// Events read per page while loading a stream.
+const LOAD_PAGE_EVENTS: u32 = 1_000;
+
+/// Why a command or a load did not go through. `Rejected` is the clinician's to act on (4xx);
+/// `Erased` is a clear answer, never an opaque decryption error; the rest are faults (5xx).
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+
+    #[error("patient {patient} was erased at {erased_at}")]
+    Erased {
+        patient: PatientId,
+        erased_at: Timestamp,
+    },
+
+    #[error("patient {patient} has no record")]
+    NotFound { patient: PatientId },
+
+    #[error("stream {stream} changed under {retries} attempts in a row")]
+    Contended { stream: StreamId, retries: u32 },
+
+    #[error("integrity check failed")]
+    Integrity(#[from] IntegrityError),
+
+    #[error("event {event_id} of stream {stream} does not open under its data key")]
+    Unopenable {
+        stream: StreamId,
+        event_id: EventId,
+        #[source]
+        source: CryptoError,
+    },
+
+    #[error("event {event_id} of stream {stream} does not decode")]
+    Undecodable {
+        stream: StreamId,
+        event_id: EventId,
+        #[source]
+        source: codec::DecodeError,
+    },
+
+    #[error("data key unavailable")]
+    Key(#[source] KeyError),
+
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a command's events landed: the new stream version (for If-Match) and the global
+/// position of the last event (for read-your-writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandOutcome {
+    pub stream_version: u64,
+    pub position: u64,
+    pub events: usize,
+}
+
+/// A patient's decision state with the head it was folded up to.
+#[derive(Debug, Clone)]
+pub struct LoadedPatient {
+    pub patient: Patient,
+    pub head: Option<StreamHead>,
+}
+
+/// Executes patient commands against an [`EventStore`].
+pub struct PatientLedger<S: EventStore + ?Sized, K: KeyStore> {
+    store: Arc<S>,
+    keys: Arc<DataKeys<K>>,
+    signer: Arc<EventSigner>,
+    verifier: Arc<SignatureVerifier>,
+}
+
+impl<S: EventStore + ?Sized, K: KeyStore> Clone for PatientLedger<S, K> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            keys: self.keys.clone(),
+            signer: self.signer.clone(),
+            verifier: self.verifier.clone(),
+        }
+    }
+}
+
+impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
+    /// `verifier` must trust `signer`'s public key (asserted on the first write).
+    pub fn new(
+        store: Arc<S>,
+        keys: Arc<DataKeys<K>>,
+        signer: Arc<EventSigner>,
+        verifier: Arc<SignatureVerifier>,
+    ) -> Self {
+        Self {
+            store,
+            keys,
+            signer,
+            verifier,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    pub fn keys(&self) -> &Arc<DataKeys<K>> {
+        &self.keys
+    }
+
+    /// Decides `command` against the patient's current record and appends what it decides.
+    /// Retries on a lost race, re-deciding against the new state each time.
+    #[tracing::instrument(skip_all, fields(patient = %patient, command = command.kind()))]
+    pub async fn execute(
+        &self,
+        patient: PatientId,
+        command: PatientCommand,
+        actor: Actor,
+        now: Timestamp,
+    ) -> Result<CommandOutcome, LedgerError> {
+        let stream = StreamId::patient(patient);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let loaded = match self.load(patient).await {
+                Ok(loaded) => loaded,
+                Err(LedgerError::NotFound { .. }) => LoadedPatient {
+                    patient: Patient::default(),
+                    head: None,
+                },
+                Err(other) => return Err(other),
+            };
+            let events = decide(&loaded.patient, command.clone(), now)?;
+            assert!(!events.is_empty(), "decide accepts a command only with events");
+            let erases = events
+                .iter()
+                .any(|e| matches!(e, chartlog_domain::PatientEvent::PatientErased { .. }));
+
+            let (key_id, key) = self
+                .keys
+                .key_for_append(&stream)
+                .await
+                .map_err(|e| self.key_error(patient, e))?;
+            let sealed = self.seal(&stream, loaded.head, &events, actor, now, key_id, &key)?;
+            let expected_version = loaded.head.map_or(0, |h| h.version);
+            match self.store.append(&stream, expected_version, &sealed).await {
+                Ok(outcome) => {
+                    if erases {
+                        // The tombstone is stored; destroying the key is what makes the
+                        // erasure real. A crash before this line is finished by the next load.
+                        self.destroy_key(&stream, now).await?;
+                    }
+                    return Ok(CommandOutcome {
+                        stream_version: outcome.stream_version,
+                        position: outcome.last_position,
+                        events: sealed.len(),
+                    });
+                }
+                Err(StoreError::Conflict { .. }) if attempt < CONFLICT_RETRIES_MAX => {
+                    tracing::debug!(attempt, "lost a race on the stream; deciding again");
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    return Err(LedgerError::Contended {
+                        stream,
+                        retries: attempt,
+                    });
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn seal(
+        &self,
+        stream: &StreamId,
+        head: Option<StreamHead>,
+        events: &[chartlog_domain::PatientEvent],
+        actor: Actor,
+        now: Timestamp,
+        key_id: DataKeyId,
+        key: &chartlog_crypto::DataKey,
+    ) -> Result<Vec<SealedEvent>, LedgerError> {
+        let (mut version, mut prev_hash) =
+            head.map_or((0, EventHash::GENESIS), |h| (h.version, h.hash));
+        let mut sealed = Vec::with_capacity(events.len());
+        for event in events {
+            let encoded = codec::encode(event);
+            version += 1;
+            let header = EventHeader {
+                stream_id: stream.clone(),
+                stream_version: version,
+                event_id: EventId::from_uuid(Uuid::now_v7()),
+                event_type: encoded.event_type.to_owned(),
+                schema_version: encoded.schema_version,
+                recorded_at: now,
+                actor,
+                key_id,
+                prev_hash,
+                signer_key_id: self.signer.key_id().clone(),
+            };
+            let event = seal_event(&self.signer, key, header, &encoded.payload);
+            // Pair the signature with a check before anything is stored.
+            self.verifier.verify(&event)?;
+            prev_hash = event.hash;
+            sealed.push(event);
+        }
+        Ok(sealed)
+    }
+
+    /// Reads, verifies, opens and folds the patient's stream.
+    pub async fn load(&self, patient: PatientId) -> Result<LoadedPatient, LedgerError> {
+        let stream = StreamId::patient(patient);
+        let mut state = Patient::default();
+        let mut head: Option<StreamHead> = None;
+        let mut key: Option<Arc<chartlog_crypto::DataKey>> = None;
+        loop {
+            let from = head.map_or(1, |h| h.version + 1);
+            let page = self.store.read_stream(&stream, from, LOAD_PAGE_EVENTS).await?;
+            let Some(last) = page.last() else { break };
+            let last = StreamHead {
+                version: last.event.header.stream_version,
+                hash: last.event.hash,
+            };
+            let events: Vec<SealedEvent> = page.into_iter().map(|r| r.event).collect();
+            let prev = head.map_or(EventHash::GENESIS, |h| h.hash);
+            verify_chain(prev, from, &events)?;
+            self.verifier.verify_batch(&events)?;
+            let key = match &key {
+                Some(key) => key.clone(),
+                None => {
+                    let (_, fetched) = self
+                        .keys
+                        .key_for_read(&stream)
+                        .await
+                        .map_err(|e| self.key_error(patient, e))?;
+                    key = Some(fetched.clone());
+                    fetched
+                }
+            };
+            for event in &events {
+                let plaintext = open(&key, &event.header, &event.ciphertext).map_err(|source| {
+                    LedgerError::Unopenable {
+                        stream: stream.clone(),
+                        event_id: event.header.event_id,
+                        source,
+                    }
+                })?;
+                let decoded = codec::decode(
+                    &event.header.event_type,
+                    event.header.schema_version,
+                    &plaintext,
+                )
+                .map_err(|source| LedgerError::Undecodable {
+                    stream: stream.clone(),
+                    event_id: event.header.event_id,
+                    source,
+                })?;
+                state = evolve(state, &decoded);
+            }
+            head = Some(last);
+        }
+        if head.is_none() {
+            return Err(LedgerError::NotFound { patient });
+        }
+        if let Some(erased_at) = state.erased_at() {
+            // The tombstone is stored but the key may have survived (a crash mid-erasure).
+            self.destroy_key(&stream, erased_at).await?;
+            return Err(LedgerError::Erased { patient, erased_at });
+        }
+        Ok(LoadedPatient {
+            patient: state,
+            head,
+        })
+    }
+
+    async fn destroy_key(&self, stream: &StreamId, at: Timestamp) -> Result<(), LedgerError> {
+        self.keys
+            .destroy(stream, at)
+            .await
+            .map(|_| ())
+            .map_err(LedgerError::Key)
+    }
+
+    fn key_error(&self, patient: PatientId, error: KeyError) -> LedgerError {
+        match error {
+            KeyError::Erased { destroyed_at, .. } => LedgerError::Erased {
+                patient,
+                erased_at: destroyed_at,
+            },
+            other => LedgerError::Key(other),
+        }
+    }
+}

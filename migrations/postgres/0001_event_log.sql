@@ -1,0 +1,166 @@
+-- The event log, the stream heads and the data-key table.
+--
+-- chartlog_events is append-only: a trigger refuses UPDATE, DELETE and TRUNCATE, because the
+-- log is the only source of truth and crypto-erasure never needs to touch it.
+
+CREATE TABLE chartlog_streams (
+    stream_id  text   PRIMARY KEY,
+    version    bigint NOT NULL CHECK (version > 0),
+    head_hash  bytea  NOT NULL CHECK (octet_length(head_hash) = 32)
+);
+
+CREATE SEQUENCE chartlog_event_position AS bigint START 1 NO CYCLE;
+
+CREATE TABLE chartlog_events (
+    position         bigint  PRIMARY KEY,
+    -- The appending transaction: readers of the global log only read below the oldest
+    -- transaction still running, so an event that commits late is never skipped.
+    transaction_id   xid8    NOT NULL,
+    stream_id        text    NOT NULL,
+    stream_version   bigint  NOT NULL CHECK (stream_version > 0),
+    event_id         uuid    NOT NULL UNIQUE,
+    event_type       text    NOT NULL,
+    schema_version   integer NOT NULL CHECK (schema_version > 0),
+    recorded_at_us   bigint  NOT NULL,
+    actor_user_id    uuid    NOT NULL,
+    actor_role       text    NOT NULL,
+    purpose_of_use   text    NOT NULL,
+    break_glass      boolean NOT NULL,
+    data_key_id      uuid    NOT NULL,
+    signer_key_id    text    NOT NULL,
+    prev_hash        bytea   NOT NULL CHECK (octet_length(prev_hash) = 32),
+    hash             bytea   NOT NULL CHECK (octet_length(hash) = 32),
+    signature        bytea   NOT NULL CHECK (octet_length(signature) = 64),
+    ciphertext       bytea   NOT NULL,
+    UNIQUE (stream_id, stream_version)
+);
+
+CREATE FUNCTION chartlog_refuse_rewrite() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'chartlog_events is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+CREATE TRIGGER chartlog_events_append_only
+    BEFORE UPDATE OR DELETE ON chartlog_events
+    FOR EACH ROW EXECUTE FUNCTION chartlog_refuse_rewrite();
+
+CREATE TRIGGER chartlog_events_no_truncate
+    BEFORE TRUNCATE ON chartlog_events
+    FOR EACH STATEMENT EXECUTE FUNCTION chartlog_refuse_rewrite();
+
+-- Appends one batch to one stream in one statement (one round trip, then the commit).
+--
+-- Ordering: the transaction id and the positions are taken together under a short session
+-- advisory lock, released before any row is written. So among appending transactions the
+-- order of transaction ids equals the order of positions, and a reader that returns only rows
+-- whose transaction id is below pg_snapshot_xmin(pg_current_snapshot()) returns a prefix of
+-- the log: no later commit can land below a position it has already returned. Commits do not
+-- queue behind each other; only the reservation (no I/O) is serialized.
+--
+-- Returns outcome 'appended' with the positions, or 'conflict' with the stream's actual
+-- version and head hash (the caller reports the conflict or checks for an idempotent retry).
+CREATE FUNCTION chartlog_append(
+    p_stream_id        text,
+    p_expected_version bigint,
+    p_event_ids        uuid[],
+    p_event_types      text[],
+    p_schema_versions  integer[],
+    p_recorded_at_us   bigint[],
+    p_actor_user_ids   uuid[],
+    p_actor_roles      text[],
+    p_purposes         text[],
+    p_break_glass      boolean[],
+    p_data_key_ids     uuid[],
+    p_signer_key_ids   text[],
+    p_prev_hashes      bytea[],
+    p_hashes           bytea[],
+    p_signatures       bytea[],
+    p_ciphertexts      bytea[]
+) RETURNS TABLE (outcome text, first_position bigint, actual_version bigint, actual_head_hash bytea)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count      integer := cardinality(p_event_ids);
+    v_txid       xid8;
+    v_first      bigint;
+    v_new_head   bytea;
+    v_rows       integer;
+BEGIN
+    IF v_count IS NULL OR v_count = 0 THEN
+        RAISE EXCEPTION 'chartlog_append needs at least one event';
+    END IF;
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'chartlog_append must be the first write of its transaction';
+    END IF;
+
+    -- 7_236_985 is 'chartlog' folded into a fixed advisory lock key.
+    PERFORM pg_advisory_lock(7236985);
+    BEGIN
+        v_txid := pg_current_xact_id();
+        v_first := nextval('chartlog_event_position');
+        IF v_count > 1 THEN
+            PERFORM setval('chartlog_event_position', v_first + v_count - 1);
+        END IF;
+        PERFORM pg_advisory_unlock(7236985);
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        PERFORM pg_advisory_unlock(7236985);
+        RAISE;
+    END;
+
+    v_new_head := p_hashes[v_count];
+    IF p_expected_version = 0 THEN
+        INSERT INTO chartlog_streams (stream_id, version, head_hash)
+        VALUES (p_stream_id, v_count, v_new_head)
+        ON CONFLICT (stream_id) DO NOTHING;
+    ELSE
+        UPDATE chartlog_streams
+           SET version = p_expected_version + v_count, head_hash = v_new_head
+         WHERE stream_id = p_stream_id
+           AND version = p_expected_version
+           AND head_hash = p_prev_hashes[1];
+    END IF;
+    GET DIAGNOSTICS v_rows = ROW_COUNT;
+    IF v_rows = 0 THEN
+        RETURN QUERY
+            SELECT 'conflict'::text, NULL::bigint, s.version, s.head_hash
+              FROM (SELECT 1) AS one
+              LEFT JOIN chartlog_streams s ON s.stream_id = p_stream_id;
+        RETURN;
+    END IF;
+
+    INSERT INTO chartlog_events (
+        position, transaction_id, stream_id, stream_version, event_id, event_type,
+        schema_version, recorded_at_us, actor_user_id, actor_role, purpose_of_use, break_glass,
+        data_key_id, signer_key_id, prev_hash, hash, signature, ciphertext)
+    SELECT v_first + e.ord - 1, v_txid, p_stream_id, p_expected_version + e.ord, e.event_id,
+           e.event_type, e.schema_version, e.recorded_at_us, e.actor_user_id, e.actor_role,
+           e.purpose_of_use, e.break_glass, e.data_key_id, e.signer_key_id, e.prev_hash, e.hash,
+           e.signature, e.ciphertext
+      FROM unnest(p_event_ids, p_event_types, p_schema_versions, p_recorded_at_us,
+                  p_actor_user_ids, p_actor_roles, p_purposes, p_break_glass, p_data_key_ids,
+                  p_signer_key_ids, p_prev_hashes, p_hashes, p_signatures, p_ciphertexts)
+           WITH ORDINALITY AS e(event_id, event_type, schema_version, recorded_at_us,
+                  actor_user_id, actor_role, purpose_of_use, break_glass, data_key_id,
+                  signer_key_id, prev_hash, hash, signature, ciphertext, ord);
+
+    PERFORM pg_notify('chartlog_events', (v_first + v_count - 1)::text);
+    RETURN QUERY SELECT 'appended'::text, v_first, p_expected_version + v_count, v_new_head;
+END
+$$;
+
+-- Per-patient data keys, wrapped by a key-encryption key, kept apart from the events. A
+-- destroyed key keeps its row as a tombstone (key id and time) so the owner can never be
+-- given a new key that would make old ciphertext look fresh.
+CREATE TABLE chartlog_data_keys (
+    owner_stream_id  text   PRIMARY KEY,
+    key_id           uuid   NOT NULL UNIQUE,
+    kek_id           text,
+    wrapped_key      bytea,
+    created_at_us    bigint NOT NULL,
+    destroyed_at_us  bigint,
+    CHECK ((destroyed_at_us IS NULL) = (wrapped_key IS NOT NULL)),
+    CHECK ((kek_id IS NULL) = (wrapped_key IS NULL))
+);
+
+CREATE INDEX chartlog_data_keys_by_kek ON chartlog_data_keys (kek_id) WHERE wrapped_key IS NOT NULL;
