@@ -30,10 +30,26 @@ struct Case {
 
 fn cases(scale: usize) -> Vec<Case> {
     vec![
-        Case { writers: 1, batch: 1, appends_per_writer: 600 * scale },
-        Case { writers: 16, batch: 1, appends_per_writer: 150 * scale },
-        Case { writers: 1, batch: 100, appends_per_writer: 40 * scale },
-        Case { writers: 16, batch: 100, appends_per_writer: 6 * scale },
+        Case {
+            writers: 1,
+            batch: 1,
+            appends_per_writer: 600 * scale,
+        },
+        Case {
+            writers: 16,
+            batch: 1,
+            appends_per_writer: 150 * scale,
+        },
+        Case {
+            writers: 1,
+            batch: 100,
+            appends_per_writer: 40 * scale,
+        },
+        Case {
+            writers: 16,
+            batch: 100,
+            appends_per_writer: 6 * scale,
+        },
     ]
 }
 
@@ -43,13 +59,20 @@ fn prepare(factory: &EventFactory, case: Case) -> Vec<Vec<Vec<SealedEvent>>> {
     (0..case.writers)
         .map(|_| {
             let stream = StreamId::patient(chartlog_domain::PatientId::from_uuid(Uuid::new_v4()));
-            let mut head = StreamHead { version: 0, hash: EventHash::GENESIS };
+            let mut head = StreamHead {
+                version: 0,
+                hash: EventHash::GENESIS,
+            };
             (0..case.appends_per_writer)
                 .map(|_| {
                     let batch: Vec<SealedEvent> = (0..case.batch)
                         .map(|_| {
-                            let event = factory.event(&stream, head.version + 1, head.hash, &payload);
-                            head = StreamHead { version: head.version + 1, hash: event.hash };
+                            let event =
+                                factory.event(&stream, head.version + 1, head.hash, &payload);
+                            head = StreamHead {
+                                version: head.version + 1,
+                                hash: event.hash,
+                            };
                             event
                         })
                         .collect();
@@ -60,7 +83,10 @@ fn prepare(factory: &EventFactory, case: Case) -> Vec<Vec<Vec<SealedEvent>>> {
         .collect()
 }
 
-async fn run_store<S: EventStore + Clone>(store: &S, work: Vec<Vec<Vec<SealedEvent>>>) -> (u64, Duration) {
+async fn run_store<S: EventStore + Clone>(
+    store: &S,
+    work: Vec<Vec<Vec<SealedEvent>>>,
+) -> (u64, Duration) {
     let started = Instant::now();
     let tasks: Vec<_> = work
         .into_iter()
@@ -71,7 +97,10 @@ async fn run_store<S: EventStore + Clone>(store: &S, work: Vec<Vec<Vec<SealedEve
                 for batch in appends {
                     let stream = batch[0].header.stream_id.clone();
                     let expected = batch[0].header.stream_version - 1;
-                    store.append(&stream, expected, &batch).await.expect("append");
+                    store
+                        .append(&stream, expected, &batch)
+                        .await
+                        .expect("append");
                     events += batch.len() as u64;
                 }
                 events
@@ -167,7 +196,9 @@ async fn main() {
 
     for case in cases(scale) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteEventStore::open(&dir.path().join("bench.db")).await.expect("sqlite");
+        let store = SqliteEventStore::open(&dir.path().join("bench.db"))
+            .await
+            .expect("sqlite");
         let store_result = run_store(&store, prepare(&factory, case)).await;
         let pool: SqlitePool = store.pool().clone();
         pool.execute("CREATE TABLE bench_raw_rows (id INTEGER PRIMARY KEY, stream_id TEXT NOT NULL, body BLOB NOT NULL)")
@@ -183,7 +214,9 @@ async fn main() {
         return;
     };
     let scratch = format!("chartlog_bench_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&url).await.expect("connect to DATABASE_URL");
+    let mut admin = PgConnection::connect(&url)
+        .await
+        .expect("connect to DATABASE_URL");
     admin
         .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {scratch}")))
         .await
@@ -193,7 +226,9 @@ async fn main() {
         None => panic!("DATABASE_URL has no database path"),
     };
     for case in cases(scale) {
-        let store = PostgresEventStore::connect(&scratch_url).await.expect("postgres");
+        let store = PostgresEventStore::connect(&scratch_url)
+            .await
+            .expect("postgres");
         let store_result = run_store(&store, prepare(&factory, case)).await;
         let pool: PgPool = store.pool().clone();
         pool.execute("DROP TABLE IF EXISTS bench_raw_rows; CREATE TABLE bench_raw_rows (id bigserial PRIMARY KEY, stream_id text NOT NULL, body bytea NOT NULL)")
@@ -203,9 +238,14 @@ async fn main() {
         report("postgres", case, store_result, raw_result);
         pool.close().await;
     }
-    admin.execute("SELECT 1").await.expect("admin connection alive");
     admin
-        .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE {scratch} WITH (FORCE)")))
+        .execute("SELECT 1")
+        .await
+        .expect("admin connection alive");
+    admin
+        .execute(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {scratch} WITH (FORCE)"
+        )))
         .await
         .expect("drop scratch database");
 }

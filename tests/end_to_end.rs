@@ -1,1 +1,213 @@
+//! End-to-end tests of the `chartlog` binary: each test starts the real server on a free
+//! port in a fresh data directory and talks to it over HTTPS (or HTTP) only.
 
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::{Server, TestDir, http_client, https_client};
+
+const SECURITY_HEADERS: [(&str, &str); 5] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    (
+        "content-security-policy",
+        "default-src 'none'; frame-ancestors 'none'",
+    ),
+    ("cache-control", "no-store"),
+    ("referrer-policy", "no-referrer"),
+];
+
+fn assert_security_headers(response: &reqwest::Response) {
+    for (name, expected) in SECURITY_HEADERS {
+        let value = response
+            .headers()
+            .get(name)
+            .unwrap_or_else(|| panic!("missing {name}"));
+        assert_eq!(value.to_str().expect("ASCII header"), expected, "{name}");
+    }
+}
+
+fn hsts(response: &reqwest::Response) -> Option<&str> {
+    response
+        .headers()
+        .get("strict-transport-security")
+        .map(|value| value.to_str().expect("ASCII header"))
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test]
+async fn healthz_answers_over_https_with_security_headers() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), &[]);
+    assert!(
+        server.base_url().starts_with("https://127.0.0.1:"),
+        "{}",
+        server.base_url()
+    );
+    let client = https_client(&fs::read(dir.certificate_path()).expect("certificate"));
+
+    let response = client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_security_headers(&response);
+    assert_eq!(hsts(&response), Some("max-age=63072000; includeSubDomains"));
+    let body: Value = response.json().await.expect("JSON body");
+    assert_eq!(body, json!({"status": "ok"}));
+
+    let response = client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("JSON body");
+    assert_eq!(body, json!({"status": "ready"}));
+}
+
+#[tokio::test]
+async fn unknown_routes_get_a_json_404_in_the_error_shape() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), &[]);
+    let client = https_client(&fs::read(dir.certificate_path()).expect("certificate"));
+
+    let response = client
+        .get(server.url("/patients/does-not-exist"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_security_headers(&response);
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .expect("content type")
+        .to_str()
+        .expect("ASCII header")
+        .to_owned();
+    assert_eq!(content_type, "application/json");
+    let body: Value = response.json().await.expect("JSON body");
+    assert_eq!(body["error"], "not_found");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|message| !message.is_empty())
+    );
+    assert_eq!(body.as_object().map(|fields| fields.len()), Some(2));
+}
+
+#[tokio::test]
+async fn the_data_dir_and_development_key_are_private() {
+    let dir = TestDir::new();
+    let _server = Server::start(dir.data_dir(), &[]);
+
+    assert_eq!(mode(dir.data_dir()), 0o700);
+    assert_eq!(mode(&dir.key_path()), 0o600);
+    let certificate = fs::read_to_string(dir.certificate_path()).expect("certificate");
+    assert!(certificate.starts_with("-----BEGIN CERTIFICATE-----"));
+    let key = fs::read_to_string(dir.key_path()).expect("key");
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+}
+
+#[tokio::test]
+async fn insecure_http_serves_plain_http_and_warns() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), &["--insecure-http"]);
+    assert!(
+        server.base_url().starts_with("http://127.0.0.1:"),
+        "{}",
+        server.base_url()
+    );
+    server.wait_for_stderr("WARNING: --insecure-http");
+
+    let response = http_client()
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz over HTTP");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_security_headers(&response);
+    assert_eq!(hsts(&response), None, "HSTS is meaningless over plain HTTP");
+    // No development certificate is needed, so none is made.
+    assert!(!dir.certificate_path().exists());
+}
+
+#[tokio::test]
+async fn a_second_start_reuses_the_development_certificate() {
+    let dir = TestDir::new();
+    let first = Server::start(dir.data_dir(), &[]);
+    let certificate = fs::read(dir.certificate_path()).expect("certificate");
+    let key = fs::read(dir.key_path()).expect("key");
+    drop(first);
+
+    let second = Server::start(dir.data_dir(), &[]);
+    assert_eq!(
+        fs::read(dir.certificate_path()).expect("certificate"),
+        certificate
+    );
+    assert_eq!(fs::read(dir.key_path()).expect("key"), key);
+    // Clients that trusted the first start's certificate still connect.
+    let response = https_client(&certificate)
+        .get(second.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn sigterm_and_sigint_stop_the_server_cleanly() {
+    for signal in ["TERM", "INT"] {
+        let dir = TestDir::new();
+        let mut server = Server::start(dir.data_dir(), &[]);
+        let status = server.signal_and_wait(signal);
+        assert!(status.success(), "SIG{signal}: {status}");
+        server.wait_for_stderr("shutting down gracefully");
+    }
+}
+
+#[test]
+fn a_tls_certificate_without_its_key_is_refused() {
+    let dir = TestDir::new();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.data_dir())
+        .args(["--listen", "127.0.0.1:0", "--tls-cert", "cert.pem"])
+        .output()
+        .expect("run chartlog");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--tls-key"), "{stderr}");
+    assert!(output.stdout.is_empty(), "nothing may claim to listen");
+}
+
+#[test]
+fn migrate_is_a_stub_that_succeeds() {
+    let dir = TestDir::new();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"))
+        .arg("migrate")
+        .arg("--data-dir")
+        .arg(dir.data_dir())
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run chartlog");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "nothing to migrate yet\n"
+    );
+}
