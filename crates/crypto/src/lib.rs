@@ -1,1 +1,47 @@
+//! chartlog-crypto: the key hierarchy, event sealing, signing and hash chains of chartlog.
+//!
+//! Every event is sealed with AES-256-SIV under its owner's [`DataKey`], with the clear
+//! [`EventHeader`] as associated data; hashed with SHA-256 over header and ciphertext, chained
+//! through `prev_hash`; and the hash is signed with Ed25519 ([`EventSigner`]). Data keys are
+//! stored only wrapped by a key-encryption key of a [`KeyRing`], in a [`KeyStore`] kept apart
+//! from the events; destroying the wrapped key is crypto-erasure.
+//!
+//! **Invariants:**
+//! - No cipher, hash or signature scheme of our own: AES-SIV (RFC 5297), SHA-256 and Ed25519
+//!   come from the RustCrypto and dalek crates; this crate only composes them, with a distinct
+//!   domain-separation tag for each use.
+//! - Verification needs no data key: [`SignatureVerifier::verify`] and [`verify_chain`] work on
+//!   the clear header and the ciphertext, so an erased patient's stream still verifies.
+//! - Secret bytes ([`DataKey`], KEKs, signing keys) live in zeroize-on-drop boxes, are never
+//!   `Clone`, `Serialize` or printed by `Debug`, and never appear in an error message.
+//! - Header encoding ([`EventHeader::canonical_bytes`]) is injective: fixed-size fields are
+//!   written as-is, variable-size fields are length-prefixed, and every field is covered.
+//! - No I/O except the key files of [`load_or_create_key_files`]; storage of wrapped data keys
+//!   is behind the [`KeyStore`] trait, implemented by `chartlog-store`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+mod data_keys;
+mod error;
+mod header;
+mod ids;
+mod key_files;
+mod key_ring;
+mod key_store;
+mod rng;
+mod seal;
+mod sign;
+
+pub use data_keys::{
+    DATA_KEY_CACHE_ENTRIES_MAX, DATA_KEY_CACHE_TTL, DataKeys, KEK_ROTATION_BATCH_KEYS, KeyError,
+};
+pub use error::{CryptoError, IdError, IntegrityError, KeyFileError};
+pub use header::{EventHeader, SealedEvent};
+pub use ids::{DataKeyId, EventHash, EventSignature, KekId, SignerKeyId};
+pub use key_files::{KEK_FILE_NAME, SIGNING_FILE_NAME, SigningKeys, load_or_create_key_files};
+pub use key_ring::{KEK_BYTES, KeyRing, WrappedDataKey};
+pub use key_store::{DataKeyRecord, KeyInsert, KeyStore, KeyStoreError};
+pub use seal::{DATA_KEY_BYTES, DataKey, SEAL_OVERHEAD_BYTES, open, seal};
+pub use sign::{
+    EventSigner, SignatureVerifier, VERIFY_BATCH_EVENTS_MAX, event_hash, seal_event, verify_chain,
+};

@@ -1,0 +1,7 @@
+//! Integration tests of chartlog-crypto: one test binary, one module per concern.
+
+mod chain;
+mod data_keys;
+mod key_files;
+mod sealing;
+mod support;
