@@ -24,9 +24,9 @@ impl StreamId {
     /// [`StreamId::LENGTH_MAX`] bytes.
     pub fn parse(raw: &str) -> Result<Self, StreamIdError> {
         let starts_with_letter = raw.bytes().next().is_some_and(|b| b.is_ascii_lowercase());
-        let allowed = raw
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
+        let allowed = raw.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        });
         if raw.is_empty() || raw.len() > Self::LENGTH_MAX || !starts_with_letter || !allowed {
             return Err(StreamIdError);
         }
@@ -86,7 +86,10 @@ mod tests {
         let stream = StreamId::patient(patient);
         assert_eq!(stream.patient_id(), Some(patient));
         assert_eq!(StreamId::parse(stream.as_str()), Ok(stream));
-        assert_eq!(StreamId::parse("security-logins").unwrap().patient_id(), None);
+        assert_eq!(
+            StreamId::parse("security-logins").unwrap().patient_id(),
+            None
+        );
     }
 
     #[test]

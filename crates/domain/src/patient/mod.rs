@@ -1,0 +1,25 @@
+//! The patient aggregate: one patient's chart as commands, events, a decision state, and
+//! the two pure functions between them, [`decide`] and [`evolve`].
+
+mod commands;
+mod decide;
+mod events;
+mod rejection;
+mod state;
+
+pub use commands::{
+    AllergyCriticality, AllergyReaction, CONTACT_POINTS_MAX, ConsentRestrictionKind, Demographics,
+    DemographicsCorrection, DiscontinuationReason, DosingFrequency, ErasureReason, IDENTIFIERS_MAX,
+    MedicationRoute, ObservationValue, PatientCommand,
+};
+pub use decide::{
+    ADDENDA_PER_NOTE_MAX, CARE_TEAM_MAX, CONSENT_RESTRICTIONS_MAX, FUTURE_SKEW_MICROS_MAX, decide,
+};
+pub use events::PatientEvent;
+pub use rejection::Rejection;
+pub use state::{
+    Allergy, Condition, ConsentRestriction, MedicationOrder, Note, NoteAddendum, Patient, evolve,
+};
+
+#[cfg(test)]
+mod tests;
