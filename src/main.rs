@@ -16,6 +16,8 @@ use actix_web::HttpServer;
 use anyhow::{Context, bail};
 use chartlog_api::tls::{self, PemFiles};
 use chartlog_api::{ApiConfig, NotReady, ReadinessProbe, Transport};
+use chartlog_store::postgres::PostgresEventStore;
+use chartlog_store::sqlite::SqliteEventStore;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -28,6 +30,8 @@ const _: () = assert!(SHUTDOWN_TIMEOUT_SECONDS < 30);
 
 /// The database file name inside the data directory when no `--database-url` is given.
 const SQLITE_FILE_NAME: &str = "chartlog.db";
+/// The folder of key files (KEKs, signing keys) inside the data directory.
+const KEY_DIR_NAME: &str = "keys";
 
 #[derive(Parser)]
 #[command(
@@ -62,7 +66,7 @@ struct StorageArgs {
     /// Database to use, e.g. `postgres://user@host/db`. Default: SQLite at
     /// `<data-dir>/chartlog.db`.
     // hide_env_values: the URL can carry a password, and --help would print it.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "CHARTLOG_DATABASE_URL", hide_env_values = true)]
     database_url: Option<DatabaseUrl>,
 }
 
@@ -300,11 +304,19 @@ async fn stop_on_signal(server: actix_web::dev::ServerHandle) {
 }
 
 async fn migrate(args: StorageArgs) -> anyhow::Result<()> {
-    // wired by the store integration: open the database at args.database_location() and run
-    // the embedded migrations for its dialect.
     let location = args.database_location();
     tracing::info!(database = location.describe(), "migrate");
-    println!("nothing to migrate yet");
+    create_data_dir(&args.data_dir)?;
+    // Opening applies every embedded migration, and refuses a database that has applied a
+    // migration this binary does not know (a schema newer than the binary).
+    let database = open_database(&location).await?;
+    println!("database schema is up to date");
+    Backend {
+        readiness: Arc::new(DatabaseReadiness(database.clone())),
+        database,
+    }
+    .close()
+    .await;
     Ok(())
 }
 
@@ -333,39 +345,95 @@ fn create_data_dir(data_dir: &Path) -> anyhow::Result<()> {
 /// What the server needs from the storage side.
 struct Backend {
     readiness: Arc<dyn ReadinessProbe>,
+    database: Database,
 }
 
 impl Backend {
     /// Releases the backend (closing pools, so PostgreSQL does not log connection resets).
     async fn close(self) {
-        // wired by the store integration: close the pool here.
+        match self.database {
+            Database::Sqlite(store) => store.pool().close().await,
+            Database::Postgres(store) => store.pool().close().await,
+        }
     }
 }
 
-// ==== wired by the store integration ==========================================================
-// `open_backend` is where the lead connects chartlog-store: open SQLite (the `SqliteFile` path,
-// created in `data_dir`) or PostgreSQL (`Url`), run the migrations, load the keys with
-// `chartlog_crypto::load_or_create_key_files(data_dir)`, and return a readiness probe that
-// checks the database (e.g. `SELECT 1` with a short timeout).
+/// The opened, migrated event store.
+#[derive(Clone)]
+enum Database {
+    Sqlite(SqliteEventStore),
+    Postgres(PostgresEventStore),
+}
+
+/// Opens (creating and migrating) the database the flags name.
+async fn open_database(database: &DatabaseLocation) -> anyhow::Result<Database> {
+    let sqlite_path = match database {
+        DatabaseLocation::SqliteFile(path) => Some(path.clone()),
+        DatabaseLocation::Url(url) if url.scheme() == "sqlite" => {
+            let raw = url
+                .expose()
+                .trim_start_matches("sqlite:")
+                .trim_start_matches("//");
+            Some(PathBuf::from(raw))
+        }
+        DatabaseLocation::Url(_) => None,
+    };
+    match (sqlite_path, database) {
+        (Some(path), _) => {
+            let store = SqliteEventStore::open(&path)
+                .await
+                .with_context(|| format!("cannot open the SQLite database {}", path.display()))?;
+            Ok(Database::Sqlite(store))
+        }
+        (None, DatabaseLocation::Url(url)) => {
+            let store = PostgresEventStore::connect(url.expose())
+                .await
+                .context("cannot open the PostgreSQL database")?;
+            Ok(Database::Postgres(store))
+        }
+        (None, DatabaseLocation::SqliteFile(_)) => unreachable!("a SQLite file always has a path"),
+    }
+}
+
 async fn open_backend(data_dir: &Path, database: &DatabaseLocation) -> anyhow::Result<Backend> {
     tracing::info!(
         data_dir = %data_dir.display(),
         database = database.describe(),
         "opening backend"
     );
+    let key_dir = data_dir.join(KEY_DIR_NAME);
+    chartlog_crypto::load_or_create_key_files(&key_dir).with_context(|| {
+        format!(
+            "cannot load or create the key files in {}",
+            key_dir.display()
+        )
+    })?;
+    let database = open_database(database).await?;
     Ok(Backend {
-        readiness: Arc::new(AlwaysReady),
+        readiness: Arc::new(DatabaseReadiness(database.clone())),
+        database,
     })
 }
 
-/// Placeholder probe until the store is wired: the process is ready as soon as it serves.
-struct AlwaysReady;
+/// Ready while the database answers a trivial query.
+struct DatabaseReadiness(Database);
 
 #[chartlog_api::async_trait]
-impl ReadinessProbe for AlwaysReady {
+impl ReadinessProbe for DatabaseReadiness {
     async fn check(&self) -> Result<(), NotReady> {
-        // wired by the store integration
-        Ok(())
+        let answered = match &self.0 {
+            Database::Sqlite(store) => sqlx::query("SELECT 1")
+                .execute(store.pool())
+                .await
+                .map(drop),
+            Database::Postgres(store) => sqlx::query("SELECT 1")
+                .execute(store.pool())
+                .await
+                .map(drop),
+        };
+        answered.map_err(|error| {
+            tracing::warn!(%error, "readiness: database did not answer");
+            NotReady::new("database unreachable")
+        })
     }
 }
-// ==============================================================================================

@@ -41,6 +41,7 @@ pub mod patient;
 pub mod phi;
 pub mod quantity;
 pub mod stream;
+pub mod synthetic;
 pub mod time;
 
 pub use actor::{Actor, PurposeOfUse, Role};

@@ -60,7 +60,8 @@ impl EventFactory {
         head: Option<StreamHead>,
         count: usize,
     ) -> Vec<SealedEvent> {
-        let (mut version, mut prev_hash) = head.map_or((0, EventHash::GENESIS), |h| (h.version, h.hash));
+        let (mut version, mut prev_hash) =
+            head.map_or((0, EventHash::GENESIS), |h| (h.version, h.hash));
         (0..count)
             .map(|_| {
                 version += 1;
@@ -99,7 +100,10 @@ fn stream(name: &str) -> StreamId {
     StreamId::parse(&format!("conformance-{name}-{}", Uuid::new_v4())).expect("a valid stream id")
 }
 
-async fn read_whole_stream<S: EventStore + ?Sized>(store: &S, stream: &StreamId) -> Vec<SealedEvent> {
+async fn read_whole_stream<S: EventStore + ?Sized>(
+    store: &S,
+    stream: &StreamId,
+) -> Vec<SealedEvent> {
     store
         .read_stream(stream, 1, crate::READ_BATCH_MAX)
         .await
@@ -114,7 +118,9 @@ async fn read_whole_log<S: EventStore + ?Sized>(store: &S, page: u32) -> Vec<cra
     let mut after = 0;
     loop {
         let events = store.read_all(after, page).await.expect("read_all");
-        let Some(last) = events.last() else { return all };
+        let Some(last) = events.last() else {
+            return all;
+        };
         after = last.position;
         all.extend(events);
     }
@@ -125,14 +131,21 @@ async fn read_whole_log<S: EventStore + ?Sized>(store: &S, page: u32) -> Vec<cra
 pub async fn appends_and_reads_in_version_order<S: EventStore>(store: &S) {
     let factory = EventFactory::new();
     let stream = stream("order");
-    assert_eq!(store.stream_head(&stream).await.expect("head"), None, "a new stream has no head");
+    assert_eq!(
+        store.stream_head(&stream).await.expect("head"),
+        None,
+        "a new stream has no head"
+    );
 
     let mut written = Vec::new();
     let mut head = None;
     for count in [1, 3, 5] {
         let batch = factory.batch(&stream, head, count);
         let expected_version = head.map_or(0, |h: StreamHead| h.version);
-        let outcome = store.append(&stream, expected_version, &batch).await.expect("append");
+        let outcome = store
+            .append(&stream, expected_version, &batch)
+            .await
+            .expect("append");
         assert_eq!(outcome.stream_version, expected_version + count as u64);
         assert_eq!(
             outcome.last_position - outcome.first_position,
@@ -147,15 +160,28 @@ pub async fn appends_and_reads_in_version_order<S: EventStore>(store: &S) {
     }
 
     let read = read_whole_stream(store, &stream).await;
-    assert_eq!(read, written, "the stream reads back as written, in version order");
+    assert_eq!(
+        read, written,
+        "the stream reads back as written, in version order"
+    );
     for (expected, event) in (1u64..).zip(&read) {
-        assert_eq!(event.header.stream_version, expected, "versions are gapless");
+        assert_eq!(
+            event.header.stream_version, expected,
+            "versions are gapless"
+        );
     }
     assert_eq!(store.stream_head(&stream).await.expect("head"), head);
 
-    let tail = store.read_stream(&stream, 4, 2).await.expect("read from version");
+    let tail = store
+        .read_stream(&stream, 4, 2)
+        .await
+        .expect("read from version");
     let versions: Vec<u64> = tail.iter().map(|r| r.event.header.stream_version).collect();
-    assert_eq!(versions, [4, 5], "read_stream honours from_version and limit");
+    assert_eq!(
+        versions,
+        [4, 5],
+        "read_stream honours from_version and limit"
+    );
 }
 
 /// Malformed batches are refused before anything is written.
@@ -171,7 +197,9 @@ pub async fn refuses_malformed_batches<S: EventStore>(store: &S) {
 
     refused(store.append(&stream, 0, &[]).await, "an empty batch");
     refused(
-        store.append(&stream, 0, &factory.batch(&other, None, 1)).await,
+        store
+            .append(&stream, 0, &factory.batch(&other, None, 1))
+            .await,
         "an event of another stream",
     );
     let mut gapped = factory.batch(&stream, None, 3);
@@ -181,14 +209,30 @@ pub async fn refuses_malformed_batches<S: EventStore>(store: &S) {
         factory.event(&stream, 1, EventHash::GENESIS, b"a"),
         factory.event(&stream, 2, EventHash::GENESIS, b"b"),
     ];
-    refused(store.append(&stream, 0, &unchained).await, "a broken internal chain");
+    refused(
+        store.append(&stream, 0, &unchained).await,
+        "a broken internal chain",
+    );
     let not_genesis = vec![factory.event(&stream, 1, EventHash::from_bytes([7; 32]), b"a")];
-    refused(store.append(&stream, 0, &not_genesis).await, "a first event not chained to genesis");
+    refused(
+        store.append(&stream, 0, &not_genesis).await,
+        "a first event not chained to genesis",
+    );
     let too_many = factory.batch(&stream, None, crate::EVENTS_PER_APPEND_MAX + 1);
-    refused(store.append(&stream, 0, &too_many).await, "an oversized batch");
+    refused(
+        store.append(&stream, 0, &too_many).await,
+        "an oversized batch",
+    );
 
-    assert_eq!(store.stream_head(&stream).await.expect("head"), None, "nothing was written");
-    assert!(read_whole_log(store, 100).await.is_empty(), "the global log is still empty");
+    assert_eq!(
+        store.stream_head(&stream).await.expect("head"),
+        None,
+        "nothing was written"
+    );
+    assert!(
+        read_whole_log(store, 100).await.is_empty(),
+        "the global log is still empty"
+    );
 }
 
 /// Of `writers` racing at the same expected version, exactly one wins; every other gets a
@@ -198,7 +242,10 @@ pub async fn racing_writers_have_one_winner<S: EventStore + Clone>(store: &S, wr
     let factory = Arc::new(EventFactory::new());
     let stream = stream("race");
     let first = factory.batch(&stream, None, 1);
-    store.append(&stream, 0, &first).await.expect("seed the stream");
+    store
+        .append(&stream, 0, &first)
+        .await
+        .expect("seed the stream");
     let head = StreamHead {
         version: 1,
         hash: first[0].hash,
@@ -207,8 +254,12 @@ pub async fn racing_writers_have_one_winner<S: EventStore + Clone>(store: &S, wr
     let start = Arc::new(tokio::sync::Barrier::new(writers));
     let mut tasks = Vec::new();
     for _ in 0..writers {
-        let (store, factory, stream, start) =
-            (store.clone(), factory.clone(), stream.clone(), start.clone());
+        let (store, factory, stream, start) = (
+            store.clone(),
+            factory.clone(),
+            stream.clone(),
+            start.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let batch = factory.batch(&stream, Some(head), 2);
             start.wait().await;
@@ -228,13 +279,21 @@ pub async fn racing_writers_have_one_winner<S: EventStore + Clone>(store: &S, wr
                 actual,
             }) => {
                 assert_eq!(named, stream, "the conflict names the stream");
-                assert_eq!((expected, actual), (1, 3), "the conflict names both versions");
+                assert_eq!(
+                    (expected, actual),
+                    (1, 3),
+                    "the conflict names both versions"
+                );
             }
             Err(other) => panic!("a losing writer must get Conflict, got {other:?}"),
         }
     }
     assert_eq!(winners, 1, "exactly one writer wins");
-    assert_eq!(read_whole_stream(store, &stream).await.len(), 3, "only the winner's events are stored");
+    assert_eq!(
+        read_whole_stream(store, &stream).await.len(),
+        3,
+        "only the winner's events are stored"
+    );
 }
 
 /// Appending a stored batch again returns the original positions and stores nothing new.
@@ -251,11 +310,21 @@ pub async fn retried_append_returns_the_original_outcome<S: EventStore>(store: &
         }),
         1,
     );
-    store.append(&stream, 3, &more).await.expect("a later append");
+    store
+        .append(&stream, 3, &more)
+        .await
+        .expect("a later append");
 
-    let retried = store.append(&stream, 0, &batch).await.expect("an idempotent retry");
+    let retried = store
+        .append(&stream, 0, &batch)
+        .await
+        .expect("an idempotent retry");
     assert_eq!(retried, original, "a retry gets the original outcome");
-    assert_eq!(read_whole_stream(store, &stream).await.len(), 4, "a retry stores no duplicate");
+    assert_eq!(
+        read_whole_stream(store, &stream).await.len(),
+        4,
+        "a retry stores no duplicate"
+    );
     assert_eq!(read_whole_log(store, 100).await.len(), 4);
 }
 
@@ -305,7 +374,10 @@ pub async fn batch_chained_to_another_head_is_refused<S: EventStore>(store: &S) 
         1,
     );
     match store.append(&stream, 2, &fork).await {
-        Err(StoreError::ChainMismatch { stream: named, version }) => {
+        Err(StoreError::ChainMismatch {
+            stream: named,
+            version,
+        }) => {
             assert_eq!((named, version), (stream.clone(), 2));
         }
         other => panic!("expected ChainMismatch, got {other:?}"),
@@ -331,7 +403,10 @@ pub async fn global_log_yields_every_event_once_in_order<S: EventStore + Clone>(
             let mut after = 0;
             loop {
                 let finished = done.load(std::sync::atomic::Ordering::Acquire);
-                let events = store.read_all(after, 7).await.expect("read_all while writing");
+                let events = store
+                    .read_all(after, 7)
+                    .await
+                    .expect("read_all while writing");
                 match events.last() {
                     Some(last) => after = last.position,
                     None if finished => return seen,
@@ -352,7 +427,10 @@ pub async fn global_log_yields_every_event_once_in_order<S: EventStore + Clone>(
             for append in 0..appends_per_writer {
                 let batch = factory.batch(&stream, head, 1 + append % 3);
                 let expected = head.map_or(0, |h: StreamHead| h.version);
-                let outcome = store.append(&stream, expected, &batch).await.expect("append");
+                let outcome = store
+                    .append(&stream, expected, &batch)
+                    .await
+                    .expect("append");
                 head = Some(StreamHead {
                     version: outcome.stream_version,
                     hash: batch[batch.len() - 1].hash,
@@ -369,7 +447,10 @@ pub async fn global_log_yields_every_event_once_in_order<S: EventStore + Clone>(
     done.store(true, std::sync::atomic::Ordering::Release);
     let tailed = tailer.await.expect("tailer task");
 
-    for (what, events) in [("the tailing reader", tailed), ("a full read", read_whole_log(store, 50).await)] {
+    for (what, events) in [
+        ("the tailing reader", tailed),
+        ("a full read", read_whole_log(store, 50).await),
+    ] {
         let positions: Vec<u64> = events.iter().map(|r| r.position).collect();
         assert!(
             positions.windows(2).all(|w| w[0] < w[1]),
@@ -378,12 +459,19 @@ pub async fn global_log_yields_every_event_once_in_order<S: EventStore + Clone>(
         let ids: Vec<EventId> = events.iter().map(|r| r.event.header.event_id).collect();
         let distinct: HashSet<EventId> = ids.iter().copied().collect();
         assert_eq!(distinct.len(), ids.len(), "{what}: no event twice");
-        assert_eq!(distinct, acknowledged, "{what}: every acknowledged event, nothing else");
+        assert_eq!(
+            distinct, acknowledged,
+            "{what}: every acknowledged event, nothing else"
+        );
 
         let mut versions: BTreeMap<&StreamId, u64> = BTreeMap::new();
         for event in &events {
             let last = versions.entry(&event.event.header.stream_id).or_insert(0);
-            assert_eq!(event.event.header.stream_version, *last + 1, "{what}: each stream in version order");
+            assert_eq!(
+                event.event.header.stream_version,
+                *last + 1,
+                "{what}: each stream in version order"
+            );
             *last += 1;
         }
     }
@@ -416,7 +504,10 @@ pub async fn subscription_resumes_from_its_checkpoint<S: EventStore>(store: Arc<
         hash: first[4].hash,
     };
     let second = factory.batch(&stream, Some(head), 4);
-    store.append(&stream, 5, &second).await.expect("append while nobody listens");
+    store
+        .append(&stream, 5, &second)
+        .await
+        .expect("append while nobody listens");
 
     let mut resumed = Subscription::new(store.clone(), checkpoint, 100);
     let mut after_resume = Vec::new();
@@ -428,19 +519,24 @@ pub async fn subscription_resumes_from_its_checkpoint<S: EventStore>(store: Arc<
         after_resume.extend(batch.into_iter().map(|r| r.event.header.event_id));
     }
     let expected: Vec<EventId> = second.iter().map(|e| e.header.event_id).collect();
-    assert_eq!(after_resume, expected, "resuming delivers exactly what came after the checkpoint");
+    assert_eq!(
+        after_resume, expected,
+        "resuming delivers exactly what came after the checkpoint"
+    );
 
     // A subscriber already waiting is woken by a new append.
-    let waiting = tokio::spawn(async move {
-        tokio::time::timeout(PROMPT_WAIT, resumed.next_batch()).await
-    });
+    let waiting =
+        tokio::spawn(async move { tokio::time::timeout(PROMPT_WAIT, resumed.next_batch()).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
     let head = StreamHead {
         version: 9,
         hash: second[3].hash,
     };
     let third = factory.batch(&stream, Some(head), 1);
-    store.append(&stream, 9, &third).await.expect("append while subscribed");
+    store
+        .append(&stream, 9, &third)
+        .await
+        .expect("append while subscribed");
     let woken = waiting
         .await
         .expect("subscriber task")
@@ -448,13 +544,16 @@ pub async fn subscription_resumes_from_its_checkpoint<S: EventStore>(store: Arc<
         .expect("next_batch");
     let woken: Vec<EventId> = woken.iter().map(|r| r.event.header.event_id).collect();
     assert_eq!(woken, [third[0].header.event_id]);
-    assert!(!delivered.iter().any(|id| after_resume.contains(id)), "no event delivered twice");
+    assert!(
+        !delivered.iter().any(|id| after_resume.contains(id)),
+        "no event delivered twice"
+    );
 }
 
 /// The data-key table: one key per owner (a racing creator gets the winner's), re-wrapping by
 /// compare-and-swap, and destruction that is final.
 pub async fn key_store_lifecycle<K: chartlog_crypto::KeyStore>(keys: &K) {
-    use chartlog_crypto::{DataKeyRecord, KeyInsert, KeyRing, KekId};
+    use chartlog_crypto::{DataKeyRecord, KekId, KeyInsert, KeyRing};
 
     let old_kek = KekId::parse("kek-old").expect("kek id");
     let new_kek = KekId::parse("kek-new").expect("kek id");
@@ -463,11 +562,17 @@ pub async fn key_store_lifecycle<K: chartlog_crypto::KeyStore>(keys: &K) {
     let key_id = DataKeyId::generate();
     let wrapped = ring.wrap(&owner, key_id, &DataKey::generate());
 
-    assert!(matches!(keys.insert(&owner, &wrapped).await.expect("insert"), KeyInsert::Inserted));
+    assert!(matches!(
+        keys.insert(&owner, &wrapped).await.expect("insert"),
+        KeyInsert::Inserted
+    ));
     let rival = ring.wrap(&owner, DataKeyId::generate(), &DataKey::generate());
     match keys.insert(&owner, &rival).await.expect("second insert") {
         KeyInsert::Existing(DataKeyRecord::Active(existing)) => {
-            assert_eq!(existing, wrapped, "the first key stays; an owner never has two")
+            assert_eq!(
+                existing, wrapped,
+                "the first key stays; an owner never has two"
+            )
         }
         other => panic!("expected the existing active key, got {other:?}"),
     }
@@ -478,36 +583,81 @@ pub async fn key_store_lifecycle<K: chartlog_crypto::KeyStore>(keys: &K) {
     assert_eq!(keys.fetch(&stream("nobody")).await.expect("fetch"), None);
 
     // Rotation: list what the new KEK does not wrap yet, swap, and a stale swap loses.
-    ring.add(new_kek.clone(), random_kek_bytes()).expect("add KEK");
+    ring.add(new_kek.clone(), random_kek_bytes())
+        .expect("add KEK");
     ring.set_active(&new_kek).expect("activate KEK");
     let pending = keys.list_for_rewrap(&new_kek, 100).await.expect("list");
     assert_eq!(pending, vec![(owner.clone(), wrapped.clone())]);
-    let key = ring.unwrap(&owner, &wrapped).expect("unwrap under the old KEK");
+    let key = ring
+        .unwrap(&owner, &wrapped)
+        .expect("unwrap under the old KEK");
     let rewrapped = ring.wrap(&owner, key_id, &key);
     assert_eq!(rewrapped.kek_id, new_kek);
-    assert!(keys.replace_wrapping(&owner, &wrapped, &rewrapped).await.expect("swap"));
     assert!(
-        !keys.replace_wrapping(&owner, &wrapped, &rewrapped).await.expect("stale swap"),
+        keys.replace_wrapping(&owner, &wrapped, &rewrapped)
+            .await
+            .expect("swap")
+    );
+    assert!(
+        !keys
+            .replace_wrapping(&owner, &wrapped, &rewrapped)
+            .await
+            .expect("stale swap"),
         "a swap against a stale wrapping is refused"
     );
-    assert!(keys.list_for_rewrap(&new_kek, 100).await.expect("list").is_empty());
+    assert!(
+        keys.list_for_rewrap(&new_kek, 100)
+            .await
+            .expect("list")
+            .is_empty()
+    );
 
     // Destruction is final and idempotent.
     let at = Timestamp::from_unix_micros(1_800_000_000_000_000).expect("in range");
-    assert_eq!(keys.destroy(&owner, at).await.expect("destroy"), Some(key_id));
+    assert_eq!(
+        keys.destroy(&owner, at).await.expect("destroy"),
+        Some(key_id)
+    );
     let destroyed = DataKeyRecord::Destroyed {
         key_id,
         destroyed_at: at,
     };
-    assert_eq!(keys.fetch(&owner).await.expect("fetch"), Some(destroyed.clone()));
-    assert_eq!(keys.destroy(&owner, at).await.expect("destroy again"), Some(key_id));
-    match keys.insert(&owner, &rival).await.expect("insert after destroy") {
-        KeyInsert::Existing(record) => assert_eq!(record, destroyed, "an erased owner gets no new key"),
+    assert_eq!(
+        keys.fetch(&owner).await.expect("fetch"),
+        Some(destroyed.clone())
+    );
+    assert_eq!(
+        keys.destroy(&owner, at).await.expect("destroy again"),
+        Some(key_id)
+    );
+    match keys
+        .insert(&owner, &rival)
+        .await
+        .expect("insert after destroy")
+    {
+        KeyInsert::Existing(record) => {
+            assert_eq!(record, destroyed, "an erased owner gets no new key")
+        }
         KeyInsert::Inserted => panic!("an erased owner must never get a new key"),
     }
-    assert!(!keys.replace_wrapping(&owner, &rewrapped, &rewrapped).await.expect("swap"));
-    assert!(keys.list_for_rewrap(&old_kek, 100).await.expect("list").is_empty());
-    assert_eq!(keys.destroy(&stream("nobody"), at).await.expect("destroy unknown"), None);
+    assert!(
+        !keys
+            .replace_wrapping(&owner, &rewrapped, &rewrapped)
+            .await
+            .expect("swap")
+    );
+    assert!(
+        keys.list_for_rewrap(&old_kek, 100)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert_eq!(
+        keys.destroy(&stream("nobody"), at)
+            .await
+            .expect("destroy unknown"),
+        None
+    );
 }
 
 /// 64 random bytes for a test KEK (four v4 UUIDs: 488 random bits, plenty for a test).

@@ -93,7 +93,9 @@ pub fn check_append_batch(
         return Err(invalid("an append needs at least one event"));
     }
     if events.len() > EVENTS_PER_APPEND_MAX {
-        return Err(invalid("more events than EVENTS_PER_APPEND_MAX in one append"));
+        return Err(invalid(
+            "more events than EVENTS_PER_APPEND_MAX in one append",
+        ));
     }
     let mut previous: Option<&SealedEvent> = None;
     for (offset, event) in (1u64..).zip(events) {
@@ -110,7 +112,9 @@ pub fn check_append_batch(
             return Err(invalid("an event does not chain to the one before it"));
         }
         if expected_version == 0 && offset == 1 && header.prev_hash != EventHash::GENESIS {
-            return Err(invalid("the first event of a stream must chain to the genesis hash"));
+            return Err(invalid(
+                "the first event of a stream must chain to the genesis hash",
+            ));
         }
         previous = Some(event);
     }

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::{EventStore, StoreError, StreamHead};
 
 /// How many times a command is re-decided after losing a race to another writer.
-pub const CONFLICT_RETRIES_MAX: u32 = 3;
+pub const CONFLICT_RETRIES_MAX: u32 = 5;
 /// Events read per page while loading a stream.
 const LOAD_PAGE_EVENTS: u32 = 1_000;
 
@@ -151,7 +151,10 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                 Err(other) => return Err(other),
             };
             let events = decide(&loaded.patient, command.clone(), now)?;
-            assert!(!events.is_empty(), "decide accepts a command only with events");
+            assert!(
+                !events.is_empty(),
+                "decide accepts a command only with events"
+            );
             let erases = events
                 .iter()
                 .any(|e| matches!(e, chartlog_domain::PatientEvent::PatientErased { .. }));
@@ -236,7 +239,10 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
         let mut key: Option<Arc<chartlog_crypto::DataKey>> = None;
         loop {
             let from = head.map_or(1, |h| h.version + 1);
-            let page = self.store.read_stream(&stream, from, LOAD_PAGE_EVENTS).await?;
+            let page = self
+                .store
+                .read_stream(&stream, from, LOAD_PAGE_EVENTS)
+                .await?;
             let Some(last) = page.last() else { break };
             let last = StreamHead {
                 version: last.event.header.stream_version,

@@ -23,6 +23,7 @@ mod keys;
 pub mod ledger;
 mod row;
 mod subscription;
+pub mod verify;
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -30,9 +31,9 @@ pub mod postgres;
 pub mod sqlite;
 
 pub use error::StoreError;
-pub use ledger::{CommandOutcome, LedgerError, LoadedPatient, PatientLedger};
 pub use event_store::{
     AppendOutcome, EVENTS_PER_APPEND_MAX, EventStore, READ_BATCH_MAX, RecordedEvent, StreamHead,
     check_append_batch,
 };
+pub use ledger::{CommandOutcome, LedgerError, LoadedPatient, PatientLedger};
 pub use subscription::{SUBSCRIPTION_POLL_INTERVAL, Subscription};

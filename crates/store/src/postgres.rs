@@ -151,10 +151,11 @@ impl EventStore for PostgresEventStore {
     }
 
     async fn stream_head(&self, stream: &StreamId) -> Result<Option<StreamHead>, StoreError> {
-        let row = sqlx::query("SELECT version, head_hash FROM chartlog_streams WHERE stream_id = $1")
-            .bind(stream.as_str())
-            .fetch_optional(&self.inner.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT version, head_hash FROM chartlog_streams WHERE stream_id = $1")
+                .bind(stream.as_str())
+                .fetch_optional(&self.inner.pool)
+                .await?;
         row.map(|row| head_from_row(stream, &row)).transpose()
     }
 
@@ -221,33 +222,68 @@ async fn call_append<'e, E: sqlx::PgExecutor<'e>>(
     expected_version: u64,
     events: &[SealedEvent],
 ) -> Result<PgRow, sqlx::Error> {
-        let headers = || events.iter().map(|e| &e.header);
-        sqlx::query(
-            "SELECT outcome, first_position, actual_version FROM chartlog_append(\
+    let headers = || events.iter().map(|e| &e.header);
+    sqlx::query(
+        "SELECT outcome, first_position, actual_version FROM chartlog_append(\
              $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-        )
-        .bind(stream.as_str())
-        .bind(to_i64(expected_version))
-        .bind(headers().map(|h| h.event_id.as_uuid()).collect::<Vec<_>>())
-        .bind(headers().map(|h| h.event_type.as_str()).collect::<Vec<_>>())
-        .bind(
-            headers()
-                .map(|h| i32::try_from(h.schema_version).unwrap_or(i32::MAX))
-                .collect::<Vec<_>>(),
-        )
-        .bind(headers().map(|h| h.recorded_at.unix_micros()).collect::<Vec<_>>())
-        .bind(headers().map(|h| h.actor.user_id.as_uuid()).collect::<Vec<_>>())
-        .bind(headers().map(|h| h.actor.role.as_str()).collect::<Vec<_>>())
-        .bind(headers().map(|h| h.actor.purpose_of_use.as_str()).collect::<Vec<_>>())
-        .bind(headers().map(|h| h.actor.break_glass).collect::<Vec<_>>())
-        .bind(headers().map(|h| h.key_id.as_uuid()).collect::<Vec<_>>())
-        .bind(headers().map(|h| h.signer_key_id.as_str()).collect::<Vec<_>>())
-        .bind(headers().map(|h| h.prev_hash.as_bytes().to_vec()).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.hash.as_bytes().to_vec()).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.signature.as_bytes().to_vec()).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.ciphertext.as_slice()).collect::<Vec<_>>())
-        .fetch_one(executor)
-        .await
+    )
+    .bind(stream.as_str())
+    .bind(to_i64(expected_version))
+    .bind(headers().map(|h| h.event_id.as_uuid()).collect::<Vec<_>>())
+    .bind(headers().map(|h| h.event_type.as_str()).collect::<Vec<_>>())
+    .bind(
+        headers()
+            .map(|h| i32::try_from(h.schema_version).unwrap_or(i32::MAX))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        headers()
+            .map(|h| h.recorded_at.unix_micros())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        headers()
+            .map(|h| h.actor.user_id.as_uuid())
+            .collect::<Vec<_>>(),
+    )
+    .bind(headers().map(|h| h.actor.role.as_str()).collect::<Vec<_>>())
+    .bind(
+        headers()
+            .map(|h| h.actor.purpose_of_use.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(headers().map(|h| h.actor.break_glass).collect::<Vec<_>>())
+    .bind(headers().map(|h| h.key_id.as_uuid()).collect::<Vec<_>>())
+    .bind(
+        headers()
+            .map(|h| h.signer_key_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        headers()
+            .map(|h| h.prev_hash.as_bytes().to_vec())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        events
+            .iter()
+            .map(|e| e.hash.as_bytes().to_vec())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        events
+            .iter()
+            .map(|e| e.signature.as_bytes().to_vec())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        events
+            .iter()
+            .map(|e| e.ciphertext.as_slice())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_one(executor)
+    .await
 }
 
 /// Reads `chartlog_append`'s answer: the outcome, or the stream's actual version on conflict.
@@ -259,7 +295,9 @@ fn appended(
     let outcome: String = row.try_get("outcome")?;
     if outcome != "appended" {
         let actual: Option<i64> = row.try_get("actual_version")?;
-        return Ok(Err(actual.map(|v| to_u64(v, "stream version", 0)).transpose()?));
+        return Ok(Err(actual
+            .map(|v| to_u64(v, "stream version", 0))
+            .transpose()?));
     }
     let first: i64 = row.try_get("first_position")?;
     let first_position = to_u64(first, "position", 0)?;

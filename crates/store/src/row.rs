@@ -94,11 +94,7 @@ pub(crate) fn to_i64(value: u64) -> i64 {
 
 /// The outcome of a conflicting append: a true conflict, a chain mismatch at the same
 /// version, or an idempotent retry (decided by the caller from the stored events).
-pub(crate) fn conflict_error(
-    stream: &StreamId,
-    expected: u64,
-    actual: Option<u64>,
-) -> StoreError {
+pub(crate) fn conflict_error(stream: &StreamId, expected: u64, actual: Option<u64>) -> StoreError {
     let actual = actual.unwrap_or(0);
     if actual == expected {
         StoreError::ChainMismatch {

@@ -22,7 +22,10 @@ pub struct Subscription<S: EventStore + ?Sized> {
 impl<S: EventStore + ?Sized> Subscription<S> {
     /// Delivers events with positions above `checkpoint`.
     pub fn new(store: Arc<S>, checkpoint: u64, batch_size: u32) -> Self {
-        assert!(batch_size > 0, "a subscription batch holds at least one event");
+        assert!(
+            batch_size > 0,
+            "a subscription batch holds at least one event"
+        );
         let appended = store.append_notifications();
         Self {
             store,

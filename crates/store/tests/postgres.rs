@@ -92,7 +92,10 @@ async fn late_commit_below_a_read_position_is_not_skipped(pool: PgPool) {
         .expect("append inside the open transaction");
 
     let fast_batch = factory.batch(&fast, None, 1);
-    let fast_outcome = store.append(&fast, 0, &fast_batch).await.expect("append and commit");
+    let fast_outcome = store
+        .append(&fast, 0, &fast_batch)
+        .await
+        .expect("append and commit");
     assert!(
         fast_outcome.first_position > slow_outcome.last_position,
         "the committed event sits above the open transaction's positions"
@@ -104,7 +107,10 @@ async fn late_commit_below_a_read_position_is_not_skipped(pool: PgPool) {
     );
     let held_back =
         tokio::time::timeout(Duration::from_millis(600), subscription.next_batch()).await;
-    assert!(held_back.is_err(), "the subscriber waits instead of skipping ahead");
+    assert!(
+        held_back.is_err(),
+        "the subscriber waits instead of skipping ahead"
+    );
 
     open.commit().await.expect("commit the slow transaction");
 
@@ -148,6 +154,9 @@ async fn rolled_back_append_leaves_a_gap_readers_pass(pool: PgPool) {
     let all = store.read_all(0, 100).await.expect("read_all");
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].position, outcome.first_position);
-    assert!(outcome.first_position > 1, "the aborted append consumed a position");
+    assert!(
+        outcome.first_position > 1,
+        "the aborted append consumed a position"
+    );
     assert_eq!(store.stream_head(&aborted).await.expect("head"), None);
 }

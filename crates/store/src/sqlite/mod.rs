@@ -12,10 +12,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chartlog_crypto::SealedEvent;
 use chartlog_domain::StreamId;
+use sqlx::AssertSqlSafe;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::AssertSqlSafe;
 use tokio::sync::{Mutex, watch};
 
 crate::keys::key_store_backend!(
@@ -112,10 +112,11 @@ impl SqliteEventStore {
         events: &[SealedEvent],
     ) -> Result<Result<AppendOutcome, Option<u64>>, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let head = sqlx::query("SELECT version, head_hash FROM chartlog_streams WHERE stream_id = ?1")
-            .bind(stream.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let head =
+            sqlx::query("SELECT version, head_hash FROM chartlog_streams WHERE stream_id = ?1")
+                .bind(stream.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
         let head = head.map(|row| head_from_row(stream, &row)).transpose()?;
         let first_prev = events[0].header.prev_hash;
         let matches = match head {
@@ -212,10 +213,11 @@ impl EventStore for SqliteEventStore {
     }
 
     async fn stream_head(&self, stream: &StreamId) -> Result<Option<StreamHead>, StoreError> {
-        let row = sqlx::query("SELECT version, head_hash FROM chartlog_streams WHERE stream_id = ?1")
-            .bind(stream.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT version, head_hash FROM chartlog_streams WHERE stream_id = ?1")
+                .bind(stream.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|row| head_from_row(stream, &row)).transpose()
     }
 

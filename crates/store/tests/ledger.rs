@@ -1,0 +1,404 @@
+//! The command path end to end against real databases: commands become sealed, signed,
+//! chained events; rejected commands store nothing; erasure leaves a verifiable log nobody
+//! can read; tampering is found.
+
+use std::sync::Arc;
+
+use chartlog_crypto::{
+    DataKeys, EventSigner, KekId, KeyRing, KeyStore, SignatureVerifier, SignerKeyId,
+};
+use chartlog_domain::patient::ErasureReason;
+use chartlog_domain::{
+    Actor, PatientCommand, PatientId, PurposeOfUse, Rejection, Role, StreamId, Timestamp, UserId,
+    synthetic,
+};
+use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
+use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
+use chartlog_store::verify::{BreakKind, verify_log, verify_stream};
+use chartlog_store::{EventStore, LedgerError, PatientLedger};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+fn now() -> Timestamp {
+    Timestamp::from_unix_micros(1_763_000_000_000_000).expect("in range")
+}
+
+fn physician() -> Actor {
+    Actor {
+        user_id: UserId::from_uuid(Uuid::now_v7()),
+        role: Role::Physician,
+        purpose_of_use: PurposeOfUse::Treatment,
+        break_glass: false,
+    }
+}
+
+struct Fixture<S: EventStore, K: KeyStore> {
+    ledger: PatientLedger<S, K>,
+    verifier: SignatureVerifier,
+}
+
+fn fixture<S: EventStore, K: KeyStore>(store: S, keys: K) -> Fixture<S, K> {
+    let signer = EventSigner::generate(SignerKeyId::generate());
+    let mut verifier = SignatureVerifier::new();
+    verifier
+        .trust(signer.key_id().clone(), signer.verifying_key_bytes())
+        .expect("trust");
+    let keys = DataKeys::new(Arc::new(KeyRing::generate(KekId::generate())), keys);
+    Fixture {
+        ledger: PatientLedger::new(
+            Arc::new(store),
+            Arc::new(keys),
+            Arc::new(signer),
+            Arc::new(verifier.clone()),
+        ),
+        verifier,
+    }
+}
+
+async fn register_with_history<S: EventStore, K: KeyStore>(
+    fixture: &Fixture<S, K>,
+    seed: u64,
+    commands: u64,
+) -> PatientId {
+    let patient = synthetic::patient_id(seed);
+    let actor = physician();
+    fixture
+        .ledger
+        .execute(patient, synthetic::registration(seed), actor, now())
+        .await
+        .expect("register");
+    for n in 0..commands {
+        fixture
+            .ledger
+            .execute(
+                patient,
+                synthetic::clinical_command(seed, n, now()),
+                actor,
+                now(),
+            )
+            .await
+            .expect("clinical command");
+    }
+    patient
+}
+
+async fn commands_become_verified_events<S: EventStore, K: KeyStore>(fixture: Fixture<S, K>) {
+    let patient = register_with_history(&fixture, 1, 30).await;
+    let loaded = fixture.ledger.load(patient).await.expect("load");
+    assert_eq!(
+        loaded.patient.version(),
+        31,
+        "one event per accepted command"
+    );
+    assert_eq!(loaded.head.map(|h| h.version), Some(31));
+    assert!(loaded.patient.is_registered());
+
+    let stream = StreamId::patient(patient);
+    let report = verify_stream(fixture.ledger.store().as_ref(), &fixture.verifier, &stream)
+        .await
+        .expect("verify");
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.events, 31);
+
+    let stored = fixture
+        .ledger
+        .store()
+        .read_stream(&stream, 1, 100)
+        .await
+        .expect("read");
+    for event in &stored {
+        let ciphertext = String::from_utf8_lossy(&event.event.ciphertext);
+        assert!(
+            !ciphertext.contains("SYNTHETIC"),
+            "the MRN is sealed, not stored in the clear"
+        );
+    }
+}
+
+async fn rejected_commands_store_nothing<S: EventStore, K: KeyStore>(fixture: Fixture<S, K>) {
+    let patient = synthetic::patient_id(2);
+    let command = synthetic::clinical_command(2, 0, now());
+    match fixture
+        .ledger
+        .execute(patient, command, physician(), now())
+        .await
+    {
+        Err(LedgerError::Rejected(Rejection::NotRegistered { .. })) => {}
+        other => panic!("expected NotRegistered, got {other:?}"),
+    }
+    let stream = StreamId::patient(patient);
+    assert_eq!(
+        fixture
+            .ledger
+            .store()
+            .stream_head(&stream)
+            .await
+            .expect("head"),
+        None
+    );
+
+    register_with_history(&fixture, 2, 0).await;
+    match fixture
+        .ledger
+        .execute(patient, synthetic::registration(2), physician(), now())
+        .await
+    {
+        Err(LedgerError::Rejected(Rejection::AlreadyRegistered { .. })) => {}
+        other => panic!("expected AlreadyRegistered, got {other:?}"),
+    }
+    let head = fixture
+        .ledger
+        .store()
+        .stream_head(&stream)
+        .await
+        .expect("head");
+    assert_eq!(
+        head.map(|h| h.version),
+        Some(1),
+        "the rejected command left no event"
+    );
+}
+
+async fn racing_commands_are_redecided<S: EventStore, K: KeyStore + 'static>(
+    fixture: Fixture<S, K>,
+) {
+    let patient = register_with_history(&fixture, 3, 0).await;
+    let ledger = fixture.ledger.clone();
+    let tasks: Vec<_> = (0..4)
+        .map(|n| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                ledger
+                    .execute(
+                        patient,
+                        synthetic::clinical_command(3, n, now()),
+                        physician(),
+                        now(),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(outcome) => versions.push(outcome.stream_version),
+            Err(LedgerError::Contended { .. }) => {}
+            Err(other) => panic!("a racing command either lands or reports contention: {other:?}"),
+        }
+    }
+    versions.sort_unstable();
+    versions.dedup();
+    let loaded = ledger.load(patient).await.expect("load");
+    assert_eq!(
+        loaded.patient.version(),
+        1 + versions.len() as u64,
+        "every acknowledged command is stored once, at its own version"
+    );
+}
+
+async fn erasure_leaves_a_verifiable_log_nobody_can_read<S: EventStore, K: KeyStore>(
+    fixture: Fixture<S, K>,
+) {
+    let patient = register_with_history(&fixture, 4, 10).await;
+    let erase = PatientCommand::ErasePatient {
+        reason: ErasureReason::PatientRequest,
+    };
+    fixture
+        .ledger
+        .execute(patient, erase, physician(), now())
+        .await
+        .expect("erase");
+
+    match fixture.ledger.load(patient).await {
+        Err(LedgerError::Erased {
+            patient: erased,
+            erased_at,
+        }) => {
+            assert_eq!(erased, patient);
+            assert_eq!(erased_at, now());
+        }
+        other => panic!("an erased patient reads as Erased, got {other:?}"),
+    }
+    let after = synthetic::clinical_command(4, 99, now());
+    assert!(matches!(
+        fixture
+            .ledger
+            .execute(patient, after, physician(), now())
+            .await,
+        Err(LedgerError::Erased { .. })
+    ));
+    let stream = StreamId::patient(patient);
+    assert!(matches!(
+        fixture.ledger.keys().key_for_read(&stream).await,
+        Err(chartlog_crypto::KeyError::Erased { .. })
+    ));
+
+    let report = verify_log(fixture.ledger.store().as_ref(), &fixture.verifier)
+        .await
+        .expect("verify");
+    assert!(
+        report.is_intact(),
+        "the erased stream still verifies: {report:?}"
+    );
+    assert_eq!(
+        report.events, 12,
+        "registration, 10 commands and the tombstone"
+    );
+}
+
+fn position_of(events: Vec<chartlog_store::RecordedEvent>, version: u64) -> u64 {
+    events
+        .iter()
+        .find(|r| r.event.header.stream_version == version)
+        .map(|r| r.position)
+        .expect("event at version")
+}
+
+// ---- SQLite ----
+
+async fn sqlite() -> (Fixture<SqliteEventStore, SqliteKeyStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteEventStore::open(&dir.path().join("chartlog.db"))
+        .await
+        .expect("open");
+    let keys = SqliteKeyStore::new(store.pool().clone());
+    (fixture(store, keys), dir)
+}
+
+#[tokio::test]
+async fn sqlite_commands_become_verified_events() {
+    let (fixture, _dir) = sqlite().await;
+    commands_become_verified_events(fixture).await;
+}
+
+#[tokio::test]
+async fn sqlite_rejected_commands_store_nothing() {
+    let (fixture, _dir) = sqlite().await;
+    rejected_commands_store_nothing(fixture).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_racing_commands_are_redecided() {
+    let (fixture, _dir) = sqlite().await;
+    racing_commands_are_redecided(fixture).await;
+}
+
+#[tokio::test]
+async fn sqlite_erasure_leaves_a_verifiable_log_nobody_can_read() {
+    let (fixture, _dir) = sqlite().await;
+    erasure_leaves_a_verifiable_log_nobody_can_read(fixture).await;
+}
+
+#[tokio::test]
+async fn sqlite_tampering_is_found() {
+    let (fixture, _dir) = sqlite().await;
+    let patient = register_with_history(&fixture, 5, 5).await;
+    let stream = StreamId::patient(patient);
+    let pool = fixture.ledger.store().pool().clone();
+    // An attacker with file access bypasses the append-only triggers.
+    sqlx::query("DROP TRIGGER chartlog_events_no_update")
+        .execute(&pool)
+        .await
+        .expect("drop trigger");
+    let events = fixture
+        .ledger
+        .store()
+        .read_stream(&stream, 1, 100)
+        .await
+        .expect("read");
+    let position = position_of(events, 4);
+    // Flip one bit of one ciphertext byte.
+    let mut ciphertext: Vec<u8> =
+        sqlx::query_scalar("SELECT ciphertext FROM chartlog_events WHERE position = ?1")
+            .bind(position as i64)
+            .fetch_one(&pool)
+            .await
+            .expect("ciphertext");
+    ciphertext[20] ^= 0x01;
+    sqlx::query("UPDATE chartlog_events SET ciphertext = ?1 WHERE position = ?2")
+        .bind(ciphertext)
+        .bind(position as i64)
+        .execute(&pool)
+        .await
+        .expect("tamper");
+
+    let report = verify_stream(fixture.ledger.store().as_ref(), &fixture.verifier, &stream)
+        .await
+        .expect("verify");
+    assert_eq!(report.breaks.len(), 1, "{report:?}");
+    assert_eq!(
+        report.breaks[0].version, 4,
+        "the first broken version is named"
+    );
+    assert!(matches!(report.breaks[0].problem, BreakKind::Integrity(_)));
+    assert!(
+        !verify_log(fixture.ledger.store().as_ref(), &fixture.verifier)
+            .await
+            .expect("verify log")
+            .is_intact()
+    );
+    assert!(matches!(
+        fixture.ledger.load(patient).await,
+        Err(LedgerError::Integrity(_))
+    ));
+}
+
+// ---- PostgreSQL ----
+
+async fn postgres(pool: PgPool) -> Fixture<PostgresEventStore, PostgresKeyStore> {
+    let store = PostgresEventStore::from_pool(pool.clone())
+        .await
+        .expect("store");
+    fixture(store, PostgresKeyStore::new(pool))
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_commands_become_verified_events(pool: PgPool) {
+    commands_become_verified_events(postgres(pool).await).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_rejected_commands_store_nothing(pool: PgPool) {
+    rejected_commands_store_nothing(postgres(pool).await).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_racing_commands_are_redecided(pool: PgPool) {
+    racing_commands_are_redecided(postgres(pool).await).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_erasure_leaves_a_verifiable_log_nobody_can_read(pool: PgPool) {
+    erasure_leaves_a_verifiable_log_nobody_can_read(postgres(pool).await).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_tampering_is_found(pool: PgPool) {
+    let fixture = postgres(pool.clone()).await;
+    let patient = register_with_history(&fixture, 6, 5).await;
+    let stream = StreamId::patient(patient);
+    // An attacker with superuser access bypasses the append-only trigger.
+    sqlx::query("ALTER TABLE chartlog_events DISABLE TRIGGER chartlog_events_append_only")
+        .execute(&pool)
+        .await
+        .expect("disable trigger");
+    sqlx::query(
+        "UPDATE chartlog_events SET ciphertext = set_byte(ciphertext, 20, get_byte(ciphertext, 20) # 1) \
+         WHERE stream_id = $1 AND stream_version = 4",
+    )
+    .bind(stream.as_str())
+    .execute(&pool)
+    .await
+    .expect("tamper");
+
+    let report = verify_stream(fixture.ledger.store().as_ref(), &fixture.verifier, &stream)
+        .await
+        .expect("verify");
+    assert_eq!(report.breaks.len(), 1, "{report:?}");
+    assert_eq!(report.breaks[0].version, 4);
+    assert!(matches!(
+        fixture.ledger.load(patient).await,
+        Err(LedgerError::Integrity(_))
+    ));
+}
