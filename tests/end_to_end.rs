@@ -195,19 +195,75 @@ fn a_tls_certificate_without_its_key_is_refused() {
     assert!(output.stdout.is_empty(), "nothing may claim to listen");
 }
 
-#[test]
-fn migrate_is_a_stub_that_succeeds() {
-    let dir = TestDir::new();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"))
+fn run_migrate(data_dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"))
         .arg("migrate")
         .arg("--data-dir")
-        .arg(dir.data_dir())
-        .env_remove("DATABASE_URL")
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("CHARTLOG_DATABASE_URL")
         .output()
-        .expect("run chartlog");
-    assert!(output.status.success(), "{output:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout),
-        "nothing to migrate yet\n"
+        .expect("run chartlog")
+}
+
+#[test]
+fn migrate_creates_the_embedded_database_and_is_idempotent() {
+    let dir = TestDir::new();
+    for run in ["first", "second"] {
+        let output = run_migrate(dir.data_dir(), &[]);
+        assert!(output.status.success(), "{run} run: {output:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "database schema is up to date\n",
+            "{run} run"
+        );
+    }
+    assert!(dir.data_dir().join("chartlog.db").is_file());
+    assert_eq!(mode(dir.data_dir()), 0o700);
+}
+
+#[test]
+fn migrate_refuses_an_unreachable_database_with_a_clear_error() {
+    let dir = TestDir::new();
+    // Port 1 on loopback: nothing listens there.
+    let output = run_migrate(
+        dir.data_dir(),
+        &[
+            "--database-url",
+            "postgres://chartlog:secret-password@127.0.0.1:1/chartlog",
+        ],
     );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot open the PostgreSQL database"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("secret-password"),
+        "the URL's password never prints: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn serve_creates_private_key_files_and_the_database() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), &[]);
+    let client = https_client(&fs::read(dir.certificate_path()).expect("certificate"));
+    let ready = client
+        .get(format!("{}/readyz", server.base_url()))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(
+        ready.status(),
+        StatusCode::OK,
+        "ready once the database answers"
+    );
+    let keys = dir.data_dir().join("keys");
+    assert_eq!(mode(&keys), 0o700);
+    for file in ["kek.json", "signing.json"] {
+        assert_eq!(mode(&keys.join(file)), 0o600, "{file}");
+    }
+    assert!(dir.data_dir().join("chartlog.db").is_file());
 }

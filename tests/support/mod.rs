@@ -34,7 +34,7 @@ impl Server {
             .args(["--listen", "127.0.0.1:0", "--log", "info"])
             .args(extra_args)
             // The tests choose the database; never inherit the developer's.
-            .env_remove("DATABASE_URL")
+            .env_remove("CHARTLOG_DATABASE_URL")
             .env_remove("CHARTLOG_DATA_DIR")
             .env_remove("CHARTLOG_LOG")
             .stdin(Stdio::null())

@@ -74,7 +74,7 @@ pub fn registration(seed: u64) -> PatientCommand {
             parsed(FamilyName::parse(pick(&FAMILY_NAMES, 2))),
         )),
         birth_date: parsed(BirthDate::parse(&format!("{year:04}-{month:02}-{day:02}"))),
-        sex: if seed % 2 == 0 {
+        sex: if seed.is_multiple_of(2) {
             Sex::Female
         } else {
             Sex::Male

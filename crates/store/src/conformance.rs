@@ -338,7 +338,10 @@ pub async fn reused_event_id_with_another_body_is_refused<S: EventStore>(store: 
     let mut header = batch[0].header.clone();
     header.recorded_at = Timestamp::from_unix_micros(1_800_000_000_000_001).expect("in range");
     let forged = seal_event(&factory.signer, &factory.key, header, b"another body");
-    match store.append(&stream, 0, &[forged.clone()]).await {
+    match store
+        .append(&stream, 0, std::slice::from_ref(&forged))
+        .await
+    {
         Err(StoreError::IdempotencyConflict { event_id }) => {
             assert_eq!(event_id, batch[0].header.event_id);
         }

@@ -36,6 +36,9 @@ pub const APPEND_CHANNEL: &str = "chartlog_events";
 const LISTEN_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Connections per API node by default.
 pub const CONNECTIONS_MAX: u32 = 32;
+/// How long a caller waits for a connection (a new one, or a free one from the pool) before
+/// the request fails: long enough to ride out a busy moment, short enough to fail clearly.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 crate::keys::key_store_backend!(
     PostgresKeyStore,
@@ -47,6 +50,7 @@ crate::keys::key_store_backend!(
 pub async fn open_pool(url: &str) -> Result<PgPool, StoreError> {
     let pool = PgPoolOptions::new()
         .max_connections(CONNECTIONS_MAX)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect(url)
         .await?;
     MIGRATOR.run(&pool).await?;
