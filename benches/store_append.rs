@@ -236,7 +236,7 @@ async fn main() {
             .expect("raw table");
         let raw_result = raw_insert!(pool, case, row_bytes, sqlx::Postgres);
         report("postgres", case, store_result, raw_result);
-        pool.close().await;
+        store.close().await;
     }
     admin
         .execute("SELECT 1")

@@ -353,7 +353,7 @@ impl Backend {
     async fn close(self) {
         match self.database {
             Database::Sqlite(store) => store.pool().close().await,
-            Database::Postgres(store) => store.pool().close().await,
+            Database::Postgres(store) => store.close().await,
         }
     }
 }

@@ -34,6 +34,10 @@ pub enum CryptoError {
         /// The version named by that header.
         stream_version: u64,
     },
+    /// A sealed read-model record does not open under this key and associated data: wrong
+    /// key, tampered bytes, or a record moved to another row.
+    #[error("a read-model record does not open under its data key and associated data")]
+    RecordUnopenable,
     /// No key-encryption key of this id is in the key ring.
     #[error("unknown key-encryption key {kek_id}")]
     UnknownKek {

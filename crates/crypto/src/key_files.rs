@@ -292,7 +292,7 @@ pub(crate) enum Replace {
 
 /// Creates `dir` (and parents) with mode 0700 if absent; refuses a key directory that users
 /// other than its owner can write (they could swap the key files).
-fn create_private_dir(dir: &Path) -> Result<(), KeyFileError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), KeyFileError> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]

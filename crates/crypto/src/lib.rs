@@ -16,18 +16,23 @@
 //!   `Clone`, `Serialize` or printed by `Debug`, and never appear in an error message.
 //! - Header encoding ([`EventHeader::canonical_bytes`]) is injective: fixed-size fields are
 //!   written as-is, variable-size fields are length-prefixed, and every field is covered.
-//! - No I/O except the key files of [`load_or_create_key_files`]; storage of wrapped data keys
-//!   is behind the [`KeyStore`] trait, implemented by `chartlog-store`.
+//! - Read-model records ([`seal_record`]) are sealed under the owner's data key with a tag of
+//!   their own in the associated data, so erasure reaches them as it reaches events, and no
+//!   record opens as an event payload or in another row.
+//! - No I/O except the key files ([`load_or_create_key_files`], [`load_or_create_mac_key`]);
+//!   storage of wrapped data keys is behind the [`KeyStore`] trait, implemented by `chartlog-store`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod data_keys;
 mod error;
 mod header;
+mod hmac_key;
 mod ids;
 mod key_files;
 mod key_ring;
 mod key_store;
+mod mac;
 mod rng;
 mod seal;
 mod sign;
@@ -37,11 +42,15 @@ pub use data_keys::{
 };
 pub use error::{CryptoError, IdError, IntegrityError, KeyFileError};
 pub use header::{EventHeader, SealedEvent};
+pub use hmac_key::{INDEX_KEY_FILE_NAME, load_mac_key, load_or_create_mac_key};
 pub use ids::{DataKeyId, EventHash, EventSignature, KekId, SignerKeyId};
 pub use key_files::{KEK_FILE_NAME, SIGNING_FILE_NAME, SigningKeys, load_or_create_key_files};
 pub use key_ring::{KEK_BYTES, KeyRing, WrappedDataKey};
 pub use key_store::{DataKeyRecord, KeyInsert, KeyStore, KeyStoreError};
-pub use seal::{DATA_KEY_BYTES, DataKey, SEAL_OVERHEAD_BYTES, open, seal};
+pub use mac::{MAC_BYTES, MAC_KEY_BYTES, MacKey, hmac_sha256};
+pub use seal::{
+    DATA_KEY_BYTES, DataKey, SEAL_OVERHEAD_BYTES, open, open_record, seal, seal_record,
+};
 pub use sign::{
     EventSigner, SignatureVerifier, VERIFY_BATCH_EVENTS_MAX, event_hash, seal_event, verify_chain,
 };

@@ -100,6 +100,71 @@ pub fn open(key: &DataKey, header: &EventHeader, sealed: &[u8]) -> Result<Vec<u8
     Ok(plaintext)
 }
 
+/// Domain-separation tag opening the associated data of [`seal_record`], so a read-model
+/// record can never be passed off as an event payload or the other way round.
+const RECORD_TAG: &[u8] = b"chartlog/read-model-record/v1";
+
+/// The associated data of a read-model record: the tag, then each part length-prefixed
+/// (u64 big-endian), so distinct part lists never encode alike.
+fn record_associated_data(parts: &[&[u8]]) -> Vec<u8> {
+    let length = RECORD_TAG.len() + parts.iter().map(|part| 8 + part.len()).sum::<usize>();
+    let mut bytes = Vec::with_capacity(length);
+    bytes.extend_from_slice(RECORD_TAG);
+    for part in parts {
+        bytes.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        bytes.extend_from_slice(part);
+    }
+    debug_assert_eq!(bytes.len(), length);
+    bytes
+}
+
+/// Seals a read-model record (a projection's row holding PHI) under the owner's data key, with
+/// `associated_data` naming the row (for example owner id, row kind and entry id), so a sealed
+/// value copied into another row fails to open. Same layout and nonce rule as [`seal`]; when
+/// the data key is destroyed, the record is as unreadable as the owner's events.
+pub fn seal_record(key: &DataKey, associated_data: &[&[u8]], plaintext: &[u8]) -> Vec<u8> {
+    let nonce = Nonce::from(crate::rng::array::<NONCE_BYTES>());
+    let mut sealed = Vec::with_capacity(SEAL_OVERHEAD_BYTES + plaintext.len());
+    sealed.extend_from_slice(&nonce);
+    sealed.extend_from_slice(&[0; TAG_BYTES]);
+    sealed.extend_from_slice(plaintext);
+    let tag = key
+        .cipher()
+        .encrypt_inout_detached(
+            &nonce,
+            &record_associated_data(associated_data),
+            (&mut sealed[SEAL_OVERHEAD_BYTES..]).into(),
+        )
+        .expect("AES-SIV encryption fails only with more than 126 associated data items");
+    sealed[NONCE_BYTES..SEAL_OVERHEAD_BYTES].copy_from_slice(&tag);
+    sealed
+}
+
+/// Opens what [`seal_record`] produced under the same key and identical associated data.
+pub fn open_record(
+    key: &DataKey,
+    associated_data: &[&[u8]],
+    sealed: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    if sealed.len() < SEAL_OVERHEAD_BYTES {
+        return Err(CryptoError::RecordUnopenable);
+    }
+    let (nonce, rest) = sealed.split_at(NONCE_BYTES);
+    let (tag, encrypted) = rest.split_at(TAG_BYTES);
+    let nonce = Nonce::try_from(nonce).expect("split at the nonce length");
+    let tag = Tag::try_from(tag).expect("split at the tag length");
+    let mut plaintext = encrypted.to_vec();
+    key.cipher()
+        .decrypt_inout_detached(
+            &nonce,
+            &record_associated_data(associated_data),
+            plaintext.as_mut_slice().into(),
+            &tag,
+        )
+        .map_err(|_| CryptoError::RecordUnopenable)?;
+    Ok(plaintext)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +197,34 @@ mod tests {
         for length in 0..SEAL_OVERHEAD_BYTES {
             assert!(open(&key, &header, &vec![0; length]).is_err());
         }
+    }
+
+    #[test]
+    fn records_open_only_under_their_associated_data() {
+        let key = DataKey::generate();
+        let sealed = seal_record(&key, &[b"patient-1", b"condition"], b"payload");
+        assert_ne!(
+            sealed,
+            seal_record(&key, &[b"patient-1", b"condition"], b"payload")
+        );
+        assert_eq!(
+            open_record(&key, &[b"patient-1", b"condition"], &sealed).unwrap(),
+            b"payload"
+        );
+        for moved in [
+            &[&b"patient-2"[..], b"condition"][..],
+            &[b"patient-1", b"allergy"],
+            &[b"patient-1condition"],
+            &[b"patient-", b"1condition"],
+        ] {
+            assert_eq!(
+                open_record(&key, moved, &sealed),
+                Err(CryptoError::RecordUnopenable)
+            );
+        }
+        let other = DataKey::generate();
+        assert!(open_record(&other, &[b"patient-1", b"condition"], &sealed).is_err());
+        assert!(open_record(&key, &[], &[0; SEAL_OVERHEAD_BYTES - 1]).is_err());
     }
 
     #[test]

@@ -113,16 +113,30 @@ async fn read_whole_stream<S: EventStore + ?Sized>(
         .collect()
 }
 
-async fn read_whole_log<S: EventStore + ?Sized>(store: &S, page: u32) -> Vec<crate::RecordedEvent> {
+/// Reads the global log from the start until it holds `expected` events, or `PROMPT_WAIT`
+/// passes. On PostgreSQL an acknowledged event becomes readable once every older transaction
+/// in the cluster has finished (another test's, say), so one read right after an append may
+/// come up short without anything being lost.
+async fn read_whole_log<S: EventStore + ?Sized>(
+    store: &S,
+    page: u32,
+    expected: usize,
+) -> Vec<crate::RecordedEvent> {
+    let deadline = tokio::time::Instant::now() + PROMPT_WAIT;
     let mut all = Vec::new();
     let mut after = 0;
     loop {
         let events = store.read_all(after, page).await.expect("read_all");
-        let Some(last) = events.last() else {
-            return all;
-        };
-        after = last.position;
-        all.extend(events);
+        match events.last() {
+            Some(last) => {
+                after = last.position;
+                all.extend(events);
+            }
+            None if all.len() >= expected || tokio::time::Instant::now() > deadline => {
+                return all;
+            }
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
 }
 
@@ -230,7 +244,7 @@ pub async fn refuses_malformed_batches<S: EventStore>(store: &S) {
         "nothing was written"
     );
     assert!(
-        read_whole_log(store, 100).await.is_empty(),
+        read_whole_log(store, 100, 0).await.is_empty(),
         "the global log is still empty"
     );
 }
@@ -325,7 +339,7 @@ pub async fn retried_append_returns_the_original_outcome<S: EventStore>(store: &
         4,
         "a retry stores no duplicate"
     );
-    assert_eq!(read_whole_log(store, 100).await.len(), 4);
+    assert_eq!(read_whole_log(store, 100, 4).await.len(), 4);
 }
 
 /// An event id stored already, sent with another body, is a conflict, not a silent success.
@@ -358,7 +372,7 @@ pub async fn reused_event_id_with_another_body_is_refused<S: EventStore>(store: 
         other => panic!("expected IdempotencyConflict across streams, got {other:?}"),
     }
     assert_eq!(store.stream_head(&elsewhere).await.expect("head"), None);
-    assert_eq!(read_whole_log(store, 100).await.len(), 1);
+    assert_eq!(read_whole_log(store, 100, 1).await.len(), 1);
 }
 
 /// A batch at the right version that chains to a different head than the stored one is
@@ -397,32 +411,48 @@ pub async fn global_log_yields_every_event_once_in_order<S: EventStore + Clone>(
     appends_per_writer: usize,
 ) {
     let factory = Arc::new(EventFactory::new());
+    // Writers publish how many events they have had acknowledged; the tailer stops once it
+    // has seen that many after the writers are done. An acknowledged event may become readable
+    // a moment after its commit (PostgreSQL readers wait for every older transaction in the
+    // cluster to finish), so "done and one empty read" would not mean "all read".
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acknowledged_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     let tailer = {
-        let (store, done) = (store.clone(), done.clone());
+        let (store, done, acknowledged_count) =
+            (store.clone(), done.clone(), acknowledged_count.clone());
         tokio::spawn(async move {
             let mut seen = Vec::new();
             let mut after = 0;
+            let mut deadline = None;
             loop {
                 let finished = done.load(std::sync::atomic::Ordering::Acquire);
                 let events = store
                     .read_all(after, 7)
                     .await
                     .expect("read_all while writing");
-                match events.last() {
-                    Some(last) => after = last.position,
-                    None if finished => return seen,
-                    None => tokio::task::yield_now().await,
+                if let Some(last) = events.last() {
+                    after = last.position;
+                    seen.extend(events);
+                    continue;
                 }
-                seen.extend(events);
+                if finished {
+                    let expected = acknowledged_count.load(std::sync::atomic::Ordering::Acquire);
+                    let deadline =
+                        *deadline.get_or_insert_with(|| tokio::time::Instant::now() + PROMPT_WAIT);
+                    if seen.len() >= expected || tokio::time::Instant::now() > deadline {
+                        return seen;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         })
     };
 
     let mut tasks = Vec::new();
     for writer in 0..writers {
-        let (store, factory) = (store.clone(), factory.clone());
+        let (store, factory, acknowledged_count) =
+            (store.clone(), factory.clone(), acknowledged_count.clone());
         tasks.push(tokio::spawn(async move {
             let stream = stream(&format!("log-{writer}"));
             let mut head = None;
@@ -438,6 +468,7 @@ pub async fn global_log_yields_every_event_once_in_order<S: EventStore + Clone>(
                     version: outcome.stream_version,
                     hash: batch[batch.len() - 1].hash,
                 });
+                acknowledged_count.fetch_add(batch.len(), std::sync::atomic::Ordering::AcqRel);
                 acknowledged.extend(batch.into_iter().map(|e| e.header.event_id));
             }
             acknowledged
@@ -452,7 +483,10 @@ pub async fn global_log_yields_every_event_once_in_order<S: EventStore + Clone>(
 
     for (what, events) in [
         ("the tailing reader", tailed),
-        ("a full read", read_whole_log(store, 50).await),
+        (
+            "a full read",
+            read_whole_log(store, 50, acknowledged.len()).await,
+        ),
     ] {
         let positions: Vec<u64> = events.iter().map(|r| r.position).collect();
         assert!(

@@ -66,12 +66,16 @@ pub struct PostgresEventStore {
 struct Inner {
     pool: PgPool,
     appended: watch::Sender<u64>,
-    listener: JoinHandle<()>,
+    listener: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.listener.abort();
+        if let Ok(mut listener) = self.listener.lock()
+            && let Some(listener) = listener.take()
+        {
+            listener.abort();
+        }
     }
 }
 
@@ -99,7 +103,7 @@ impl PostgresEventStore {
             inner: Arc::new(Inner {
                 pool,
                 appended,
-                listener,
+                listener: std::sync::Mutex::new(Some(listener)),
             }),
         })
     }
@@ -111,6 +115,23 @@ impl PostgresEventStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// Stops listening and closes the pool. The listener holds one of the pool's connections,
+    /// so closing the pool alone would wait for it forever.
+    pub async fn close(&self) {
+        let listener = self
+            .inner
+            .listener
+            .lock()
+            .ok()
+            .and_then(|mut listener| listener.take());
+        if let Some(listener) = listener {
+            listener.abort();
+            // Wait until the task is gone and its connection returned to the pool.
+            let _ = listener.await;
+        }
+        self.inner.pool.close().await;
     }
 
     async fn events_by_id(&self, events: &[SealedEvent]) -> Result<Vec<RecordedEvent>, StoreError> {

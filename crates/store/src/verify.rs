@@ -149,9 +149,16 @@ pub async fn verify_log<S: EventStore + ?Sized>(
     }
     report.streams = heads.len() as u64;
     for (stream, head) in heads {
-        if let Some(head) = head {
-            check_recorded_head(store, &stream, head, &mut report).await?;
+        let Some(head) = head else { continue };
+        if store.stream_head(&stream).await? == Some(head) {
+            continue;
         }
+        // The global log can hold back events that committed while it was read (they show once
+        // every older transaction has finished); the stream itself has no such lag. Check the
+        // stream on its own before calling its tail missing.
+        let alone = verify_stream(store, verifier, &stream).await?;
+        report.events += alone.events.saturating_sub(head.version);
+        report.breaks.extend(alone.breaks);
     }
     Ok(report)
 }

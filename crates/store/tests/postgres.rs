@@ -151,7 +151,15 @@ async fn rolled_back_append_leaves_a_gap_readers_pass(pool: PgPool) {
         .append(&kept, 0, &factory.batch(&kept, None, 1))
         .await
         .expect("append");
-    let all = store.read_all(0, 100).await.expect("read_all");
+    // Readable once every older transaction in the cluster has finished.
+    let mut all = Vec::new();
+    for _ in 0..1_000 {
+        all = store.read_all(0, 100).await.expect("read_all");
+        if !all.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].position, outcome.first_position);
     assert!(
@@ -159,4 +167,14 @@ async fn rolled_back_append_leaves_a_gap_readers_pass(pool: PgPool) {
         "the aborted append consumed a position"
     );
     assert_eq!(store.stream_head(&aborted).await.expect("head"), None);
+}
+
+/// The notification listener holds a pooled connection; closing must not wait on it forever.
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn close_finishes_while_listening(pool: PgPool) {
+    let store = store(pool).await;
+    tokio::time::timeout(Duration::from_secs(5), store.close())
+        .await
+        .expect("close returns promptly");
+    assert!(store.pool().is_closed());
 }

@@ -1,0 +1,273 @@
+//! Projection rebuild throughput, next to open+verify alone, in the same run, on SQLite.
+//!
+//! cargo bench --bench projection_rebuild
+//! CHARTLOG_BENCH_EVENTS=400000 cargo bench --bench projection_rebuild
+//!
+//! Loads real patient streams (synthetic commands decided, encoded, sealed under each
+//! patient's data key and signed, 200 events per patient) straight into the store, then runs
+//! on a 2-worker runtime:
+//! - open+verify alone: the log in memory, hash+signature batch checks, AES-SIV open and
+//!   decode, on 2 threads (what a rebuild cannot be faster than);
+//! - the runner with a projection that writes nothing (reading the log + the pipeline);
+//! - the rebuild of the chart and the record history (the real thing).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use chartlog_crypto::{
+    DataKey, DataKeyId, DataKeys, EventHash, EventHeader, EventSigner, KekId, KeyRing, SealedEvent,
+    SignatureVerifier, SignerKeyId, VERIFY_BATCH_EVENTS_MAX, open, seal_event,
+};
+use chartlog_domain::{
+    Actor, EventId, Patient, PurposeOfUse, Role, StreamId, Timestamp, UserId, codec, decide,
+    evolve, synthetic,
+};
+use chartlog_projections::chart::ChartProjection;
+use chartlog_projections::db::{ProjectionDb, ProjectionTx};
+use chartlog_projections::history::HistoryProjection;
+use chartlog_projections::{
+    ProjectedEvent, Projection, ProjectionError, ProjectionRunner, async_trait,
+};
+use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
+use chartlog_store::{EventStore, RecordedEvent};
+use uuid::Uuid;
+
+const EVENTS_PER_PATIENT: usize = 200;
+const WORKERS: usize = 2;
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKERS)
+        .enable_all()
+        .build()
+        .context("runtime")?;
+    runtime.block_on(run())
+}
+
+/// Writes nothing: measures reading, verifying, opening and the runner's transactions.
+struct Discard;
+
+#[async_trait]
+impl Projection for Discard {
+    fn name(&self) -> &'static str {
+        "discard"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    async fn apply(
+        &self,
+        _: &mut ProjectionTx,
+        _: &[ProjectedEvent],
+    ) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+    async fn reset(&self, _: &mut ProjectionTx) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+fn seal_patient(
+    seed: u64,
+    key_id: DataKeyId,
+    key: &DataKey,
+    signer: &EventSigner,
+) -> (StreamId, Vec<SealedEvent>) {
+    let at = Timestamp::from_unix_micros(1_763_000_000_000_000).expect("in range");
+    let actor = Actor {
+        user_id: UserId::from_uuid(Uuid::from_u128(7)),
+        role: Role::Physician,
+        purpose_of_use: PurposeOfUse::Treatment,
+        break_glass: false,
+    };
+    let stream = StreamId::patient(synthetic::patient_id(seed));
+    let commands = std::iter::once(synthetic::registration(seed))
+        .chain((0..).map(|n| synthetic::clinical_command(seed, n, at)));
+    let mut state = Patient::default();
+    let mut prev_hash = EventHash::GENESIS;
+    let mut sealed = Vec::with_capacity(EVENTS_PER_PATIENT);
+    for command in commands {
+        if sealed.len() >= EVENTS_PER_PATIENT {
+            break;
+        }
+        for event in decide(&state, command, at).expect("synthetic commands are accepted") {
+            state = evolve(state, &event);
+            let encoded = codec::encode(&event);
+            let header = EventHeader {
+                stream_id: stream.clone(),
+                stream_version: sealed.len() as u64 + 1,
+                event_id: EventId::from_uuid(Uuid::now_v7()),
+                event_type: encoded.event_type.to_owned(),
+                schema_version: encoded.schema_version,
+                recorded_at: at,
+                actor,
+                key_id,
+                prev_hash,
+                signer_key_id: signer.key_id().clone(),
+            };
+            let event = seal_event(signer, key, header, &encoded.payload);
+            prev_hash = event.hash;
+            sealed.push(event);
+        }
+    }
+    (stream, sealed)
+}
+
+async fn run() -> anyhow::Result<()> {
+    let events_wanted: usize = std::env::var("CHARTLOG_BENCH_EVENTS")
+        .ok()
+        .and_then(|raw| raw.parse().ok())
+        .unwrap_or(200_000);
+    let patients = events_wanted.div_ceil(EVENTS_PER_PATIENT) as u64;
+    let dir = tempfile::tempdir().context("temp dir")?;
+    let store = Arc::new(
+        SqliteEventStore::open(&dir.path().join("bench.db"))
+            .await
+            .context("open store")?,
+    );
+    let keys = Arc::new(DataKeys::new(
+        Arc::new(KeyRing::generate(KekId::generate())),
+        SqliteKeyStore::new(store.pool().clone()),
+    ));
+    let signer = Arc::new(EventSigner::generate(SignerKeyId::generate()));
+    let mut verifier = SignatureVerifier::new();
+    verifier.trust(signer.key_id().clone(), signer.verifying_key_bytes())?;
+    let verifier = Arc::new(verifier);
+
+    // Load.
+    let loading = Instant::now();
+    let mut patient_keys = Vec::new();
+    for seed in 0..patients {
+        let stream = StreamId::patient(synthetic::patient_id(seed));
+        let (key_id, key) = keys.key_for_append(&stream).await?;
+        patient_keys.push((seed, key_id, key));
+    }
+    let patient_keys = Arc::new(patient_keys);
+    let mut sealers = Vec::new();
+    for worker in 0..WORKERS {
+        let patient_keys = patient_keys.clone();
+        let signer = signer.clone();
+        sealers.push(tokio::task::spawn_blocking(move || {
+            patient_keys
+                .iter()
+                .skip(worker)
+                .step_by(WORKERS)
+                .map(|(seed, key_id, key)| seal_patient(*seed, *key_id, key, &signer))
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut streams = Vec::new();
+    for sealer in sealers {
+        streams.extend(sealer.await?);
+    }
+    for (stream, events) in &streams {
+        store.append(stream, 0, events).await?;
+    }
+    drop(streams);
+    let mut log: Vec<RecordedEvent> = Vec::new();
+    loop {
+        let page = store
+            .read_all(log.last().map_or(0, |r| r.position), 10_000)
+            .await?;
+        if page.is_empty() {
+            break;
+        }
+        log.extend(page);
+    }
+    let events = log.len();
+    eprintln!(
+        "loaded {events} events of {patients} patients in {:.1} s",
+        loading.elapsed().as_secs_f64()
+    );
+
+    // Open+verify alone, on WORKERS threads.
+    let key_of: Arc<HashMap<StreamId, Arc<DataKey>>> = Arc::new(
+        patient_keys
+            .iter()
+            .map(|(seed, _, key)| (StreamId::patient(synthetic::patient_id(*seed)), key.clone()))
+            .collect(),
+    );
+    let log = Arc::new(log);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..WORKERS {
+        let (log, key_of, verifier) = (log.clone(), key_of.clone(), verifier.clone());
+        workers.push(tokio::task::spawn_blocking(move || {
+            let mut opened = 0usize;
+            for chunk in log
+                .chunks(VERIFY_BATCH_EVENTS_MAX)
+                .skip(worker)
+                .step_by(WORKERS)
+            {
+                let sealed: Vec<SealedEvent> = chunk.iter().map(|r| r.event.clone()).collect();
+                verifier.verify_batch(&sealed).expect("verifies");
+                for event in &sealed {
+                    let key = &key_of[&event.header.stream_id];
+                    let plaintext = open(key, &event.header, &event.ciphertext).expect("opens");
+                    codec::decode(
+                        &event.header.event_type,
+                        event.header.schema_version,
+                        &plaintext,
+                    )
+                    .expect("decodes");
+                    opened += 1;
+                }
+            }
+            opened
+        }));
+    }
+    let mut opened = 0;
+    for worker in workers {
+        opened += worker.await?;
+    }
+    let open_verify_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(opened, events);
+    drop(log);
+
+    let db = ProjectionDb::Sqlite(store.pool().clone());
+    let runner = |projections: Vec<Arc<dyn Projection>>| {
+        ProjectionRunner::new(
+            store.clone(),
+            keys.clone(),
+            verifier.clone(),
+            db.clone(),
+            projections,
+        )
+    };
+    let started = Instant::now();
+    runner(vec![Arc::new(Discard)]).rebuild().await?;
+    let pipeline_seconds = started.elapsed().as_secs_f64();
+
+    let index_key = Arc::new(chartlog_crypto::MacKey::generate());
+    let started = Instant::now();
+    runner(vec![
+        Arc::new(ChartProjection::new(index_key)),
+        Arc::new(HistoryProjection),
+    ])
+    .rebuild()
+    .await?;
+    let rebuild_seconds = started.elapsed().as_secs_f64();
+
+    let rate = |seconds: f64| events as f64 / seconds;
+    let baseline = rate(open_verify_seconds);
+    println!(
+        "Projection rebuild, SQLite, {events} events, {patients} patients, {WORKERS} worker threads\n"
+    );
+    println!("| measurement | seconds | events/s | vs open+verify |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, seconds) in [
+        ("open+verify alone (in memory)", open_verify_seconds),
+        ("runner, projection writing nothing", pipeline_seconds),
+        ("rebuild: chart + record history", rebuild_seconds),
+    ] {
+        println!(
+            "| {name} | {seconds:.2} | {:.0} | {:.2}x |",
+            rate(seconds),
+            rate(seconds) / baseline
+        );
+    }
+    store.pool().close().await;
+    Ok(())
+}

@@ -1,0 +1,626 @@
+//! The audit trail: who did what to which record, when, from where, and with what outcome.
+//! Never a PHI payload.
+//!
+//! Rows for changes to a chart are derived from the event's clear header alone
+//! ([`audit_row_for_event`]), so the audit trail needs no data key and survives the erasure
+//! of the patient it describes (HIPAA retention). Reads, logins, logouts, session expiries,
+//! access denials, break-glass openings and exports are [`AuditRow`]s built by the HTTP layer
+//! (and appended as events to audit streams that hold no PHI).
+//!
+//! **Invariant:** every field of an [`AuditRow`] is an id, a closed-vocabulary code, a time or a
+//! client address; there is no field that could carry clinical content or an identifier of
+//! the patient other than the random patient id.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use chartlog_crypto::EventHeader;
+use chartlog_domain::{Actor, PatientEvent, PatientId, StreamId, Timestamp};
+use uuid::Uuid;
+
+/// Bytes of an event type echoed in an error: the header is not PHI, but an error message is
+/// not the place for arbitrary stored text.
+const EVENT_TYPE_ECHO_LENGTH_MAX: usize = 64;
+
+/// What kind of record an audit row is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuditEntity {
+    Patient,
+    Observation,
+    Condition,
+    Allergy,
+    MedicationOrder,
+    Note,
+    Consent,
+    CareRelationship,
+}
+
+impl AuditEntity {
+    pub const ALL: [AuditEntity; 8] = [
+        AuditEntity::Patient,
+        AuditEntity::Observation,
+        AuditEntity::Condition,
+        AuditEntity::Allergy,
+        AuditEntity::MedicationOrder,
+        AuditEntity::Note,
+        AuditEntity::Consent,
+        AuditEntity::CareRelationship,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AuditEntity::Patient => "patient",
+            AuditEntity::Observation => "observation",
+            AuditEntity::Condition => "condition",
+            AuditEntity::Allergy => "allergy",
+            AuditEntity::MedicationOrder => "medication_order",
+            AuditEntity::Note => "note",
+            AuditEntity::Consent => "consent",
+            AuditEntity::CareRelationship => "care_relationship",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|entity| entity.as_str() == raw)
+    }
+}
+
+/// What was done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuditAction {
+    Create,
+    Read,
+    Update,
+    Delete,
+    Login,
+    Logout,
+    /// A session ended by the idle or absolute limit.
+    SessionExpiry,
+    /// A clinician outside the care relationship opened a chart for an emergency.
+    BreakGlass,
+    /// De-identified or record-history data left the system.
+    Export,
+}
+
+impl AuditAction {
+    pub const ALL: [AuditAction; 9] = [
+        AuditAction::Create,
+        AuditAction::Read,
+        AuditAction::Update,
+        AuditAction::Delete,
+        AuditAction::Login,
+        AuditAction::Logout,
+        AuditAction::SessionExpiry,
+        AuditAction::BreakGlass,
+        AuditAction::Export,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::Create => "create",
+            AuditAction::Read => "read",
+            AuditAction::Update => "update",
+            AuditAction::Delete => "delete",
+            AuditAction::Login => "login",
+            AuditAction::Logout => "logout",
+            AuditAction::SessionExpiry => "session_expiry",
+            AuditAction::BreakGlass => "break_glass",
+            AuditAction::Export => "export",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|action| action.as_str() == raw)
+    }
+}
+
+/// How it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuditOutcome {
+    Success,
+    /// The attempt failed (a wrong password, a fault).
+    Failure,
+    /// The access policy refused it.
+    Denied,
+}
+
+impl AuditOutcome {
+    pub const ALL: [AuditOutcome; 3] = [
+        AuditOutcome::Success,
+        AuditOutcome::Failure,
+        AuditOutcome::Denied,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AuditOutcome::Success => "success",
+            AuditOutcome::Failure => "failure",
+            AuditOutcome::Denied => "denied",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|outcome| outcome.as_str() == raw)
+    }
+}
+
+macro_rules! display_as_str {
+    ($($ty:ty),*) => {$(
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+display_as_str!(AuditEntity, AuditAction, AuditOutcome);
+
+/// Every patient event type, the entity it touches and the action it is. Exhaustive over
+/// [`PatientEvent::EVENT_TYPES`] (tested): a new event type without a line here fails a test
+/// rather than going unaudited.
+pub const PATIENT_EVENT_AUDIT: [(&str, AuditEntity, AuditAction); 18] = [
+    (
+        "patient_registered",
+        AuditEntity::Patient,
+        AuditAction::Create,
+    ),
+    (
+        "demographics_corrected",
+        AuditEntity::Patient,
+        AuditAction::Update,
+    ),
+    (
+        "observation_recorded",
+        AuditEntity::Observation,
+        AuditAction::Create,
+    ),
+    (
+        "condition_recorded",
+        AuditEntity::Condition,
+        AuditAction::Create,
+    ),
+    (
+        "condition_resolved",
+        AuditEntity::Condition,
+        AuditAction::Update,
+    ),
+    (
+        "allergy_recorded",
+        AuditEntity::Allergy,
+        AuditAction::Create,
+    ),
+    ("allergy_refuted", AuditEntity::Allergy, AuditAction::Update),
+    (
+        "medication_prescribed",
+        AuditEntity::MedicationOrder,
+        AuditAction::Create,
+    ),
+    (
+        "medication_discontinued",
+        AuditEntity::MedicationOrder,
+        AuditAction::Update,
+    ),
+    ("note_written", AuditEntity::Note, AuditAction::Create),
+    ("note_amended", AuditEntity::Note, AuditAction::Update),
+    ("note_signed", AuditEntity::Note, AuditAction::Update),
+    // An addendum changes the (signed) note it is attached to; it has no id of its own.
+    (
+        "note_addendum_added",
+        AuditEntity::Note,
+        AuditAction::Update,
+    ),
+    (
+        "consent_restriction_granted",
+        AuditEntity::Consent,
+        AuditAction::Create,
+    ),
+    // Revoked restrictions stay on the chart, marked: a change, not a removal.
+    (
+        "consent_restriction_revoked",
+        AuditEntity::Consent,
+        AuditAction::Update,
+    ),
+    (
+        "care_relationship_assigned",
+        AuditEntity::CareRelationship,
+        AuditAction::Create,
+    ),
+    (
+        "care_relationship_ended",
+        AuditEntity::CareRelationship,
+        AuditAction::Update,
+    ),
+    // Crypto-erasure: the patient's data is gone for good.
+    ("patient_erased", AuditEntity::Patient, AuditAction::Delete),
+];
+
+/// The entity and action of a patient event type, or `None` for a type this build does not know.
+pub fn entity_and_action(event_type: &str) -> Option<(AuditEntity, AuditAction)> {
+    PATIENT_EVENT_AUDIT
+        .iter()
+        .find(|(known, _, _)| *known == event_type)
+        .map(|&(_, entity, action)| (entity, action))
+}
+
+/// One row of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Unique per row: the event id for rows derived from events, so a rebuild or a replay
+    /// inserts each row once.
+    pub audit_id: Uuid,
+    /// UTC.
+    pub occurred_at: Timestamp,
+    /// `None` only for a failed login under a user name that matches no account (the name
+    /// typed is not kept: it may be a mistyped password).
+    pub actor: Option<Actor>,
+    pub patient_id: Option<PatientId>,
+    pub entity: Option<AuditEntity>,
+    /// The record's id where known in the clear; for a change derived from a header alone,
+    /// the patient id for patient-level events, otherwise the event id (the record's own id
+    /// is sealed in the payload). See [`AuditRow::with_record_of`].
+    pub record_id: Option<Uuid>,
+    pub action: AuditAction,
+    pub outcome: AuditOutcome,
+    /// Where the request came from; `None` for rows derived from events (the event header
+    /// does not carry it) and for chartlog's own work.
+    pub client_address: Option<IpAddr>,
+    /// The event type for rows derived from events.
+    pub event_type: Option<&'static str>,
+}
+
+/// An event header the audit trail cannot describe.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditError {
+    #[error("event {event_id} of stream {stream_id} is not on a patient stream")]
+    NotAPatientStream { stream_id: StreamId, event_id: Uuid },
+    #[error("event {event_id} has unknown event type {event_type:?}")]
+    UnknownEventType { event_id: Uuid, event_type: String },
+}
+
+/// The audit row of a change to a chart, from the event's clear header alone (no data key,
+/// no plaintext): it works for an erased patient's events too.
+pub fn audit_row_for_event(header: &EventHeader) -> Result<AuditRow, AuditError> {
+    let event_id = header.event_id.as_uuid();
+    let patient_id =
+        header
+            .stream_id
+            .patient_id()
+            .ok_or_else(|| AuditError::NotAPatientStream {
+                stream_id: header.stream_id.clone(),
+                event_id,
+            })?;
+    let (event_type, entity, action) = PATIENT_EVENT_AUDIT
+        .iter()
+        .find(|(known, _, _)| *known == header.event_type)
+        .copied()
+        .ok_or_else(|| AuditError::UnknownEventType {
+            event_id,
+            event_type: header
+                .event_type
+                .chars()
+                .take(EVENT_TYPE_ECHO_LENGTH_MAX)
+                .collect(),
+        })?;
+    let record_id = match entity {
+        AuditEntity::Patient => patient_id.as_uuid(),
+        _ => event_id,
+    };
+    Ok(AuditRow {
+        audit_id: event_id,
+        occurred_at: header.recorded_at,
+        actor: Some(header.actor),
+        patient_id: Some(patient_id),
+        entity: Some(entity),
+        record_id: Some(record_id),
+        action,
+        // An event is in the log only if its command was accepted and committed.
+        outcome: AuditOutcome::Success,
+        client_address: None,
+        event_type: Some(event_type),
+    })
+}
+
+impl AuditRow {
+    /// Replaces the header-only record id by the record's own id, taken from the decoded
+    /// event when the caller has it (ids are random UUIDs, never PHI).
+    pub fn with_record_of(mut self, event: &PatientEvent) -> AuditRow {
+        debug_assert_eq!(
+            self.event_type,
+            Some(event.event_type()),
+            "the row's own event"
+        );
+        if let Some(record_id) = record_id_of(event) {
+            self.record_id = Some(record_id);
+        }
+        self
+    }
+}
+
+/// The id of the record an event touches. For a care relationship that is the clinician's
+/// user id (the relationship has no id of its own). `None` for the patient-level events that
+/// carry no id: their record is the patient of the stream, which the header gives.
+pub fn record_id_of(event: &PatientEvent) -> Option<Uuid> {
+    let record_id = match event {
+        PatientEvent::PatientRegistered { patient_id, .. } => patient_id.as_uuid(),
+        PatientEvent::ObservationRecorded { observation_id, .. } => observation_id.as_uuid(),
+        PatientEvent::ConditionRecorded { condition_id, .. }
+        | PatientEvent::ConditionResolved { condition_id, .. } => condition_id.as_uuid(),
+        PatientEvent::AllergyRecorded { allergy_id, .. }
+        | PatientEvent::AllergyRefuted { allergy_id } => allergy_id.as_uuid(),
+        PatientEvent::MedicationPrescribed {
+            medication_order_id,
+            ..
+        }
+        | PatientEvent::MedicationDiscontinued {
+            medication_order_id,
+            ..
+        } => medication_order_id.as_uuid(),
+        PatientEvent::NoteWritten { note_id, .. }
+        | PatientEvent::NoteAmended { note_id, .. }
+        | PatientEvent::NoteSigned { note_id, .. }
+        | PatientEvent::NoteAddendumAdded { note_id, .. } => note_id.as_uuid(),
+        PatientEvent::ConsentRestrictionGranted { restriction_id, .. }
+        | PatientEvent::ConsentRestrictionRevoked { restriction_id } => restriction_id.as_uuid(),
+        PatientEvent::CareRelationshipAssigned { clinician }
+        | PatientEvent::CareRelationshipEnded { clinician } => clinician.as_uuid(),
+        PatientEvent::DemographicsCorrected { .. } | PatientEvent::PatientErased { .. } => {
+            return None;
+        }
+    };
+    Some(record_id)
+}
+
+/// The audit projection's name: its checkpoint key.
+pub const AUDIT_PROJECTION_NAME: &str = "audit_trail";
+/// Bump when the derivation changes. A rebuild re-inserts idempotently (by `audit_id`) and
+/// never removes a row: the trail is append-only and outlives erasures.
+pub const AUDIT_PROJECTION_VERSION: u32 = 1;
+
+/// Appends [`AuditRow`]s to `chartlog_audit_trail`, ignoring a row whose `audit_id` is already
+/// there (a replay or a rebuild).
+pub async fn append_audit_row(
+    tx: &mut crate::db::ProjectionTx,
+    row: &AuditRow,
+    source_position: Option<u64>,
+) -> Result<(), sqlx::Error> {
+    use crate::db::{Backend, SqlArg};
+    let sql = match tx.backend() {
+        Backend::Sqlite => {
+            "INSERT INTO chartlog_audit_trail (audit_id, source_position, occurred_at_us, user_id, \
+             role, purpose_of_use, break_glass, patient_id, entity, record_id, action, outcome, \
+             client_address, event_type) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             ON CONFLICT (audit_id) DO NOTHING"
+        }
+        Backend::Postgres => {
+            "INSERT INTO chartlog_audit_trail (audit_id, source_position, occurred_at_us, user_id, \
+             role, purpose_of_use, break_glass, patient_id, entity, record_id, action, outcome, \
+             client_address, event_type) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::inet, $14) \
+             ON CONFLICT (audit_id) DO NOTHING"
+        }
+    };
+    let position = source_position.map(|p| i64::try_from(p).unwrap_or(i64::MAX));
+    tx.execute(
+        sql,
+        vec![
+            SqlArg::Uuid(row.audit_id),
+            SqlArg::OptI64(position),
+            SqlArg::I64(row.occurred_at.unix_micros()),
+            SqlArg::OptUuid(row.actor.map(|a| a.user_id.as_uuid())),
+            SqlArg::OptText(row.actor.map(|a| a.role.as_str().to_owned())),
+            SqlArg::OptText(row.actor.map(|a| a.purpose_of_use.as_str().to_owned())),
+            SqlArg::Bool(row.actor.is_some_and(|a| a.break_glass)),
+            SqlArg::OptUuid(row.patient_id.map(|p| p.as_uuid())),
+            SqlArg::OptText(row.entity.map(|e| e.as_str().to_owned())),
+            SqlArg::OptUuid(row.record_id),
+            SqlArg::Text(row.action.as_str().to_owned()),
+            SqlArg::Text(row.outcome.as_str().to_owned()),
+            SqlArg::OptText(row.client_address.map(|a| a.to_string())),
+            SqlArg::OptText(row.event_type.map(str::to_owned)),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The audit trail of changes to charts, folded from the log.
+#[derive(Debug, Default)]
+pub struct AuditTrailProjection;
+
+#[async_trait::async_trait]
+impl crate::runner::Projection for AuditTrailProjection {
+    fn name(&self) -> &'static str {
+        AUDIT_PROJECTION_NAME
+    }
+
+    fn version(&self) -> u32 {
+        AUDIT_PROJECTION_VERSION
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut crate::db::ProjectionTx,
+        events: &[crate::runner::ProjectedEvent],
+    ) -> Result<(), crate::ProjectionError> {
+        use crate::runner::EventBody;
+        for projected in events {
+            let row = match &projected.body {
+                // Security and audit streams get their rows when their event types exist.
+                EventBody::NotPatient => continue,
+                EventBody::Patient { .. } | EventBody::Erased { .. } => {
+                    match audit_row_for_event(&projected.header) {
+                        Ok(row) => row,
+                        Err(error) => {
+                            // Only an event type newer than this build gets here (the runner
+                            // refuses undecodable opened events); skip it visibly.
+                            tracing::warn!(position = projected.position, error = %error, "event not audited");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let row = match &projected.body {
+                EventBody::Patient { event, .. } => row.with_record_of(event),
+                _ => row,
+            };
+            append_audit_row(tx, &row, Some(projected.position)).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes nothing: the trail is append-only (the tables refuse it) and kept for
+    /// retention; a rebuild re-inserts idempotently.
+    async fn reset(&self, _tx: &mut crate::db::ProjectionTx) -> Result<(), crate::ProjectionError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chartlog_crypto::{DataKeyId, EventHash, SignerKeyId};
+    use chartlog_domain::{EventId, PurposeOfUse, Role, UserId};
+
+    use super::*;
+
+    fn header(event_type: &str) -> EventHeader {
+        EventHeader {
+            stream_id: StreamId::patient(PatientId::from_uuid(Uuid::from_u128(1))),
+            stream_version: 2,
+            event_id: EventId::from_uuid(Uuid::from_u128(2)),
+            event_type: event_type.to_owned(),
+            schema_version: 1,
+            recorded_at: Timestamp::from_unix_micros(1_700_000_000_000_000).unwrap(),
+            actor: Actor {
+                user_id: UserId::from_uuid(Uuid::from_u128(3)),
+                role: Role::Physician,
+                purpose_of_use: PurposeOfUse::EmergencyTreatment,
+                break_glass: true,
+            },
+            key_id: DataKeyId::from_uuid(Uuid::from_u128(4)),
+            prev_hash: EventHash::from_bytes([5; 32]),
+            signer_key_id: SignerKeyId::parse("signer-1").unwrap(),
+        }
+    }
+
+    #[test]
+    fn every_patient_event_type_has_exactly_one_mapping() {
+        for event_type in PatientEvent::EVENT_TYPES {
+            let lines = PATIENT_EVENT_AUDIT
+                .iter()
+                .filter(|(known, _, _)| *known == event_type)
+                .count();
+            assert_eq!(lines, 1, "{event_type}");
+        }
+        assert_eq!(PATIENT_EVENT_AUDIT.len(), PatientEvent::EVENT_TYPES.len());
+    }
+
+    #[test]
+    fn maps_each_event_type_to_its_entity_and_action() {
+        use AuditAction::{Create, Delete, Update};
+        use AuditEntity::*;
+        let expected = [
+            ("patient_registered", Patient, Create),
+            ("demographics_corrected", Patient, Update),
+            ("observation_recorded", Observation, Create),
+            ("condition_recorded", Condition, Create),
+            ("condition_resolved", Condition, Update),
+            ("allergy_recorded", Allergy, Create),
+            ("allergy_refuted", Allergy, Update),
+            ("medication_prescribed", MedicationOrder, Create),
+            ("medication_discontinued", MedicationOrder, Update),
+            ("note_written", Note, Create),
+            ("note_amended", Note, Update),
+            ("note_signed", Note, Update),
+            ("note_addendum_added", Note, Update),
+            ("consent_restriction_granted", Consent, Create),
+            ("consent_restriction_revoked", Consent, Update),
+            ("care_relationship_assigned", CareRelationship, Create),
+            ("care_relationship_ended", CareRelationship, Update),
+            ("patient_erased", Patient, Delete),
+        ];
+        for (event_type, entity, action) in expected {
+            assert_eq!(
+                entity_and_action(event_type),
+                Some((entity, action)),
+                "{event_type}"
+            );
+            let row = audit_row_for_event(&header(event_type)).unwrap();
+            assert_eq!(
+                (row.entity, row.action),
+                (Some(entity), action),
+                "{event_type}"
+            );
+            assert_eq!(row.event_type, Some(event_type));
+        }
+        assert_eq!(entity_and_action("note_shredded"), None);
+    }
+
+    #[test]
+    fn a_row_carries_the_clear_header_and_nothing_else() {
+        let header = header("observation_recorded");
+        let row = audit_row_for_event(&header).unwrap();
+        assert_eq!(row.audit_id, header.event_id.as_uuid());
+        assert_eq!(row.occurred_at, header.recorded_at);
+        assert_eq!(row.actor, Some(header.actor));
+        assert!(row.actor.unwrap().break_glass);
+        assert_eq!(row.patient_id, header.stream_id.patient_id());
+        assert_eq!(row.outcome, AuditOutcome::Success);
+        assert_eq!(row.client_address, None);
+        // The observation's own id is sealed: the header gives the event id.
+        assert_eq!(row.record_id, Some(header.event_id.as_uuid()));
+        let patient_row = audit_row_for_event(&self::header("patient_erased")).unwrap();
+        assert_eq!(
+            patient_row.record_id,
+            Some(Uuid::from_u128(1)),
+            "the patient itself"
+        );
+    }
+
+    #[test]
+    fn the_decoded_event_gives_the_record_id() {
+        let event = PatientEvent::AllergyRefuted {
+            allergy_id: chartlog_domain::AllergyId::from_uuid(Uuid::from_u128(99)),
+        };
+        let row = audit_row_for_event(&header("allergy_refuted"))
+            .unwrap()
+            .with_record_of(&event);
+        assert_eq!(row.record_id, Some(Uuid::from_u128(99)));
+        let erased = PatientEvent::PatientErased {
+            reason: chartlog_domain::patient::ErasureReason::PatientRequest,
+            erased_at: Timestamp::from_unix_micros(1_700_000_000_000_000).unwrap(),
+        };
+        let row = audit_row_for_event(&header("patient_erased"))
+            .unwrap()
+            .with_record_of(&erased);
+        assert_eq!(row.record_id, Some(Uuid::from_u128(1)), "still the patient");
+    }
+
+    #[test]
+    fn refuses_other_streams_and_unknown_types_naming_ids_only() {
+        let mut security = header("login_succeeded");
+        security.stream_id = StreamId::parse("security-logins").unwrap();
+        assert!(matches!(
+            audit_row_for_event(&security),
+            Err(AuditError::NotAPatientStream { .. })
+        ));
+        let long = "x".repeat(500);
+        let error = audit_row_for_event(&header(&long)).unwrap_err();
+        assert!(error.to_string().len() < 200, "the echo is bounded");
+    }
+
+    #[test]
+    fn vocabularies_round_trip() {
+        for entity in AuditEntity::ALL {
+            assert_eq!(AuditEntity::parse(entity.as_str()), Some(entity));
+        }
+        for action in AuditAction::ALL {
+            assert_eq!(AuditAction::parse(&action.to_string()), Some(action));
+        }
+        for outcome in AuditOutcome::ALL {
+            assert_eq!(AuditOutcome::parse(outcome.as_str()), Some(outcome));
+        }
+    }
+}

@@ -1,0 +1,663 @@
+//! The chart read model: the current state of each patient's chart, for the clinician's screen.
+//!
+//! **Invariants:**
+//! - every PHI value rests sealed under the patient's data key, one sealed JSON object per
+//!   entry (`chartlog_chart_entries`), with patient id, entry kind and entry id as associated
+//!   data, so a sealed entry copied to another row does not open;
+//! - look-ups by MRN and by family name + birth date go through keyed blind indexes
+//!   (`chartlog_chart_lookups`): HMAC-SHA-256 of the normalised value under the index key from
+//!   the key files (never stored in the database);
+//! - on the erasure tombstone the patient's entries and look-ups are deleted through the
+//!   primary key (patient id first: no scan); what stays is the patient id, the last stream
+//!   version and the erasure time, none of them PHI, so a read answers "erased at ...".
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chartlog_crypto::{
+    DataKey, DataKeys, KeyError, KeyStore, MacKey, hmac_sha256, open_record, seal_record,
+};
+use chartlog_domain::codes::Code;
+use chartlog_domain::patient::{
+    AllergyCriticality, AllergyReaction, Demographics, DiscontinuationReason, DosingFrequency,
+    MedicationRoute, ObservationValue,
+};
+use chartlog_domain::phi::{BirthDate, FamilyName, Mrn, NoteText};
+use chartlog_domain::{
+    AllergyId, ConditionId, MedicationOrderId, NoteId, ObservationId, PatientEvent, PatientId,
+    Quantity, StreamId, Timestamp, UserId,
+};
+use serde::Deserialize;
+use sqlx::AssertSqlSafe;
+use uuid::Uuid;
+
+use crate::db::{ProjectionDb, ProjectionTx, SqlArg, to_i64, values_placeholders};
+use crate::entries::{EntryKind, Fields, evolve_entry, touched};
+use crate::error::ProjectionError;
+use crate::runner::{EventBody, ProjectedEvent, Projection};
+
+/// The chart projection's name (its checkpoint and lock).
+pub const CHART_PROJECTION: &str = "chart";
+/// Bump when the fold or the tables change: the chart is then rebuilt from position 0.
+pub const CHART_PROJECTION_VERSION: u32 = 1;
+
+const ENTRY_AD: &[u8] = b"chart-entry";
+const LOOKUP_MRN: &str = "mrn";
+const LOOKUP_NAME_BIRTH_DATE: &str = "family_name+birth_date";
+const MRN_INDEX_TAG: &[u8] = b"chartlog/blind-index/mrn/v1";
+const NAME_BIRTH_DATE_INDEX_TAG: &[u8] = b"chartlog/blind-index/family-name+birth-date/v1";
+
+/// Folds patient events into the chart tables.
+pub struct ChartProjection {
+    index_key: Arc<MacKey>,
+}
+
+impl ChartProjection {
+    /// `index_key`: the blind-index key ([`chartlog_crypto::load_or_create_mac_key`] with
+    /// [`chartlog_crypto::INDEX_KEY_FILE_NAME`]).
+    pub fn new(index_key: Arc<MacKey>) -> Self {
+        Self { index_key }
+    }
+}
+
+/// An entry waiting to be written at the end of a batch.
+struct Pending {
+    fields: Fields,
+    stream_version: u64,
+    key: Arc<DataKey>,
+}
+
+type Slot = (PatientId, EntryKind, Uuid);
+
+fn associated_data<'a>(patient_id: &'a Uuid, kind: EntryKind, entry_id: &'a Uuid) -> [&'a [u8]; 4] {
+    [
+        ENTRY_AD,
+        patient_id.as_bytes(),
+        kind.as_str().as_bytes(),
+        entry_id.as_bytes(),
+    ]
+}
+
+fn seal_fields(key: &DataKey, slot: &Slot, fields: &Fields) -> Vec<u8> {
+    let patient = slot.0.as_uuid();
+    let plaintext = serde_json::to_vec(fields).expect("a JSON object serializes");
+    seal_record(key, &associated_data(&patient, slot.1, &slot.2), &plaintext)
+}
+
+fn open_fields(
+    key: &DataKey,
+    patient_id: PatientId,
+    kind: EntryKind,
+    entry_id: Uuid,
+    sealed: &[u8],
+) -> Result<Fields, ProjectionError> {
+    let malformed = |reason| ProjectionError::MalformedRow {
+        table: "chartlog_chart_entries",
+        patient_id: patient_id.as_uuid(),
+        reason,
+    };
+    let patient = patient_id.as_uuid();
+    let plaintext = open_record(key, &associated_data(&patient, kind, &entry_id), sealed)
+        .map_err(|_| malformed("does not open under the patient's key"))?;
+    serde_json::from_slice(&plaintext).map_err(|_| malformed("not a JSON object"))
+}
+
+/// Normalises an MRN for its blind index: no whitespace, upper case (so "mrn 12" and "MRN12"
+/// find the same chart; registration already refused anything else that could vary).
+fn normalised_mrn(mrn: &Mrn) -> String {
+    mrn.expose_phi()
+        .split_whitespace()
+        .collect::<String>()
+        .to_uppercase()
+}
+
+/// Normalises a family name: words joined by one space, lower case.
+fn normalised_family_name(family: &FamilyName) -> String {
+    family
+        .expose_phi()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+fn iso_date(birth_date: &BirthDate) -> String {
+    let date = birth_date.expose_phi();
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
+}
+
+/// The blind-index digest of an MRN.
+pub fn mrn_digest(index_key: &MacKey, mrn: &Mrn) -> [u8; 32] {
+    hmac_sha256(index_key, &[MRN_INDEX_TAG, normalised_mrn(mrn).as_bytes()])
+}
+
+/// The blind-index digest of a family name with a birth date.
+pub fn family_name_birth_date_digest(
+    index_key: &MacKey,
+    family: &FamilyName,
+    birth_date: &BirthDate,
+) -> [u8; 32] {
+    hmac_sha256(
+        index_key,
+        &[
+            NAME_BIRTH_DATE_INDEX_TAG,
+            normalised_family_name(family).as_bytes(),
+            iso_date(birth_date).as_bytes(),
+        ],
+    )
+}
+
+#[async_trait]
+impl Projection for ChartProjection {
+    fn name(&self) -> &'static str {
+        CHART_PROJECTION
+    }
+
+    fn version(&self) -> u32 {
+        CHART_PROJECTION_VERSION
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut ProjectionTx,
+        events: &[ProjectedEvent],
+    ) -> Result<(), ProjectionError> {
+        // Entries are folded in memory for the batch and written once each at the end: a
+        // batch of 2,000 events touching 1,500 entries costs a few multi-row statements.
+        let mut pending: BTreeMap<Slot, Pending> = BTreeMap::new();
+        let mut patients: BTreeMap<PatientId, (u64, Option<i64>)> = BTreeMap::new();
+        let mut erased: BTreeSet<PatientId> = BTreeSet::new();
+        for event in events {
+            let version = event.header.stream_version;
+            match &event.body {
+                EventBody::Patient {
+                    patient_id,
+                    event: patient_event,
+                    key,
+                } => {
+                    let Some(touch) = touched(*patient_id, patient_event) else {
+                        debug_assert!(matches!(patient_event, PatientEvent::PatientErased { .. }));
+                        erase(&mut pending, &mut patients, &mut erased, event);
+                        continue;
+                    };
+                    let slot = (*patient_id, touch.kind, touch.id);
+                    let before = match pending.remove(&slot) {
+                        Some(entry) => Some(entry.fields),
+                        None if touch.creates => None,
+                        None => load_entry(tx, key, &slot).await?,
+                    };
+                    let fields = evolve_entry(before, patient_event);
+                    pending.insert(
+                        slot,
+                        Pending {
+                            fields,
+                            stream_version: version,
+                            key: key.clone(),
+                        },
+                    );
+                    patients.insert(*patient_id, (version, None));
+                }
+                // Before the key was destroyed these events were applied (live), or they never
+                // will be (rebuild): either way only the tombstone matters now.
+                EventBody::Erased { .. } if event.is_erasure() => {
+                    erase(&mut pending, &mut patients, &mut erased, event);
+                }
+                EventBody::Erased { .. } | EventBody::NotPatient => {}
+            }
+        }
+
+        for patient_id in &erased {
+            let id = SqlArg::Uuid(patient_id.as_uuid());
+            tx.execute(
+                "DELETE FROM chartlog_chart_entries WHERE patient_id = $1",
+                vec![id.clone()],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM chartlog_chart_lookups WHERE patient_id = $1",
+                vec![id],
+            )
+            .await?;
+        }
+        write_entries(tx, &pending).await?;
+        self.write_lookups(tx, &pending).await?;
+        write_patients(tx, &patients).await?;
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &mut ProjectionTx) -> Result<(), ProjectionError> {
+        for table in [
+            "DELETE FROM chartlog_chart_entries",
+            "DELETE FROM chartlog_chart_lookups",
+            "DELETE FROM chartlog_chart_patients",
+        ] {
+            tx.execute(table, vec![]).await?;
+        }
+        Ok(())
+    }
+}
+
+fn erase(
+    pending: &mut BTreeMap<Slot, Pending>,
+    patients: &mut BTreeMap<PatientId, (u64, Option<i64>)>,
+    erased: &mut BTreeSet<PatientId>,
+    event: &ProjectedEvent,
+) {
+    let Some(patient_id) = event.patient_id() else {
+        return;
+    };
+    pending.retain(|slot, _| slot.0 != patient_id);
+    // The header's time, not the sealed tombstone's: a rebuild after the key is gone can read
+    // only the header, and must write what the live run wrote.
+    patients.insert(
+        patient_id,
+        (
+            event.header.stream_version,
+            Some(event.header.recorded_at.unix_micros()),
+        ),
+    );
+    erased.insert(patient_id);
+}
+
+async fn load_entry(
+    tx: &mut ProjectionTx,
+    key: &DataKey,
+    slot: &Slot,
+) -> Result<Option<Fields>, ProjectionError> {
+    let row = tx
+        .fetch_optional(
+            "SELECT sealed FROM chartlog_chart_entries \
+             WHERE patient_id = $1 AND kind = $2 AND entry_id = $3",
+            vec![
+                SqlArg::Uuid(slot.0.as_uuid()),
+                SqlArg::Text(slot.1.as_str().to_owned()),
+                SqlArg::Uuid(slot.2),
+            ],
+        )
+        .await?;
+    match row {
+        Some(row) => Ok(Some(open_fields(
+            key,
+            slot.0,
+            slot.1,
+            slot.2,
+            &row.bytes(0)?,
+        )?)),
+        None => Ok(None),
+    }
+}
+
+async fn write_entries(
+    tx: &mut ProjectionTx,
+    pending: &BTreeMap<Slot, Pending>,
+) -> Result<(), ProjectionError> {
+    let entries: Vec<(&Slot, &Pending)> = pending.iter().collect();
+    for rows in entries.chunks(tx.rows_per_statement(5)) {
+        let sql = format!(
+            "INSERT INTO chartlog_chart_entries (patient_id, kind, entry_id, stream_version, sealed) \
+             VALUES {} ON CONFLICT (patient_id, kind, entry_id) DO UPDATE SET \
+             stream_version = excluded.stream_version, sealed = excluded.sealed",
+            values_placeholders(rows.len(), 5, 1)
+        );
+        let mut args = Vec::with_capacity(rows.len() * 5);
+        for (slot, entry) in rows {
+            args.push(SqlArg::Uuid(slot.0.as_uuid()));
+            args.push(SqlArg::Text(slot.1.as_str().to_owned()));
+            args.push(SqlArg::Uuid(slot.2));
+            args.push(SqlArg::I64(to_i64(entry.stream_version)));
+            args.push(SqlArg::Bytes(seal_fields(&entry.key, slot, &entry.fields)));
+        }
+        tx.execute(AssertSqlSafe(sql), args).await?;
+    }
+    Ok(())
+}
+
+impl ChartProjection {
+    async fn write_lookups(
+        &self,
+        tx: &mut ProjectionTx,
+        pending: &BTreeMap<Slot, Pending>,
+    ) -> Result<(), ProjectionError> {
+        let mut rows: Vec<(PatientId, &'static str, [u8; 32])> = Vec::new();
+        for (slot, entry) in pending {
+            if slot.1 != EntryKind::Demographics {
+                continue;
+            }
+            let demographics: Demographics = serde_json::from_value(serde_json::Value::Object(
+                entry.fields.clone(),
+            ))
+            .map_err(|_| ProjectionError::MalformedRow {
+                table: "chartlog_chart_entries",
+                patient_id: slot.0.as_uuid(),
+                reason: "demographics do not decode",
+            })?;
+            rows.push((
+                slot.0,
+                LOOKUP_MRN,
+                mrn_digest(&self.index_key, &demographics.mrn),
+            ));
+            rows.push((
+                slot.0,
+                LOOKUP_NAME_BIRTH_DATE,
+                family_name_birth_date_digest(
+                    &self.index_key,
+                    demographics.name.family(),
+                    &demographics.birth_date,
+                ),
+            ));
+        }
+        for rows in rows.chunks(tx.rows_per_statement(3)) {
+            let sql = format!(
+                "INSERT INTO chartlog_chart_lookups (patient_id, kind, digest) VALUES {} \
+                 ON CONFLICT (patient_id, kind) DO UPDATE SET digest = excluded.digest",
+                values_placeholders(rows.len(), 3, 1)
+            );
+            let mut args = Vec::with_capacity(rows.len() * 3);
+            for (patient_id, kind, digest) in rows {
+                args.push(SqlArg::Uuid(patient_id.as_uuid()));
+                args.push(SqlArg::Text((*kind).to_owned()));
+                args.push(SqlArg::Bytes(digest.to_vec()));
+            }
+            tx.execute(AssertSqlSafe(sql), args).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn write_patients(
+    tx: &mut ProjectionTx,
+    patients: &BTreeMap<PatientId, (u64, Option<i64>)>,
+) -> Result<(), ProjectionError> {
+    let rows: Vec<_> = patients.iter().collect();
+    for rows in rows.chunks(tx.rows_per_statement(3)) {
+        let sql = format!(
+            "INSERT INTO chartlog_chart_patients (patient_id, stream_version, erased_at_us) \
+             VALUES {} ON CONFLICT (patient_id) DO UPDATE SET \
+             stream_version = excluded.stream_version, erased_at_us = excluded.erased_at_us",
+            values_placeholders(rows.len(), 3, 1)
+        );
+        let mut args = Vec::with_capacity(rows.len() * 3);
+        for (patient_id, (version, erased_at)) in rows {
+            args.push(SqlArg::Uuid(patient_id.as_uuid()));
+            args.push(SqlArg::I64(to_i64(*version)));
+            args.push(SqlArg::OptI64(*erased_at));
+        }
+        tx.execute(AssertSqlSafe(sql), args).await?;
+    }
+    Ok(())
+}
+
+// ---- Queries ----------------------------------------------------------------------------
+
+/// A patient's chart as the chart read model holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chart {
+    pub patient_id: PatientId,
+    /// The stream version the chart is current at (for If-Match and freshness).
+    pub stream_version: u64,
+    pub demographics: Option<Demographics>,
+    /// Active and resolved; see [`ChartCondition::is_active`].
+    pub conditions: Vec<ChartCondition>,
+    /// Refuted allergies stay, marked.
+    pub allergies: Vec<ChartAllergy>,
+    /// Active and discontinued.
+    pub medication_orders: Vec<ChartMedicationOrder>,
+    pub observations: Vec<ChartObservation>,
+    pub notes: Vec<ChartNote>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChartCondition {
+    pub condition_id: ConditionId,
+    pub code: Code,
+    pub onset_at: Option<Timestamp>,
+    pub resolved_at: Option<Timestamp>,
+}
+
+impl ChartCondition {
+    pub fn is_active(&self) -> bool {
+        self.resolved_at.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChartAllergy {
+    pub allergy_id: AllergyId,
+    pub substance: Code,
+    pub criticality: AllergyCriticality,
+    pub reaction: Option<AllergyReaction>,
+    pub refuted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChartMedicationOrder {
+    pub medication_order_id: MedicationOrderId,
+    pub medication: Code,
+    pub dose: Quantity,
+    pub route: MedicationRoute,
+    pub frequency: DosingFrequency,
+    pub prescribed_at: Timestamp,
+    pub discontinuation_reason: Option<DiscontinuationReason>,
+    pub discontinued_at: Option<Timestamp>,
+}
+
+impl ChartMedicationOrder {
+    pub fn is_active(&self) -> bool {
+        self.discontinued_at.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChartObservation {
+    pub observation_id: ObservationId,
+    pub code: Code,
+    pub value: ObservationValue,
+    pub effective_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChartNote {
+    pub note_id: NoteId,
+    pub text: NoteText,
+    pub written_at: Timestamp,
+    pub amended_at: Option<Timestamp>,
+    pub signed_by: Option<UserId>,
+    pub signed_at: Option<Timestamp>,
+    pub addenda: Vec<ChartNoteAddendum>,
+}
+
+impl ChartNote {
+    pub fn is_signed(&self) -> bool {
+        self.signed_at.is_some()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChartNoteAddendum {
+    pub text: NoteText,
+    pub added_at: Timestamp,
+}
+
+/// What a chart read finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChartAnswer {
+    Found(Box<Chart>),
+    /// The patient was erased: a clear answer, with the time, never a decryption error.
+    Erased {
+        erased_at: Timestamp,
+    },
+    /// No such patient in the chart (yet: see `wait_for_position` for read-your-writes).
+    NotFound,
+}
+
+/// Reads a patient's chart, opening its entries with the patient's data key.
+#[tracing::instrument(skip_all, fields(patient = %patient_id))]
+pub async fn read_chart<K: KeyStore>(
+    db: &ProjectionDb,
+    keys: &DataKeys<K>,
+    patient_id: PatientId,
+) -> Result<ChartAnswer, ProjectionError> {
+    let row = db
+        .fetch_optional(
+            "SELECT stream_version, erased_at_us FROM chartlog_chart_patients WHERE patient_id = $1",
+            vec![SqlArg::Uuid(patient_id.as_uuid())],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(ChartAnswer::NotFound);
+    };
+    let malformed = |reason| ProjectionError::MalformedRow {
+        table: "chartlog_chart_patients",
+        patient_id: patient_id.as_uuid(),
+        reason,
+    };
+    let stream_version = u64::try_from(row.i64(0)?).map_err(|_| malformed("negative version"))?;
+    if let Some(at) = row.opt_i64(1)? {
+        let erased_at = Timestamp::from_unix_micros(at).map_err(|_| malformed("erasure time"))?;
+        return Ok(ChartAnswer::Erased { erased_at });
+    }
+    let stream = StreamId::patient(patient_id);
+    let key = match keys.key_for_read(&stream).await {
+        Ok((_, key)) => key,
+        // Erased, and the projection has not applied the tombstone yet.
+        Err(KeyError::Erased { destroyed_at, .. }) => {
+            return Ok(ChartAnswer::Erased {
+                erased_at: destroyed_at,
+            });
+        }
+        Err(source) => return Err(ProjectionError::Key { stream, source }),
+    };
+    let rows = db
+        .fetch_all(
+            "SELECT kind, entry_id, sealed FROM chartlog_chart_entries \
+             WHERE patient_id = $1 ORDER BY kind, entry_id",
+            vec![SqlArg::Uuid(patient_id.as_uuid())],
+        )
+        .await?;
+    let mut chart = Chart {
+        patient_id,
+        stream_version,
+        demographics: None,
+        conditions: Vec::new(),
+        allergies: Vec::new(),
+        medication_orders: Vec::new(),
+        observations: Vec::new(),
+        notes: Vec::new(),
+    };
+    for row in rows {
+        let kind =
+            EntryKind::parse(&row.text(0)?).ok_or_else(|| malformed("unknown entry kind"))?;
+        let entry_id = row.uuid(1)?;
+        let mut fields = open_fields(&key, patient_id, kind, entry_id, &row.bytes(2)?)?;
+        let id = serde_json::Value::String(entry_id.to_string());
+        let mut typed = |id_field: &str| {
+            fields.insert(id_field.to_owned(), id.clone());
+            serde_json::Value::Object(std::mem::take(&mut fields))
+        };
+        let undecodable = |_| ProjectionError::MalformedRow {
+            table: "chartlog_chart_entries",
+            patient_id: patient_id.as_uuid(),
+            reason: "entry does not decode",
+        };
+        match kind {
+            EntryKind::Demographics => {
+                chart.demographics = Some(
+                    serde_json::from_value(serde_json::Value::Object(fields))
+                        .map_err(undecodable)?,
+                );
+            }
+            EntryKind::Condition => chart
+                .conditions
+                .push(serde_json::from_value(typed("condition_id")).map_err(undecodable)?),
+            EntryKind::Allergy => chart
+                .allergies
+                .push(serde_json::from_value(typed("allergy_id")).map_err(undecodable)?),
+            EntryKind::MedicationOrder => chart
+                .medication_orders
+                .push(serde_json::from_value(typed("medication_order_id")).map_err(undecodable)?),
+            EntryKind::Observation => chart
+                .observations
+                .push(serde_json::from_value(typed("observation_id")).map_err(undecodable)?),
+            EntryKind::Note => chart
+                .notes
+                .push(serde_json::from_value(typed("note_id")).map_err(undecodable)?),
+            // Kept for the fold (and for the record history); the care team and consent live
+            // on the command side (`PatientLedger::load`), where access decisions are made.
+            EntryKind::ConsentRestriction | EntryKind::CareRelationship => {}
+        }
+    }
+    chart
+        .observations
+        .sort_by_key(|o| (o.effective_at, o.observation_id));
+    chart.notes.sort_by_key(|n| (n.written_at, n.note_id));
+    Ok(ChartAnswer::Found(Box::new(chart)))
+}
+
+/// Patients whose MRN is `mrn` (normally one), through the blind index. Erased patients are
+/// not found.
+pub async fn find_by_mrn(
+    db: &ProjectionDb,
+    index_key: &MacKey,
+    mrn: &Mrn,
+) -> Result<Vec<PatientId>, ProjectionError> {
+    find_by_digest(db, LOOKUP_MRN, mrn_digest(index_key, mrn)).await
+}
+
+/// Patients with this family name and birth date, through the blind index.
+pub async fn find_by_family_name_and_birth_date(
+    db: &ProjectionDb,
+    index_key: &MacKey,
+    family: &FamilyName,
+    birth_date: &BirthDate,
+) -> Result<Vec<PatientId>, ProjectionError> {
+    let digest = family_name_birth_date_digest(index_key, family, birth_date);
+    find_by_digest(db, LOOKUP_NAME_BIRTH_DATE, digest).await
+}
+
+/// Most patients one look-up returns (a common name with a common birth date).
+pub const LOOKUP_RESULTS_MAX: i64 = 100;
+
+async fn find_by_digest(
+    db: &ProjectionDb,
+    kind: &str,
+    digest: [u8; 32],
+) -> Result<Vec<PatientId>, ProjectionError> {
+    let rows = db
+        .fetch_all(
+            "SELECT patient_id FROM chartlog_chart_lookups WHERE kind = $1 AND digest = $2 \
+             ORDER BY patient_id LIMIT $3",
+            vec![
+                SqlArg::Text(kind.to_owned()),
+                SqlArg::Bytes(digest.to_vec()),
+                SqlArg::I64(LOOKUP_RESULTS_MAX),
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| Ok(PatientId::from_uuid(row.uuid(0)?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn look_ups_normalise_before_hashing() {
+        let key = MacKey::generate();
+        let one = mrn_digest(&key, &Mrn::parse("abc-12").unwrap());
+        assert_eq!(one, mrn_digest(&key, &Mrn::parse("ABC-12").unwrap()));
+        assert_ne!(one, mrn_digest(&key, &Mrn::parse("ABC-13").unwrap()));
+        let birth = BirthDate::parse("1985-12-10").unwrap();
+        assert_eq!(
+            family_name_birth_date_digest(&key, &FamilyName::parse("De  La Cruz").unwrap(), &birth),
+            family_name_birth_date_digest(&key, &FamilyName::parse("de la cruz").unwrap(), &birth)
+        );
+    }
+}

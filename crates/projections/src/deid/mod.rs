@@ -1,0 +1,33 @@
+//! De-identified views by the HIPAA Safe Harbor method (45 CFR 164.514(b)(2)): the only
+//! plaintext read models chartlog writes.
+//!
+//! - [`safe_harbor`]: the transformation, pure: decoded events in, row changes out.
+//! - [`zip3`]: the three-digit ZIP rule and the shipped restricted list (versioned data).
+//! - [`export`]: streaming NDJSON and CSV writers over de-identified rows.
+//!
+//! **Invariants:**
+//! - no identifier of the 18 Safe Harbor categories and no free text is ever read into a row:
+//!   the transformation reads only birth year, sex, state and ZIP code of the demographics,
+//!   and codes, decimals, units and closed vocabularies of clinical events;
+//! - patients and rows are keyed by HMAC pseudonyms under a secret that never leaves the
+//!   server; raw patient and record ids never appear, because the audit trail and the API
+//!   show them next to identities;
+//! - a patient's rows go when the patient is erased.
+
+pub mod export;
+pub mod projection;
+pub mod safe_harbor;
+pub mod zip3;
+
+pub use projection::{
+    DEIDENTIFIED_PROJECTION_NAME, DEIDENTIFIED_PROJECTION_VERSION, DeidentifiedProjection,
+};
+pub use safe_harbor::{
+    AGE_YEARS_GROUPED_MIN, AllergyRow, BirthYear, CodedConcept, ConditionRow, DeidChange,
+    DeidQuantity, DeidTables, DeidValue, EventContext, Geography, MedicationOrderRow,
+    ObservationRow, PatientRow, Pseudonym, Pseudonymizer, RecordKind, RowKey, deidentify_event,
+};
+pub use zip3::{RESTRICTED_ZIP3_COUNT, RESTRICTED_ZIP3_VERSION, Zip3};
+
+#[cfg(test)]
+mod tests;
