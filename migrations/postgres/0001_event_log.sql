@@ -59,6 +59,10 @@ CREATE TRIGGER chartlog_events_no_truncate
 -- the log: no later commit can land below a position it has already returned. Commits do not
 -- queue behind each other; only the reservation (no I/O) is serialized.
 --
+-- It does not NOTIFY: a transaction that notifies holds a cluster-wide lock on the
+-- notification queue through its commit, which would queue every append's commit behind the
+-- last. Each process announces its appends from a connection of its own instead.
+--
 -- Returns outcome 'appended' with the positions, or 'conflict' with the stream's actual
 -- version and head hash (the caller reports the conflict or checks for an idempotent retry).
 CREATE FUNCTION chartlog_append(
@@ -144,7 +148,6 @@ BEGIN
                   actor_user_id, actor_role, purpose_of_use, break_glass, data_key_id,
                   signer_key_id, prev_hash, hash, signature, ciphertext, ord);
 
-    PERFORM pg_notify('chartlog_events', (v_first + v_count - 1)::text);
     RETURN QUERY SELECT 'appended'::text, v_first, p_expected_version + v_count, v_new_head;
 END
 $$;

@@ -65,16 +65,27 @@ pub struct PostgresEventStore {
 
 struct Inner {
     pool: PgPool,
+    /// Ticks on any append this process hears of (its own, or another's via LISTEN).
     appended: watch::Sender<u64>,
-    listener: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Ticks on this process's own appends, for the announcer.
+    appended_here: watch::Sender<u64>,
+    /// The listener and the announcer.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn take_tasks(&self) -> Vec<JoinHandle<()>> {
+        self.tasks
+            .lock()
+            .map(|mut tasks| std::mem::take(&mut *tasks))
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Ok(mut listener) = self.listener.lock()
-            && let Some(listener) = listener.take()
-        {
-            listener.abort();
+        for task in self.take_tasks() {
+            task.abort();
         }
     }
 }
@@ -99,11 +110,30 @@ impl PostgresEventStore {
                 }
             }
         });
+        // Announce this process's appends to the others outside the append transactions
+        // (see the migration: NOTIFY inside them would serialize their commits). Ticks that
+        // arrive while a NOTIFY is in flight coalesce into the next one.
+        let (appended_here, mut heard_here) = watch::channel(0);
+        let announcer_pool = pool.clone();
+        let announcer = tokio::spawn(async move {
+            while heard_here.changed().await.is_ok() {
+                heard_here.borrow_and_update();
+                let announced = sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(APPEND_CHANNEL)
+                    .execute(&announcer_pool)
+                    .await;
+                if let Err(error) = announced {
+                    tracing::warn!(%error, "cannot announce appends; other processes poll until it works");
+                    tokio::time::sleep(LISTEN_RETRY_DELAY).await;
+                }
+            }
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
                 appended,
-                listener: std::sync::Mutex::new(Some(listener)),
+                appended_here,
+                tasks: std::sync::Mutex::new(vec![listener, announcer]),
             }),
         })
     }
@@ -117,19 +147,13 @@ impl PostgresEventStore {
         &self.inner.pool
     }
 
-    /// Stops listening and closes the pool. The listener holds one of the pool's connections,
-    /// so closing the pool alone would wait for it forever.
+    /// Stops listening and announcing, and closes the pool. The listener holds one of the
+    /// pool's connections, so closing the pool alone would wait for it forever.
     pub async fn close(&self) {
-        let listener = self
-            .inner
-            .listener
-            .lock()
-            .ok()
-            .and_then(|mut listener| listener.take());
-        if let Some(listener) = listener {
-            listener.abort();
+        for task in self.inner.take_tasks() {
+            task.abort();
             // Wait until the task is gone and its connection returned to the pool.
-            let _ = listener.await;
+            let _ = task.await;
         }
         self.inner.pool.close().await;
     }
@@ -160,6 +184,7 @@ impl EventStore for PostgresEventStore {
             Ok(row) => match appended(&row, expected_version, events.len())? {
                 Ok(outcome) => {
                     self.inner.appended.send_modify(|tick| *tick += 1);
+                    self.inner.appended_here.send_modify(|tick| *tick += 1);
                     return Ok(outcome);
                 }
                 Err(actual) => actual,

@@ -178,3 +178,33 @@ async fn close_finishes_while_listening(pool: PgPool) {
         .expect("close returns promptly");
     assert!(store.pool().is_closed());
 }
+
+/// Another process's appends reach this process's subscribers through LISTEN/NOTIFY.
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn appends_are_announced_to_other_processes(pool: PgPool) {
+    let options = pool.connect_options();
+    let other_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with((*options).clone())
+        .await
+        .expect("second pool");
+    let writer = PostgresEventStore::from_pool(other_pool)
+        .await
+        .expect("writer");
+    let reader = store(pool).await;
+    let mut heard = reader.append_notifications();
+    heard.borrow_and_update();
+
+    let factory = EventFactory::new();
+    let stream = StreamId::parse("patient-announced").expect("stream id");
+    writer
+        .append(&stream, 0, &factory.batch(&stream, None, 1))
+        .await
+        .expect("append in the other process");
+    tokio::time::timeout(conformance::PROMPT_WAIT, heard.changed())
+        .await
+        .expect("the reader hears of the other process's append")
+        .expect("notifications open");
+    writer.close().await;
+    reader.close().await;
+}

@@ -34,6 +34,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/
 
 /// How long a connection waits for another process's write lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events per INSERT statement: 16 columns each, so 256 parameters, below the point where
+/// the driver's per-statement binding cost starts to dominate.
+const INSERT_ROWS_PER_STATEMENT: usize = 16;
 /// Connections in the pool: readers run in parallel under WAL; writers queue on one lock.
 pub const CONNECTIONS_MAX: u32 = 8;
 
@@ -139,41 +142,57 @@ impl SqliteEventStore {
         .execute(&mut *tx)
         .await?;
 
+        // Multi-row INSERTs, a few rows each: fewer statements than one per event, and few
+        // enough parameters per statement that binding stays cheap.
         let mut positions = Vec::with_capacity(events.len());
-        for event in events {
-            let h = &event.header;
-            let position: i64 = sqlx::query_scalar(
+        for chunk in events.chunks(INSERT_ROWS_PER_STATEMENT) {
+            let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO chartlog_events (stream_id, stream_version, event_id, event_type, \
                  schema_version, recorded_at_us, actor_user_id, actor_role, purpose_of_use, \
-                 break_glass, data_key_id, signer_key_id, prev_hash, hash, signature, ciphertext) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
-                 RETURNING position",
-            )
-            .bind(stream.as_str())
-            .bind(to_i64(h.stream_version))
-            .bind(h.event_id.as_uuid())
-            .bind(h.event_type.as_str())
-            .bind(i64::from(h.schema_version))
-            .bind(h.recorded_at.unix_micros())
-            .bind(h.actor.user_id.as_uuid())
-            .bind(h.actor.role.as_str())
-            .bind(h.actor.purpose_of_use.as_str())
-            .bind(h.actor.break_glass)
-            .bind(h.key_id.as_uuid())
-            .bind(h.signer_key_id.as_str())
-            .bind(h.prev_hash.as_bytes().as_slice())
-            .bind(event.hash.as_bytes().as_slice())
-            .bind(event.signature.as_bytes().as_slice())
-            .bind(event.ciphertext.as_slice())
-            .fetch_one(&mut *tx)
-            .await?;
-            positions.push(to_u64(position, "position", 0)?);
+                 break_glass, data_key_id, signer_key_id, prev_hash, hash, signature, ciphertext) ",
+            );
+            insert.push_values(chunk, |mut row, event| {
+                let h = &event.header;
+                row.push_bind(stream.as_str())
+                    .push_bind(to_i64(h.stream_version))
+                    .push_bind(h.event_id.as_uuid())
+                    .push_bind(h.event_type.as_str())
+                    .push_bind(i64::from(h.schema_version))
+                    .push_bind(h.recorded_at.unix_micros())
+                    .push_bind(h.actor.user_id.as_uuid())
+                    .push_bind(h.actor.role.as_str())
+                    .push_bind(h.actor.purpose_of_use.as_str())
+                    .push_bind(h.actor.break_glass)
+                    .push_bind(h.key_id.as_uuid())
+                    .push_bind(h.signer_key_id.as_str())
+                    .push_bind(h.prev_hash.as_bytes().as_slice())
+                    .push_bind(event.hash.as_bytes().as_slice())
+                    .push_bind(event.signature.as_bytes().as_slice())
+                    .push_bind(event.ciphertext.as_slice());
+            });
+            insert.push(" RETURNING position");
+            let inserted: Vec<i64> = insert.build_query_scalar().fetch_all(&mut *tx).await?;
+            assert_eq!(
+                inserted.len(),
+                chunk.len(),
+                "one position per inserted event"
+            );
+            for position in inserted {
+                positions.push(to_u64(position, "position", 0)?);
+            }
         }
+        let first_position = positions.iter().copied().min().unwrap_or(0);
+        let last_position = positions.iter().copied().max().unwrap_or(0);
+        assert_eq!(
+            last_position - first_position + 1,
+            events.len() as u64,
+            "the single writer takes consecutive positions"
+        );
         tx.commit().await?;
         Ok(Ok(AppendOutcome {
             stream_version: new_version,
-            first_position: positions[0],
-            last_position: positions[positions.len() - 1],
+            first_position,
+            last_position,
         }))
     }
 }
