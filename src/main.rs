@@ -6,19 +6,33 @@
 
 use std::fmt;
 use std::fs::{self, DirBuilder};
+use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix_web::HttpServer;
 use anyhow::{Context, bail};
 use chartlog_api::tls::{self, PemFiles};
 use chartlog_api::{ApiConfig, NotReady, ReadinessProbe, Transport};
-use chartlog_store::postgres::PostgresEventStore;
-use chartlog_store::sqlite::SqliteEventStore;
+use chartlog_crypto::{
+    DataKeys, INDEX_KEY_FILE_NAME, KeyRing, KeyStore, SignatureVerifier, load_or_create_key_files,
+    load_or_create_mac_key,
+};
+use chartlog_projections::audit::AuditTrailProjection;
+use chartlog_projections::chart::ChartProjection;
+use chartlog_projections::db::{ProjectionDb, SqlArg};
+use chartlog_projections::deid::{DEID_KEY_FILE_NAME, DeidentifiedProjection, Pseudonymizer};
+use chartlog_projections::history::HistoryProjection;
+use chartlog_projections::{Projection, ProjectionRunner};
+use chartlog_store::EventStore;
+use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
+use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 
 /// Seconds in-flight requests get to finish after SIGINT or SIGTERM before workers are
@@ -54,6 +68,21 @@ enum Command {
     Serve(ServeArgs),
     /// Apply database migrations, then exit.
     Migrate(StorageArgs),
+    /// Rebuild read models from the event log (position 0), then exit.
+    Rebuild(RebuildArgs),
+}
+
+#[derive(Args)]
+struct RebuildArgs {
+    #[command(flatten)]
+    storage: StorageArgs,
+
+    /// The projection to rebuild (chart, history, audit_trail, deidentified). Default: all.
+    name: Option<String>,
+
+    /// Print a one-line JSON summary `{"projection", "events", "seconds"}` on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where chartlog keeps its state.
@@ -173,6 +202,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Migrate(args) => runtime.block_on(migrate(args)),
+        Command::Rebuild(args) => runtime.block_on(rebuild(args)),
     }
 }
 
@@ -224,6 +254,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let backend = open_backend(data_dir, &args.storage.database_location())
         .await
         .context("cannot open the backend")?;
+    let projection_keys = projection_keys(&data_dir.join(KEY_DIR_NAME))?;
 
     let listener = TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -259,6 +290,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let server = server.run();
     tokio::spawn(stop_on_signal(server.handle()));
+    // The read models follow the log beside the server. Readiness stays the database's:
+    // a lagging or stopped runner makes reads stale, not the server unable to take commands.
+    let (stop_projections, projections_stopped) = tokio::sync::oneshot::channel();
+    let projections = spawn_projection_runner(&backend.database, projection_keys, async move {
+        // A dropped sender (the server future failed) stops the runner as well.
+        let _ = projections_stopped.await;
+    });
 
     // `run` has started the accept loop: connections are served from here on. Tests and
     // scripts parse this line; keep its format.
@@ -269,7 +307,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drop(stdout);
     tracing::info!(%address, scheme, "serving");
 
-    server.await.context("the HTTP server failed")?;
+    let served = server.await;
+    let _ = stop_projections.send(());
+    // The runner commits batch by batch; waiting lets the one in flight finish cleanly.
+    match tokio::time::timeout(Duration::from_secs(SHUTDOWN_TIMEOUT_SECONDS), projections).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::error!(%error, "the projection runner task failed"),
+        Err(_) => tracing::warn!("the projection runner did not stop in time"),
+    }
+    served.context("the HTTP server failed")?;
     backend.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -351,7 +397,13 @@ struct Backend {
 impl Backend {
     /// Releases the backend (closing pools, so PostgreSQL does not log connection resets).
     async fn close(self) {
-        match self.database {
+        self.database.close().await;
+    }
+}
+
+impl Database {
+    async fn close(&self) {
+        match self {
             Database::Sqlite(store) => store.pool().close().await,
             Database::Postgres(store) => store.close().await,
         }
@@ -435,5 +487,237 @@ impl ReadinessProbe for DatabaseReadiness {
             tracing::warn!(%error, "readiness: database did not answer");
             NotReady::new("database unreachable")
         })
+    }
+}
+
+/// How often the progress bar re-reads the head of the log: events appended during a rebuild
+/// move the goal.
+const PROGRESS_HEAD_REFRESH: Duration = Duration::from_secs(1);
+
+/// The rebuild's progress bar: events applied of the log's head, events/s and the time left.
+const PROGRESS_TEMPLATE: &str =
+    "rebuild [{elapsed_precise}] [{wide_bar}] {pos}/{len} events, {per_sec}, {eta} left";
+
+/// The key material the projections need, from the data directory's key folder.
+struct ProjectionKeys {
+    ring: Arc<KeyRing>,
+    verifier: Arc<SignatureVerifier>,
+    projections: Vec<Arc<dyn Projection>>,
+}
+
+/// Every read model, keyed from `key_dir`: the blind-index key for the chart's look-ups and
+/// the de-identification secret for the pseudonyms (both must be the server's own, or the
+/// rebuilt rows would not match the ones it writes).
+fn projection_keys(key_dir: &Path) -> anyhow::Result<ProjectionKeys> {
+    let (ring, signing) = load_or_create_key_files(key_dir).with_context(|| {
+        format!(
+            "cannot load or create the key files in {}",
+            key_dir.display()
+        )
+    })?;
+    let index_key = load_or_create_mac_key(key_dir, INDEX_KEY_FILE_NAME)
+        .with_context(|| format!("cannot load the blind-index key in {}", key_dir.display()))?;
+    let deid_key = load_or_create_mac_key(key_dir, DEID_KEY_FILE_NAME).with_context(|| {
+        format!(
+            "cannot load the de-identification key in {}",
+            key_dir.display()
+        )
+    })?;
+    Ok(ProjectionKeys {
+        ring: Arc::new(ring),
+        verifier: Arc::new(signing.verifier()),
+        projections: vec![
+            Arc::new(ChartProjection::new(Arc::new(index_key))),
+            Arc::new(HistoryProjection),
+            Arc::new(AuditTrailProjection),
+            Arc::new(DeidentifiedProjection::new(Pseudonymizer::new(deid_key))),
+        ],
+    })
+}
+
+/// Starts every projection following the log until `shutdown` completes, on the server's
+/// own store and pool.
+fn spawn_projection_runner(
+    database: &Database,
+    keys: ProjectionKeys,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    match database {
+        Database::Sqlite(store) => {
+            let runner = ProjectionRunner::new(
+                Arc::new(store.clone()),
+                Arc::new(DataKeys::new(
+                    keys.ring,
+                    SqliteKeyStore::new(store.pool().clone()),
+                )),
+                keys.verifier,
+                ProjectionDb::Sqlite(store.pool().clone()),
+                keys.projections,
+            );
+            tokio::spawn(run_projections(runner, shutdown))
+        }
+        Database::Postgres(store) => {
+            let runner = ProjectionRunner::new(
+                Arc::new(store.clone()),
+                Arc::new(DataKeys::new(
+                    keys.ring,
+                    PostgresKeyStore::new(store.pool().clone()),
+                )),
+                keys.verifier,
+                ProjectionDb::Postgres(store.pool().clone()),
+                keys.projections,
+            );
+            tokio::spawn(run_projections(runner, shutdown))
+        }
+    }
+}
+
+#[tracing::instrument(skip_all)]
+async fn run_projections<S: EventStore, K: KeyStore + 'static>(
+    runner: ProjectionRunner<S, K>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    tracing::info!(projections = ?runner.names(), "projections following the log");
+    match runner.run(shutdown).await {
+        Ok(()) => tracing::info!("projections stopped"),
+        // Transient faults are retried inside `run`; what reaches here (a forged or
+        // undecodable event) needs an operator, and the log names its position.
+        Err(error) => tracing::error!(
+            %error,
+            "the projection runner stopped; read models no longer follow the log"
+        ),
+    }
+}
+
+#[tracing::instrument(skip_all)]
+async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
+    let location = args.storage.database_location();
+    tracing::info!(database = location.describe(), "rebuild");
+    create_data_dir(&args.storage.data_dir)?;
+    let mut keys = projection_keys(&args.storage.data_dir.join(KEY_DIR_NAME))?;
+    // Checked before the database is opened: a typo should cost nothing.
+    if let Some(name) = &args.name {
+        let known: Vec<&str> = keys.projections.iter().map(|p| p.name()).collect();
+        keys.projections.retain(|p| p.name() == name);
+        if keys.projections.is_empty() {
+            bail!(
+                "no projection named {name:?}; known projections: {}",
+                known.join(", ")
+            );
+        }
+    }
+    let label = args.name.clone().unwrap_or_else(|| "all".to_owned());
+
+    let database = open_database(&location).await?;
+    let started = Instant::now();
+    let rebuilt = match &database {
+        Database::Sqlite(store) => {
+            let key_store = SqliteKeyStore::new(store.pool().clone());
+            let db = ProjectionDb::Sqlite(store.pool().clone());
+            rebuild_with(Arc::new(store.clone()), key_store, db, keys).await
+        }
+        Database::Postgres(store) => {
+            let key_store = PostgresKeyStore::new(store.pool().clone());
+            let db = ProjectionDb::Postgres(store.pool().clone());
+            rebuild_with(Arc::new(store.clone()), key_store, db, keys).await
+        }
+    };
+    database.close().await;
+    let events = rebuilt?;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(projection = label, events, seconds, "rebuilt");
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        let summary = serde_json::json!({
+            "projection": label,
+            "events": events,
+            "seconds": seconds,
+        });
+        writeln!(stdout, "{summary}")
+    } else {
+        writeln!(stdout, "rebuilt {label}: {events} events in {seconds:.1} s")
+    }
+    .and_then(|()| stdout.flush())
+    .context("cannot write the summary to stdout")?;
+    Ok(())
+}
+
+/// Rebuilds `keys.projections` over one backend with a progress bar on stderr (drawn only
+/// at a terminal); returns the number of events in the log up to the position reached.
+#[tracing::instrument(skip_all)]
+async fn rebuild_with<S: EventStore, K: KeyStore + 'static>(
+    store: Arc<S>,
+    key_store: K,
+    db: ProjectionDb,
+    keys: ProjectionKeys,
+) -> anyhow::Result<u64> {
+    let runner = ProjectionRunner::new(
+        store,
+        Arc::new(DataKeys::new(keys.ring, key_store)),
+        keys.verifier,
+        db.clone(),
+        keys.projections,
+    );
+    let head = db
+        .log_head_position()
+        .await
+        .context("cannot read the head of the log")?;
+    let bar = ProgressBar::new(head);
+    bar.set_style(
+        ProgressStyle::with_template(PROGRESS_TEMPLATE)
+            // A constant, checked by a test; never worth failing a rebuild over.
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let progress = tokio::spawn({
+        let bar = bar.clone();
+        let db = db.clone();
+        let mut applied = runner.applied();
+        async move {
+            let mut refresh = tokio::time::interval(PROGRESS_HEAD_REFRESH);
+            loop {
+                tokio::select! {
+                    changed = applied.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let reached = *applied.borrow_and_update();
+                        bar.set_position(reached);
+                    }
+                    _ = refresh.tick() => {
+                        // A failed read only leaves the goal where it was.
+                        if let Ok(head) = db.log_head_position().await {
+                            bar.set_length(head.max(bar.position()));
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let rebuilt = runner.rebuild().await;
+    progress.abort();
+    bar.finish_and_clear();
+    let reached = rebuilt.context("the rebuild failed")?;
+    let row = db
+        .fetch_optional(
+            "SELECT COUNT(*) FROM chartlog_events WHERE position <= $1",
+            vec![SqlArg::I64(i64::try_from(reached).unwrap_or(i64::MAX))],
+        )
+        .await
+        .context("cannot count the events rebuilt")?;
+    let events = match row {
+        Some(row) => row.i64(0).context("cannot count the events rebuilt")?,
+        None => 0,
+    };
+    Ok(u64::try_from(events).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_template_parses() {
+        assert!(ProgressStyle::with_template(PROGRESS_TEMPLATE).is_ok());
     }
 }

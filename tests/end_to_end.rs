@@ -176,6 +176,8 @@ async fn sigterm_and_sigint_stop_the_server_cleanly() {
         let status = server.signal_and_wait(signal);
         assert!(status.success(), "SIG{signal}: {status}");
         server.wait_for_stderr("shutting down gracefully");
+        // The projection runner stops with the server, not killed half-way.
+        server.wait_for_stderr("projections stopped");
     }
 }
 
@@ -262,8 +264,71 @@ async fn serve_creates_private_key_files_and_the_database() {
     );
     let keys = dir.data_dir().join("keys");
     assert_eq!(mode(&keys), 0o700);
-    for file in ["kek.json", "signing.json"] {
+    for file in [
+        "kek.json",
+        "signing.json",
+        "index-key.json",
+        "deid-key.json",
+    ] {
         assert_eq!(mode(&keys.join(file)), 0o600, "{file}");
     }
     assert!(dir.data_dir().join("chartlog.db").is_file());
+    // The read models follow the log inside the server.
+    server.wait_for_stderr("projections following the log");
+}
+
+fn run_chartlog(command: &str, data_dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"))
+        .arg(command)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("CHARTLOG_DATABASE_URL")
+        .env_remove("CHARTLOG_DATA_DIR")
+        .output()
+        .expect("run chartlog")
+}
+
+#[test]
+fn rebuild_runs_every_projection_on_an_empty_log() {
+    let dir = TestDir::new();
+    let output = run_migrate(dir.data_dir(), &[]);
+    assert!(output.status.success(), "migrate: {output:?}");
+
+    let output = run_chartlog("rebuild", dir.data_dir(), &["--json"]);
+    assert!(output.status.success(), "rebuild: {output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.lines().count(), 1, "one summary line: {stdout}");
+    let summary: Value = serde_json::from_str(&stdout).expect("a JSON summary");
+    assert_eq!(summary["projection"], "all");
+    assert_eq!(summary["events"], 0);
+    assert!(
+        summary["seconds"].as_f64().is_some_and(|s| s >= 0.0),
+        "{summary}"
+    );
+
+    let output = run_chartlog("rebuild", dir.data_dir(), &["deidentified"]);
+    assert!(output.status.success(), "rebuild one: {output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).starts_with("rebuilt deidentified: 0 events"),
+        "{output:?}"
+    );
+    let keys = dir.data_dir().join("keys");
+    for file in ["index-key.json", "deid-key.json"] {
+        assert_eq!(mode(&keys.join(file)), 0o600, "{file}");
+    }
+}
+
+#[test]
+fn rebuild_refuses_an_unknown_projection_by_name() {
+    let dir = TestDir::new();
+    let output = run_chartlog("rebuild", dir.data_dir(), &["no-such-projection"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no-such-projection"), "{stderr}");
+    assert!(
+        stderr.contains("chart, history, audit_trail, deidentified"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
 }

@@ -21,8 +21,10 @@ use chartlog_domain::{
     Actor, ConditionId, NoteId, ObservationId, PatientCommand, PatientId, PurposeOfUse, Role,
     StreamId, Timestamp, UserId, synthetic,
 };
+use chartlog_projections::audit::{AuditTrailProjection, entity_and_action};
 use chartlog_projections::chart::{ChartAnswer, ChartProjection, find_by_mrn, read_chart};
-use chartlog_projections::db::ProjectionDb;
+use chartlog_projections::db::{Backend, ProjectionDb, SqlArg};
+use chartlog_projections::deid::{DeidentifiedProjection, Pseudonymizer};
 use chartlog_projections::history::{HistoryAnswer, HistoryProjection, read_history};
 use chartlog_projections::{Projection, ProjectionRunner, wait_for_position};
 use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
@@ -737,4 +739,555 @@ async fn sqlite_rebuild_matches_the_live_run() {
 #[sqlx::test(migrations = "../../migrations/postgres")]
 async fn postgres_rebuild_matches_the_live_run(pool: PgPool) {
     rebuild_matches_the_live_run(postgres(pool).await).await;
+}
+
+// ---- De-identified views and the audit trail under the runner ----------------------------
+
+/// The de-identification secret of these tests: fixed, so the expected pseudonyms can be
+/// computed here.
+const DEID_SECRET: [u8; 32] = [0x5a; 32];
+
+fn pseudonymizer() -> Pseudonymizer {
+    Pseudonymizer::new(MacKey::from_bytes(&DEID_SECRET))
+}
+
+fn deid_and_audit() -> Vec<Arc<dyn Projection>> {
+    vec![
+        Arc::new(DeidentifiedProjection::new(pseudonymizer())),
+        Arc::new(AuditTrailProjection),
+    ]
+}
+
+impl<S: EventStore, K: KeyStore + 'static> Fixture<S, K> {
+    fn runner_with(&self, projections: Vec<Arc<dyn Projection>>) -> ProjectionRunner<S, K> {
+        ProjectionRunner::new(
+            self.ledger.store().clone(),
+            self.ledger.keys().clone(),
+            self.verifier.clone(),
+            self.db.clone(),
+            projections,
+        )
+    }
+}
+
+/// Synthetic patient `seed`'s registration (its birth date, sex and state) with every
+/// identifier replaced by a marker value, living at `zip`.
+fn synthetic_with_markers(seed: u64, state: &str, zip: &str) -> PatientCommand {
+    let PatientCommand::RegisterPatient {
+        patient_id,
+        demographics: synthetic,
+    } = synthetic::registration(seed)
+    else {
+        unreachable!("registration registers")
+    };
+    let markers = marker_demographics();
+    PatientCommand::RegisterPatient {
+        patient_id,
+        demographics: Demographics {
+            birth_date: synthetic.birth_date,
+            sex: synthetic.sex,
+            address: Some(
+                PostalAddress::new(
+                    vec![AddressLine::parse("1 Zqxmarkstreet").unwrap()],
+                    City::parse("Zqxmarkcity").unwrap(),
+                    UsState::parse(state).unwrap(),
+                    PostalCode::parse(zip).unwrap(),
+                )
+                .unwrap(),
+            ),
+            ..markers
+        },
+    }
+}
+
+/// The de-identified tables: (SQLite name, PostgreSQL name).
+const DEID_TABLES: [(&str, &str); 5] = [
+    ("deid_patients", "chartlog_deid_patients"),
+    ("deid_observations", "deidentified.observations"),
+    ("deid_conditions", "deidentified.conditions"),
+    ("deid_medication_orders", "deidentified.medication_orders"),
+    ("deid_allergies", "deidentified.allergies"),
+];
+
+fn deid_table(db: &ProjectionDb, index: usize) -> &'static str {
+    match db.backend() {
+        Backend::Sqlite => DEID_TABLES[index].0,
+        Backend::Postgres => DEID_TABLES[index].1,
+    }
+}
+
+async fn deid_rows_of(db: &ProjectionDb, pseudonym: &str) -> [i64; 5] {
+    let mut counts = [0; 5];
+    for (index, count) in counts.iter_mut().enumerate() {
+        let row = db
+            .fetch_optional(
+                sqlx::AssertSqlSafe(format!(
+                    "SELECT COUNT(*) FROM {} WHERE pseudonym = $1",
+                    deid_table(db, index)
+                )),
+                vec![SqlArg::Text(pseudonym.to_owned())],
+            )
+            .await
+            .expect("count")
+            .expect("a count row");
+        *count = row.i64(0).expect("count");
+    }
+    counts
+}
+
+/// Every value of every de-identified row, as text (for the marker and identifier scan).
+async fn deid_dump(db: &ProjectionDb) -> Vec<String> {
+    let mut dump = Vec::new();
+    for index in 0..DEID_TABLES.len() {
+        let table = deid_table(db, index);
+        let sql = match db.backend() {
+            // SQLite has no row-to-text cast: quote() of each column, joined.
+            Backend::Sqlite => {
+                let columns = db
+                    .fetch_all(
+                        sqlx::AssertSqlSafe(format!(
+                            "SELECT name FROM pragma_table_info('{table}')"
+                        )),
+                        vec![],
+                    )
+                    .await
+                    .expect("columns");
+                let quoted: Vec<String> = columns
+                    .iter()
+                    .map(|row| format!("quote(\"{}\")", row.text(0).expect("name")))
+                    .collect();
+                format!("SELECT {} FROM {table}", quoted.join(" || ',' || "))
+            }
+            Backend::Postgres => format!("SELECT t::text FROM {table} t"),
+        };
+        for row in db
+            .fetch_all(sqlx::AssertSqlSafe(sql), vec![])
+            .await
+            .expect("rows")
+        {
+            dump.push(format!("{table} {}", row.text(0).expect("text")));
+        }
+    }
+    dump
+}
+
+/// The audit rows, in log order: (position, user, role, patient, entity, record, action,
+/// outcome, event type).
+type AuditLine = (
+    i64,
+    Option<Uuid>,
+    Option<String>,
+    Option<Uuid>,
+    Option<String>,
+    Option<Uuid>,
+    String,
+    String,
+    Option<String>,
+);
+
+async fn audit_lines(db: &ProjectionDb) -> Vec<AuditLine> {
+    db.fetch_all(
+        "SELECT source_position, user_id, role, patient_id, entity, record_id, action, outcome, \
+         event_type FROM chartlog_audit_trail ORDER BY source_position",
+        vec![],
+    )
+    .await
+    .expect("audit rows")
+    .into_iter()
+    .map(|row| {
+        (
+            row.i64(0).expect("position"),
+            row.opt_uuid(1).expect("user"),
+            row.opt_text(2).expect("role"),
+            row.opt_uuid(3).expect("patient"),
+            row.opt_text(4).expect("entity"),
+            row.opt_uuid(5).expect("record"),
+            row.text(6).expect("action"),
+            row.text(7).expect("outcome"),
+            row.opt_text(8).expect("event type"),
+        )
+    })
+    .collect()
+}
+
+/// Every event of the global log: (position, patient, event type).
+async fn log_events<S: EventStore, K: KeyStore + 'static>(
+    fixture: &Fixture<S, K>,
+) -> Vec<(u64, Option<PatientId>, String)> {
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = fixture
+            .ledger
+            .store()
+            .read_all(after, 500)
+            .await
+            .expect("read");
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        events.extend(page.into_iter().map(|recorded| {
+            (
+                recorded.position,
+                recorded.event.header.stream_id.patient_id(),
+                recorded.event.header.event_type,
+            )
+        }));
+    }
+    events
+}
+
+/// The audit trail holds one row per event of the log, with the header's facts.
+async fn assert_one_audit_row_per_event<S: EventStore, K: KeyStore + 'static>(
+    fixture: &Fixture<S, K>,
+) -> Vec<AuditLine> {
+    let lines = audit_lines(&fixture.db).await;
+    let events = log_events(fixture).await;
+    assert_eq!(lines.len(), events.len(), "one audit row per event");
+    for (line, (position, patient, event_type)) in lines.iter().zip(&events) {
+        let (entity, action) = entity_and_action(event_type).expect("a known event type");
+        assert_eq!(line.0, i64::try_from(*position).unwrap());
+        assert_eq!(line.1, Some(physician().user_id.as_uuid()), "user");
+        assert_eq!(line.2.as_deref(), Some(physician().role.as_str()), "role");
+        assert_eq!(line.3, patient.map(|p| p.as_uuid()), "patient");
+        assert_eq!(line.4.as_deref(), Some(entity.as_str()), "entity");
+        assert!(line.5.is_some(), "record id");
+        assert_eq!(line.6, action.as_str(), "action");
+        assert_eq!(line.7, "success");
+        assert_eq!(line.8.as_deref(), Some(event_type.as_str()));
+    }
+    lines
+}
+
+async fn deidentified_and_audit_under_the_runner<S: EventStore, K: KeyStore + 'static>(
+    fixture: &Fixture<S, K>,
+) {
+    // Born 1975 in Springfield, IL (ZIP3 627); born 1938 in a restricted ZIP3 area (059, VT);
+    // and the 1901 marker patient (aged 90 or over).
+    let young = synthetic::patient_id(40);
+    let restricted = synthetic::patient_id(3);
+    let old = PatientId::from_uuid(Uuid::from_u128(0x01d));
+    fixture
+        .execute(young, synthetic_with_markers(40, "IL", "62704"))
+        .await;
+    fixture
+        .execute(restricted, synthetic_with_markers(3, "VT", "05901"))
+        .await;
+    for n in 0..20 {
+        fixture
+            .execute(young, synthetic::clinical_command(40, n, now()))
+            .await;
+    }
+    let last = register_marker_patient(fixture, old).await;
+
+    let runner = fixture.runner_with(deid_and_audit());
+    assert_eq!(runner.catch_up().await.expect("catch up"), last);
+
+    // Patients: pseudonym, birth year (or 90+), sex, state and ZIP3 only.
+    let pseudonyms = pseudonymizer();
+    let patients = fixture
+        .db
+        .fetch_all(
+            sqlx::AssertSqlSafe(format!(
+                "SELECT pseudonym, CAST(birth_year AS BIGINT), aged_90_or_over, sex, state, zip3 \
+                 FROM {} ORDER BY pseudonym",
+                deid_table(&fixture.db, 0)
+            )),
+            vec![],
+        )
+        .await
+        .expect("patients");
+    assert_eq!(patients.len(), 3);
+    let patient_row = |patient: PatientId| {
+        let pseudonym = pseudonyms.patient(patient);
+        let row = patients
+            .iter()
+            .find(|row| row.text(0).expect("pseudonym") == pseudonym.as_str())
+            .expect("the patient is there under its pseudonym");
+        (
+            row.opt_i64(1).expect("birth year"),
+            row.bool(2).expect("90+"),
+            row.text(3).expect("sex"),
+            row.opt_text(4).expect("state"),
+            row.opt_text(5).expect("zip3"),
+        )
+    };
+    assert_eq!(
+        patient_row(young),
+        (
+            Some(1975),
+            false,
+            "female".to_owned(),
+            Some("IL".to_owned()),
+            Some("627".to_owned())
+        )
+    );
+    assert_eq!(
+        patient_row(restricted),
+        (
+            Some(1938),
+            false,
+            "male".to_owned(),
+            Some("VT".to_owned()),
+            Some("000".to_owned())
+        ),
+        "a restricted ZIP3 is 000"
+    );
+    let (birth_year, ninety_or_over, ..) = patient_row(old);
+    assert_eq!((birth_year, ninety_or_over), (None, true), "90+ is grouped");
+
+    // Coded data and values stay.
+    let young_pseudonym = pseudonyms.patient(young);
+    let counts = deid_rows_of(&fixture.db, young_pseudonym.as_str()).await;
+    assert_eq!(
+        counts,
+        [1, 16, 1, 1, 1],
+        "patient, observations, condition, order, allergy"
+    );
+    let observations = fixture
+        .db
+        .fetch_all(
+            sqlx::AssertSqlSafe(format!(
+                "SELECT code_system, code, value_kind, CAST(year AS BIGINT) FROM {} \
+                 WHERE pseudonym = $1",
+                deid_table(&fixture.db, 1)
+            )),
+            vec![SqlArg::Text(young_pseudonym.as_str().to_owned())],
+        )
+        .await
+        .expect("observations");
+    for row in &observations {
+        assert_eq!(row.text(0).expect("system"), "loinc");
+        assert!(!row.text(1).expect("code").is_empty());
+        assert_eq!(row.text(2).expect("kind"), "quantity");
+        assert_eq!(row.i64(3).expect("year"), 2025, "the year only");
+    }
+    let free_text = fixture
+        .db
+        .fetch_all(
+            sqlx::AssertSqlSafe(format!(
+                "SELECT value_kind FROM {} WHERE pseudonym = $1 AND value IS NULL",
+                deid_table(&fixture.db, 1)
+            )),
+            vec![SqlArg::Text(pseudonyms.patient(old).as_str().to_owned())],
+        )
+        .await
+        .expect("observations");
+    assert_eq!(
+        free_text.len(),
+        1,
+        "the narrative observation, its text removed"
+    );
+    assert_eq!(free_text[0].text(0).expect("kind"), "text_removed");
+    let conditions = fixture
+        .db
+        .fetch_all(
+            sqlx::AssertSqlSafe(format!(
+                "SELECT code_system, code FROM {} WHERE pseudonym = $1",
+                deid_table(&fixture.db, 2)
+            )),
+            vec![SqlArg::Text(pseudonyms.patient(old).as_str().to_owned())],
+        )
+        .await
+        .expect("conditions");
+    assert!(
+        conditions
+            .iter()
+            .any(|row| row.text(0).unwrap() == "icd10cm" && row.text(1).unwrap() == "I10")
+    );
+
+    // No marker, no raw id, no full date anywhere in the views.
+    let dump = deid_dump(&fixture.db).await;
+    assert!(dump.len() > 40);
+    for line in &dump {
+        assert_no_marker("a de-identified row", line.as_bytes());
+        for patient in [young, restricted, old] {
+            let id = patient.as_uuid();
+            for form in [id.hyphenated().to_string(), id.simple().to_string()] {
+                assert!(!line.contains(&form), "a raw patient id in {line}");
+            }
+        }
+        assert!(!line.contains("1975-"), "a full birth date");
+        assert!(!line.contains("2025-11"), "a full event date");
+    }
+
+    // The audit trail: one row per event, with user, role, patient, entity and action.
+    let before_erasure = assert_one_audit_row_per_event(fixture).await;
+    assert_eq!(before_erasure[0].3, Some(young.as_uuid()));
+    assert_eq!(before_erasure[0].4.as_deref(), Some("patient"));
+    assert_eq!(
+        before_erasure[0].5,
+        Some(young.as_uuid()),
+        "the patient is the record"
+    );
+    assert_eq!(before_erasure[0].6, "create");
+
+    // Erasure: the patient's de-identified rows go, the audit rows stay.
+    let erased_at = fixture
+        .execute(
+            young,
+            PatientCommand::ErasePatient {
+                reason: ErasureReason::PatientRequest,
+            },
+        )
+        .await;
+    assert_eq!(runner.catch_up().await.expect("catch up"), erased_at);
+    assert_eq!(
+        deid_rows_of(&fixture.db, young_pseudonym.as_str()).await,
+        [0; 5]
+    );
+    assert_eq!(
+        deid_rows_of(&fixture.db, pseudonyms.patient(restricted).as_str()).await[0],
+        1,
+        "others stay"
+    );
+    let after_erasure = assert_one_audit_row_per_event(fixture).await;
+    assert_eq!(&after_erasure[..before_erasure.len()], &before_erasure[..]);
+    let tombstone = after_erasure.last().expect("the erasure's row");
+    assert_eq!(
+        (tombstone.3, tombstone.4.as_deref(), tombstone.6.as_str()),
+        (Some(young.as_uuid()), Some("patient"), "delete")
+    );
+
+    // A rebuild brings none of the patient back and keeps every audit row as it was.
+    let live_dump = deid_dump(&fixture.db).await;
+    assert_eq!(
+        fixture
+            .runner_with(deid_and_audit())
+            .rebuild()
+            .await
+            .expect("rebuild"),
+        erased_at
+    );
+    assert_eq!(
+        deid_rows_of(&fixture.db, young_pseudonym.as_str()).await,
+        [0; 5]
+    );
+    let mut rebuilt_dump = deid_dump(&fixture.db).await;
+    let mut live_dump = live_dump;
+    live_dump.sort();
+    rebuilt_dump.sort();
+    assert_eq!(
+        live_dump, rebuilt_dump,
+        "the rebuild gives the live run's rows"
+    );
+    assert_eq!(audit_lines(&fixture.db).await, after_erasure);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_deidentified_views_and_audit_trail_follow_the_record() {
+    let (fixture, _dir) = sqlite().await;
+    deidentified_and_audit_under_the_runner(&fixture).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_deidentified_views_and_audit_trail_follow_the_record(pool: PgPool) {
+    deidentified_and_audit_under_the_runner(&postgres(pool).await).await;
+}
+
+// ---- The analyst role reads the de-identified schema and nothing else --------------------
+
+/// Runs `sql` as the current role; `Ok` when allowed, the SQLSTATE when refused.
+async fn attempt(connection: &mut sqlx::PgConnection, sql: &str) -> Result<(), String> {
+    match sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut *connection)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(error)) => Err(error.code().unwrap_or_default().into_owned()),
+        Err(other) => panic!("{sql}: {other}"),
+    }
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_analyst_role_reads_only_the_deidentified_schema(pool: PgPool) {
+    let fixture = postgres(pool.clone()).await;
+    let patient = synthetic::patient_id(11);
+    fixture
+        .execute(patient, synthetic_with_markers(11, "IL", "62711"))
+        .await;
+    fixture
+        .runner_with(deid_and_audit())
+        .catch_up()
+        .await
+        .expect("catch up");
+
+    let chartlog_tables: Vec<String> = sqlx::query_scalar(
+        "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables \
+         WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'deidentified') \
+         UNION ALL \
+         SELECT quote_ident(schemaname) || '.' || quote_ident(viewname) FROM pg_views \
+         WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'deidentified')",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("tables");
+    for table in [
+        "public.chartlog_events",
+        "public.chartlog_data_keys",
+        "public.chartlog_deid_patients",
+        "public.chartlog_audit_trail",
+        "public.chartlog_projection_checkpoints",
+    ] {
+        assert!(chartlog_tables.iter().any(|t| t == table), "{table} listed");
+    }
+
+    // Roles are cluster-wide and tests run in parallel: a name of this test's own, a member
+    // of chartlog_analyst as a deployment's login role would be, dropped at the end.
+    let analyst = format!("chartlog_test_analyst_{}", Uuid::new_v4().simple());
+    let mut connection = pool.acquire().await.expect("connection").detach();
+    for sql in [
+        format!("CREATE ROLE {analyst} NOLOGIN"),
+        format!("GRANT chartlog_analyst TO {analyst}"),
+        format!("SET ROLE {analyst}"),
+    ] {
+        attempt(&mut connection, &sql).await.expect("set up");
+    }
+
+    // Collect every verdict before judging, so the role is dropped even when one is wrong.
+    let mut verdicts = Vec::new();
+    for table in [
+        "deidentified.patients",
+        "deidentified.observations",
+        "deidentified.conditions",
+        "deidentified.medication_orders",
+        "deidentified.allergies",
+    ] {
+        let sql = format!("SELECT * FROM {table}");
+        verdicts.push((sql.clone(), attempt(&mut connection, &sql).await, true));
+    }
+    for table in &chartlog_tables {
+        let sql = format!("SELECT * FROM {table} LIMIT 1");
+        verdicts.push((sql.clone(), attempt(&mut connection, &sql).await, false));
+    }
+    for sql in [
+        "DELETE FROM deidentified.observations",
+        "UPDATE deidentified.conditions SET code = 'X'",
+        "INSERT INTO deidentified.allergies (row_key, pseudonym, substance_system, \
+         substance_code, criticality) VALUES (repeat('a', 64), 'p', 's', 'c', 'high')",
+        "CREATE TABLE deidentified.planted (x integer)",
+        "CREATE TABLE public.planted (x integer)",
+    ] {
+        verdicts.push((sql.to_owned(), attempt(&mut connection, sql).await, false));
+    }
+    let patients: Result<i64, sqlx::Error> =
+        sqlx::query_scalar("SELECT COUNT(*) FROM deidentified.patients")
+            .fetch_one(&mut connection)
+            .await;
+
+    use sqlx::Connection as _;
+    let _ = connection.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {analyst}")))
+        .execute(&pool)
+        .await
+        .expect("drop the test role");
+
+    for (sql, verdict, allowed) in verdicts {
+        if allowed {
+            assert_eq!(verdict, Ok(()), "{sql}");
+        } else {
+            // 42501: insufficient_privilege.
+            assert_eq!(verdict, Err("42501".to_owned()), "{sql}");
+        }
+    }
+    assert_eq!(patients.expect("count"), 1, "the analyst sees the rows");
 }

@@ -29,5 +29,10 @@ pub use safe_harbor::{
 };
 pub use zip3::{RESTRICTED_ZIP3_COUNT, RESTRICTED_ZIP3_VERSION, Zip3};
 
+/// The de-identification secret's key file in the data directory's key folder
+/// ([`chartlog_crypto::load_or_create_mac_key`]). A key of its own, not the blind-index key:
+/// pseudonyms are handed to analysts, and must not be comparable with the index digests.
+pub const DEID_KEY_FILE_NAME: &str = "deid-key.json";
+
 #[cfg(test)]
 mod tests;
