@@ -9,13 +9,10 @@ CREATE TABLE chartlog_streams (
     head_hash  bytea  NOT NULL CHECK (octet_length(head_hash) = 32)
 );
 
-CREATE SEQUENCE chartlog_event_position AS bigint START 1 NO CYCLE;
-
 CREATE TABLE chartlog_events (
+    -- The appending transaction's id times 1024, plus the event's place in that
+    -- transaction (see chartlog_append): positions sort as transactions began.
     position         bigint  PRIMARY KEY,
-    -- The appending transaction: readers of the global log only read below the oldest
-    -- transaction still running, so an event that commits late is never skipped.
-    transaction_id   xid8    NOT NULL,
     stream_id        text    NOT NULL,
     stream_version   bigint  NOT NULL CHECK (stream_version > 0),
     event_id         uuid    NOT NULL UNIQUE,
@@ -52,18 +49,20 @@ CREATE TRIGGER chartlog_events_no_truncate
 
 -- Appends one batch to one stream in one statement (one round trip, then the commit).
 --
--- Ordering: the transaction id and the positions are taken together under a short session
--- advisory lock, released before any row is written. So among appending transactions the
--- order of transaction ids equals the order of positions, and a reader that returns only rows
--- whose transaction id is below pg_snapshot_xmin(pg_current_snapshot()) returns a prefix of
--- the log: no later commit can land below a position it has already returned. Commits do not
--- queue behind each other; only the reservation (no I/O) is serialized.
+-- Ordering: an event's position is its transaction's id (xid8) times 1024 plus its place
+-- among the events that transaction appends (at most 1023). So positions sort in the order
+-- transactions took their ids, and a reader that returns only positions below
+-- pg_snapshot_xmin(pg_current_snapshot()) * 1024 returns a prefix of the log: every
+-- transaction below that bound has finished, and any event that becomes visible later
+-- belongs to a transaction at or above it, so it sorts after everything already returned.
+-- No lock and no sequence: concurrent appends never wait on each other (except on the same
+-- stream's row). Positions have gaps, which readers expect.
 --
 -- It does not NOTIFY: a transaction that notifies holds a cluster-wide lock on the
 -- notification queue through its commit, which would queue every append's commit behind the
 -- last. Each process announces its appends from a connection of its own instead.
 --
--- Returns outcome 'appended' with the positions, or 'conflict' with the stream's actual
+-- Returns outcome 'appended' with the first position, or 'conflict' with the stream's actual
 -- version and head hash (the caller reports the conflict or checks for an idempotent retry).
 CREATE FUNCTION chartlog_append(
     p_stream_id        text,
@@ -86,7 +85,7 @@ CREATE FUNCTION chartlog_append(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_count      integer := cardinality(p_event_ids);
-    v_txid       xid8;
+    v_base       bigint;
     v_first      bigint;
     v_new_head   bytea;
     v_rows       integer;
@@ -94,23 +93,6 @@ BEGIN
     IF v_count IS NULL OR v_count = 0 THEN
         RAISE EXCEPTION 'chartlog_append needs at least one event';
     END IF;
-    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
-        RAISE EXCEPTION 'chartlog_append must be the first write of its transaction';
-    END IF;
-
-    -- 7_236_985 is 'chartlog' folded into a fixed advisory lock key.
-    PERFORM pg_advisory_lock(7236985);
-    BEGIN
-        v_txid := pg_current_xact_id();
-        v_first := nextval('chartlog_event_position');
-        IF v_count > 1 THEN
-            PERFORM setval('chartlog_event_position', v_first + v_count - 1);
-        END IF;
-        PERFORM pg_advisory_unlock(7236985);
-    EXCEPTION WHEN OTHERS OR query_canceled THEN
-        PERFORM pg_advisory_unlock(7236985);
-        RAISE;
-    END;
 
     v_new_head := p_hashes[v_count];
     IF p_expected_version = 0 THEN
@@ -133,20 +115,45 @@ BEGIN
         RETURN;
     END IF;
 
-    INSERT INTO chartlog_events (
-        position, transaction_id, stream_id, stream_version, event_id, event_type,
-        schema_version, recorded_at_us, actor_user_id, actor_role, purpose_of_use, break_glass,
-        data_key_id, signer_key_id, prev_hash, hash, signature, ciphertext)
-    SELECT v_first + e.ord - 1, v_txid, p_stream_id, p_expected_version + e.ord, e.event_id,
-           e.event_type, e.schema_version, e.recorded_at_us, e.actor_user_id, e.actor_role,
-           e.purpose_of_use, e.break_glass, e.data_key_id, e.signer_key_id, e.prev_hash, e.hash,
-           e.signature, e.ciphertext
-      FROM unnest(p_event_ids, p_event_types, p_schema_versions, p_recorded_at_us,
-                  p_actor_user_ids, p_actor_roles, p_purposes, p_break_glass, p_data_key_ids,
-                  p_signer_key_ids, p_prev_hashes, p_hashes, p_signatures, p_ciphertexts)
-           WITH ORDINALITY AS e(event_id, event_type, schema_version, recorded_at_us,
-                  actor_user_id, actor_role, purpose_of_use, break_glass, data_key_id,
-                  signer_key_id, prev_hash, hash, signature, ciphertext, ord);
+    -- The stream row written above gave this transaction its id.
+    v_base := pg_current_xact_id()::text::bigint * 1024;
+    -- A transaction may append more than once (to several streams): continue after its
+    -- last position, found through the primary key.
+    SELECT COALESCE(max(position), v_base) INTO v_first
+      FROM chartlog_events
+     WHERE position > v_base AND position < v_base + 1024;
+    v_first := v_first + 1;
+    IF v_first + v_count - 1 >= v_base + 1024 THEN
+        RAISE EXCEPTION 'one transaction may append at most 1023 events'
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+
+    IF v_count = 1 THEN
+        INSERT INTO chartlog_events (
+            position, stream_id, stream_version, event_id, event_type, schema_version,
+            recorded_at_us, actor_user_id, actor_role, purpose_of_use, break_glass,
+            data_key_id, signer_key_id, prev_hash, hash, signature, ciphertext)
+        VALUES (v_first, p_stream_id, p_expected_version + 1, p_event_ids[1], p_event_types[1],
+                p_schema_versions[1], p_recorded_at_us[1], p_actor_user_ids[1], p_actor_roles[1],
+                p_purposes[1], p_break_glass[1], p_data_key_ids[1], p_signer_key_ids[1],
+                p_prev_hashes[1], p_hashes[1], p_signatures[1], p_ciphertexts[1]);
+    ELSE
+        INSERT INTO chartlog_events (
+            position, stream_id, stream_version, event_id, event_type, schema_version,
+            recorded_at_us, actor_user_id, actor_role, purpose_of_use, break_glass,
+            data_key_id, signer_key_id, prev_hash, hash, signature, ciphertext)
+        SELECT v_first + e.ord - 1, p_stream_id, p_expected_version + e.ord, e.event_id,
+               e.event_type, e.schema_version, e.recorded_at_us, e.actor_user_id, e.actor_role,
+               e.purpose_of_use, e.break_glass, e.data_key_id, e.signer_key_id, e.prev_hash,
+               e.hash, e.signature, e.ciphertext
+          FROM unnest(p_event_ids, p_event_types, p_schema_versions, p_recorded_at_us,
+                      p_actor_user_ids, p_actor_roles, p_purposes, p_break_glass,
+                      p_data_key_ids, p_signer_key_ids, p_prev_hashes, p_hashes, p_signatures,
+                      p_ciphertexts)
+               WITH ORDINALITY AS e(event_id, event_type, schema_version, recorded_at_us,
+                      actor_user_id, actor_role, purpose_of_use, break_glass, data_key_id,
+                      signer_key_id, prev_hash, hash, signature, ciphertext, ord);
+    END IF;
 
     RETURN QUERY SELECT 'appended'::text, v_first, p_expected_version + v_count, v_new_head;
 END
