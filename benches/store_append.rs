@@ -225,19 +225,27 @@ async fn main() {
         Some(slash) => format!("{}/{scratch}", &url[..slash]),
         None => panic!("DATABASE_URL has no database path"),
     };
+    let store = PostgresEventStore::connect(&scratch_url)
+        .await
+        .expect("postgres");
+    let pool: PgPool = store.pool().clone();
+    pool.execute("CREATE TABLE bench_raw_rows (id bigserial PRIMARY KEY, stream_id text NOT NULL, body bytea NOT NULL)")
+        .await
+        .expect("raw table");
     for case in cases(scale) {
-        let store = PostgresEventStore::connect(&scratch_url)
-            .await
-            .expect("postgres");
-        let store_result = run_store(&store, prepare(&factory, case)).await;
-        let pool: PgPool = store.pool().clone();
-        pool.execute("DROP TABLE IF EXISTS bench_raw_rows; CREATE TABLE bench_raw_rows (id bigserial PRIMARY KEY, stream_id text NOT NULL, body bytea NOT NULL)")
-            .await
-            .expect("raw table");
-        let raw_result = raw_insert!(pool, case, row_bytes, sqlx::Postgres);
+        // Each case runs twice and reports the second pass: the first pays for what a fresh
+        // database costs whoever writes first (the checkpoint after CREATE DATABASE makes
+        // every first page touch log a full page; relations grow from nothing).
+        let mut measured = None;
+        for _pass in 0..2 {
+            let store_result = run_store(&store, prepare(&factory, case)).await;
+            let raw_result = raw_insert!(pool, case, row_bytes, sqlx::Postgres);
+            measured = Some((store_result, raw_result));
+        }
+        let (store_result, raw_result) = measured.expect("two passes ran");
         report("postgres", case, store_result, raw_result);
-        store.close().await;
     }
+    store.close().await;
     admin
         .execute("SELECT 1")
         .await

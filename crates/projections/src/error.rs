@@ -1,5 +1,5 @@
-use chartlog_crypto::{CryptoError, IntegrityError, KeyError};
-use chartlog_domain::{DecodeError, EventId, StreamId};
+use chartlog_crypto::{IntegrityError, KeyError};
+use chartlog_domain::{EventId, StreamId};
 use chartlog_store::StoreError;
 
 /// Why a projection run, a rebuild or a read-model query failed. Messages name projections,
@@ -23,20 +23,12 @@ pub enum ProjectionError {
         source: IntegrityError,
     },
 
-    #[error("event {event_id} at position {position} does not open under its data key")]
-    Unopenable {
+    #[error("event {event_id} at position {position} is unreadable")]
+    Unreadable {
         position: u64,
         event_id: EventId,
         #[source]
-        source: CryptoError,
-    },
-
-    #[error("event {event_id} at position {position} does not decode")]
-    Undecodable {
-        position: u64,
-        event_id: EventId,
-        #[source]
-        source: DecodeError,
+        source: chartlog_store::UnreadableEvent,
     },
 
     /// The data key of a stream could not be read (a fault of the key table, or a patient

@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chartlog_crypto::{
     DataKey, DataKeys, EventHeader, KeyError, KeyStore, SealedEvent, SignatureVerifier,
-    VERIFY_BATCH_EVENTS_MAX, open,
+    VERIFY_BATCH_EVENTS_MAX,
 };
-use chartlog_domain::{PatientEvent, PatientId, StreamId, codec};
-use chartlog_store::{EventStore, READ_BATCH_MAX, RecordedEvent, Subscription};
+use chartlog_domain::{PatientEvent, PatientId, StreamId};
+use chartlog_store::{EventStore, READ_BATCH_MAX, RecordedEvent, Subscription, open_patient_event};
 use sha2::{Digest as _, Sha256};
 use sqlx::postgres::PgConnection;
 use tokio::sync::{mpsc, watch};
@@ -685,23 +685,12 @@ fn open_chunk(
             None => EventBody::NotPatient,
             Some(patient_id) => match keys.get(&event.header.stream_id) {
                 Some(Some(key)) => {
-                    let plaintext =
-                        open(key, &event.header, &event.ciphertext).map_err(|source| {
-                            ProjectionError::Unopenable {
-                                position,
-                                event_id: event.header.event_id,
-                                source,
-                            }
-                        })?;
-                    let decoded = codec::decode(
-                        &event.header.event_type,
-                        event.header.schema_version,
-                        &plaintext,
-                    )
-                    .map_err(|source| ProjectionError::Undecodable {
-                        position,
-                        event_id: event.header.event_id,
-                        source,
+                    let decoded = open_patient_event(key, &event).map_err(|source| {
+                        ProjectionError::Unreadable {
+                            position,
+                            event_id: event.header.event_id,
+                            source,
+                        }
                     })?;
                     EventBody::Patient {
                         patient_id,

@@ -46,20 +46,12 @@ pub enum LedgerError {
     #[error("integrity check failed")]
     Integrity(#[from] IntegrityError),
 
-    #[error("event {event_id} of stream {stream} does not open under its data key")]
-    Unopenable {
+    #[error("event {event_id} of stream {stream} is unreadable")]
+    Unreadable {
         stream: StreamId,
         event_id: EventId,
         #[source]
-        source: CryptoError,
-    },
-
-    #[error("event {event_id} of stream {stream} does not decode")]
-    Undecodable {
-        stream: StreamId,
-        event_id: EventId,
-        #[source]
-        source: codec::DecodeError,
+        source: UnreadableEvent,
     },
 
     #[error("data key unavailable")]
@@ -67,6 +59,31 @@ pub enum LedgerError {
 
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Why a stored patient event could not be turned back into a domain event.
+#[derive(Debug, thiserror::Error)]
+pub enum UnreadableEvent {
+    #[error("does not open under its data key")]
+    Unopenable(#[source] CryptoError),
+    #[error("does not decode")]
+    Undecodable(#[source] codec::DecodeError),
+}
+
+/// Opens a verified patient event with its data key and decodes it, upcasting old schema
+/// versions: the one way every reader turns stored bytes back into the clinic's event.
+pub fn open_patient_event(
+    key: &chartlog_crypto::DataKey,
+    event: &SealedEvent,
+) -> Result<chartlog_domain::PatientEvent, UnreadableEvent> {
+    let plaintext =
+        open(key, &event.header, &event.ciphertext).map_err(UnreadableEvent::Unopenable)?;
+    codec::decode(
+        &event.header.event_type,
+        event.header.schema_version,
+        &plaintext,
+    )
+    .map_err(UnreadableEvent::Undecodable)
 }
 
 /// Where a command's events landed: the new stream version (for If-Match) and the global
@@ -265,23 +282,12 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                 }
             };
             for event in &events {
-                let plaintext = open(&key, &event.header, &event.ciphertext).map_err(|source| {
-                    LedgerError::Unopenable {
+                let decoded =
+                    open_patient_event(&key, event).map_err(|source| LedgerError::Unreadable {
                         stream: stream.clone(),
                         event_id: event.header.event_id,
                         source,
-                    }
-                })?;
-                let decoded = codec::decode(
-                    &event.header.event_type,
-                    event.header.schema_version,
-                    &plaintext,
-                )
-                .map_err(|source| LedgerError::Undecodable {
-                    stream: stream.clone(),
-                    event_id: event.header.event_id,
-                    source,
-                })?;
+                    })?;
                 state = evolve(state, &decoded);
             }
             head = Some(last);

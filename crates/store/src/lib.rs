@@ -35,5 +35,7 @@ pub use event_store::{
     AppendOutcome, EVENTS_PER_APPEND_MAX, EventStore, READ_BATCH_MAX, RecordedEvent, StreamHead,
     check_append_batch,
 };
-pub use ledger::{CommandOutcome, LedgerError, LoadedPatient, PatientLedger};
+pub use ledger::{
+    CommandOutcome, LedgerError, LoadedPatient, PatientLedger, UnreadableEvent, open_patient_event,
+};
 pub use subscription::{SUBSCRIPTION_POLL_INTERVAL, Subscription};
