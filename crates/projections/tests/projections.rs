@@ -26,6 +26,7 @@ use chartlog_projections::chart::{ChartAnswer, ChartProjection, find_by_mrn, rea
 use chartlog_projections::db::{Backend, ProjectionDb, SqlArg};
 use chartlog_projections::deid::{DeidentifiedProjection, Pseudonymizer};
 use chartlog_projections::history::{HistoryAnswer, HistoryProjection, read_history};
+use chartlog_projections::runner::STANDBY_RETRY_INTERVAL;
 use chartlog_projections::{Projection, ProjectionRunner, wait_for_position};
 use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
 use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
@@ -1290,4 +1291,71 @@ async fn postgres_analyst_role_reads_only_the_deidentified_schema(pool: PgPool) 
         }
     }
     assert_eq!(patients.expect("count"), 1, "the analyst sees the rows");
+}
+
+// ---- One runner per projection on PostgreSQL ---------------------------------------------
+
+async fn advisory_locks_held(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("pg_locks")
+}
+
+/// Two server processes run the same projections: one holds each projection's lock and
+/// applies the log, the other stands by; when the holder stops, the standby takes over and
+/// the read models keep up.
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_standby_runner_takes_over_when_the_holder_stops(pool: PgPool) {
+    let fixture = Arc::new(postgres(pool.clone()).await);
+    let spawn_runner = |fixture: &Arc<Fixture<PostgresEventStore, PostgresKeyStore>>| {
+        let runner = fixture.runner();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            runner
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        (stop, task)
+    };
+
+    let (stop_holder, holder) = spawn_runner(&fixture);
+    let patient = synthetic::patient_id(11);
+    let mut last = fixture.execute(patient, synthetic::registration(11)).await;
+    for name in ["chart", "history"] {
+        wait_for_position(&fixture.db, name, last, Duration::from_secs(10))
+            .await
+            .expect("the holder applies the log");
+    }
+    let (stop_standby, standby) = spawn_runner(&fixture);
+    tokio::time::sleep(STANDBY_RETRY_INTERVAL).await;
+    assert_eq!(
+        advisory_locks_held(&pool).await,
+        2,
+        "one lock per projection (chart, history), held by one runner only"
+    );
+
+    let _ = stop_holder.send(());
+    holder.await.expect("holder task").expect("holder runner");
+    for n in 0..5 {
+        last = fixture
+            .execute(patient, synthetic::clinical_command(11, n, now()))
+            .await;
+    }
+    for name in ["chart", "history"] {
+        wait_for_position(&fixture.db, name, last, Duration::from_secs(10))
+            .await
+            .expect("the standby took over and applies the log");
+    }
+    assert_eq!(advisory_locks_held(&pool).await, 2);
+    let _ = stop_standby.send(());
+    standby
+        .await
+        .expect("standby task")
+        .expect("standby runner");
 }
