@@ -57,6 +57,21 @@ impl fmt::Debug for DataKey {
 /// `header.canonical_bytes()` as associated data and a fresh random 16-byte nonce, so equal
 /// payloads give different ciphertexts. Layout: nonce (16) || SIV tag (16) || encrypted payload.
 pub fn seal(key: &DataKey, header: &EventHeader, plaintext: &[u8]) -> Vec<u8> {
+    seal_with(key, &header.canonical_bytes(), plaintext)
+}
+
+/// Opens what [`seal`] produced under the same key and an identical header. Fails on a wrong
+/// key, any changed byte, or a header that differs in any field.
+pub fn open(key: &DataKey, header: &EventHeader, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    open_with(key, &header.canonical_bytes(), sealed).ok_or_else(|| CryptoError::Unopenable {
+        stream_id: header.stream_id.clone(),
+        stream_version: header.stream_version,
+    })
+}
+
+/// The one AES-SIV sealing both events and read-model records use: a fresh nonce, then the
+/// tag, then the encrypted bytes.
+fn seal_with(key: &DataKey, associated_data: &[u8], plaintext: &[u8]) -> Vec<u8> {
     let nonce = Nonce::from(crate::rng::array::<NONCE_BYTES>());
     let mut sealed = Vec::with_capacity(SEAL_OVERHEAD_BYTES + plaintext.len());
     sealed.extend_from_slice(&nonce);
@@ -66,7 +81,7 @@ pub fn seal(key: &DataKey, header: &EventHeader, plaintext: &[u8]) -> Vec<u8> {
         .cipher()
         .encrypt_inout_detached(
             &nonce,
-            &header.canonical_bytes(),
+            associated_data,
             (&mut sealed[SEAL_OVERHEAD_BYTES..]).into(),
         )
         .expect("AES-SIV encryption fails only with more than 126 associated data items");
@@ -74,15 +89,11 @@ pub fn seal(key: &DataKey, header: &EventHeader, plaintext: &[u8]) -> Vec<u8> {
     sealed
 }
 
-/// Opens what [`seal`] produced under the same key and an identical header. Fails on a wrong
-/// key, any changed byte, or a header that differs in any field.
-pub fn open(key: &DataKey, header: &EventHeader, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    let unopenable = || CryptoError::Unopenable {
-        stream_id: header.stream_id.clone(),
-        stream_version: header.stream_version,
-    };
+/// Opens what [`seal_with`] produced; `None` for a wrong key, associated data or any changed
+/// byte (the callers name what failed to open).
+fn open_with(key: &DataKey, associated_data: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     if sealed.len() < SEAL_OVERHEAD_BYTES {
-        return Err(unopenable());
+        return None;
     }
     let (nonce, rest) = sealed.split_at(NONCE_BYTES);
     let (tag, encrypted) = rest.split_at(TAG_BYTES);
@@ -92,12 +103,12 @@ pub fn open(key: &DataKey, header: &EventHeader, sealed: &[u8]) -> Result<Vec<u8
     key.cipher()
         .decrypt_inout_detached(
             &nonce,
-            &header.canonical_bytes(),
+            associated_data,
             plaintext.as_mut_slice().into(),
             &tag,
         )
-        .map_err(|_| unopenable())?;
-    Ok(plaintext)
+        .ok()?;
+    Some(plaintext)
 }
 
 /// Domain-separation tag opening the associated data of [`seal_record`], so a read-model
@@ -123,21 +134,7 @@ fn record_associated_data(parts: &[&[u8]]) -> Vec<u8> {
 /// value copied into another row fails to open. Same layout and nonce rule as [`seal`]; when
 /// the data key is destroyed, the record is as unreadable as the owner's events.
 pub fn seal_record(key: &DataKey, associated_data: &[&[u8]], plaintext: &[u8]) -> Vec<u8> {
-    let nonce = Nonce::from(crate::rng::array::<NONCE_BYTES>());
-    let mut sealed = Vec::with_capacity(SEAL_OVERHEAD_BYTES + plaintext.len());
-    sealed.extend_from_slice(&nonce);
-    sealed.extend_from_slice(&[0; TAG_BYTES]);
-    sealed.extend_from_slice(plaintext);
-    let tag = key
-        .cipher()
-        .encrypt_inout_detached(
-            &nonce,
-            &record_associated_data(associated_data),
-            (&mut sealed[SEAL_OVERHEAD_BYTES..]).into(),
-        )
-        .expect("AES-SIV encryption fails only with more than 126 associated data items");
-    sealed[NONCE_BYTES..SEAL_OVERHEAD_BYTES].copy_from_slice(&tag);
-    sealed
+    seal_with(key, &record_associated_data(associated_data), plaintext)
 }
 
 /// Opens what [`seal_record`] produced under the same key and identical associated data.
@@ -146,23 +143,8 @@ pub fn open_record(
     associated_data: &[&[u8]],
     sealed: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
-    if sealed.len() < SEAL_OVERHEAD_BYTES {
-        return Err(CryptoError::RecordUnopenable);
-    }
-    let (nonce, rest) = sealed.split_at(NONCE_BYTES);
-    let (tag, encrypted) = rest.split_at(TAG_BYTES);
-    let nonce = Nonce::try_from(nonce).expect("split at the nonce length");
-    let tag = Tag::try_from(tag).expect("split at the tag length");
-    let mut plaintext = encrypted.to_vec();
-    key.cipher()
-        .decrypt_inout_detached(
-            &nonce,
-            &record_associated_data(associated_data),
-            plaintext.as_mut_slice().into(),
-            &tag,
-        )
-        .map_err(|_| CryptoError::RecordUnopenable)?;
-    Ok(plaintext)
+    open_with(key, &record_associated_data(associated_data), sealed)
+        .ok_or(CryptoError::RecordUnopenable)
 }
 
 #[cfg(test)]
