@@ -288,8 +288,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "http",
         ),
     };
+    // The handlers are installed here, before the listening line below: a signal that
+    // arrives once a caller knows the address must find them in place, not the default
+    // disposition that kills the process mid-request.
+    let signals = ShutdownSignals::install();
     let server = server.run();
-    tokio::spawn(stop_on_signal(server.handle()));
+    tokio::spawn(stop_on_signal(signals, server.handle()));
     // The read models follow the log beside the server. Readiness stays the database's:
     // a lagging or stopped runner makes reads stale, not the server unable to take commands.
     let (stop_projections, projections_stopped) = tokio::sync::oneshot::channel();
@@ -321,16 +325,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops the server gracefully on the first SIGINT or SIGTERM.
-async fn stop_on_signal(server: actix_web::dev::ServerHandle) {
-    use tokio::signal::unix::{SignalKind, signal};
+/// SIGINT and SIGTERM streams, or why they could not be installed.
+struct ShutdownSignals(std::io::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
 
-    let (mut interrupt, mut terminate) = match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(interrupt), Ok(terminate)) => (interrupt, terminate),
-        (Err(error), _) | (_, Err(error)) => {
+impl ShutdownSignals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self(signal(SignalKind::interrupt()).and_then(|interrupt| {
+            signal(SignalKind::terminate()).map(|terminate| (interrupt, terminate))
+        }))
+    }
+}
+
+/// Stops the server gracefully on the first SIGINT or SIGTERM.
+async fn stop_on_signal(signals: ShutdownSignals, server: actix_web::dev::ServerHandle) {
+    let (mut interrupt, mut terminate) = match signals.0 {
+        Ok(streams) => streams,
+        Err(error) => {
             // Without handlers the default disposition still ends the process, only
             // without draining requests; worth a loud log, not a refusal to serve.
             tracing::error!(%error, "cannot install signal handlers; shutdown will not be graceful");
