@@ -1,0 +1,2 @@
+//! chartlog-access: who may sign in, and how.
+#![forbid(unsafe_code)]
