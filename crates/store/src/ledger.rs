@@ -40,6 +40,14 @@ pub enum LedgerError {
     #[error("patient {patient} has no record")]
     NotFound { patient: PatientId },
 
+    /// The caller's precondition (HTTP If-Match) names another version than the stream's.
+    #[error("patient {patient}'s record is at version {current}, not the expected {expected}")]
+    VersionMismatch {
+        patient: PatientId,
+        expected: u64,
+        current: u64,
+    },
+
     #[error("stream {stream} changed under {retries} attempts in a row")]
     Contended { stream: StreamId, retries: u32 },
 
@@ -95,6 +103,16 @@ pub struct CommandOutcome {
     pub events: usize,
 }
 
+/// What a caller may add to a command.
+#[derive(Debug, Clone, Default)]
+pub struct ExecuteOptions {
+    /// Refuse with [`LedgerError::VersionMismatch`] unless the stream is at this version
+    /// (0: not yet registered), and never re-decide after a lost race.
+    pub expected_version: Option<u64>,
+    /// The record as the caller just loaded it; used for the first attempt only.
+    pub loaded: Option<LoadedPatient>,
+}
+
 /// A patient's decision state with the head it was folded up to.
 #[derive(Debug, Clone)]
 pub struct LoadedPatient {
@@ -147,7 +165,6 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
 
     /// Decides `command` against the patient's current record and appends what it decides.
     /// Retries on a lost race, re-deciding against the new state each time.
-    #[tracing::instrument(skip_all, fields(patient = %patient, command = command.kind()))]
     pub async fn execute(
         &self,
         patient: PatientId,
@@ -155,11 +172,31 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
         actor: Actor,
         now: Timestamp,
     ) -> Result<CommandOutcome, LedgerError> {
+        self.execute_with(patient, command, actor, now, ExecuteOptions::default())
+            .await
+    }
+
+    /// [`PatientLedger::execute`] with a caller's precondition and the record it already
+    /// loaded (the HTTP layer loads it to check access, and need not fold it twice).
+    #[tracing::instrument(skip_all, fields(patient = %patient, command = command.kind()))]
+    pub async fn execute_with(
+        &self,
+        patient: PatientId,
+        command: PatientCommand,
+        actor: Actor,
+        now: Timestamp,
+        options: ExecuteOptions,
+    ) -> Result<CommandOutcome, LedgerError> {
         let stream = StreamId::patient(patient);
         let mut attempt = 0;
+        let mut preloaded = options.loaded;
         loop {
             attempt += 1;
-            let loaded = match self.load(patient).await {
+            let loaded = match preloaded.take() {
+                Some(loaded) => Ok(loaded),
+                None => self.load(patient).await,
+            };
+            let loaded = match loaded {
                 Ok(loaded) => loaded,
                 Err(LedgerError::NotFound { .. }) => LoadedPatient {
                     patient: Patient::default(),
@@ -167,6 +204,16 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                 },
                 Err(other) => return Err(other),
             };
+            let current_version = loaded.head.map_or(0, |h| h.version);
+            if let Some(expected) = options.expected_version
+                && expected != current_version
+            {
+                return Err(LedgerError::VersionMismatch {
+                    patient,
+                    expected,
+                    current: current_version,
+                });
+            }
             let events = decide(&loaded.patient, command.clone(), now)?;
             assert!(
                 !events.is_empty(),
@@ -194,6 +241,20 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                         stream_version: outcome.stream_version,
                         position: outcome.last_position,
                         events: sealed.len(),
+                    });
+                }
+                // A caller who named the version it decided on must see the race, not a
+                // silent re-decision against a record it has not read.
+                Err(StoreError::Conflict { .. }) if options.expected_version.is_some() => {
+                    let current = self
+                        .store
+                        .stream_head(&stream)
+                        .await?
+                        .map_or(0, |h| h.version);
+                    return Err(LedgerError::VersionMismatch {
+                        patient,
+                        expected: expected_version,
+                        current,
                     });
                 }
                 Err(StoreError::Conflict { .. }) if attempt < CONFLICT_RETRIES_MAX => {

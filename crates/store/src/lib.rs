@@ -36,6 +36,7 @@ pub use event_store::{
     check_append_batch,
 };
 pub use ledger::{
-    CommandOutcome, LedgerError, LoadedPatient, PatientLedger, UnreadableEvent, open_patient_event,
+    CommandOutcome, ExecuteOptions, LedgerError, LoadedPatient, PatientLedger, UnreadableEvent,
+    open_patient_event,
 };
 pub use subscription::{SUBSCRIPTION_POLL_INTERVAL, Subscription};

@@ -15,7 +15,7 @@ use chartlog_domain::{
 use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
 use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
 use chartlog_store::verify::{BreakKind, verify_log, verify_stream};
-use chartlog_store::{EventStore, LedgerError, PatientLedger};
+use chartlog_store::{EventStore, ExecuteOptions, LedgerError, PatientLedger};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -247,6 +247,63 @@ async fn erasure_leaves_a_verifiable_log_nobody_can_read<S: EventStore, K: KeySt
     );
 }
 
+async fn a_stale_expected_version_is_refused<S: EventStore, K: KeyStore>(fixture: Fixture<S, K>) {
+    let patient = register_with_history(&fixture, 6, 2).await;
+    let stale = ExecuteOptions {
+        expected_version: Some(2),
+        loaded: None,
+    };
+    let refused = fixture
+        .ledger
+        .execute_with(
+            patient,
+            synthetic::clinical_command(6, 10, now()),
+            physician(),
+            now(),
+            stale,
+        )
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(LedgerError::VersionMismatch {
+                expected: 2,
+                current: 3,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        fixture
+            .ledger
+            .load(patient)
+            .await
+            .expect("load")
+            .patient
+            .version(),
+        3,
+        "a refused precondition appends nothing"
+    );
+
+    let current = ExecuteOptions {
+        expected_version: Some(3),
+        loaded: None,
+    };
+    let outcome = fixture
+        .ledger
+        .execute_with(
+            patient,
+            synthetic::clinical_command(6, 11, now()),
+            physician(),
+            now(),
+            current,
+        )
+        .await
+        .expect("the current version is accepted");
+    assert_eq!(outcome.stream_version, 4);
+}
+
 fn position_of(events: Vec<chartlog_store::RecordedEvent>, version: u64) -> u64 {
     events
         .iter()
@@ -288,6 +345,12 @@ async fn sqlite_racing_commands_are_redecided() {
 async fn sqlite_erasure_leaves_a_verifiable_log_nobody_can_read() {
     let (fixture, _dir) = sqlite().await;
     erasure_leaves_a_verifiable_log_nobody_can_read(fixture).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_stale_expected_version_is_refused() {
+    let (fixture, _dir) = sqlite().await;
+    a_stale_expected_version_is_refused(fixture).await;
 }
 
 #[tokio::test]
@@ -371,6 +434,11 @@ async fn postgres_racing_commands_are_redecided(pool: PgPool) {
 #[sqlx::test(migrations = "../../migrations/postgres")]
 async fn postgres_erasure_leaves_a_verifiable_log_nobody_can_read(pool: PgPool) {
     erasure_leaves_a_verifiable_log_nobody_can_read(postgres(pool).await).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_a_stale_expected_version_is_refused(pool: PgPool) {
+    a_stale_expected_version_is_refused(postgres(pool).await).await;
 }
 
 #[sqlx::test(migrations = "../../migrations/postgres")]
