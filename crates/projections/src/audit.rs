@@ -33,10 +33,24 @@ pub enum AuditEntity {
     Note,
     Consent,
     CareRelationship,
+    /// A user account (creation, role change, lockout).
+    User,
+    /// A login session (login, logout, expiry).
+    Session,
+    /// The audit trail itself, when an auditor reads it.
+    AuditTrail,
+    /// A patient's record history (who changed what).
+    History,
+    /// A patient's accounting of disclosures (HIPAA 164.528).
+    Disclosures,
+    /// The de-identified views, when exported.
+    DeidentifiedData,
+    /// The queue of break-glass openings awaiting review.
+    BreakGlassReview,
 }
 
 impl AuditEntity {
-    pub const ALL: [AuditEntity; 8] = [
+    pub const ALL: [AuditEntity; 15] = [
         AuditEntity::Patient,
         AuditEntity::Observation,
         AuditEntity::Condition,
@@ -45,6 +59,13 @@ impl AuditEntity {
         AuditEntity::Note,
         AuditEntity::Consent,
         AuditEntity::CareRelationship,
+        AuditEntity::User,
+        AuditEntity::Session,
+        AuditEntity::AuditTrail,
+        AuditEntity::History,
+        AuditEntity::Disclosures,
+        AuditEntity::DeidentifiedData,
+        AuditEntity::BreakGlassReview,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -57,6 +78,13 @@ impl AuditEntity {
             AuditEntity::Note => "note",
             AuditEntity::Consent => "consent",
             AuditEntity::CareRelationship => "care_relationship",
+            AuditEntity::User => "user",
+            AuditEntity::Session => "session",
+            AuditEntity::AuditTrail => "audit_trail",
+            AuditEntity::History => "history",
+            AuditEntity::Disclosures => "disclosures",
+            AuditEntity::DeidentifiedData => "deidentified_data",
+            AuditEntity::BreakGlassReview => "break_glass_review",
         }
     }
 
@@ -80,10 +108,13 @@ pub enum AuditAction {
     BreakGlass,
     /// De-identified or record-history data left the system.
     Export,
+    /// A patient look-up (by MRN, or family name and birth date): which charts matched is
+    /// recorded, never what was typed.
+    Search,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 9] = [
+    pub const ALL: [AuditAction; 10] = [
         AuditAction::Create,
         AuditAction::Read,
         AuditAction::Update,
@@ -93,6 +124,7 @@ impl AuditAction {
         AuditAction::SessionExpiry,
         AuditAction::BreakGlass,
         AuditAction::Export,
+        AuditAction::Search,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -106,6 +138,7 @@ impl AuditAction {
             AuditAction::SessionExpiry => "session_expiry",
             AuditAction::BreakGlass => "break_glass",
             AuditAction::Export => "export",
+            AuditAction::Search => "search",
         }
     }
 
@@ -426,6 +459,41 @@ pub async fn append_audit_row(
     Ok(())
 }
 
+/// Appends the HTTP layer's [`AuditRow`]s (reads, searches, logins, denials, exports, ...) in
+/// one transaction, and returns once it is committed and durable: SQLite runs with
+/// `synchronous=FULL`, and on PostgreSQL the transaction asks for a synchronous commit even
+/// where the server's default is off. Call it before a PHI response leaves (HIPAA 164.312(b)).
+///
+/// The rows carry no log position (`source_position` NULL): no projection reset or rebuild
+/// touches them (the audit projection deletes nothing, and the table refuses DELETE). A row
+/// whose `audit_id` is already there is left as it was, so a retry after a lost reply does not
+/// double it.
+pub async fn append_audit_rows(
+    db: &crate::db::ProjectionDb,
+    rows: &[AuditRow],
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut tx = db.begin().await?;
+    if tx.backend() == crate::db::Backend::Postgres {
+        tx.execute("SET LOCAL synchronous_commit = on", vec![])
+            .await?;
+    }
+    for row in rows {
+        append_audit_row(&mut tx, row, None).await?;
+    }
+    tx.commit().await
+}
+
+/// The `&'static` name of a known patient event type, for reading a stored row back.
+pub fn known_event_type(raw: &str) -> Option<&'static str> {
+    PATIENT_EVENT_AUDIT
+        .iter()
+        .find(|(known, _, _)| *known == raw)
+        .map(|&(known, _, _)| known)
+}
+
 /// The audit trail of changes to charts, folded from the log.
 #[derive(Debug, Default)]
 pub struct AuditTrailProjection;
@@ -609,6 +677,41 @@ mod tests {
         let long = "x".repeat(500);
         let error = audit_row_for_event(&header(&long)).unwrap_err();
         assert!(error.to_string().len() < 200, "the echo is bounded");
+    }
+
+    #[test]
+    fn codes_are_distinct_snake_case() {
+        let codes: Vec<&str> = AuditEntity::ALL
+            .iter()
+            .map(|e| e.as_str())
+            .chain(AuditAction::ALL.iter().map(|a| a.as_str()))
+            .chain(AuditOutcome::ALL.iter().map(|o| o.as_str()))
+            .collect();
+        for code in &codes {
+            assert!(
+                code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{code}"
+            );
+        }
+        let entities: std::collections::HashSet<_> =
+            AuditEntity::ALL.iter().map(|e| e.as_str()).collect();
+        assert_eq!(entities.len(), AuditEntity::ALL.len());
+        let actions: std::collections::HashSet<_> =
+            AuditAction::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(actions.len(), AuditAction::ALL.len());
+        assert_eq!(
+            AuditEntity::parse("break_glass_review"),
+            Some(AuditEntity::BreakGlassReview)
+        );
+        assert_eq!(AuditAction::parse("search"), Some(AuditAction::Search));
+    }
+
+    #[test]
+    fn known_event_types_map_back_to_the_table() {
+        for (event_type, _, _) in PATIENT_EVENT_AUDIT {
+            assert_eq!(known_event_type(event_type), Some(event_type));
+        }
+        assert_eq!(known_event_type("note_shredded"), None);
     }
 
     #[test]

@@ -294,6 +294,18 @@ impl<W: Write> DeidExportWriter<W> {
         })
     }
 
+    /// Continues an export whose CSV header line was already written (by [`Self::new`], in
+    /// an earlier chunk of the same stream): writes no header.
+    pub fn resume(out: W, format: ExportFormat, table: DeidTable, release_year: i32) -> Self {
+        Self {
+            out,
+            format,
+            table,
+            release_year,
+            rows_written: 0,
+        }
+    }
+
     pub fn write<R: DeidRecord>(&mut self, row: &R) -> Result<(), ExportError> {
         if R::TABLE != self.table {
             return Err(ExportError::WrongTable {

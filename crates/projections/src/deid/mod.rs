@@ -4,6 +4,7 @@
 //! - [`safe_harbor`]: the transformation, pure: decoded events in, row changes out.
 //! - [`zip3`]: the three-digit ZIP rule and the shipped restricted list (versioned data).
 //! - [`export`]: streaming NDJSON and CSV writers over de-identified rows.
+//! - [`reader`]: the tables read back a page at a time, through those writers.
 //!
 //! **Invariants:**
 //! - no identifier of the 18 Safe Harbor categories and no free text is ever read into a row:
@@ -16,11 +17,15 @@
 
 pub mod export;
 pub mod projection;
+pub mod reader;
 pub mod safe_harbor;
 pub mod zip3;
 
 pub use projection::{
     DEIDENTIFIED_PROJECTION_NAME, DEIDENTIFIED_PROJECTION_VERSION, DeidentifiedProjection,
+};
+pub use reader::{
+    EXPORT_PAGE_ROWS, EXPORT_PAGE_ROWS_MAX, ExportChunk, ExportReadError, export_page,
 };
 pub use safe_harbor::{
     AGE_YEARS_GROUPED_MIN, AllergyRow, BirthYear, CodedConcept, ConditionRow, DeidChange,

@@ -219,6 +219,12 @@ impl CodedConcept {
         }
     }
 
+    /// A concept read back from a de-identified table, where it was written by
+    /// [`CodedConcept::from_code`].
+    pub(crate) fn from_stored(system: CodeSystem, code: String) -> Self {
+        Self { system, code }
+    }
+
     pub fn system(&self) -> CodeSystem {
         self.system
     }
@@ -242,6 +248,12 @@ impl DeidQuantity {
             value: quantity.value.expose_phi().to_owned(),
             unit: strip_unit_annotations(quantity.unit.as_str()),
         }
+    }
+
+    /// A quantity read back from a de-identified table, where it was written by
+    /// [`DeidQuantity::from_quantity`].
+    pub(crate) fn from_stored(value: String, unit: String) -> Self {
+        Self { value, unit }
     }
 
     pub fn value(&self) -> &str {
