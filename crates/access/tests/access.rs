@@ -1,0 +1,1542 @@
+//! chartlog-access against real databases: every check runs on a SQLite file in a temp dir and
+//! on a PostgreSQL database created per test by `#[sqlx::test]` (from `DATABASE_URL`).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use chartlog_access::{
+    AccessError, AccessSecrets, AccessSettings, Accounts, BreakGlassReason, ExpiryReason,
+    IdempotencyError, LOGIN_FAILURE_WINDOW, LoginAttempt, LoginError, LoginSuccess, NewUser,
+    OneTimePassword, Password, PasswordChangeError, PasswordHashing, RecoveryCodes, ReviewVerdict,
+    SecondFactorCode, SessionError, SessionStage, StoredResponse, Username,
+};
+use chartlog_domain::{PatientId, Role, Timestamp, UserId};
+use chartlog_projections::db::{ProjectionDb, SqlArg};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use totp_rs::{Builder, Secret, Totp};
+use uuid::Uuid;
+
+const BASE_MICROS: i64 = 1_763_000_000_000_000;
+
+/// `seconds` after the tests' origin.
+fn at(seconds: i64) -> Timestamp {
+    Timestamp::from_unix_micros(BASE_MICROS + seconds * 1_000_000).expect("in range")
+}
+
+fn minutes(m: i64) -> i64 {
+    m * 60
+}
+
+fn unix_seconds(t: Timestamp) -> u64 {
+    u64::try_from(t.unix_micros() / 1_000_000).unwrap()
+}
+
+/// Cheap argon2 parameters: the policy is what is tested, not the cost.
+fn settings() -> AccessSettings {
+    AccessSettings {
+        password_hashing: PasswordHashing {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        },
+        ..AccessSettings::default()
+    }
+}
+
+struct Fixture {
+    accounts: Accounts,
+    db: ProjectionDb,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    /// The same database with other settings.
+    fn with_settings(&self, settings: AccessSettings) -> Accounts {
+        Accounts::new(self.db.clone(), AccessSecrets::ephemeral(), settings)
+    }
+}
+
+async fn sqlite_fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = SqliteConnectOptions::new()
+        .filename(dir.path().join("chartlog.db"))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .expect("open SQLite");
+    sqlx::migrate!("../../migrations/sqlite")
+        .run(&pool)
+        .await
+        .expect("migrate SQLite");
+    let db = ProjectionDb::Sqlite(pool);
+    let keys = dir.path().join("keys");
+    let secrets = AccessSecrets::load_or_create(&keys).expect("access key");
+    Fixture {
+        accounts: Accounts::new(db.clone(), secrets, settings()),
+        db,
+        _dir: Some(dir),
+    }
+}
+
+fn postgres_fixture(pool: sqlx::PgPool) -> Fixture {
+    let db = ProjectionDb::Postgres(pool);
+    Fixture {
+        accounts: Accounts::new(db.clone(), AccessSecrets::ephemeral(), settings()),
+        db,
+        _dir: None,
+    }
+}
+
+/// Runs each check on both backends.
+macro_rules! on_both_backends {
+    ($($check:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    super::$check(super::sqlite_fixture().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[sqlx::test(migrations = "../../migrations/postgres")]
+                async fn $check(pool: sqlx::PgPool) {
+                    super::$check(super::postgres_fixture(pool)).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    bootstrap_happens_once,
+    new_accounts_change_password_then_enroll,
+    account_creation_checks_names_and_links,
+    password_rules,
+    password_reuse_of_the_last_five_is_refused,
+    unknown_user_wrong_password_and_disabled_answer_alike,
+    throttling_per_account,
+    throttling_per_address,
+    totp_login_needs_a_fresh_code,
+    recovery_codes_work_once,
+    second_factor_reset_requires_enrollment_again,
+    sessions_expire_when_idle,
+    sessions_expire_after_the_absolute_lifetime,
+    logout_disable_and_resets_revoke_sessions,
+    reauthentication_is_throttled,
+    inactive_accounts_are_deactivated,
+    break_glass_grants_expire_and_are_reviewed,
+    idempotent_responses_replay_and_refuse_mismatches,
+);
+
+fn name(raw: &str) -> Username {
+    Username::parse(raw).expect("valid username")
+}
+
+fn password(raw: &str) -> Password {
+    Password::new(raw.to_owned())
+}
+
+fn address(raw: &str) -> IpAddr {
+    raw.parse().expect("address")
+}
+
+async fn login(
+    accounts: &Accounts,
+    username: &str,
+    password: &Password,
+    second_factor: Option<&str>,
+    now: Timestamp,
+) -> Result<LoginSuccess, LoginError> {
+    login_from(
+        accounts,
+        username,
+        password,
+        second_factor,
+        "192.0.2.1",
+        now,
+    )
+    .await
+}
+
+async fn login_from(
+    accounts: &Accounts,
+    username: &str,
+    password: &Password,
+    second_factor: Option<&str>,
+    client: &str,
+    now: Timestamp,
+) -> Result<LoginSuccess, LoginError> {
+    accounts
+        .login(
+            LoginAttempt {
+                username: username.to_owned(),
+                password: Password::new(password.expose().to_owned()),
+                second_factor: second_factor
+                    .map(|code| SecondFactorCode::parse(code).expect("code")),
+                client_address: address(client),
+            },
+            now,
+        )
+        .await
+}
+
+/// Creates an account and replaces its one-time password with `chosen`.
+async fn active_user(
+    accounts: &Accounts,
+    username: &str,
+    role: Role,
+    chosen: &str,
+    now: Timestamp,
+) -> UserId {
+    let patient_id = (role == Role::Patient).then(|| PatientId::from_uuid(Uuid::new_v4()));
+    let (account, one_time) = accounts
+        .create_user(
+            NewUser {
+                username: name(username),
+                role,
+                patient_id,
+            },
+            now,
+        )
+        .await
+        .expect("create user");
+    accounts
+        .change_password(
+            account.user_id,
+            &one_time.to_password(),
+            &password(chosen),
+            now,
+        )
+        .await
+        .expect("change the one-time password");
+    account.user_id
+}
+
+/// Enrolls TOTP; returns the authenticator and the recovery codes.
+async fn enroll(accounts: &Accounts, id: UserId, now: Timestamp) -> (Totp, RecoveryCodes) {
+    let enrollment = accounts
+        .begin_second_factor_enrollment(id, now)
+        .await
+        .expect("begin enrollment");
+    let secret = Secret::try_from_base32(&enrollment.secret_base32).expect("base32 secret");
+    let totp = Builder::new()
+        .with_secret(secret.as_bytes().to_vec())
+        .build()
+        .expect("RFC 6238 parameters");
+    // The URI carries the same secret, for an authenticator's QR code.
+    let from_uri = Totp::from_url(&enrollment.otpauth_uri).expect("otpauth URI");
+    assert_eq!(from_uri.issuer(), Some("chartlog"));
+    assert_eq!(from_uri.generate(1_000), totp.generate(1_000));
+    let code = SecondFactorCode::parse(&totp.generate(unix_seconds(now)).to_string()).unwrap();
+    let codes = accounts
+        .confirm_second_factor_enrollment(id, &code, now)
+        .await
+        .expect("confirm enrollment");
+    (totp, codes)
+}
+
+fn code_at(totp: &Totp, now: Timestamp) -> String {
+    totp.generate(unix_seconds(now)).to_string()
+}
+
+/// A 6-digit code that matches no step within the skew at `now`.
+fn wrong_code(totp: &Totp, now: Timestamp) -> String {
+    (0..1_000_000u64)
+        .map(|n| format!("{:06}", (n * 7919 + 123_457) % 1_000_000))
+        .find(|code| totp.check(code, unix_seconds(now)).is_none())
+        .expect("some code is wrong")
+}
+
+async fn scalar_count(db: &ProjectionDb, sql: &'static str, args: Vec<SqlArg>) -> i64 {
+    db.fetch_optional(sql, args)
+        .await
+        .expect("query")
+        .expect("a row")
+        .i64(0)
+        .expect("count")
+}
+
+// ------------------------------------------------------------------------- checks
+
+async fn bootstrap_happens_once(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let one_time: OneTimePassword = accounts
+        .bootstrap_administrator(&name("root-admin"), at(0))
+        .await
+        .unwrap()
+        .expect("the first bootstrap creates the administrator");
+    assert!(one_time.expose().chars().count() >= 20);
+    assert!(!format!("{one_time:?}").contains(one_time.expose()));
+    assert!(
+        accounts
+            .bootstrap_administrator(&name("second-admin"), at(1))
+            .await
+            .unwrap()
+            .is_none(),
+        "a second bootstrap does nothing"
+    );
+    let users = accounts.list_users().await.unwrap();
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0].role, Role::Administrator);
+    assert!(users[0].must_change_password);
+
+    let first = login(accounts, "root-admin", &one_time.to_password(), None, at(2))
+        .await
+        .expect("log in with the one-time password");
+    assert_eq!(first.session.stage, SessionStage::MustChangePassword);
+    let id = first.session.user_id;
+    accounts
+        .change_password(
+            id,
+            &one_time.to_password(),
+            &password("a long administrator passphrase"),
+            at(3),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        accounts.authenticate(first.token.expose(), at(4)).await,
+        Err(SessionError::Revoked { user_id }) if user_id == id
+    ));
+    // Administrators read no PHI: no second factor is required by default.
+    let second = login(
+        accounts,
+        "Root-Admin",
+        &password("a long administrator passphrase"),
+        None,
+        at(5),
+    )
+    .await
+    .expect("log in with the new password; the name is case-blind");
+    assert_eq!(second.session.stage, SessionStage::Full);
+    let account = accounts.user(id).await.unwrap().unwrap();
+    assert!(!account.must_change_password);
+    assert_eq!(account.last_login_at, Some(at(5)));
+    // The one-time password no longer works.
+    assert!(matches!(
+        login(accounts, "root-admin", &one_time.to_password(), None, at(6)).await,
+        Err(LoginError::InvalidCredentials)
+    ));
+    // Stored as argon2id, never in the clear.
+    let stored = fixture
+        .db
+        .fetch_optional(
+            "SELECT password_hash FROM chartlog_access_users WHERE user_id = $1",
+            vec![SqlArg::Uuid(id.as_uuid())],
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .text(0)
+        .unwrap();
+    assert!(stored.starts_with("$argon2id$v=19$"));
+    assert!(!stored.contains("administrator passphrase"));
+}
+
+async fn new_accounts_change_password_then_enroll(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let (account, one_time) = accounts
+        .create_user(
+            NewUser {
+                username: name("dr.house"),
+                role: Role::Physician,
+                patient_id: None,
+            },
+            at(0),
+        )
+        .await
+        .unwrap();
+    assert!(account.must_change_password);
+    assert!(!account.second_factor_enrolled);
+    assert_eq!(
+        accounts.user(account.user_id).await.unwrap(),
+        Some(account.clone())
+    );
+
+    let first = login(accounts, "dr.house", &one_time.to_password(), None, at(1))
+        .await
+        .unwrap();
+    assert_eq!(first.session.stage, SessionStage::MustChangePassword);
+    assert_eq!(first.session.role, Role::Physician);
+    assert_eq!(first.session.expires_at, at(1 + minutes(10)));
+    let session = accounts
+        .authenticate(first.token.expose(), at(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        session, first.session,
+        "authenticate finds the same session"
+    );
+
+    accounts
+        .change_password(
+            account.user_id,
+            &one_time.to_password(),
+            &password("lupus never"),
+            at(3),
+        )
+        .await
+        .unwrap();
+    let second = login(accounts, "dr.house", &password("lupus never"), None, at(4))
+        .await
+        .unwrap();
+    assert_eq!(
+        second.session.stage,
+        SessionStage::MustEnrollSecondFactor,
+        "a physician reads PHI: a second factor is required"
+    );
+    let (_totp, codes) = enroll(accounts, account.user_id, at(5)).await;
+    assert_eq!(codes.expose().len(), 10);
+    assert!(!format!("{codes:?}").contains(&codes.expose()[0]));
+    // The open session moves past the enrollment stage.
+    let upgraded = accounts
+        .authenticate(second.token.expose(), at(6))
+        .await
+        .unwrap();
+    assert_eq!(upgraded.stage, SessionStage::Full);
+    assert!(
+        accounts
+            .user(account.user_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .second_factor_enrolled
+    );
+}
+
+async fn account_creation_checks_names_and_links(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let new = |username: &str, role, patient_id| NewUser {
+        username: name(username),
+        role,
+        patient_id,
+    };
+    accounts
+        .create_user(new("nurse.joy", Role::Nurse, None), at(0))
+        .await
+        .unwrap();
+    assert!(matches!(
+        accounts
+            .create_user(new("Nurse.Joy", Role::Auditor, None), at(1))
+            .await,
+        Err(AccessError::UsernameTaken)
+    ));
+    assert!(matches!(
+        accounts
+            .create_user(new("pat.one", Role::Patient, None), at(1))
+            .await,
+        Err(AccessError::PatientIdRequired)
+    ));
+    let patient = PatientId::from_uuid(Uuid::new_v4());
+    assert!(matches!(
+        accounts
+            .create_user(new("dr.two", Role::Physician, Some(patient)), at(1))
+            .await,
+        Err(AccessError::PatientIdNotAllowed {
+            role: Role::Physician
+        })
+    ));
+    assert!(matches!(
+        accounts
+            .create_user(new("robot", Role::System, None), at(1))
+            .await,
+        Err(AccessError::RoleNotAssignable { .. })
+    ));
+    let (patient_account, _) = accounts
+        .create_user(new("pat.one", Role::Patient, Some(patient)), at(2))
+        .await
+        .unwrap();
+    assert_eq!(patient_account.patient_id, Some(patient));
+    assert!(Username::parse("no spaces").is_err());
+    let names: Vec<String> = accounts
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|user| user.username.to_string())
+        .collect();
+    assert_eq!(names, ["nurse.joy", "pat.one"]);
+    assert!(matches!(
+        accounts
+            .disable_user(UserId::from_uuid(Uuid::new_v4()), at(3))
+            .await,
+        Err(AccessError::UserNotFound { .. })
+    ));
+}
+
+async fn password_rules(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let admin = active_user(
+        accounts,
+        "it.admin",
+        Role::Administrator,
+        "fifteen chars ok",
+        at(0),
+    )
+    .await;
+    let current = password("fifteen chars ok");
+    let change = |id, new: &str| {
+        let new = password(new);
+        let current = Password::new(current.expose().to_owned());
+        async move { accounts.change_password(id, &current, &new, at(10)).await }
+    };
+    // 15 characters without a second factor; counted in characters, not bytes.
+    assert!(matches!(
+        change(admin, "fourteen chars").await,
+        Err(PasswordChangeError::TooShort { length_min: 15 })
+    ));
+    assert!(matches!(
+        change(admin, "ééééééééééééé").await,
+        Err(PasswordChangeError::TooShort { length_min: 15 })
+    ));
+    assert!(matches!(
+        change(admin, &"x".repeat(129)).await,
+        Err(PasswordChangeError::TooLong { length_max: 128 })
+    ));
+    assert!(matches!(
+        change(admin, "1QAZ2wsx3edc4rfv").await,
+        Err(PasswordChangeError::Common)
+    ));
+    assert!(matches!(
+        change(admin, "my name is IT.Admin, ok?").await,
+        Err(PasswordChangeError::ContainsUsername)
+    ));
+    assert!(matches!(
+        accounts
+            .change_password(
+                admin,
+                &password("not the password"),
+                &password("a fine new passphrase"),
+                at(10)
+            )
+            .await,
+        Err(PasswordChangeError::CurrentPasswordIncorrect)
+    ));
+    // No composition rules: 64 characters of one kind are fine.
+    let sixty_four = "correct horse battery staple and then some more words to reach64";
+    assert_eq!(sixty_four.chars().count(), 64);
+    change(admin, sixty_four).await.expect("64 characters");
+
+    // 8 characters with a second factor.
+    let physician = active_user(accounts, "dr.grey", Role::Physician, "scalpel9", at(0)).await;
+    let current = password("scalpel9");
+    let change = |new: &str| {
+        let new = password(new);
+        let current = Password::new(current.expose().to_owned());
+        async move {
+            accounts
+                .change_password(physician, &current, &new, at(11))
+                .await
+        }
+    };
+    assert!(matches!(
+        change("seven77").await,
+        Err(PasswordChangeError::TooShort { length_min: 8 })
+    ));
+    assert!(matches!(
+        change("PASSWORD1234").await,
+        Err(PasswordChangeError::Common),
+    ));
+    assert!(matches!(
+        change("qwertyuiop").await,
+        Err(PasswordChangeError::Common),
+    ));
+    assert!(matches!(
+        change("dr.grey!!").await,
+        Err(PasswordChangeError::ContainsUsername),
+    ));
+    change("stetho55").await.expect("8 uncommon characters");
+    let error = accounts
+        .change_password(
+            physician,
+            &password("wrong one"),
+            &password("secret-password-x"),
+            at(12),
+        )
+        .await
+        .unwrap_err();
+    assert!(!error.to_string().contains("secret-password-x"));
+}
+
+async fn password_reuse_of_the_last_five_is_refused(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let id = active_user(accounts, "dr.who", Role::Physician, "tardis-01", at(0)).await;
+    let mut current = "tardis-01".to_owned();
+    for (i, next) in ["tardis-02", "tardis-03", "tardis-04", "tardis-05"]
+        .into_iter()
+        .enumerate()
+    {
+        accounts
+            .change_password(id, &password(&current), &password(next), at(i as i64 + 1))
+            .await
+            .unwrap();
+        current = next.to_owned();
+    }
+    // The history holds tardis-01 to tardis-05 (the current one included).
+    for old in ["tardis-01", "tardis-03", "tardis-05"] {
+        assert!(
+            matches!(
+                accounts
+                    .change_password(id, &password(&current), &password(old), at(10))
+                    .await,
+                Err(PasswordChangeError::Reused { generations: 5 })
+            ),
+            "{old} is among the last five"
+        );
+    }
+    accounts
+        .change_password(id, &password(&current), &password("tardis-06"), at(11))
+        .await
+        .unwrap();
+    // tardis-01 is now six passwords back.
+    accounts
+        .change_password(id, &password("tardis-06"), &password("tardis-01"), at(12))
+        .await
+        .expect("a password older than the last five may return");
+    let kept = scalar_count(
+        &fixture.db,
+        "SELECT COUNT(*) FROM chartlog_access_password_history WHERE user_id = $1",
+        vec![SqlArg::Uuid(id.as_uuid())],
+    )
+    .await;
+    assert_eq!(kept, 5);
+}
+
+async fn unknown_user_wrong_password_and_disabled_answer_alike(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let id = active_user(
+        accounts,
+        "dr.strange",
+        Role::Auditor,
+        "the sorcerer supreme",
+        at(0),
+    )
+    .await;
+    let unknown = login(
+        accounts,
+        "dr.nobody",
+        &password("the sorcerer supreme"),
+        None,
+        at(1),
+    )
+    .await
+    .unwrap_err();
+    let wrong = login(
+        accounts,
+        "dr.strange",
+        &password("the sorcerer supremo"),
+        None,
+        at(2),
+    )
+    .await
+    .unwrap_err();
+    let malformed = login(accounts, "Not A Name!", &password("x"), None, at(3))
+        .await
+        .unwrap_err();
+    for error in [&unknown, &wrong, &malformed] {
+        assert!(matches!(error, LoginError::InvalidCredentials), "{error:?}");
+    }
+    assert_eq!(unknown.to_string(), wrong.to_string());
+    // A password far beyond any allowed length is refused without hashing it.
+    assert!(matches!(
+        login(
+            accounts,
+            "dr.strange",
+            &password(&"x".repeat(1 << 20)),
+            None,
+            at(3)
+        )
+        .await,
+        Err(LoginError::InvalidCredentials)
+    ));
+    assert!(!wrong.to_string().contains("supremo"));
+
+    accounts.disable_user(id, at(4)).await.unwrap();
+    assert!(matches!(
+        login(
+            accounts,
+            "dr.strange",
+            &password("the sorcerer supreme"),
+            None,
+            at(5)
+        )
+        .await,
+        Err(LoginError::InvalidCredentials)
+    ));
+    assert!(accounts.user(id).await.unwrap().unwrap().disabled);
+}
+
+async fn throttling_per_account(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    active_user(
+        accounts,
+        "lab.tech",
+        Role::Analyst,
+        "centrifuge spinning",
+        at(0),
+    )
+    .await;
+    let right = password("centrifuge spinning");
+    let wrong = password("centrifuge stopped!");
+    // Four failures, then a success, clear the count.
+    for i in 0..4 {
+        assert!(matches!(
+            login(accounts, "lab.tech", &wrong, None, at(10 + i)).await,
+            Err(LoginError::InvalidCredentials)
+        ));
+    }
+    login(accounts, "lab.tech", &right, None, at(20))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        assert!(matches!(
+            login(accounts, "lab.tech", &wrong, None, at(30 + i)).await,
+            Err(LoginError::InvalidCredentials)
+        ));
+    }
+    // The sixth attempt is refused before the password is looked at, even a right one.
+    let Err(LoginError::Throttled {
+        retry_after_seconds,
+    }) = login(accounts, "lab.tech", &right, None, at(40)).await
+    else {
+        panic!("the account is throttled after 5 failures");
+    };
+    // The oldest of the five (at 30 s) leaves the window at 30 s + 15 min.
+    assert_eq!(retry_after_seconds, 15 * 60 - 10);
+    // Another account from the same address is not affected.
+    active_user(
+        accounts,
+        "lab.other",
+        Role::Analyst,
+        "pipette precision",
+        at(0),
+    )
+    .await;
+    login(
+        accounts,
+        "lab.other",
+        &password("pipette precision"),
+        None,
+        at(41),
+    )
+    .await
+    .unwrap();
+    // Unknown names are throttled the same way, so throttling tells nothing either.
+    for i in 0..5 {
+        let _ = login(accounts, "ghost.user", &wrong, None, at(50 + i)).await;
+    }
+    assert!(matches!(
+        login(accounts, "ghost.user", &wrong, None, at(60)).await,
+        Err(LoginError::Throttled { .. })
+    ));
+    // Once the window has passed, the right password works again.
+    let window = i64::try_from(LOGIN_FAILURE_WINDOW.as_secs()).unwrap();
+    assert!(matches!(
+        login(accounts, "lab.tech", &right, None, at(30 + window - 1)).await,
+        Err(LoginError::Throttled {
+            retry_after_seconds: 1
+        })
+    ));
+    login(accounts, "lab.tech", &right, None, at(34 + window))
+        .await
+        .expect("the window has passed");
+}
+
+async fn throttling_per_address(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    active_user(
+        accounts,
+        "radiology",
+        Role::Analyst,
+        "x-ray vision goggles",
+        at(0),
+    )
+    .await;
+    let wrong = password("wrong password here");
+    // Twenty failures from one address, spread over names so no account limit is reached.
+    for i in 0..20 {
+        assert!(matches!(
+            login_from(
+                accounts,
+                &format!("guess{i:02}"),
+                &wrong,
+                None,
+                "198.51.100.7",
+                at(10 + i)
+            )
+            .await,
+            Err(LoginError::InvalidCredentials)
+        ));
+    }
+    let right = password("x-ray vision goggles");
+    assert!(matches!(
+        login_from(accounts, "radiology", &right, None, "198.51.100.7", at(40)).await,
+        Err(LoginError::Throttled { .. })
+    ));
+    login_from(accounts, "radiology", &right, None, "198.51.100.8", at(41))
+        .await
+        .expect("another address is not throttled");
+    // An IPv6 client is counted by its /64.
+    for i in 0..20 {
+        let client = format!("2001:db8:aa:bb::{:x}", i + 1);
+        let _ = login_from(
+            accounts,
+            &format!("v6guess{i:02}"),
+            &wrong,
+            None,
+            &client,
+            at(50 + i),
+        )
+        .await;
+    }
+    assert!(matches!(
+        login_from(
+            accounts,
+            "radiology",
+            &right,
+            None,
+            "2001:db8:aa:bb::ffff",
+            at(80)
+        )
+        .await,
+        Err(LoginError::Throttled { .. })
+    ));
+    let window = i64::try_from(LOGIN_FAILURE_WINDOW.as_secs()).unwrap();
+    login_from(
+        accounts,
+        "radiology",
+        &right,
+        None,
+        "198.51.100.7",
+        at(30 + window),
+    )
+    .await
+    .expect("the window has passed");
+}
+
+async fn totp_login_needs_a_fresh_code(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let id = active_user(accounts, "nurse.ratched", Role::Nurse, "cuckoo nest", at(0)).await;
+    // A wrong code does not confirm an enrollment.
+    let enrollment = accounts
+        .begin_second_factor_enrollment(id, at(1))
+        .await
+        .unwrap();
+    let secret = Secret::try_from_base32(&enrollment.secret_base32).unwrap();
+    let pending = Builder::new()
+        .with_secret(secret.as_bytes().to_vec())
+        .build()
+        .unwrap();
+    let bad = SecondFactorCode::parse(&wrong_code(&pending, at(1))).unwrap();
+    assert!(matches!(
+        accounts
+            .confirm_second_factor_enrollment(id, &bad, at(1))
+            .await,
+        Err(AccessError::InvalidSecondFactorCode)
+    ));
+    // The secret is sealed at rest.
+    let stored = fixture
+        .db
+        .fetch_optional(
+            "SELECT totp_pending_sealed FROM chartlog_access_users WHERE user_id = $1",
+            vec![SqlArg::Uuid(id.as_uuid())],
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .bytes(0)
+        .unwrap();
+    let raw = secret.as_bytes().to_vec();
+    assert!(!stored.windows(raw.len()).any(|w| w == raw.as_slice()));
+    assert!(
+        !stored
+            .windows(16)
+            .any(|w| w == &enrollment.secret_base32.as_bytes()[..16])
+    );
+
+    let (totp, _codes) = enroll(accounts, id, at(100)).await;
+    assert!(matches!(
+        accounts.begin_second_factor_enrollment(id, at(101)).await,
+        Err(AccessError::SecondFactorAlreadyEnrolled { .. })
+    ));
+    let pw = password("cuckoo nest");
+    // 200 s: a later time step than the one the enrollment used.
+    let now = at(200);
+    assert!(matches!(
+        login(accounts, "nurse.ratched", &pw, None, now).await,
+        Err(LoginError::SecondFactorRequired)
+    ));
+    assert!(matches!(
+        login(
+            accounts,
+            "nurse.ratched",
+            &pw,
+            Some(&wrong_code(&totp, now)),
+            now
+        )
+        .await,
+        Err(LoginError::InvalidCredentials)
+    ));
+    let code = code_at(&totp, now);
+    let session = login(accounts, "nurse.ratched", &pw, Some(&code), now)
+        .await
+        .expect("the current code");
+    assert_eq!(session.session.stage, SessionStage::Full);
+    assert!(
+        matches!(
+            login(accounts, "nurse.ratched", &pw, Some(&code), at(201)).await,
+            Err(LoginError::InvalidCredentials)
+        ),
+        "a code is accepted once"
+    );
+    // The previous step's code is within the skew but older than the last one accepted.
+    let previous = code_at(&totp, at(200 - 30));
+    assert!(matches!(
+        login(accounts, "nurse.ratched", &pw, Some(&previous), at(202)).await,
+        Err(LoginError::InvalidCredentials)
+    ));
+    // The next step's code works, a step of clock skew early.
+    let next = code_at(&totp, at(230));
+    login(accounts, "nurse.ratched", &pw, Some(&next), at(203))
+        .await
+        .expect("the next step's code, within the skew");
+    // A code two steps away is refused.
+    let far = code_at(&totp, at(400));
+    assert!(matches!(
+        login(accounts, "nurse.ratched", &pw, Some(&far), at(300)).await,
+        Err(LoginError::InvalidCredentials)
+    ));
+}
+
+async fn recovery_codes_work_once(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let id = active_user(accounts, "pat.smith", Role::Patient, "my own chart", at(0)).await;
+    let (_totp, codes) = enroll(accounts, id, at(1)).await;
+    let pw = password("my own chart");
+    let first = codes.expose()[0].clone();
+    let session = login(
+        accounts,
+        "pat.smith",
+        &pw,
+        Some(&first.to_uppercase()),
+        at(10),
+    )
+    .await
+    .expect("a recovery code, case and separators ignored");
+    assert_eq!(session.session.stage, SessionStage::Full);
+    assert!(session.session.patient_id.is_some());
+    assert!(matches!(
+        login(accounts, "pat.smith", &pw, Some(&first), at(11)).await,
+        Err(LoginError::InvalidCredentials)
+    ));
+    login(accounts, "pat.smith", &pw, Some(&codes.expose()[9]), at(12))
+        .await
+        .expect("another recovery code");
+    let used = scalar_count(
+        &fixture.db,
+        "SELECT COUNT(*) FROM chartlog_access_recovery_codes \
+         WHERE user_id = $1 AND used_at_us IS NOT NULL",
+        vec![SqlArg::Uuid(id.as_uuid())],
+    )
+    .await;
+    assert_eq!(used, 2);
+    // A code of another account does not work.
+    let other = active_user(accounts, "pat.jones", Role::Patient, "another chart", at(0)).await;
+    let (_, other_codes) = enroll(accounts, other, at(2)).await;
+    assert!(matches!(
+        login(
+            accounts,
+            "pat.smith",
+            &pw,
+            Some(&other_codes.expose()[0]),
+            at(13)
+        )
+        .await,
+        Err(LoginError::InvalidCredentials)
+    ));
+}
+
+async fn second_factor_reset_requires_enrollment_again(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let id = active_user(
+        accounts,
+        "dr.quinn",
+        Role::Radiologist,
+        "medicine woman",
+        at(0),
+    )
+    .await;
+    let (totp, codes) = enroll(accounts, id, at(1)).await;
+    let pw = password("medicine woman");
+    let session = login(
+        accounts,
+        "dr.quinn",
+        &pw,
+        Some(&code_at(&totp, at(100))),
+        at(100),
+    )
+    .await
+    .unwrap();
+    accounts.reset_second_factor(id, at(101)).await.unwrap();
+    assert!(matches!(
+        accounts.authenticate(session.token.expose(), at(102)).await,
+        Err(SessionError::Revoked { .. })
+    ));
+    let again = login(accounts, "dr.quinn", &pw, None, at(103))
+        .await
+        .expect("no second factor is asked for");
+    assert_eq!(again.session.stage, SessionStage::MustEnrollSecondFactor);
+    assert!(
+        matches!(
+            login(accounts, "dr.quinn", &pw, Some(&codes.expose()[0]), at(104)).await,
+            Ok(LoginSuccess { ref session, .. }) if session.stage == SessionStage::MustEnrollSecondFactor
+        ),
+        "old recovery codes are gone and ignored"
+    );
+    let (_, _) = enroll(accounts, id, at(200)).await;
+}
+
+async fn sessions_expire_when_idle(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    active_user(
+        accounts,
+        "auditor.a",
+        Role::Auditor,
+        "watching the watchers",
+        at(0),
+    )
+    .await;
+    let pw = password("watching the watchers");
+    let success = login(accounts, "auditor.a", &pw, None, at(0))
+        .await
+        .unwrap();
+    let token = success.token.expose().to_owned();
+    // Each request within the idle timeout moves the deadline.
+    for minute in [9, 18, 27] {
+        let session = accounts
+            .authenticate(&token, at(minutes(minute)))
+            .await
+            .unwrap();
+        assert_eq!(session.expires_at, at(minutes(minute + 10)));
+    }
+    assert!(matches!(
+        accounts.authenticate(&token, at(minutes(37))).await,
+        Err(SessionError::Expired { reason: ExpiryReason::Idle, user_id }) if user_id == success.session.user_id
+    ));
+    // Reported once; then the session is gone.
+    assert!(matches!(
+        accounts.authenticate(&token, at(minutes(37) + 1)).await,
+        Err(SessionError::Unknown)
+    ));
+    assert!(matches!(
+        accounts.authenticate("not a token", at(0)).await,
+        Err(SessionError::Unknown)
+    ));
+    assert!(matches!(
+        accounts.authenticate(&"A".repeat(43), at(0)).await,
+        Err(SessionError::Unknown)
+    ));
+    // The token is stored only as a digest.
+    let rows = fixture
+        .db
+        .fetch_all("SELECT token_hash FROM chartlog_access_sessions", vec![])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let digest = rows[0].bytes(0).unwrap();
+    assert_eq!(digest.len(), 32);
+    assert!(
+        !digest
+            .windows(8)
+            .any(|w| token.as_bytes().windows(8).any(|t| t == w))
+    );
+}
+
+async fn sessions_expire_after_the_absolute_lifetime(fixture: Fixture) {
+    let accounts = fixture.with_settings(AccessSettings {
+        absolute_lifetime: Duration::from_secs(30 * 60),
+        ..settings()
+    });
+    active_user(
+        &accounts,
+        "auditor.b",
+        Role::Auditor,
+        "watching the watchers",
+        at(0),
+    )
+    .await;
+    let pw = password("watching the watchers");
+    let success = login(&accounts, "auditor.b", &pw, None, at(0))
+        .await
+        .unwrap();
+    let token = success.token.expose().to_owned();
+    for minute in [9, 18, 27] {
+        let session = accounts
+            .authenticate(&token, at(minutes(minute)))
+            .await
+            .unwrap();
+        assert_eq!(
+            session.expires_at,
+            at(minutes((minute + 10).min(30))),
+            "the earlier of idle and absolute"
+        );
+    }
+    accounts
+        .authenticate(&token, at(minutes(30) - 1))
+        .await
+        .unwrap();
+    assert!(matches!(
+        accounts.authenticate(&token, at(minutes(30))).await,
+        Err(SessionError::Expired {
+            reason: ExpiryReason::Absolute,
+            ..
+        })
+    ));
+    assert!(matches!(
+        accounts.authenticate(&token, at(minutes(30) + 1)).await,
+        Err(SessionError::Unknown)
+    ));
+}
+
+async fn logout_disable_and_resets_revoke_sessions(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let id = active_user(
+        accounts,
+        "analyst.x",
+        Role::Analyst,
+        "numbers without names",
+        at(0),
+    )
+    .await;
+    let pw = password("numbers without names");
+    let one = login(accounts, "analyst.x", &pw, None, at(1))
+        .await
+        .unwrap();
+    let two = login(accounts, "analyst.x", &pw, None, at(2))
+        .await
+        .unwrap();
+    accounts.logout(one.token.expose(), at(3)).await.unwrap();
+    assert!(matches!(
+        accounts.authenticate(one.token.expose(), at(4)).await,
+        Err(SessionError::Revoked { user_id }) if user_id == id
+    ));
+    accounts
+        .authenticate(two.token.expose(), at(4))
+        .await
+        .expect("the other session is open");
+    accounts
+        .logout(one.token.expose(), at(5))
+        .await
+        .expect("logging out twice is fine");
+    accounts.logout("garbage", at(5)).await.unwrap();
+
+    // An administrator's password reset ends sessions and asks for a change at next login.
+    let one_time = accounts.reset_password(id, at(6)).await.unwrap();
+    assert!(matches!(
+        accounts.authenticate(two.token.expose(), at(7)).await,
+        Err(SessionError::Revoked { .. })
+    ));
+    assert!(matches!(
+        login(accounts, "analyst.x", &pw, None, at(8)).await,
+        Err(LoginError::InvalidCredentials)
+    ));
+    let three = login(accounts, "analyst.x", &one_time.to_password(), None, at(9))
+        .await
+        .unwrap();
+    assert_eq!(three.session.stage, SessionStage::MustChangePassword);
+    // The one-time password is in the history: it cannot be chosen again.
+    assert!(matches!(
+        accounts
+            .change_password(id, &one_time.to_password(), &one_time.to_password(), at(10))
+            .await,
+        Err(PasswordChangeError::Reused { .. })
+    ));
+
+    // Disabling ends sessions at once.
+    accounts.disable_user(id, at(11)).await.unwrap();
+    assert!(matches!(
+        accounts.authenticate(three.token.expose(), at(12)).await,
+        Err(SessionError::Revoked { .. })
+    ));
+    let open = scalar_count(
+        &fixture.db,
+        "SELECT COUNT(*) FROM chartlog_access_sessions WHERE user_id = $1 AND ended_at_us IS NULL",
+        vec![SqlArg::Uuid(id.as_uuid())],
+    )
+    .await;
+    assert_eq!(open, 0);
+}
+
+async fn reauthentication_is_throttled(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let id = active_user(accounts, "dr.sign", Role::Physician, "signing notes", at(0)).await;
+    let client = address("203.0.113.9");
+    accounts
+        .reauthenticate(id, &password("signing notes"), client, at(1))
+        .await
+        .expect("the right password");
+    for i in 0..5 {
+        assert!(matches!(
+            accounts
+                .reauthenticate(id, &password("signing nodes"), client, at(2 + i))
+                .await,
+            Err(LoginError::InvalidCredentials)
+        ));
+    }
+    assert!(matches!(
+        accounts
+            .reauthenticate(id, &password("signing notes"), client, at(10))
+            .await,
+        Err(LoginError::Throttled { .. })
+    ));
+    // The failures count for login too.
+    assert!(matches!(
+        login(
+            accounts,
+            "dr.sign",
+            &password("signing notes"),
+            None,
+            at(11)
+        )
+        .await,
+        Err(LoginError::Throttled { .. })
+    ));
+}
+
+async fn inactive_accounts_are_deactivated(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let day = 24 * 60 * 60;
+    let active = active_user(
+        accounts,
+        "active.user",
+        Role::Analyst,
+        "still logging in",
+        at(0),
+    )
+    .await;
+    let idle = active_user(
+        accounts,
+        "idle.user",
+        Role::Analyst,
+        "gone fishing today",
+        at(0),
+    )
+    .await;
+    let (never, _) = accounts
+        .create_user(
+            NewUser {
+                username: name("never.user"),
+                role: Role::Auditor,
+                patient_id: None,
+            },
+            at(day),
+        )
+        .await
+        .unwrap();
+    let idle_session = login(
+        accounts,
+        "idle.user",
+        &password("gone fishing today"),
+        None,
+        at(10),
+    )
+    .await
+    .unwrap();
+    login(
+        accounts,
+        "active.user",
+        &password("still logging in"),
+        None,
+        at(60 * day),
+    )
+    .await
+    .unwrap();
+    assert!(
+        accounts
+            .deactivate_inactive(at(90 * day))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut deactivated = accounts
+        .deactivate_inactive(at(91 * day + 20))
+        .await
+        .unwrap();
+    deactivated.sort();
+    let mut expected = vec![idle, never.user_id];
+    expected.sort();
+    assert_eq!(deactivated, expected);
+    assert!(accounts.user(idle).await.unwrap().unwrap().disabled);
+    assert!(!accounts.user(active).await.unwrap().unwrap().disabled);
+    assert!(matches!(
+        accounts
+            .authenticate(idle_session.token.expose(), at(91 * day + 21))
+            .await,
+        Err(SessionError::Revoked { .. }) | Err(SessionError::Unknown)
+    ));
+    assert!(matches!(
+        login(
+            accounts,
+            "idle.user",
+            &password("gone fishing today"),
+            None,
+            at(91 * day + 22)
+        )
+        .await,
+        Err(LoginError::InvalidCredentials)
+    ));
+    // Already disabled accounts are not reported again.
+    assert_eq!(
+        accounts.deactivate_inactive(at(151 * day)).await.unwrap(),
+        vec![active]
+    );
+}
+
+async fn break_glass_grants_expire_and_are_reviewed(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let doctor = active_user(accounts, "dr.er", Role::Physician, "emergency room", at(0)).await;
+    let auditor = active_user(
+        accounts,
+        "auditor.c",
+        Role::Auditor,
+        "reviewing access logs",
+        at(0),
+    )
+    .await;
+    let patient = PatientId::from_uuid(Uuid::new_v4());
+    let reason =
+        BreakGlassReason::parse("unconscious in the ED, no care relationship yet").unwrap();
+    assert!(BreakGlassReason::parse("").is_err());
+    assert!(BreakGlassReason::parse(&"x".repeat(501)).is_err());
+
+    let grant = accounts
+        .open_break_glass(doctor, Role::Physician, patient, &reason, at(100))
+        .await
+        .unwrap();
+    assert_eq!(grant.expires_at, at(100 + minutes(60)));
+    assert_eq!(
+        accounts
+            .active_break_glass(doctor, patient, at(100 + minutes(59)))
+            .await
+            .unwrap(),
+        Some(grant.clone())
+    );
+    assert_eq!(
+        accounts
+            .active_break_glass(doctor, patient, at(100 + minutes(60)))
+            .await
+            .unwrap(),
+        None,
+        "expired after 60 minutes"
+    );
+    assert_eq!(
+        accounts
+            .active_break_glass(doctor, PatientId::from_uuid(Uuid::new_v4()), at(101))
+            .await
+            .unwrap(),
+        None,
+        "for this patient only"
+    );
+    assert_eq!(
+        accounts
+            .active_break_glass(auditor, patient, at(101))
+            .await
+            .unwrap(),
+        None,
+        "for this user only"
+    );
+    // The reason is sealed at rest.
+    let sealed = fixture
+        .db
+        .fetch_optional(
+            "SELECT reason_sealed FROM chartlog_access_break_glass_grants WHERE grant_id = $1",
+            vec![SqlArg::Uuid(grant.grant_id)],
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .bytes(0)
+        .unwrap();
+    assert!(!sealed.windows(11).any(|w| w == b"unconscious"));
+
+    let pending = accounts.break_glass_reviews(true).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].grant, grant);
+    assert_eq!(pending[0].reason.expose(), reason.expose());
+    assert_eq!(pending[0].verdict, None);
+    assert!(!format!("{:?}", pending[0]).contains("unconscious"));
+
+    assert!(matches!(
+        accounts
+            .review_break_glass(grant.grant_id, doctor, ReviewVerdict::Justified, at(200))
+            .await,
+        Err(AccessError::SelfReview { .. })
+    ));
+    accounts
+        .review_break_glass(grant.grant_id, auditor, ReviewVerdict::Justified, at(200))
+        .await
+        .unwrap();
+    assert!(matches!(
+        accounts
+            .review_break_glass(grant.grant_id, auditor, ReviewVerdict::Unjustified, at(201))
+            .await,
+        Err(AccessError::AlreadyReviewed { .. })
+    ));
+    assert!(matches!(
+        accounts
+            .review_break_glass(Uuid::new_v4(), auditor, ReviewVerdict::Justified, at(201))
+            .await,
+        Err(AccessError::GrantNotFound { .. })
+    ));
+    assert!(accounts.break_glass_reviews(true).await.unwrap().is_empty());
+    let all = accounts.break_glass_reviews(false).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].verdict, Some(ReviewVerdict::Justified));
+    assert_eq!(all[0].reviewed_by, Some(auditor));
+    assert_eq!(all[0].reviewed_at, Some(at(200)));
+    // The schema keeps grants as evidence.
+    assert!(
+        fixture
+            .db
+            .execute("DELETE FROM chartlog_access_break_glass_grants", vec![])
+            .await
+            .is_err()
+    );
+    assert!(
+        fixture
+            .db
+            .execute(
+                "UPDATE chartlog_access_break_glass_grants SET verdict = 'unjustified'",
+                vec![]
+            )
+            .await
+            .is_err()
+    );
+}
+
+async fn idempotent_responses_replay_and_refuse_mismatches(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let user = active_user(accounts, "dr.idem", Role::Physician, "same again", at(0)).await;
+    let other = active_user(accounts, "dr.other", Role::Physician, "someone else", at(0)).await;
+    let fingerprint = [7u8; 32];
+    let response = StoredResponse {
+        status: 201,
+        body: br#"{"note":"patient reports chest pain"}"#.to_vec(),
+    };
+    assert_eq!(
+        accounts
+            .idempotent_replay(user, "key-1", fingerprint, at(1))
+            .await
+            .unwrap(),
+        None
+    );
+    accounts
+        .remember_response(user, "key-1", fingerprint, &response, at(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        accounts
+            .idempotent_replay(user, "key-1", fingerprint, at(2))
+            .await
+            .unwrap(),
+        Some(response.clone())
+    );
+    assert!(matches!(
+        accounts
+            .idempotent_replay(user, "key-1", [8u8; 32], at(3))
+            .await,
+        Err(IdempotencyError::KeyReusedForDifferentRequest)
+    ));
+    assert_eq!(
+        accounts
+            .idempotent_replay(other, "key-1", fingerprint, at(3))
+            .await
+            .unwrap(),
+        None,
+        "keys are per user"
+    );
+    // Remembering again under a live key keeps the first response.
+    let second = StoredResponse {
+        status: 500,
+        body: b"other".to_vec(),
+    };
+    accounts
+        .remember_response(user, "key-1", fingerprint, &second, at(4))
+        .await
+        .unwrap();
+    assert_eq!(
+        accounts
+            .idempotent_replay(user, "key-1", fingerprint, at(5))
+            .await
+            .unwrap(),
+        Some(response.clone())
+    );
+    // The body is sealed at rest, and the key is stored as a digest.
+    let rows = fixture
+        .db
+        .fetch_all(
+            "SELECT body_sealed, key_hash FROM chartlog_access_idempotency_records",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(
+        !rows[0]
+            .bytes(0)
+            .unwrap()
+            .windows(10)
+            .any(|w| w == b"chest pain")
+    );
+    assert_ne!(rows[0].bytes(1).unwrap(), b"key-1".to_vec());
+    // After the retention period the key is free again.
+    let expired = at(1 + 24 * 60 * 60);
+    assert_eq!(
+        accounts
+            .idempotent_replay(user, "key-1", [8u8; 32], expired)
+            .await
+            .unwrap(),
+        None
+    );
+    accounts
+        .remember_response(user, "key-1", [8u8; 32], &second, expired)
+        .await
+        .unwrap();
+    assert_eq!(
+        accounts
+            .idempotent_replay(user, "key-1", [8u8; 32], expired)
+            .await
+            .unwrap(),
+        Some(second)
+    );
+    assert!(matches!(
+        accounts
+            .idempotent_replay(user, "", fingerprint, at(5))
+            .await,
+        Err(IdempotencyError::Access(AccessError::InvalidIdempotencyKey))
+    ));
+    assert!(matches!(
+        accounts
+            .idempotent_replay(user, &"k".repeat(256), fingerprint, at(5))
+            .await,
+        Err(IdempotencyError::Access(AccessError::InvalidIdempotencyKey))
+    ));
+    // Pruning drops what expired more than a day ago.
+    assert!(accounts.prune(at(4 * 24 * 60 * 60)).await.unwrap() >= 1);
+    assert_eq!(
+        scalar_count(
+            &fixture.db,
+            "SELECT COUNT(*) FROM chartlog_access_idempotency_records",
+            vec![]
+        )
+        .await,
+        0
+    );
+}
