@@ -148,6 +148,8 @@ pub struct Code {
 }
 
 #[derive(Deserialize)]
+// Request bodies reach these types: a misspelt field must be an error, not silently dropped.
+#[serde(deny_unknown_fields)]
 struct CodeWire {
     system: CodeSystem,
     code: String,

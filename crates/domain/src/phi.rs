@@ -379,6 +379,8 @@ pub struct PersonName {
 }
 
 #[derive(Deserialize)]
+// Request bodies reach these types: a misspelt field must be an error, not silently dropped.
+#[serde(deny_unknown_fields)]
 struct PersonNameWire {
     given: Vec<GivenName>,
     family: FamilyName,
@@ -462,6 +464,8 @@ pub struct PostalAddress {
 }
 
 #[derive(Deserialize)]
+// Request bodies reach these types: a misspelt field must be an error, not silently dropped.
+#[serde(deny_unknown_fields)]
 struct PostalAddressWire {
     lines: Vec<AddressLine>,
     city: City,
@@ -542,6 +546,8 @@ pub enum IdentifierSystem {
 
 /// An identifier issued by another system. The system prints; the value is PHI.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+// Request bodies reach these types: a misspelt field must be an error, not silently dropped.
+#[serde(deny_unknown_fields)]
 pub struct PatientIdentifier {
     pub system: IdentifierSystem,
     pub value: IdentifierValue,

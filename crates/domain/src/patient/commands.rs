@@ -22,6 +22,8 @@ pub const IDENTIFIERS_MAX: usize = 8;
 
 /// Who the patient is. All of it is PHI except `sex`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// Request bodies reach these types: a misspelt field must be an error, not silently dropped.
+#[serde(deny_unknown_fields)]
 pub struct Demographics {
     pub name: PersonName,
     pub birth_date: BirthDate,
@@ -38,6 +40,8 @@ pub struct Demographics {
 /// Fields to correct; `None` leaves a field as it is. For the optional fields,
 /// `Some(None)` removes the value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+// Request bodies reach these types: a misspelt field must be an error, not silently dropped.
+#[serde(deny_unknown_fields)]
 pub struct DemographicsCorrection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<PersonName>,
