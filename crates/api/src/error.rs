@@ -58,6 +58,82 @@ pub enum ApiError {
     /// The query string does not parse.
     #[error("the query string is malformed")]
     InvalidQuery,
+    /// No session: the request carries no session token, or one the server does not know.
+    #[error("authentication required: log in at POST /auth/login")]
+    Unauthenticated,
+    /// The session ended by the idle or absolute limit.
+    #[error("the session has expired; log in again")]
+    SessionExpired,
+    /// The user name or password (or second factor) is wrong, or the account is disabled.
+    /// One answer for all, so an attacker cannot tell which.
+    #[error("the user name, password or second factor is not correct")]
+    InvalidCredentials,
+    /// The account has a second factor and the login carried none.
+    #[error("this account needs a second factor: send second_factor with the login")]
+    SecondFactorRequired,
+    /// Too many failed attempts for the account or from this address.
+    #[error("too many failed attempts; try again in {retry_after_seconds} seconds")]
+    Throttled {
+        /// When the client may try again.
+        retry_after_seconds: u64,
+    },
+    /// The session is not yet allowed to do this (the password must be changed, or a second
+    /// factor enrolled, first).
+    #[error("{reason}")]
+    SessionRestricted {
+        /// Which step the user must take first.
+        reason: &'static str,
+    },
+    /// The role's grants do not include this route.
+    #[error("your role may not {action}")]
+    Forbidden {
+        /// What was refused, in words (built from fixed text).
+        action: String,
+    },
+    /// The role may do this in general, but not on this patient's record.
+    #[error("you have no access to this patient's record{hint}")]
+    NoAccessToRecord {
+        /// What the user may do about it (fixed text).
+        hint: &'static str,
+    },
+    /// A request the endpoint understood but will not do; the message names the problem
+    /// from fixed text and ids, never from PHI.
+    #[error("{message}")]
+    Unprocessable {
+        /// Stable code for the problem.
+        code: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A conflict with the current state of a resource (a user name taken, a review already
+    /// closed, a record changed under a racing writer).
+    #[error("{message}")]
+    Conflict {
+        /// Stable code for the conflict.
+        code: &'static str,
+        /// What conflicts.
+        message: String,
+    },
+    /// `If-Match` names another version than the record's.
+    #[error("the record is at version {current}, not the version {expected} named by If-Match")]
+    PreconditionFailed {
+        /// The version the client named.
+        expected: u64,
+        /// The version the record is at.
+        current: u64,
+    },
+    /// The patient's key was destroyed: the record is gone for good.
+    #[error("this patient's record was erased")]
+    Erased,
+    /// A required header is missing or malformed.
+    #[error("{message}")]
+    InvalidHeader {
+        /// Which header and what is wrong (fixed text).
+        message: &'static str,
+    },
+    /// The audit trail did not take the access record, so the access is refused.
+    #[error("the audit trail is unavailable; the request was not served")]
+    AuditUnavailable,
     /// Our fault. The detail is logged by whoever creates this, never returned.
     #[error("internal error")]
     Internal,
@@ -76,7 +152,28 @@ impl ApiError {
             ApiError::BodyUnreadable => "body_unreadable",
             ApiError::InvalidPath => "invalid_path",
             ApiError::InvalidQuery => "invalid_query",
+            ApiError::Unauthenticated => "unauthenticated",
+            ApiError::SessionExpired => "session_expired",
+            ApiError::InvalidCredentials => "invalid_credentials",
+            ApiError::SecondFactorRequired => "second_factor_required",
+            ApiError::Throttled { .. } => "throttled",
+            ApiError::SessionRestricted { .. } => "session_restricted",
+            ApiError::Forbidden { .. } => "forbidden",
+            ApiError::NoAccessToRecord { .. } => "no_access_to_record",
+            ApiError::Unprocessable { code, .. } | ApiError::Conflict { code, .. } => code,
+            ApiError::PreconditionFailed { .. } => "precondition_failed",
+            ApiError::Erased => "erased",
+            ApiError::InvalidHeader { .. } => "invalid_header",
+            ApiError::AuditUnavailable => "audit_unavailable",
             ApiError::Internal => "internal",
+        }
+    }
+
+    /// A body that parsed but is not acceptable, with a message built from fixed text.
+    pub(crate) fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::Unprocessable {
+            code,
+            message: message.into(),
         }
     }
 
@@ -136,12 +233,39 @@ impl ResponseError for ApiError {
             | ApiError::BodyUnreadable
             | ApiError::InvalidPath
             | ApiError::InvalidQuery => StatusCode::BAD_REQUEST,
+            ApiError::Unauthenticated
+            | ApiError::SessionExpired
+            | ApiError::InvalidCredentials
+            | ApiError::SecondFactorRequired => StatusCode::UNAUTHORIZED,
+            ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::SessionRestricted { .. }
+            | ApiError::Forbidden { .. }
+            | ApiError::NoAccessToRecord { .. } => StatusCode::FORBIDDEN,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            ApiError::Erased => StatusCode::GONE,
+            ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
+            ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code()).json(ErrorBody {
+        let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::Throttled {
+            retry_after_seconds,
+        } = self
+        {
+            response.insert_header(("Retry-After", retry_after_seconds.to_string()));
+        }
+        if matches!(
+            self,
+            ApiError::Unauthenticated | ApiError::SessionExpired | ApiError::InvalidCredentials
+        ) {
+            response.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        response.json(ErrorBody {
             error: self.code(),
             message: self.to_string(),
         })

@@ -3,12 +3,17 @@
 //! The binary builds one [`app`] per worker from an [`ApiConfig`] and serves it over TLS
 //! (see [`tls`]); plain HTTP exists only behind the binary's explicit development flag.
 //!
-//! **Invariant:** this crate never talks SQL. Storage is reached through traits the binary
-//! supplies (today only [`ReadinessProbe`]); backends never know HTTP.
+//! **Invariant:** this crate never talks SQL. Storage is reached through the record store
+//! ([`records::Records`]), the accounts service (`chartlog_access`), the audit sink and the
+//! read-model query functions of `chartlog_projections`; backends never know HTTP.
 //!
 //! **Invariant:** every route declares the permission it needs in one table,
-//! [`routes::ROUTES`], and is registered from that table, so a route cannot exist without a
-//! declared policy. Today the table holds only the two public probes (`/healthz`, `/readyz`).
+//! [`routes::ROUTES`], and is registered from that table behind the guard ([`guard`]), so a
+//! route cannot exist without a declared policy. Object-level checks on a patient's record
+//! ([`policy::reach_record`]) run in the handler before anything is read or decided.
+//!
+//! **Invariant:** every PHI read is in the audit trail before its response leaves; when the
+//! audit sink fails, the request fails with 503.
 //!
 //! **Invariant:** every response, including errors and the 404 for unknown routes, carries the
 //! security headers (`Cache-Control: no-store`, `X-Content-Type-Options: nosniff`, ...; HSTS
@@ -22,11 +27,17 @@
 //!
 //! The crate assumes a Unix host: private key files are created with mode 0600.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
+pub mod audit;
 mod error;
+pub mod guard;
+mod handlers;
 mod middleware;
+pub mod notify;
+pub mod openapi;
+pub mod policy;
 mod readiness;
+pub mod records;
 pub mod routes;
 pub mod tls;
 
@@ -64,6 +75,30 @@ pub struct ApiConfig {
     pub transport: Transport,
     /// Answers `GET /readyz`: is the backend able to serve requests?
     pub readiness: Arc<dyn ReadinessProbe>,
+    /// Patient records: commands through the ledger, reads through the read models.
+    pub records: Arc<dyn records::Records>,
+    /// User accounts, sessions, break-glass grants and idempotency records.
+    pub accounts: chartlog_access::Accounts,
+    /// Where audit rows of reads, logins and denials go before a response leaves.
+    pub audit: Arc<dyn audit::AuditSink>,
+    /// Told of every break-glass opening.
+    pub notifier: Arc<dyn notify::Notifier>,
+    /// The read-model database, for the audit trail and the de-identified export.
+    pub read_models: chartlog_projections::db::ProjectionDb,
+    /// How clients reach this server, e.g. `https://127.0.0.1:8443`: links in notifications.
+    pub public_base_url: String,
+}
+
+/// The current time, as the domain counts it (the domain itself never reads the clock).
+pub fn now() -> chartlog_domain::Timestamp {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
+        });
+    // The clock is within the representable range for millennia.
+    chartlog_domain::Timestamp::from_unix_micros(micros)
+        .unwrap_or_else(|_| chartlog_domain::Timestamp::from_unix_micros(0).expect("epoch"))
 }
 
 /// Builds the complete application: routes from [`routes::ROUTES`], the JSON 404 default
@@ -81,9 +116,10 @@ pub fn app(
 > {
     let transport = config.transport;
     App::new()
-        .app_data(web::Data::from(config.readiness))
+        .app_data(web::Data::from(config.readiness.clone()))
+        .app_data(web::Data::new(config))
         .configure(configure)
-        .default_service(web::to(routes::not_found))
+        .default_service(web::to(handlers::meta::not_found))
         .wrap(actix_web::middleware::from_fn(move |request, next| {
             middleware::security_headers(transport, request, next)
         }))
@@ -92,7 +128,8 @@ pub fn app(
 /// Registers every route of [`routes::ROUTES`] and the extractor configuration (body limits
 /// and JSON error shapes). Useful on its own to mount the API under a scope in tests.
 ///
-/// The handlers expect `web::Data<dyn ReadinessProbe>` in the app data; [`app`] provides it.
+/// The handlers expect `web::Data<dyn ReadinessProbe>` and `web::Data<ApiConfig>` in the app
+/// data; [`app`] provides them.
 pub fn configure(config: &mut web::ServiceConfig) {
     config
         .app_data(

@@ -1,0 +1,534 @@
+//! Logging in and out, passwords, second factors, and the administrator's user accounts.
+
+use actix_web::cookie::{Cookie, SameSite};
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use chartlog_access::{
+    AccessError, LoginAttempt, LoginError, NewUser, Password, PasswordChangeError,
+    SecondFactorCode, Session, UserAccount, Username,
+};
+use chartlog_domain::{Actor, PatientId, PurposeOfUse, Role, Timestamp, UserId};
+use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome, AuditRow};
+use serde::{Deserialize, Serialize};
+
+use super::{internal, parse_body, require_json};
+use crate::guard::{Caller, SESSION_COOKIE};
+use crate::{ApiConfig, ApiError, audit};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    username: String,
+    password: String,
+    /// A 6-digit TOTP code or a recovery code.
+    #[serde(default)]
+    second_factor: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct SessionView {
+    user_id: UserId,
+    username: String,
+    role: Role,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patient_id: Option<PatientId>,
+    /// `full`, `must_change_password` or `must_enroll_second_factor`.
+    stage: &'static str,
+    expires_at: String,
+}
+
+impl SessionView {
+    fn of(session: &Session) -> Self {
+        Self {
+            user_id: session.user_id,
+            username: session.username.as_str().to_owned(),
+            role: session.role,
+            patient_id: session.patient_id,
+            stage: session.stage.as_str(),
+            expires_at: session.expires_at.to_string(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct LoginAnswer {
+    /// Send as `Authorization: Bearer <token>`; browsers use the cookie instead.
+    token: String,
+    session: SessionView,
+}
+
+fn session_actor(user_id: UserId, role: Role) -> Actor {
+    Actor {
+        user_id,
+        role,
+        purpose_of_use: PurposeOfUse::SystemAdministration,
+        break_glass: false,
+    }
+}
+
+fn session_row(
+    actor: Option<Actor>,
+    action: AuditAction,
+    outcome: AuditOutcome,
+    client_address: Option<std::net::IpAddr>,
+) -> AuditRow {
+    AuditRow {
+        audit_id: uuid::Uuid::now_v7(),
+        occurred_at: crate::now(),
+        actor,
+        patient_id: None,
+        entity: Some(AuditEntity::Session),
+        record_id: None,
+        action,
+        outcome,
+        client_address,
+        event_type: None,
+    }
+}
+
+fn session_cookie(token: &str, secure: bool) -> Cookie<'static> {
+    Cookie::build(SESSION_COOKIE, token.to_owned())
+        .path("/")
+        .secure(secure)
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .finish()
+}
+
+pub(crate) async fn login(
+    config: web::Data<ApiConfig>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_json(request.headers())?;
+    let body: LoginBody = parse_body(&body)?;
+    let client_address = request.peer_addr().map(|address| address.ip());
+    let attempt = LoginAttempt {
+        username: body.username,
+        password: Password::new(body.password),
+        // A malformed code fails exactly like a wrong one.
+        second_factor: match body.second_factor {
+            Some(raw) => match SecondFactorCode::parse(&raw) {
+                Ok(code) => Some(code),
+                Err(_) => {
+                    audit::record(
+                        &config,
+                        vec![session_row(
+                            None,
+                            AuditAction::Login,
+                            AuditOutcome::Failure,
+                            client_address,
+                        )],
+                    )
+                    .await?;
+                    return Err(ApiError::InvalidCredentials);
+                }
+            },
+            None => None,
+        },
+        client_address: client_address
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+    };
+    match config.accounts.login(attempt, crate::now()).await {
+        Ok(success) => {
+            let session = &success.session;
+            let actor = session_actor(session.user_id, session.role);
+            audit::record(
+                &config,
+                vec![session_row(
+                    Some(actor),
+                    AuditAction::Login,
+                    AuditOutcome::Success,
+                    client_address,
+                )],
+            )
+            .await?;
+            let token = success.token.expose().to_owned();
+            let secure = config.transport == crate::Transport::Tls;
+            Ok(HttpResponse::Ok()
+                .cookie(session_cookie(&token, secure))
+                .json(LoginAnswer {
+                    token,
+                    session: SessionView::of(session),
+                }))
+        }
+        Err(error) => {
+            let answer = match &error {
+                LoginError::InvalidCredentials => ApiError::InvalidCredentials,
+                LoginError::SecondFactorRequired => ApiError::SecondFactorRequired,
+                LoginError::Throttled {
+                    retry_after_seconds,
+                } => ApiError::Throttled {
+                    retry_after_seconds: *retry_after_seconds,
+                },
+                other => {
+                    tracing::error!(error = %other, "login failed unexpectedly");
+                    ApiError::Internal
+                }
+            };
+            // The name typed is not kept: it may be a mistyped password.
+            audit::record(
+                &config,
+                vec![session_row(
+                    None,
+                    AuditAction::Login,
+                    AuditOutcome::Failure,
+                    client_address,
+                )],
+            )
+            .await?;
+            Err(answer)
+        }
+    }
+}
+
+pub(crate) async fn logout(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    config
+        .accounts
+        .logout(caller.token(), crate::now())
+        .await
+        .map_err(internal("logout"))?;
+    audit::record(
+        &config,
+        vec![session_row(
+            Some(caller.actor(None)),
+            AuditAction::Logout,
+            AuditOutcome::Success,
+            caller.client_address,
+        )],
+    )
+    .await?;
+    let mut expired = session_cookie("", config.transport == crate::Transport::Tls);
+    expired.make_removal();
+    Ok(HttpResponse::NoContent().cookie(expired).finish())
+}
+
+pub(crate) async fn session(caller: Caller) -> HttpResponse {
+    HttpResponse::Ok().json(SessionView::of(&caller.session))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordChangeBody {
+    current_password: String,
+    new_password: String,
+}
+
+pub(crate) async fn change_password(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_json(request.headers())?;
+    let body: PasswordChangeBody = parse_body(&body)?;
+    let changed = config
+        .accounts
+        .change_password(
+            caller.session.user_id,
+            &Password::new(body.current_password),
+            &Password::new(body.new_password),
+            crate::now(),
+        )
+        .await;
+    let outcome = match &changed {
+        Ok(()) => AuditOutcome::Success,
+        Err(_) => AuditOutcome::Failure,
+    };
+    audit::record(
+        &config,
+        vec![AuditRow {
+            entity: Some(AuditEntity::User),
+            record_id: Some(caller.session.user_id.as_uuid()),
+            ..session_row(
+                Some(caller.actor(None)),
+                AuditAction::Update,
+                outcome,
+                caller.client_address,
+            )
+        }],
+    )
+    .await?;
+    match changed {
+        Ok(()) => Ok(HttpResponse::NoContent().finish()),
+        Err(PasswordChangeError::CurrentPasswordIncorrect) => Err(ApiError::InvalidCredentials),
+        Err(PasswordChangeError::Throttled {
+            retry_after_seconds,
+        }) => Err(ApiError::Throttled {
+            retry_after_seconds,
+        }),
+        Err(PasswordChangeError::Access(error)) => Err(internal("password change")(error)),
+        Err(rejected) => Err(ApiError::unprocessable(
+            "password_rejected",
+            rejected.to_string(),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct EnrollmentAnswer {
+    secret_base32: String,
+    otpauth_uri: String,
+}
+
+pub(crate) async fn begin_enrollment(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    let enrollment = config
+        .accounts
+        .begin_second_factor_enrollment(caller.session.user_id, crate::now())
+        .await
+        .map_err(access_error)?;
+    Ok(HttpResponse::Ok().json(EnrollmentAnswer {
+        secret_base32: enrollment.secret_base32.clone(),
+        otpauth_uri: enrollment.otpauth_uri.clone(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfirmationBody {
+    code: String,
+}
+
+#[derive(Serialize)]
+struct RecoveryCodesAnswer {
+    /// Each works once in place of a TOTP code. Shown only now.
+    recovery_codes: Vec<String>,
+}
+
+pub(crate) async fn confirm_enrollment(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_json(request.headers())?;
+    let body: ConfirmationBody = parse_body(&body)?;
+    let code = SecondFactorCode::parse(&body.code).map_err(|error| {
+        ApiError::unprocessable("invalid_second_factor_code", error.to_string())
+    })?;
+    let codes = config
+        .accounts
+        .confirm_second_factor_enrollment(caller.session.user_id, &code, crate::now())
+        .await
+        .map_err(access_error)?;
+    audit::record(
+        &config,
+        vec![AuditRow {
+            entity: Some(AuditEntity::User),
+            record_id: Some(caller.session.user_id.as_uuid()),
+            ..session_row(
+                Some(caller.actor(None)),
+                AuditAction::Update,
+                AuditOutcome::Success,
+                caller.client_address,
+            )
+        }],
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(RecoveryCodesAnswer {
+        recovery_codes: codes.expose().to_vec(),
+    }))
+}
+
+// ---- administrators ------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct UserView {
+    user_id: UserId,
+    username: String,
+    role: Role,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patient_id: Option<PatientId>,
+    disabled: bool,
+    second_factor_enrolled: bool,
+    must_change_password: bool,
+    created_at: String,
+    last_login_at: Option<String>,
+}
+
+impl UserView {
+    fn of(user: &UserAccount) -> Self {
+        Self {
+            user_id: user.user_id,
+            username: user.username.as_str().to_owned(),
+            role: user.role,
+            patient_id: user.patient_id,
+            disabled: user.disabled,
+            second_factor_enrolled: user.second_factor_enrolled,
+            must_change_password: user.must_change_password,
+            created_at: user.created_at.to_string(),
+            last_login_at: user.last_login_at.map(|at: Timestamp| at.to_string()),
+        }
+    }
+}
+
+fn user_row(caller: &Caller, user: Option<UserId>, action: AuditAction) -> AuditRow {
+    AuditRow {
+        entity: Some(AuditEntity::User),
+        record_id: user.map(|user| user.as_uuid()),
+        ..session_row(
+            Some(caller.actor(None)),
+            action,
+            AuditOutcome::Success,
+            caller.client_address,
+        )
+    }
+}
+
+pub(crate) async fn list_users(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    let users = config.accounts.list_users().await.map_err(access_error)?;
+    audit::record(&config, vec![user_row(&caller, None, AuditAction::Read)]).await?;
+    let users: Vec<UserView> = users.iter().map(UserView::of).collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "users": users })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUserBody {
+    username: String,
+    role: Role,
+    /// Required for, and only for, a patient's account: the record it may read.
+    #[serde(default)]
+    patient_id: Option<PatientId>,
+}
+
+#[derive(Serialize)]
+struct NewUserAnswer {
+    user: UserView,
+    /// Give it to the user out of band; they must change it at first login.
+    one_time_password: String,
+}
+
+pub(crate) async fn create_user(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_json(request.headers())?;
+    let body: NewUserBody = parse_body(&body)?;
+    let username = Username::parse(&body.username)
+        .map_err(|error| ApiError::unprocessable("invalid_username", error.to_string()))?;
+    let (user, one_time_password) = config
+        .accounts
+        .create_user(
+            NewUser {
+                username,
+                role: body.role,
+                patient_id: body.patient_id,
+            },
+            crate::now(),
+        )
+        .await
+        .map_err(access_error)?;
+    audit::record(
+        &config,
+        vec![user_row(&caller, Some(user.user_id), AuditAction::Create)],
+    )
+    .await?;
+    Ok(HttpResponse::Created().json(NewUserAnswer {
+        user: UserView::of(&user),
+        one_time_password: one_time_password.expose().to_owned(),
+    }))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct UserPath {
+    user_id: UserId,
+}
+
+pub(crate) async fn disable_user(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<UserPath>,
+) -> Result<HttpResponse, ApiError> {
+    if path.user_id == caller.session.user_id {
+        return Err(ApiError::unprocessable(
+            "cannot_disable_self",
+            "an administrator cannot disable their own account",
+        ));
+    }
+    config
+        .accounts
+        .disable_user(path.user_id, crate::now())
+        .await
+        .map_err(access_error)?;
+    audit::record(
+        &config,
+        vec![user_row(&caller, Some(path.user_id), AuditAction::Update)],
+    )
+    .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+pub(crate) async fn reset_password(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<UserPath>,
+) -> Result<HttpResponse, ApiError> {
+    let one_time_password = config
+        .accounts
+        .reset_password(path.user_id, crate::now())
+        .await
+        .map_err(access_error)?;
+    audit::record(
+        &config,
+        vec![user_row(&caller, Some(path.user_id), AuditAction::Update)],
+    )
+    .await?;
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({ "one_time_password": one_time_password.expose() })))
+}
+
+pub(crate) async fn reset_second_factor(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<UserPath>,
+) -> Result<HttpResponse, ApiError> {
+    config
+        .accounts
+        .reset_second_factor(path.user_id, crate::now())
+        .await
+        .map_err(access_error)?;
+    audit::record(
+        &config,
+        vec![user_row(&caller, Some(path.user_id), AuditAction::Update)],
+    )
+    .await?;
+    Ok(HttpResponse::build(StatusCode::NO_CONTENT).finish())
+}
+
+/// Maps the accounts service's refusals; its messages name ids and rules, never secrets.
+pub(crate) fn access_error(error: AccessError) -> ApiError {
+    match error {
+        AccessError::UsernameTaken => ApiError::Conflict {
+            code: "username_taken",
+            message: "an account with this user name exists".to_owned(),
+        },
+        AccessError::UserNotFound { .. } | AccessError::GrantNotFound { .. } => ApiError::NotFound,
+        AccessError::PatientIdRequired
+        | AccessError::PatientIdNotAllowed { .. }
+        | AccessError::RoleNotAssignable { .. }
+        | AccessError::SelfReview { .. }
+        | AccessError::NoPendingEnrollment { .. }
+        | AccessError::InvalidSecondFactorCode => {
+            ApiError::unprocessable("invalid_request", error.to_string())
+        }
+        AccessError::SecondFactorAlreadyEnrolled { .. } | AccessError::AlreadyReviewed { .. } => {
+            ApiError::Conflict {
+                code: "conflict",
+                message: error.to_string(),
+            }
+        }
+        other => internal("accounts")(other),
+    }
+}

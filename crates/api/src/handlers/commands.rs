@@ -1,0 +1,364 @@
+//! One endpoint per clinical command: `POST /patients/{patient_id}/<command>`.
+//!
+//! Bodies are the command's fields (unknown fields refused, times in RFC 3339); the server
+//! mints the ids of new records and returns them. `If-Match: "<version>"` makes the command
+//! conditional (412 when the record moved on); `Idempotency-Key` makes a retry safe.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderMap, IF_MATCH};
+use actix_web::{HttpRequest, HttpResponse, web};
+use chartlog_domain::codes::Code;
+use chartlog_domain::patient::{
+    AllergyCriticality, AllergyReaction, ConsentRestrictionKind, DemographicsCorrection,
+    DiscontinuationReason, DosingFrequency, ErasureReason, MedicationRoute, ObservationValue,
+};
+use chartlog_domain::phi::NoteText;
+use chartlog_domain::quantity::Quantity;
+use chartlog_domain::{
+    AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
+    PatientCommand, Timestamp, UserId,
+};
+use chartlog_projections::audit::AuditAction;
+use chartlog_store::ExecuteOptions;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use super::patients::CommandAnswer;
+use super::{PatientPath, idempotent, internal, ledger_error, parse_body, reach, require_json};
+use crate::guard::Caller;
+use crate::policy::Entity;
+use crate::routes::Route;
+use crate::{ApiConfig, ApiError};
+
+/// What the handler needs from a command's body.
+pub(crate) trait CommandBody: DeserializeOwned + 'static {
+    /// The route the body is sent to.
+    const ROUTE: &'static Route;
+    /// The part of the chart the command touches, for the object-level check.
+    const ENTITY: Entity;
+    /// `Create` or `Update`, for a refusal's audit row.
+    const ACTION: AuditAction;
+
+    /// The domain command, and the id of the record it creates or touches.
+    fn into_command(self, caller: &Caller) -> (PatientCommand, Option<uuid::Uuid>);
+
+    /// The password the command must be confirmed with, if any (signing a note).
+    fn reauthentication(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Executes any [`CommandBody`] on the patient of the path.
+pub(crate) async fn execute<B: CommandBody>(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<PatientPath>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_json(request.headers())?;
+    let expected_version = if_match(request.headers())?;
+    let command: B = parse_body(&body)?;
+    let patient = path.patient_id;
+    let patient_bytes = patient.as_uuid();
+    let identity: [&[u8]; 3] = [B::ROUTE.path.as_bytes(), patient_bytes.as_bytes(), &body];
+    idempotent(&config, &caller, request.headers(), &identity, async {
+        let reach = reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?;
+        if let Some(password) = command.reauthentication() {
+            config
+                .accounts
+                .reauthenticate(
+                    caller.session.user_id,
+                    &chartlog_access::Password::new(password.to_owned()),
+                    caller
+                        .client_address
+                        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                    crate::now(),
+                )
+                .await
+                .map_err(|error| match error {
+                    chartlog_access::LoginError::Throttled {
+                        retry_after_seconds,
+                    } => ApiError::Throttled {
+                        retry_after_seconds,
+                    },
+                    _ => ApiError::InvalidCredentials,
+                })?;
+        }
+        let (domain_command, record_id) = command.into_command(&caller);
+        let actor = reach.actor;
+        let outcome = config
+            .records
+            .execute(
+                patient,
+                domain_command,
+                actor,
+                crate::now(),
+                ExecuteOptions {
+                    expected_version,
+                    loaded: reach.loaded,
+                },
+            )
+            .await
+            .map_err(ledger_error)?;
+        let answer = CommandAnswer {
+            patient_id: patient,
+            stream_version: outcome.stream_version,
+            position: outcome.position,
+            record_id,
+        };
+        Ok((
+            StatusCode::OK,
+            serde_json::to_value(answer).map_err(internal("answer encoding"))?,
+        ))
+    })
+    .await
+}
+
+/// `If-Match: "7"` (or `7`, or `W/"7"`) names the stream version the client decided on.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(IF_MATCH) else {
+        return Ok(None);
+    };
+    const MALFORMED: ApiError = ApiError::InvalidHeader {
+        message: "If-Match must be the record's stream version, e.g. \"7\"",
+    };
+    let raw = value.to_str().map_err(|_| MALFORMED)?.trim();
+    let raw = raw.strip_prefix("W/").unwrap_or(raw);
+    let raw = raw.trim_matches('"');
+    raw.parse::<u64>().map(Some).map_err(|_| MALFORMED)
+}
+
+/// An RFC 3339 time, e.g. `2026-11-27T09:30:00Z`.
+fn rfc3339<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Timestamp, D::Error> {
+    let raw = String::deserialize(deserializer)?;
+    parse_rfc3339(&raw).ok_or_else(|| serde::de::Error::custom("not an RFC 3339 time"))
+}
+
+fn rfc3339_optional<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Timestamp>, D::Error> {
+    let raw = Option::<String>::deserialize(deserializer)?;
+    raw.map(|raw| {
+        parse_rfc3339(&raw).ok_or_else(|| serde::de::Error::custom("not an RFC 3339 time"))
+    })
+    .transpose()
+}
+
+pub(crate) fn parse_rfc3339(raw: &str) -> Option<Timestamp> {
+    let at =
+        time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339).ok()?;
+    let micros = i64::try_from(at.unix_timestamp_nanos() / 1_000).ok()?;
+    Timestamp::from_unix_micros(micros).ok()
+}
+
+fn new_id() -> uuid::Uuid {
+    uuid::Uuid::now_v7()
+}
+
+macro_rules! command_body {
+    ($name:ident, $route:ident, $entity:ident, $action:ident, { $($field:tt)* }, |$this:ident, $caller:ident| $build:expr) => {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub(crate) struct $name { $($field)* }
+
+        impl CommandBody for $name {
+            const ROUTE: &'static Route = &crate::routes::$route;
+            const ENTITY: Entity = Entity::$entity;
+            const ACTION: AuditAction = AuditAction::$action;
+
+            #[allow(unused_variables)]
+            fn into_command(self, $caller: &Caller) -> (PatientCommand, Option<uuid::Uuid>) {
+                let $this = self;
+                $build
+            }
+        }
+    };
+}
+
+/// The correction is the body itself: the fields to change.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub(crate) struct CorrectDemographics(DemographicsCorrection);
+
+impl CommandBody for CorrectDemographics {
+    const ROUTE: &'static Route = &crate::routes::CORRECT_DEMOGRAPHICS;
+    const ENTITY: Entity = Entity::Demographics;
+    const ACTION: AuditAction = AuditAction::Update;
+
+    fn into_command(self, _caller: &Caller) -> (PatientCommand, Option<uuid::Uuid>) {
+        (
+            PatientCommand::CorrectDemographics { correction: self.0 },
+            None,
+        )
+    }
+}
+
+command_body!(RecordObservation, RECORD_OBSERVATION, Observation, Create, {
+    code: Code,
+    value: ObservationValue,
+    #[serde(deserialize_with = "rfc3339")]
+    effective_at: Timestamp,
+}, |body, caller| {
+    let id = new_id();
+    (PatientCommand::RecordObservation {
+        observation_id: ObservationId::from_uuid(id),
+        code: body.code,
+        value: body.value,
+        effective_at: body.effective_at,
+    }, Some(id))
+});
+
+command_body!(RecordCondition, RECORD_CONDITION, Condition, Create, {
+    code: Code,
+    #[serde(default, deserialize_with = "rfc3339_optional")]
+    onset_at: Option<Timestamp>,
+}, |body, caller| {
+    let id = new_id();
+    (PatientCommand::RecordCondition {
+        condition_id: ConditionId::from_uuid(id),
+        code: body.code,
+        onset_at: body.onset_at,
+    }, Some(id))
+});
+
+command_body!(ResolveCondition, RESOLVE_CONDITION, Condition, Update, {
+    condition_id: ConditionId,
+    #[serde(deserialize_with = "rfc3339")]
+    resolved_at: Timestamp,
+}, |body, caller| {
+    (PatientCommand::ResolveCondition {
+        condition_id: body.condition_id,
+        resolved_at: body.resolved_at,
+    }, Some(body.condition_id.as_uuid()))
+});
+
+command_body!(RecordAllergy, RECORD_ALLERGY, Allergy, Create, {
+    substance: Code,
+    criticality: AllergyCriticality,
+    #[serde(default)]
+    reaction: Option<AllergyReaction>,
+}, |body, caller| {
+    let id = new_id();
+    (PatientCommand::RecordAllergy {
+        allergy_id: AllergyId::from_uuid(id),
+        substance: body.substance,
+        criticality: body.criticality,
+        reaction: body.reaction,
+    }, Some(id))
+});
+
+command_body!(RefuteAllergy, REFUTE_ALLERGY, Allergy, Update, {
+    allergy_id: AllergyId,
+}, |body, caller| {
+    (PatientCommand::RefuteAllergy { allergy_id: body.allergy_id }, Some(body.allergy_id.as_uuid()))
+});
+
+command_body!(PrescribeMedication, PRESCRIBE_MEDICATION, Medication, Create, {
+    medication: Code,
+    dose: Quantity,
+    route: MedicationRoute,
+    frequency: DosingFrequency,
+}, |body, caller| {
+    let id = new_id();
+    (PatientCommand::PrescribeMedication {
+        medication_order_id: MedicationOrderId::from_uuid(id),
+        medication: body.medication,
+        dose: body.dose,
+        route: body.route,
+        frequency: body.frequency,
+    }, Some(id))
+});
+
+command_body!(DiscontinueMedication, DISCONTINUE_MEDICATION, Medication, Update, {
+    medication_order_id: MedicationOrderId,
+    reason: DiscontinuationReason,
+}, |body, caller| {
+    (PatientCommand::DiscontinueMedication {
+        medication_order_id: body.medication_order_id,
+        reason: body.reason,
+    }, Some(body.medication_order_id.as_uuid()))
+});
+
+command_body!(WriteNote, WRITE_NOTE, Note, Create, {
+    text: NoteText,
+}, |body, caller| {
+    let id = new_id();
+    (PatientCommand::WriteNote { note_id: NoteId::from_uuid(id), text: body.text }, Some(id))
+});
+
+command_body!(AmendNote, AMEND_NOTE, Note, Update, {
+    note_id: NoteId,
+    text: NoteText,
+}, |body, caller| {
+    (PatientCommand::AmendNote { note_id: body.note_id, text: body.text }, Some(body.note_id.as_uuid()))
+});
+
+/// Signing needs the signer's password again (re-authentication at the moment of signing).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SignNote {
+    note_id: NoteId,
+    password: String,
+}
+
+impl CommandBody for SignNote {
+    const ROUTE: &'static Route = &crate::routes::SIGN_NOTE;
+    const ENTITY: Entity = Entity::Note;
+    const ACTION: AuditAction = AuditAction::Update;
+
+    fn into_command(self, caller: &Caller) -> (PatientCommand, Option<uuid::Uuid>) {
+        (
+            PatientCommand::SignNote {
+                note_id: self.note_id,
+                signer: caller.session.user_id,
+            },
+            Some(self.note_id.as_uuid()),
+        )
+    }
+
+    fn reauthentication(&self) -> Option<&str> {
+        Some(&self.password)
+    }
+}
+
+command_body!(AddNoteAddendum, ADD_NOTE_ADDENDUM, Note, Update, {
+    note_id: NoteId,
+    text: NoteText,
+}, |body, caller| {
+    (PatientCommand::AddNoteAddendum { note_id: body.note_id, text: body.text }, Some(body.note_id.as_uuid()))
+});
+
+command_body!(GrantConsentRestriction, GRANT_CONSENT_RESTRICTION, Consent, Create, {
+    kind: ConsentRestrictionKind,
+}, |body, caller| {
+    let id = new_id();
+    (PatientCommand::GrantConsentRestriction {
+        restriction_id: ConsentRestrictionId::from_uuid(id),
+        kind: body.kind,
+    }, Some(id))
+});
+
+command_body!(RevokeConsentRestriction, REVOKE_CONSENT_RESTRICTION, Consent, Update, {
+    restriction_id: ConsentRestrictionId,
+}, |body, caller| {
+    (PatientCommand::RevokeConsentRestriction { restriction_id: body.restriction_id }, Some(body.restriction_id.as_uuid()))
+});
+
+command_body!(AssignCareRelationship, ASSIGN_CARE_RELATIONSHIP, CareRelationship, Create, {
+    clinician: UserId,
+}, |body, caller| {
+    (PatientCommand::AssignCareRelationship { clinician: body.clinician }, Some(body.clinician.as_uuid()))
+});
+
+command_body!(EndCareRelationship, END_CARE_RELATIONSHIP, CareRelationship, Update, {
+    clinician: UserId,
+}, |body, caller| {
+    (PatientCommand::EndCareRelationship { clinician: body.clinician }, Some(body.clinician.as_uuid()))
+});
+
+command_body!(ErasePatient, ERASE_PATIENT, Erasure, Create, {
+    reason: ErasureReason,
+}, |body, caller| {
+    (PatientCommand::ErasePatient { reason: body.reason }, None)
+});

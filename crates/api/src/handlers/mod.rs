@@ -1,0 +1,294 @@
+//! Request handlers, one module per area, and what they share: the object-level check on a
+//! patient's record, body parsing that never echoes PHI, and idempotent replays.
+
+pub(crate) mod access;
+pub(crate) mod commands;
+pub(crate) mod meta;
+pub(crate) mod oversight;
+pub(crate) mod patients;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::HeaderMap;
+use actix_web::{HttpResponse, web};
+use chartlog_access::{IdempotencyError, StoredResponse};
+use chartlog_domain::{Actor, PatientId};
+use chartlog_projections::audit::{AuditAction, AuditOutcome, AuditRow};
+use chartlog_store::{LedgerError, LoadedPatient};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::guard::Caller;
+use crate::policy::{self, Entity, RecordDenial, Requester};
+use crate::records::load_for_policy;
+use crate::{ApiConfig, ApiError, audit};
+
+/// The `{patient_id}` path segment.
+#[derive(serde::Deserialize)]
+pub(crate) struct PatientPath {
+    pub(crate) patient_id: PatientId,
+}
+
+/// A caller cleared to touch one patient's record, with the record as loaded for the check.
+pub(crate) struct Reach {
+    pub(crate) patient: PatientId,
+    pub(crate) loaded: Option<LoadedPatient>,
+    pub(crate) actor: Actor,
+}
+
+impl Reach {
+    /// The stream version the caller's check saw (0: no record).
+    pub(crate) fn version(&self) -> u64 {
+        self.loaded
+            .as_ref()
+            .and_then(|loaded| loaded.head)
+            .map_or(0, |head| head.version)
+    }
+}
+
+/// The object-level check: may `caller` touch `patient`'s record as `entity`? A refusal is
+/// audited and answered with 403, whether or not the record exists, so the answer reveals
+/// nothing about who is a patient here.
+pub(crate) async fn reach(
+    config: &ApiConfig,
+    caller: &Caller,
+    patient: PatientId,
+    entity: Entity,
+    action: AuditAction,
+) -> Result<Reach, ApiError> {
+    let now = crate::now();
+    let loaded = match load_for_policy(config.records.as_ref(), patient).await {
+        Ok(loaded) => loaded,
+        // An erased record has no state to check against; the roles that may still ask
+        // about it (the patient, administrators, auditors) are decided without it.
+        Err(LedgerError::Erased { .. }) => None,
+        Err(error) => return Err(ledger_error(error)),
+    };
+    let role = caller.session.role;
+    let in_care = loaded
+        .as_ref()
+        .is_some_and(|loaded| loaded.patient.has_care_relationship(caller.session.user_id));
+    // Only a clinician the relationship (or a consent block) keeps out needs the lookup.
+    let break_glass_open = if policy::is_clinician(role) && (!in_care || blocked(&loaded, caller)) {
+        config
+            .accounts
+            .active_break_glass(caller.session.user_id, patient, now)
+            .await
+            .map_err(internal("break-glass lookup"))?
+            .is_some()
+    } else {
+        false
+    };
+    let requester = Requester {
+        user_id: caller.session.user_id,
+        role,
+        own_patient: caller.session.patient_id,
+        break_glass_open,
+    };
+    match policy::reach_record(
+        &requester,
+        patient,
+        loaded.as_ref().map(|loaded| &loaded.patient),
+        entity,
+    ) {
+        Ok(access) => Ok(Reach {
+            patient,
+            loaded,
+            actor: caller.actor(Some(access)),
+        }),
+        Err(denial) => {
+            let row = AuditRow {
+                audit_id: uuid::Uuid::now_v7(),
+                occurred_at: now,
+                actor: Some(caller.actor(None)),
+                patient_id: Some(patient),
+                entity: Some(audit::audit_entity(entity)),
+                record_id: None,
+                action,
+                outcome: AuditOutcome::Denied,
+                client_address: caller.client_address,
+                event_type: None,
+            };
+            audit::record(config, vec![row]).await?;
+            Err(ApiError::NoAccessToRecord {
+                hint: match denial {
+                    RecordDenial::NoCareRelationship | RecordDenial::BlockedByConsent => {
+                        "; in an emergency, request access with POST /patients/{patient_id}/break-glass"
+                    }
+                    RecordDenial::NotOwnRecord | RecordDenial::NoPathToRecord => "",
+                },
+            })
+        }
+    }
+}
+
+fn blocked(loaded: &Option<LoadedPatient>, caller: &Caller) -> bool {
+    loaded.as_ref().is_some_and(|loaded| {
+        loaded.patient.active_consent_restrictions().any(|kind| {
+            kind == chartlog_domain::patient::ConsentRestrictionKind::BlockUser(
+                caller.session.user_id,
+            )
+        })
+    })
+}
+
+/// Parses a JSON body, keeping only serde's error category and position (its message can
+/// quote the value, which may be PHI).
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|error| {
+        let category = match error.classify() {
+            serde_json::error::Category::Io => "io",
+            serde_json::error::Category::Syntax => "syntax",
+            serde_json::error::Category::Data => "data",
+            serde_json::error::Category::Eof => "eof",
+        };
+        ApiError::InvalidJson {
+            category,
+            line: error.line(),
+            column: error.column(),
+        }
+    })
+}
+
+/// Requires `Content-Type: application/json` on a body-carrying request.
+pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let is_json = headers
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .split(';')
+                .next()
+                .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// Longest accepted `Idempotency-Key`.
+const IDEMPOTENCY_KEY_LENGTH_MAX: usize = 128;
+
+/// The `Idempotency-Key` header, when present and well formed.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|key| {
+            !key.is_empty()
+                && key.len() <= IDEMPOTENCY_KEY_LENGTH_MAX
+                && key.chars().all(|c| c.is_ascii_graphic())
+        })
+        .ok_or(ApiError::InvalidHeader {
+            message: "Idempotency-Key must be 1 to 128 visible ASCII characters",
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// Runs `work` at most once per (user, Idempotency-Key): a retry with the same key and the
+/// same request gets the stored response; the same key on another request is refused.
+/// Without the header, `work` simply runs.
+pub(crate) async fn idempotent<F>(
+    config: &ApiConfig,
+    caller: &Caller,
+    headers: &HeaderMap,
+    request_identity: &[&[u8]],
+    work: F,
+) -> Result<HttpResponse, ApiError>
+where
+    F: std::future::Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
+{
+    let Some(key) = idempotency_key(headers)? else {
+        let (status, body) = work.await?;
+        return Ok(HttpResponse::build(status).json(body));
+    };
+    let mut hasher = Sha256::new();
+    for part in request_identity {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    let fingerprint: [u8; 32] = hasher.finalize().into();
+    let now = crate::now();
+    match config
+        .accounts
+        .idempotent_replay(caller.session.user_id, &key, fingerprint, now)
+        .await
+    {
+        Ok(Some(stored)) => {
+            let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+            return Ok(HttpResponse::build(status)
+                .insert_header(("Idempotent-Replayed", "true"))
+                .content_type("application/json")
+                .body(stored.body));
+        }
+        Ok(None) => {}
+        Err(IdempotencyError::KeyReusedForDifferentRequest) => {
+            return Err(ApiError::Conflict {
+                code: "idempotency_key_reused",
+                message: "this Idempotency-Key was used for a different request".to_owned(),
+            });
+        }
+        Err(other) => {
+            tracing::error!(error = %other, "idempotency lookup failed");
+            return Err(ApiError::Internal);
+        }
+    }
+    let (status, body) = work.await?;
+    let bytes = serde_json::to_vec(&body).map_err(internal("response encoding"))?;
+    let stored = StoredResponse {
+        status: status.as_u16(),
+        body: bytes.clone(),
+    };
+    // The command is committed: failing to remember the answer must not turn it into an
+    // error the client would retry without the key's protection. Log and answer.
+    if let Err(error) = config
+        .accounts
+        .remember_response(caller.session.user_id, &key, fingerprint, &stored, now)
+        .await
+    {
+        tracing::error!(error = %error, "idempotent response not stored");
+    }
+    Ok(HttpResponse::build(status)
+        .content_type("application/json")
+        .body(bytes))
+}
+
+/// Maps a ledger failure onto the API's answers; details go to the log, ids only.
+pub(crate) fn ledger_error(error: LedgerError) -> ApiError {
+    match error {
+        LedgerError::Rejected(rejection) => ApiError::Unprocessable {
+            code: rejection.code(),
+            message: rejection.to_string(),
+        },
+        LedgerError::Erased { .. } => ApiError::Erased,
+        LedgerError::NotFound { .. } => ApiError::NotFound,
+        LedgerError::VersionMismatch {
+            expected, current, ..
+        } => ApiError::PreconditionFailed { expected, current },
+        LedgerError::Contended { .. } => ApiError::Conflict {
+            code: "contended",
+            message: "the record changed under concurrent writers; send the command again"
+                .to_owned(),
+        },
+        other => {
+            tracing::error!(error = %other, "ledger failure");
+            ApiError::Internal
+        }
+    }
+}
+
+/// Logs an unexpected failure (its Display carries ids, never PHI) and answers 500.
+pub(crate) fn internal<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> ApiError {
+    move |error| {
+        tracing::error!(error = %error, what, "unexpected failure");
+        ApiError::Internal
+    }
+}
+
+/// A query string parsed into `T`, with our error shape.
+pub(crate) type Query<T> = web::Query<T>;

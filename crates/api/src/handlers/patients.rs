@@ -1,0 +1,597 @@
+//! A patient's record: registration, lookup, the chart, its history, the accounting of
+//! disclosures, and break-glass.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use chartlog_domain::patient::{
+    AllergyCriticality, AllergyReaction, Demographics, DiscontinuationReason, DosingFrequency,
+    MedicationRoute, ObservationValue,
+};
+use chartlog_domain::phi::{BirthDate, FamilyName, Mrn};
+use chartlog_domain::{
+    AllergyId, ConditionId, MedicationOrderId, NoteId, ObservationId, PatientCommand, PatientId,
+    Role, UserId,
+};
+use chartlog_projections::audit::{AuditAction, AuditEntity};
+use chartlog_projections::chart::{Chart, ChartAnswer};
+use chartlog_projections::history::HistoryAnswer;
+use chartlog_store::ExecuteOptions;
+use serde::{Deserialize, Serialize};
+
+use super::{PatientPath, idempotent, internal, ledger_error, parse_body, reach, require_json};
+use crate::guard::Caller;
+use crate::notify::BreakGlassNotice;
+use crate::policy::{self, Action, Entity, Grant};
+use crate::{ApiConfig, ApiError, audit};
+
+#[derive(Serialize)]
+pub(crate) struct CommandAnswer {
+    pub(crate) patient_id: PatientId,
+    /// The record's version after the command: send it as `If-Match` with the next one.
+    pub(crate) stream_version: u64,
+    /// The command's last event in the global log.
+    pub(crate) position: u64,
+    /// The id of the record the command created or touched, where it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) record_id: Option<uuid::Uuid>,
+}
+
+pub(crate) async fn register(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_json(request.headers())?;
+    let demographics: Demographics = parse_body(&body)?;
+    let route = crate::routes::REGISTER_PATIENT.path.as_bytes();
+    idempotent(
+        &config,
+        &caller,
+        request.headers(),
+        &[route, &body],
+        async {
+            let patient = PatientId::from_uuid(uuid::Uuid::new_v4());
+            let actor = caller.actor(None);
+            let now = crate::now();
+            let mut outcome = config
+                .records
+                .execute(
+                    patient,
+                    PatientCommand::RegisterPatient {
+                        patient_id: patient,
+                        demographics,
+                    },
+                    actor,
+                    now,
+                    ExecuteOptions {
+                        expected_version: Some(0),
+                        loaded: None,
+                    },
+                )
+                .await
+                .map_err(ledger_error)?;
+            // The registering clinician starts the care relationship: without it they could not
+            // read back the chart they just created.
+            if policy::is_clinician(caller.session.role) {
+                outcome = config
+                    .records
+                    .execute(
+                        patient,
+                        PatientCommand::AssignCareRelationship {
+                            clinician: caller.session.user_id,
+                        },
+                        actor,
+                        now,
+                        ExecuteOptions::default(),
+                    )
+                    .await
+                    .map_err(ledger_error)?;
+            }
+            let answer = CommandAnswer {
+                patient_id: patient,
+                stream_version: outcome.stream_version,
+                position: outcome.position,
+                record_id: Some(patient.as_uuid()),
+            };
+            Ok((
+                StatusCode::CREATED,
+                serde_json::to_value(answer).map_err(internal("answer encoding"))?,
+            ))
+        },
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchBody {
+    #[serde(default)]
+    mrn: Option<Mrn>,
+    #[serde(default)]
+    family_name: Option<FamilyName>,
+    #[serde(default)]
+    birth_date: Option<BirthDate>,
+}
+
+pub(crate) async fn search(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_json(request.headers())?;
+    let body: SearchBody = parse_body(&body)?;
+    let found = match (body.mrn, body.family_name, body.birth_date) {
+        (Some(mrn), None, None) => config.records.find_by_mrn(&mrn).await,
+        (None, Some(family), Some(birth_date)) => {
+            config
+                .records
+                .find_by_family_name_and_birth_date(&family, &birth_date)
+                .await
+        }
+        _ => {
+            return Err(ApiError::unprocessable(
+                "invalid_search",
+                "search by mrn alone, or by family_name and birth_date together",
+            ));
+        }
+    }
+    .map_err(internal("patient search"))?;
+    let actor = caller.actor(None);
+    let mut rows: Vec<_> = found
+        .iter()
+        .map(|patient| {
+            audit::access_row(
+                actor,
+                caller.client_address,
+                Some(*patient),
+                AuditEntity::Patient,
+                AuditAction::Search,
+            )
+        })
+        .collect();
+    if rows.is_empty() {
+        rows.push(audit::access_row(
+            actor,
+            caller.client_address,
+            None,
+            AuditEntity::Patient,
+            AuditAction::Search,
+        ));
+    }
+    audit::record(&config, rows).await?;
+    // Ids only: the caller opens a chart through its own access check.
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "patient_ids": found })))
+}
+
+pub(crate) async fn chart(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<PatientPath>,
+) -> Result<HttpResponse, ApiError> {
+    let reach = reach(
+        &config,
+        &caller,
+        path.patient_id,
+        Entity::Demographics,
+        AuditAction::Read,
+    )
+    .await?;
+    let answer = config
+        .records
+        .chart(reach.patient, reach.version())
+        .await
+        .map_err(internal("chart read"))?;
+    let chart = match answer {
+        ChartAnswer::Found(chart) => chart,
+        ChartAnswer::Erased { .. } => return Err(ApiError::Erased),
+        ChartAnswer::NotFound => return Err(ApiError::NotFound),
+    };
+    let hide_notes = reach
+        .loaded
+        .as_ref()
+        .is_some_and(|loaded| policy::notes_hidden_from(&loaded.patient, caller.session.role));
+    let view = ChartView::of(&chart, caller.session.role, hide_notes);
+    audit::record(
+        &config,
+        vec![audit::access_row(
+            reach.actor,
+            caller.client_address,
+            Some(reach.patient),
+            AuditEntity::Patient,
+            AuditAction::Read,
+        )],
+    )
+    .await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("ETag", format!("\"{}\"", chart.stream_version)))
+        .json(view))
+}
+
+/// The chart as one role may see it: sections the role may not read are left out.
+#[derive(Serialize)]
+struct ChartView {
+    patient_id: PatientId,
+    stream_version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    demographics: Option<Demographics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conditions: Option<Vec<ConditionView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allergies: Option<Vec<AllergyView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    medication_orders: Option<Vec<MedicationOrderView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    observations: Option<Vec<ObservationView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notes: Option<Vec<NoteView>>,
+}
+
+#[derive(Serialize)]
+struct ConditionView {
+    condition_id: ConditionId,
+    code: chartlog_domain::codes::Code,
+    onset_at: Option<String>,
+    resolved_at: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AllergyView {
+    allergy_id: AllergyId,
+    substance: chartlog_domain::codes::Code,
+    criticality: AllergyCriticality,
+    reaction: Option<AllergyReaction>,
+    refuted: bool,
+}
+
+#[derive(Serialize)]
+struct MedicationOrderView {
+    medication_order_id: MedicationOrderId,
+    medication: chartlog_domain::codes::Code,
+    dose: chartlog_domain::quantity::Quantity,
+    route: MedicationRoute,
+    frequency: DosingFrequency,
+    prescribed_at: String,
+    discontinuation_reason: Option<DiscontinuationReason>,
+    discontinued_at: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ObservationView {
+    observation_id: ObservationId,
+    code: chartlog_domain::codes::Code,
+    value: ObservationValue,
+    effective_at: String,
+}
+
+#[derive(Serialize)]
+struct NoteView {
+    note_id: NoteId,
+    text: chartlog_domain::phi::NoteText,
+    written_at: String,
+    amended_at: Option<String>,
+    signed_by: Option<UserId>,
+    signed_at: Option<String>,
+    addenda: Vec<AddendumView>,
+}
+
+#[derive(Serialize)]
+struct AddendumView {
+    text: chartlog_domain::phi::NoteText,
+    added_at: String,
+}
+
+fn rfc3339(at: chartlog_domain::Timestamp) -> String {
+    at.to_string()
+}
+
+impl ChartView {
+    fn of(chart: &Chart, role: Role, hide_notes: bool) -> Self {
+        let may_read = |entity| policy::allows(role, Grant(entity, Action::Read));
+        Self {
+            patient_id: chart.patient_id,
+            stream_version: chart.stream_version,
+            demographics: chart
+                .demographics
+                .clone()
+                .filter(|_| may_read(Entity::Demographics)),
+            conditions: may_read(Entity::Condition).then(|| {
+                chart
+                    .conditions
+                    .iter()
+                    .map(|c| ConditionView {
+                        condition_id: c.condition_id,
+                        code: c.code.clone(),
+                        onset_at: c.onset_at.map(rfc3339),
+                        resolved_at: c.resolved_at.map(rfc3339),
+                    })
+                    .collect()
+            }),
+            allergies: may_read(Entity::Allergy).then(|| {
+                chart
+                    .allergies
+                    .iter()
+                    .map(|a| AllergyView {
+                        allergy_id: a.allergy_id,
+                        substance: a.substance.clone(),
+                        criticality: a.criticality,
+                        reaction: a.reaction,
+                        refuted: a.refuted,
+                    })
+                    .collect()
+            }),
+            medication_orders: may_read(Entity::Medication).then(|| {
+                chart
+                    .medication_orders
+                    .iter()
+                    .map(|m| MedicationOrderView {
+                        medication_order_id: m.medication_order_id,
+                        medication: m.medication.clone(),
+                        dose: m.dose.clone(),
+                        route: m.route,
+                        frequency: m.frequency,
+                        prescribed_at: rfc3339(m.prescribed_at),
+                        discontinuation_reason: m.discontinuation_reason,
+                        discontinued_at: m.discontinued_at.map(rfc3339),
+                    })
+                    .collect()
+            }),
+            observations: may_read(Entity::Observation).then(|| {
+                chart
+                    .observations
+                    .iter()
+                    .map(|o| ObservationView {
+                        observation_id: o.observation_id,
+                        code: o.code.clone(),
+                        value: o.value.clone(),
+                        effective_at: rfc3339(o.effective_at),
+                    })
+                    .collect()
+            }),
+            notes: (may_read(Entity::Note) && !hide_notes).then(|| {
+                chart
+                    .notes
+                    .iter()
+                    .map(|n| NoteView {
+                        note_id: n.note_id,
+                        text: n.text.clone(),
+                        written_at: rfc3339(n.written_at),
+                        amended_at: n.amended_at.map(rfc3339),
+                        signed_by: n.signed_by,
+                        signed_at: n.signed_at.map(rfc3339),
+                        addenda: n
+                            .addenda
+                            .iter()
+                            .map(|a| AddendumView {
+                                text: a.text.clone(),
+                                added_at: rfc3339(a.added_at),
+                            })
+                            .collect(),
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+/// Most history entries one page returns.
+const HISTORY_PAGE_LIMIT_MAX: u32 = 200;
+const HISTORY_PAGE_LIMIT_DEFAULT: u32 = 50;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryQuery {
+    before_version: Option<u64>,
+    limit: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct HistoryEntryView {
+    stream_version: u64,
+    recorded_at: String,
+    user_id: UserId,
+    role: Role,
+    break_glass: bool,
+    event_type: String,
+    entry_kind: chartlog_projections::EntryKind,
+    entry_id: uuid::Uuid,
+    changes: Vec<FieldChangeView>,
+}
+
+#[derive(Serialize)]
+struct FieldChangeView {
+    field: String,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+}
+
+pub(crate) async fn history(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<PatientPath>,
+    query: super::Query<HistoryQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query
+        .limit
+        .unwrap_or(HISTORY_PAGE_LIMIT_DEFAULT)
+        .clamp(1, HISTORY_PAGE_LIMIT_MAX);
+    let reach = reach(
+        &config,
+        &caller,
+        path.patient_id,
+        Entity::History,
+        AuditAction::Read,
+    )
+    .await?;
+    let answer = config
+        .records
+        .history(reach.patient, query.before_version, limit, reach.version())
+        .await
+        .map_err(internal("history read"))?;
+    let page = match answer {
+        HistoryAnswer::Found(page) => page,
+        HistoryAnswer::Erased { .. } => return Err(ApiError::Erased),
+        HistoryAnswer::NotFound => return Err(ApiError::NotFound),
+    };
+    let hide_notes = reach
+        .loaded
+        .as_ref()
+        .is_some_and(|loaded| policy::notes_hidden_from(&loaded.patient, caller.session.role));
+    let entries: Vec<HistoryEntryView> = page
+        .entries
+        .iter()
+        .filter(|entry| !(hide_notes && entry.entry_kind == chartlog_projections::EntryKind::Note))
+        .map(|entry| HistoryEntryView {
+            stream_version: entry.stream_version,
+            recorded_at: rfc3339(entry.recorded_at),
+            user_id: entry.actor.user_id,
+            role: entry.actor.role,
+            break_glass: entry.actor.break_glass,
+            event_type: entry.event_type.clone(),
+            entry_kind: entry.entry_kind,
+            entry_id: entry.entry_id,
+            changes: entry
+                .changes
+                .iter()
+                .map(|change| FieldChangeView {
+                    field: change.field.clone(),
+                    before: change.before.as_ref().map(|v| v.expose_phi().clone()),
+                    after: change.after.as_ref().map(|v| v.expose_phi().clone()),
+                })
+                .collect(),
+        })
+        .collect();
+    audit::record(
+        &config,
+        vec![audit::access_row(
+            reach.actor,
+            caller.client_address,
+            Some(reach.patient),
+            AuditEntity::History,
+            AuditAction::Read,
+        )],
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "patient_id": reach.patient,
+        "entries": entries,
+        "next_before_version": page.next_before_version,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageQuery {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+pub(crate) async fn disclosures(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<PatientPath>,
+    query: super::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let after = super::oversight::cursor(query.after.as_deref())?;
+    let reach = reach(
+        &config,
+        &caller,
+        path.patient_id,
+        Entity::Disclosures,
+        AuditAction::Read,
+    )
+    .await?;
+    let page = chartlog_projections::audit_queries::accounting_of_disclosures(
+        &config.read_models,
+        reach.patient,
+        after.as_ref(),
+        query
+            .limit
+            .unwrap_or(super::oversight::AUDIT_PAGE_LIMIT_DEFAULT),
+    )
+    .await
+    .map_err(internal("disclosures read"))?;
+    audit::record(
+        &config,
+        vec![audit::access_row(
+            reach.actor,
+            caller.client_address,
+            Some(reach.patient),
+            AuditEntity::Disclosures,
+            AuditAction::Read,
+        )],
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(super::oversight::AuditPageView::of(&page)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakGlassBody {
+    /// Why the emergency needs this record; shown to the reviewing auditor.
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct BreakGlassAnswer {
+    grant_id: uuid::Uuid,
+    patient_id: PatientId,
+    expires_at: String,
+}
+
+pub(crate) async fn break_glass(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<PatientPath>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_json(request.headers())?;
+    let body: BreakGlassBody = parse_body(&body)?;
+    let reason = chartlog_access::BreakGlassReason::parse(&body.reason)
+        .map_err(|error| ApiError::unprocessable("invalid_reason", error.to_string()))?;
+    let now = crate::now();
+    let grant = config
+        .accounts
+        .open_break_glass(
+            caller.session.user_id,
+            caller.session.role,
+            path.patient_id,
+            &reason,
+            now,
+        )
+        .await
+        .map_err(super::access::access_error)?;
+    let mut actor = caller.actor(Some(policy::RecordAccess::BreakGlass));
+    actor.break_glass = true;
+    let mut row = audit::access_row(
+        actor,
+        caller.client_address,
+        Some(path.patient_id),
+        AuditEntity::Patient,
+        AuditAction::BreakGlass,
+    );
+    row.record_id = Some(grant.grant_id);
+    audit::record(&config, vec![row]).await?;
+
+    let notice = BreakGlassNotice::new(
+        grant.grant_id,
+        caller.session.user_id,
+        caller.session.role,
+        path.patient_id,
+        grant.opened_at,
+        grant.expires_at,
+        format!("{}/break-glass/reviews", config.public_base_url),
+    );
+    // Delivery never holds up the clinician: the grant is already in the review queue and
+    // the audit trail, which are the record.
+    let notifier = config.notifier.clone();
+    actix_web::rt::spawn(async move { notifier.break_glass_opened(&notice).await });
+
+    Ok(HttpResponse::Created().json(BreakGlassAnswer {
+        grant_id: grant.grant_id,
+        patient_id: path.patient_id,
+        expires_at: grant.expires_at.to_string(),
+    }))
+}

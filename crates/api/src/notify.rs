@@ -1,0 +1,145 @@
+//! Break-glass notifications: a security officer hears at once that someone opened a chart
+//! outside the care relationship.
+//!
+//! **Invariant:** a notice carries ids, a time and a link to the review, never PHI: it leaves
+//! the system through channels (chat, e-mail, pagers) that are not cleared for PHI. The
+//! stated reason stays in the review queue, for auditors only.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chartlog_domain::{PatientId, Role, Timestamp, UserId};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// How long a webhook delivery may take before it is abandoned (and logged). The request
+/// that opened break-glass does not wait for it.
+pub const WEBHOOK_TIMEOUT_MS_MAX: u64 = 5_000;
+
+/// What a notifier is told.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BreakGlassNotice {
+    pub grant_id: Uuid,
+    pub user_id: UserId,
+    pub role: Role,
+    pub patient_id: PatientId,
+    /// RFC 3339, UTC.
+    pub opened_at: String,
+    pub expires_at: String,
+    /// Where an auditor reviews it, e.g. `https://chartlog.example/break-glass/reviews`.
+    pub review_link: String,
+}
+
+impl BreakGlassNotice {
+    pub fn new(
+        grant_id: Uuid,
+        user_id: UserId,
+        role: Role,
+        patient_id: PatientId,
+        opened_at: Timestamp,
+        expires_at: Timestamp,
+        review_link: String,
+    ) -> Self {
+        Self {
+            grant_id,
+            user_id,
+            role,
+            patient_id,
+            opened_at: opened_at.to_string(),
+            expires_at: expires_at.to_string(),
+            review_link,
+        }
+    }
+}
+
+/// Delivers break-glass notices. Delivery is best effort and never fails the request: the
+/// grant is already in the review queue and the audit trail, which are the record.
+#[async_trait]
+pub trait Notifier: Send + Sync + 'static {
+    async fn break_glass_opened(&self, notice: &BreakGlassNotice);
+}
+
+/// Writes each notice to the log at WARN, for deployments that alert on log lines.
+#[derive(Debug, Default)]
+pub struct LogNotifier;
+
+#[async_trait]
+impl Notifier for LogNotifier {
+    async fn break_glass_opened(&self, notice: &BreakGlassNotice) {
+        tracing::warn!(
+            grant_id = %notice.grant_id,
+            user_id = %notice.user_id,
+            role = notice.role.as_str(),
+            patient_id = %notice.patient_id,
+            expires_at = %notice.expires_at,
+            review_link = %notice.review_link,
+            "break-glass access opened"
+        );
+    }
+}
+
+/// POSTs each notice as JSON to a webhook (chat, paging or SIEM integration).
+pub struct WebhookNotifier {
+    client: reqwest::Client,
+    url: reqwest::Url,
+}
+
+/// The webhook notifier could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("the webhook URL is not a valid https URL")]
+    InvalidUrl,
+    #[error("the HTTP client could not be built")]
+    Client(#[source] reqwest::Error),
+}
+
+impl WebhookNotifier {
+    /// `url` must be https unless `allow_plain_http` (tests, a local relay).
+    pub fn new(url: &str, allow_plain_http: bool) -> Result<Self, WebhookError> {
+        let url = reqwest::Url::parse(url).map_err(|_| WebhookError::InvalidUrl)?;
+        match url.scheme() {
+            "https" => {}
+            "http" if allow_plain_http => {}
+            _ => return Err(WebhookError::InvalidUrl),
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(WEBHOOK_TIMEOUT_MS_MAX))
+            .build()
+            .map_err(WebhookError::Client)?;
+        Ok(Self { client, url })
+    }
+}
+
+#[async_trait]
+impl Notifier for WebhookNotifier {
+    async fn break_glass_opened(&self, notice: &BreakGlassNotice) {
+        let delivered = self
+            .client
+            .post(self.url.clone())
+            .json(notice)
+            .send()
+            .await
+            .and_then(|response| response.error_for_status());
+        match delivered {
+            Ok(_) => tracing::info!(grant_id = %notice.grant_id, "break-glass notice delivered"),
+            // The URL may carry a token: log the status only.
+            Err(error) => tracing::error!(
+                grant_id = %notice.grant_id,
+                status = error.status().map(|s| s.as_u16()),
+                "break-glass notice not delivered"
+            ),
+        }
+    }
+}
+
+/// Sends each notice to every notifier in turn.
+pub struct Notifiers(pub Vec<Box<dyn Notifier>>);
+
+#[async_trait]
+impl Notifier for Notifiers {
+    async fn break_glass_opened(&self, notice: &BreakGlassNotice) {
+        for notifier in &self.0 {
+            notifier.break_glass_opened(notice).await;
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! What the handlers need from the record store, as object-safe traits.
+//!
+//! The binary picks a backend at start (SQLite or PostgreSQL), and the ledger and read-model
+//! functions are generic over it; handlers see only `dyn Records`. [`LedgerRecords`] is the
+//! one implementation, over any [`EventStore`] and [`KeyStore`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chartlog_crypto::{DataKeys, KeyStore, MacKey};
+use chartlog_domain::phi::{BirthDate, FamilyName, Mrn};
+use chartlog_domain::{Actor, PatientCommand, PatientId, Timestamp};
+use chartlog_projections::ProjectionError;
+use chartlog_projections::chart::{self, ChartAnswer};
+use chartlog_projections::db::ProjectionDb;
+use chartlog_projections::history::{self, HistoryAnswer};
+use chartlog_store::{
+    CommandOutcome, EventStore, ExecuteOptions, LedgerError, LoadedPatient, PatientLedger,
+};
+
+/// How long a chart or history read waits for the read model to catch up with the version
+/// the caller's own record is at, before answering with what the read model has.
+pub const READ_YOUR_WRITES_WAIT_MS_MAX: u64 = 2_000;
+const _: () = assert!(READ_YOUR_WRITES_WAIT_MS_MAX <= 10_000);
+
+/// The patient record: commands through the ledger, reads through the read models.
+#[async_trait]
+pub trait Records: Send + Sync + 'static {
+    /// The decision state, folded from the verified stream (authoritative, never stale).
+    async fn load(&self, patient: PatientId) -> Result<LoadedPatient, LedgerError>;
+
+    /// Decides and appends a command.
+    async fn execute(
+        &self,
+        patient: PatientId,
+        command: PatientCommand,
+        actor: Actor,
+        now: Timestamp,
+        options: ExecuteOptions,
+    ) -> Result<CommandOutcome, LedgerError>;
+
+    /// The chart read model, once it has caught up with `at_least_version` (or after
+    /// [`READ_YOUR_WRITES_WAIT_MS_MAX`], whichever is first).
+    async fn chart(
+        &self,
+        patient: PatientId,
+        at_least_version: u64,
+    ) -> Result<ChartAnswer, ProjectionError>;
+
+    /// A page of the record history, newest first. The first page waits, as [`Records::chart`]
+    /// does, for the read model to reach `at_least_version`.
+    async fn history(
+        &self,
+        patient: PatientId,
+        before_version: Option<u64>,
+        limit: u32,
+        at_least_version: u64,
+    ) -> Result<HistoryAnswer, ProjectionError>;
+
+    /// Patients with this MRN, through the blind index.
+    async fn find_by_mrn(&self, mrn: &Mrn) -> Result<Vec<PatientId>, ProjectionError>;
+
+    /// Patients with this family name and birth date, through the blind index.
+    async fn find_by_family_name_and_birth_date(
+        &self,
+        family: &FamilyName,
+        birth_date: &BirthDate,
+    ) -> Result<Vec<PatientId>, ProjectionError>;
+}
+
+/// [`Records`] over a ledger and the read-model database.
+pub struct LedgerRecords<S: EventStore + ?Sized, K: KeyStore> {
+    ledger: PatientLedger<S, K>,
+    keys: Arc<DataKeys<K>>,
+    db: ProjectionDb,
+    index_key: Arc<MacKey>,
+}
+
+impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
+    pub fn new(ledger: PatientLedger<S, K>, db: ProjectionDb, index_key: Arc<MacKey>) -> Self {
+        let keys = ledger.keys().clone();
+        Self {
+            ledger,
+            keys,
+            db,
+            index_key,
+        }
+    }
+}
+
+#[async_trait]
+impl<S: EventStore + ?Sized, K: KeyStore + 'static> Records for LedgerRecords<S, K> {
+    async fn load(&self, patient: PatientId) -> Result<LoadedPatient, LedgerError> {
+        self.ledger.load(patient).await
+    }
+
+    async fn execute(
+        &self,
+        patient: PatientId,
+        command: PatientCommand,
+        actor: Actor,
+        now: Timestamp,
+        options: ExecuteOptions,
+    ) -> Result<CommandOutcome, LedgerError> {
+        self.ledger
+            .execute_with(patient, command, actor, now, options)
+            .await
+    }
+
+    async fn chart(
+        &self,
+        patient: PatientId,
+        at_least_version: u64,
+    ) -> Result<ChartAnswer, ProjectionError> {
+        read_your_writes(
+            || chart::read_chart(&self.db, &self.keys, patient),
+            |answer| match answer {
+                ChartAnswer::Found(chart) => chart.stream_version >= at_least_version,
+                ChartAnswer::Erased { .. } => true,
+                ChartAnswer::NotFound => at_least_version == 0,
+            },
+        )
+        .await
+    }
+
+    async fn history(
+        &self,
+        patient: PatientId,
+        before_version: Option<u64>,
+        limit: u32,
+        at_least_version: u64,
+    ) -> Result<HistoryAnswer, ProjectionError> {
+        let read = || history::read_history(&self.db, &self.keys, patient, before_version, limit);
+        if before_version.is_some() {
+            return read().await;
+        }
+        read_your_writes(read, |answer| match answer {
+            HistoryAnswer::Found(page) => page
+                .entries
+                .first()
+                .map_or(at_least_version == 0, |newest| {
+                    newest.stream_version >= at_least_version
+                }),
+            HistoryAnswer::Erased { .. } => true,
+            HistoryAnswer::NotFound => at_least_version == 0,
+        })
+        .await
+    }
+
+    async fn find_by_mrn(&self, mrn: &Mrn) -> Result<Vec<PatientId>, ProjectionError> {
+        chart::find_by_mrn(&self.db, &self.index_key, mrn).await
+    }
+
+    async fn find_by_family_name_and_birth_date(
+        &self,
+        family: &FamilyName,
+        birth_date: &BirthDate,
+    ) -> Result<Vec<PatientId>, ProjectionError> {
+        chart::find_by_family_name_and_birth_date(&self.db, &self.index_key, family, birth_date)
+            .await
+    }
+}
+
+/// Reads until `is_current` accepts the answer or [`READ_YOUR_WRITES_WAIT_MS_MAX`] passes: the
+/// projection runner follows the log within milliseconds, so a client that just wrote sees
+/// its write without having to pass a position.
+async fn read_your_writes<T, F, Fut>(
+    mut read: F,
+    is_current: impl Fn(&T) -> bool,
+) -> Result<T, ProjectionError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ProjectionError>>,
+{
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(READ_YOUR_WRITES_WAIT_MS_MAX);
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let answer = read().await?;
+        if is_current(&answer) || tokio::time::Instant::now() >= deadline {
+            return Ok(answer);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Loads the decision state a policy check needs: `None` for a patient with no record.
+pub(crate) async fn load_for_policy(
+    records: &dyn Records,
+    patient: PatientId,
+) -> Result<Option<LoadedPatient>, LedgerError> {
+    match records.load(patient).await {
+        Ok(loaded) => Ok(Some(loaded)),
+        Err(LedgerError::NotFound { .. }) => Ok(None),
+        Err(other) => Err(other),
+    }
+}
