@@ -4,6 +4,9 @@
 //! [`ApiConfig`] to `chartlog_api::app`. Behaviour lives in the crates.
 #![forbid(unsafe_code)]
 
+mod users;
+mod wiring;
+
 use std::fmt;
 use std::fs::{self, DirBuilder};
 use std::future::Future;
@@ -45,7 +48,7 @@ const _: () = assert!(SHUTDOWN_TIMEOUT_SECONDS < 30);
 /// The database file name inside the data directory when no `--database-url` is given.
 const SQLITE_FILE_NAME: &str = "chartlog.db";
 /// The folder of key files (KEKs, signing keys) inside the data directory.
-const KEY_DIR_NAME: &str = "keys";
+pub(crate) const KEY_DIR_NAME: &str = "keys";
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +73,9 @@ enum Command {
     Migrate(StorageArgs),
     /// Rebuild read models from the event log (position 0), then exit.
     Rebuild(RebuildArgs),
+    /// Manage user accounts (the administrator's endpoints do the same over HTTP).
+    #[command(subcommand)]
+    Users(users::UsersCommand),
 }
 
 #[derive(Args)]
@@ -87,16 +93,16 @@ struct RebuildArgs {
 
 /// Where chartlog keeps its state.
 #[derive(Args)]
-struct StorageArgs {
+pub(crate) struct StorageArgs {
     /// Directory for local state: the SQLite database, development TLS files, key files.
     #[arg(long, env = "CHARTLOG_DATA_DIR", default_value = "./chartlog-data")]
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
 
     /// Database to use, e.g. `postgres://user@host/db`. Default: SQLite at
     /// `<data-dir>/chartlog.db`.
     // hide_env_values: the URL can carry a password, and --help would print it.
     #[arg(long, env = "CHARTLOG_DATABASE_URL", hide_env_values = true)]
-    database_url: Option<DatabaseUrl>,
+    pub(crate) database_url: Option<DatabaseUrl>,
 }
 
 #[derive(Args)]
@@ -120,6 +126,71 @@ struct ServeArgs {
     /// network unencrypted.
     #[arg(long)]
     insecure_http: bool,
+
+    #[command(flatten)]
+    access: AccessArgs,
+
+    /// The base URL clients reach this server at, for links in notifications. Default:
+    /// the listening address.
+    #[arg(long)]
+    public_url: Option<String>,
+
+    /// An https URL that is POSTed a JSON notice (ids and a link, no PHI) at every
+    /// break-glass opening. Notices always go to the log as well.
+    #[arg(long, env = "CHARTLOG_BREAK_GLASS_WEBHOOK", hide_env_values = true)]
+    break_glass_webhook: Option<String>,
+}
+
+/// The access policy's tunable limits (HIPAA 164.312(a)(2)(iii) automatic logoff, and the
+/// NIST SP 800-63B password lengths).
+#[derive(Args)]
+pub(crate) struct AccessArgs {
+    /// Minutes without a request after which a session ends.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1440))]
+    idle_timeout_minutes: u64,
+
+    /// Seconds form of --idle-timeout-minutes, for tests and demonstrations; wins when given.
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    idle_timeout_seconds: Option<u64>,
+
+    /// Hours after which a session ends, active or not.
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=168))]
+    session_lifetime_hours: u64,
+
+    /// Minutes a break-glass grant lasts.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..=1440))]
+    break_glass_minutes: u64,
+
+    /// Days without a login after which an account is disabled.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=3650))]
+    inactive_account_days: u64,
+
+    /// Shortest password for accounts without a second factor.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(8..=64))]
+    password_length_min: u64,
+
+    /// Shortest password for accounts with a second factor.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(8..=64))]
+    password_length_min_with_second_factor: u64,
+}
+
+impl AccessArgs {
+    pub(crate) fn settings(&self) -> chartlog_access::AccessSettings {
+        let idle_timeout = match self.idle_timeout_seconds {
+            Some(seconds) => Duration::from_secs(seconds),
+            None => Duration::from_secs(self.idle_timeout_minutes * 60),
+        };
+        chartlog_access::AccessSettings {
+            idle_timeout,
+            absolute_lifetime: Duration::from_secs(self.session_lifetime_hours * 60 * 60),
+            break_glass_duration: Duration::from_secs(self.break_glass_minutes * 60),
+            inactivity_deactivation: Duration::from_secs(self.inactive_account_days * 24 * 60 * 60),
+            password_length_min_password_only: self.password_length_min as usize,
+            password_length_min_with_second_factor: self.password_length_min_with_second_factor
+                as usize,
+            ..chartlog_access::AccessSettings::default()
+        }
+    }
 }
 
 /// A database URL. Redacted in `Debug` because it can carry a password.
@@ -163,7 +234,7 @@ impl std::str::FromStr for DatabaseUrl {
 
 /// The database the store should open, resolved from the flags.
 #[derive(Debug)]
-enum DatabaseLocation {
+pub(crate) enum DatabaseLocation {
     /// The embedded default.
     SqliteFile(PathBuf),
     /// An explicit `--database-url` / `DATABASE_URL`.
@@ -181,7 +252,7 @@ impl DatabaseLocation {
 }
 
 impl StorageArgs {
-    fn database_location(&self) -> DatabaseLocation {
+    pub(crate) fn database_location(&self) -> DatabaseLocation {
         match &self.database_url {
             Some(url) => DatabaseLocation::Url(url.clone()),
             None => DatabaseLocation::SqliteFile(self.data_dir.join(SQLITE_FILE_NAME)),
@@ -203,6 +274,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Migrate(args) => runtime.block_on(migrate(args)),
         Command::Rebuild(args) => runtime.block_on(rebuild(args)),
+        Command::Users(command) => runtime.block_on(users::run(command)),
     }
 }
 
@@ -262,6 +334,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .local_addr()
         .context("cannot read the bound address")?;
 
+    let key_dir = data_dir.join(KEY_DIR_NAME);
+    let accounts = wiring::accounts(&backend.database, &key_dir, args.access.settings())?;
+    if let Some(path) = wiring::bootstrap_administrator(&accounts, data_dir).await? {
+        // The path, never the password: logs and terminals are kept.
+        eprintln!(
+            "First start: the administrator account '{}' was created. Its one-time password \
+             is in {} (readable only by this user); it must be changed at first login.",
+            wiring::FIRST_ADMINISTRATOR,
+            path.display()
+        );
+    }
+    let inactivity_sweep = wiring::spawn_inactivity_sweep(accounts.clone());
+    let scheme = if tls_config.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let config = ApiConfig {
         transport: if tls_config.is_some() {
             Transport::Tls
@@ -269,6 +358,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Transport::PlainHttp
         },
         readiness: Arc::clone(&backend.readiness),
+        records: wiring::records(&backend.database, &key_dir)?,
+        accounts,
+        audit: wiring::audit_sink(&backend.database),
+        notifier: wiring::notifier(args.break_glass_webhook.as_deref())?,
+        read_models: wiring::read_models(&backend.database),
+        public_base_url: args
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{address}")),
     };
     let server = HttpServer::new(move || chartlog_api::app(config.clone()))
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECONDS)
@@ -312,6 +410,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%address, scheme, "serving");
 
     let served = server.await;
+    inactivity_sweep.abort();
     let _ = stop_projections.send(());
     // The runner commits batch by batch; waiting lets the one in flight finish cleanly.
     match tokio::time::timeout(Duration::from_secs(SHUTDOWN_TIMEOUT_SECONDS), projections).await {
@@ -379,7 +478,7 @@ async fn migrate(args: StorageArgs) -> anyhow::Result<()> {
 
 /// Creates the data directory private to the service user (0700): it will hold the database
 /// and key files. An existing directory is kept, with a warning if others can read it.
-fn create_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn create_data_dir(data_dir: &Path) -> anyhow::Result<()> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -423,13 +522,13 @@ impl Database {
 
 /// The opened, migrated event store.
 #[derive(Clone)]
-enum Database {
+pub(crate) enum Database {
     Sqlite(SqliteEventStore),
     Postgres(PostgresEventStore),
 }
 
 /// Opens (creating and migrating) the database the flags name.
-async fn open_database(database: &DatabaseLocation) -> anyhow::Result<Database> {
+pub(crate) async fn open_database(database: &DatabaseLocation) -> anyhow::Result<Database> {
     let sqlite_path = match database {
         DatabaseLocation::SqliteFile(path) => Some(path.clone()),
         DatabaseLocation::Url(url) if url.scheme() == "sqlite" => {

@@ -1,0 +1,630 @@
+//! HTTP load: the record-observation command and the chart read over HTTPS against the real
+//! release binary, 32 concurrent clients, on SQLite and PostgreSQL, next to store-level
+//! throughput measured in the same run.
+//!
+//! cargo bench --bench http_load
+//! CHARTLOG_BENCH_SCALE=4 cargo bench --bench http_load      (4x the requests per client)
+//! CHARTLOG_BENCH_PG_URL=postgres://user@host:5432/postgres  (server for the scratch databases;
+//!                                                            default postgres://postgres@127.0.0.1:5432/postgres)
+//!
+//! Per backend:
+//! - store baselines, in-process, 32 concurrent writers, each on its own patient stream:
+//!   `EventStore::append` of one pre-sealed event (the bare append), and
+//!   `PatientLedger::execute` of one RecordObservation (load + decide + seal + sign + append:
+//!   what one HTTP record-observation does below the HTTP layer). The targets compare HTTP
+//!   against the ledger, the apples-to-apples baseline; the bare-append ratio is printed too.
+//! - HTTP: `chartlog serve` over HTTPS (dev certificate, verification on, keep-alive, one
+//!   reqwest client shared by 32 tokio tasks); a physician (password + TOTP) registers 32
+//!   patients, then each task records observations on its own patient (no If-Match), then each
+//!   task reads its patient's chart.
+//!
+//! Nothing is asserted: targets are printed as met or missed.
+
+#[allow(dead_code)]
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fs;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chartlog_crypto::{
+    DataKeys, EventHash, EventSigner, KekId, KeyRing, KeyStore, SignatureVerifier, SignerKeyId,
+};
+use chartlog_domain::{
+    Actor, PatientCommand, PurposeOfUse, Role, StreamId, Timestamp, UserId, synthetic,
+};
+use chartlog_store::conformance::EventFactory;
+use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
+use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
+use chartlog_store::{EventStore, PatientLedger, StreamHead};
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+use sqlx::{Connection, Executor, PgConnection};
+use support::{Server, TestDir, https_client};
+use uuid::Uuid;
+
+const CLIENTS: usize = 32;
+/// Roughly an encoded observation's size.
+const PAYLOAD_BYTES: usize = 256;
+const TARGET_RATIO: f64 = 0.5;
+const TARGET_P99_MS: f64 = 25.0;
+
+// ---------------------------------------------------------------- figures
+
+struct Figures {
+    requests: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Figures {
+    fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3
+    }
+    fn row(&self, backend: &str, what: &str) {
+        println!(
+            "| {backend:<8} | {what:<34} | {:>6} | {:>4} | {:>9.0} | {:>7.2} | {:>7.2} |",
+            self.requests,
+            self.errors,
+            self.rate(),
+            self.percentile_ms(50.0),
+            self.percentile_ms(99.0),
+        );
+    }
+}
+
+/// Runs `per_client` operations on each of `CLIENTS` tasks, timing each.
+async fn load<F, Fut>(per_client: usize, op: F) -> Figures
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_client);
+                let mut errors = 0;
+                for n in 0..per_client {
+                    let at = Instant::now();
+                    if !op(client, n).await {
+                        errors += 1;
+                    }
+                    latencies.push(at.elapsed());
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut figures = Figures {
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    for task in tasks {
+        let (latencies, errors) = task.await.expect("client task");
+        figures.requests += latencies.len();
+        figures.errors += errors;
+        figures.latencies.extend(latencies);
+    }
+    figures.elapsed = started.elapsed();
+    figures
+}
+
+fn now() -> Timestamp {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_micros();
+    Timestamp::from_unix_micros(micros as i64).expect("in range")
+}
+
+// ---------------------------------------------------------------- store baselines
+
+/// One pre-sealed event per append, 32 writers on their own streams.
+async fn bare_append<S: EventStore + Clone + 'static>(store: &S, per_client: usize) -> Figures {
+    let factory = EventFactory::new();
+    let payload = vec![0x5a_u8; PAYLOAD_BYTES];
+    let work: Vec<Vec<_>> = (0..CLIENTS)
+        .map(|_| {
+            let stream = StreamId::patient(chartlog_domain::PatientId::from_uuid(Uuid::new_v4()));
+            let mut head = StreamHead {
+                version: 0,
+                hash: EventHash::GENESIS,
+            };
+            (0..per_client)
+                .map(|_| {
+                    let event = factory.event(&stream, head.version + 1, head.hash, &payload);
+                    head = StreamHead {
+                        version: head.version + 1,
+                        hash: event.hash,
+                    };
+                    event
+                })
+                .collect()
+        })
+        .collect();
+    let work = Arc::new(work);
+    let store = store.clone();
+    load(per_client, move |client, n| {
+        let store = store.clone();
+        let work = work.clone();
+        async move {
+            let event = &work[client][n];
+            store
+                .append(
+                    &event.header.stream_id,
+                    event.header.stream_version - 1,
+                    std::slice::from_ref(event),
+                )
+                .await
+                .is_ok()
+        }
+    })
+    .await
+}
+
+/// The `n`th observation command for synthetic patient `seed`.
+fn observation(seed: u64, n: usize) -> PatientCommand {
+    let at = now();
+    (n as u64 * 20..)
+        .map(|k| synthetic::clinical_command(seed, k, at))
+        .find(|c| matches!(c, PatientCommand::RecordObservation { .. }))
+        .expect("observations are the common case")
+}
+
+/// `PatientLedger::execute` of RecordObservation, 32 writers on their own registered patients;
+/// a warm-up of `warmup` commands each first.
+async fn ledger_commands<S: EventStore + 'static, K: KeyStore + 'static>(
+    store: Arc<S>,
+    key_store: K,
+    per_client: usize,
+    warmup: usize,
+) -> Figures {
+    let keys = Arc::new(DataKeys::new(
+        Arc::new(KeyRing::generate(KekId::generate())),
+        key_store,
+    ));
+    let signer = Arc::new(EventSigner::generate(SignerKeyId::generate()));
+    let mut verifier = SignatureVerifier::new();
+    verifier
+        .trust(signer.key_id().clone(), signer.verifying_key_bytes())
+        .expect("trust the signer");
+    let ledger = PatientLedger::new(store, keys, signer, Arc::new(verifier));
+    let actor = Actor {
+        user_id: UserId::from_uuid(Uuid::now_v7()),
+        role: Role::Physician,
+        purpose_of_use: PurposeOfUse::Treatment,
+        break_glass: false,
+    };
+    let base = rand_seed();
+    for client in 0..CLIENTS {
+        let seed = base + client as u64;
+        ledger
+            .execute(
+                synthetic::patient_id(seed),
+                synthetic::registration(seed),
+                actor,
+                now(),
+            )
+            .await
+            .expect("register");
+    }
+    let run = |count: usize, offset: usize| {
+        let ledger = ledger.clone();
+        load(count, move |client, n| {
+            let ledger = ledger.clone();
+            async move {
+                let seed = base + client as u64;
+                ledger
+                    .execute(
+                        synthetic::patient_id(seed),
+                        observation(seed, offset + n),
+                        actor,
+                        now(),
+                    )
+                    .await
+                    .is_ok()
+            }
+        })
+    };
+    run(warmup, 0).await;
+    run(per_client, warmup).await
+}
+
+fn rand_seed() -> u64 {
+    // Small enough for a synthetic MRN; distinct runs get distinct patients.
+    (Uuid::new_v4().as_u128() as u64) % 1_000_000_000
+}
+
+// ---------------------------------------------------------------- HTTP
+
+fn passphrase(user: &str) -> String {
+    format!("correct horse battery staple {}", user.len() * 7919)
+}
+
+fn totp(secret_base32: &str, offset_seconds: u64) -> String {
+    let secret = totp_rs::Secret::try_from_base32(secret_base32).expect("base32 secret");
+    let totp = totp_rs::Builder::new()
+        .with_algorithm(totp_rs::Algorithm::SHA1)
+        .with_digits(6)
+        .with_step_duration(30)
+        .with_secret(secret)
+        .build()
+        .expect("totp");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    totp.generate(now + offset_seconds).to_string()
+}
+
+async fn post(
+    client: &Client,
+    server: &Server,
+    path: &str,
+    token: Option<&str>,
+    body: Value,
+) -> (StatusCode, Value) {
+    let mut request = client.post(server.url(path)).json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn expect(answer: (StatusCode, Value), status: StatusCode, what: &str) -> Value {
+    assert_eq!(answer.0, status, "{what}: {}", answer.1);
+    answer.1
+}
+
+/// One-time password -> own passphrase -> (TOTP enrollment) -> a full session's token.
+async fn first_login(client: &Client, server: &Server, username: &str, one_time: &str) -> String {
+    let login = |password: String, code: Option<String>| {
+        let mut body = json!({ "username": username, "password": password });
+        if let Some(code) = code {
+            body["second_factor"] = json!(code);
+        }
+        post(client, server, "/auth/login", None, body)
+    };
+    let answer = expect(
+        login(one_time.to_owned(), None).await,
+        StatusCode::OK,
+        "first login",
+    );
+    let token = answer["token"].as_str().expect("token").to_owned();
+    expect(
+        post(
+            client,
+            server,
+            "/auth/password",
+            Some(&token),
+            json!({ "current_password": one_time, "new_password": passphrase(username) }),
+        )
+        .await,
+        StatusCode::NO_CONTENT,
+        "change password",
+    );
+    let answer = expect(
+        login(passphrase(username), None).await,
+        StatusCode::OK,
+        "login",
+    );
+    let token = answer["token"].as_str().expect("token").to_owned();
+    if answer["session"]["stage"] == "full" {
+        return token;
+    }
+    let enrollment = expect(
+        post(
+            client,
+            server,
+            "/auth/second-factor/enrollment",
+            Some(&token),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+        "enroll",
+    );
+    let secret = enrollment["secret_base32"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    expect(
+        post(
+            client,
+            server,
+            "/auth/second-factor/confirmation",
+            Some(&token),
+            json!({ "code": totp(&secret, 0) }),
+        )
+        .await,
+        StatusCode::OK,
+        "confirm",
+    );
+    let answer = expect(
+        login(passphrase(username), Some(totp(&secret, 30))).await,
+        StatusCode::OK,
+        "login with TOTP",
+    );
+    answer["token"].as_str().expect("token").to_owned()
+}
+
+struct HttpFigures {
+    commands: Figures,
+    reads: Figures,
+}
+
+async fn http_load(
+    data_dir: &TestDir,
+    extra_args: &[&str],
+    per_client: usize,
+    warmup: usize,
+) -> HttpFigures {
+    let server = Server::start(data_dir.data_dir(), extra_args);
+    server.wait_for_stderr("first-administrator-password");
+    let client = https_client(&fs::read(data_dir.certificate_path()).expect("certificate"));
+    let admin_password =
+        fs::read_to_string(data_dir.data_dir().join("first-administrator-password"))
+            .expect("password file");
+    let admin = first_login(&client, &server, "admin", admin_password.trim()).await;
+    let created = expect(
+        post(
+            &client,
+            &server,
+            "/users",
+            Some(&admin),
+            json!({ "username": "dr.bench", "role": "physician" }),
+        )
+        .await,
+        StatusCode::CREATED,
+        "create physician",
+    );
+    let one_time = created["one_time_password"]
+        .as_str()
+        .expect("password")
+        .to_owned();
+    let physician = first_login(&client, &server, "dr.bench", &one_time).await;
+
+    let base = rand_seed();
+    let mut patients = Vec::with_capacity(CLIENTS);
+    for client_index in 0..CLIENTS {
+        let PatientCommand::RegisterPatient { demographics, .. } =
+            synthetic::registration(base + client_index as u64)
+        else {
+            unreachable!("registration registers")
+        };
+        let body = serde_json::to_value(&demographics).expect("demographics serialize");
+        let answer = expect(
+            post(&client, &server, "/patients", Some(&physician), body).await,
+            StatusCode::CREATED,
+            "register patient",
+        );
+        patients.push(
+            answer["patient_id"]
+                .as_str()
+                .expect("patient id")
+                .to_owned(),
+        );
+    }
+
+    let urls = Arc::new(
+        patients
+            .iter()
+            .map(|p| {
+                (
+                    server.url(&format!("/patients/{p}/record-observation")),
+                    server.url(&format!("/patients/{p}/chart")),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    let physician = Arc::new(physician);
+    let command = |count: usize| {
+        let (client, urls, token) = (client.clone(), urls.clone(), physician.clone());
+        load(count, move |index, n| {
+            let (client, urls, token) = (client.clone(), urls.clone(), token.clone());
+            async move {
+                let body = json!({
+                    "code": { "system": "http://loinc.org", "code": "8867-4" },
+                    "value": { "quantity": { "value": format!("{}", 60 + n % 40), "unit": "/min" } },
+                    "effective_at": "2026-11-27T08:30:00Z",
+                });
+                match client
+                    .post(&urls[index].0)
+                    .bearer_auth(token.as_str())
+                    .json(&body)
+                    .send()
+                    .await
+                {
+                    Ok(response) => {
+                        let ok = response.status() == StatusCode::OK;
+                        response.bytes().await.is_ok() && ok
+                    }
+                    Err(_) => false,
+                }
+            }
+        })
+    };
+    command(warmup).await;
+    let commands = command(per_client).await;
+
+    let (client, token) = (client.clone(), physician.clone());
+    let reads = load(per_client, move |index, _| {
+        let (client, urls, token) = (client.clone(), urls.clone(), token.clone());
+        async move {
+            match client
+                .get(&urls[index].1)
+                .bearer_auth(token.as_str())
+                .send()
+                .await
+            {
+                Ok(response) => {
+                    let ok = response.status() == StatusCode::OK;
+                    response.bytes().await.is_ok() && ok
+                }
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    drop(server);
+    HttpFigures { commands, reads }
+}
+
+// ---------------------------------------------------------------- report
+
+fn report(backend: &str, bare: &Figures, ledger: &Figures, http: &HttpFigures) {
+    bare.row(backend, "store: EventStore::append (1 ev)");
+    ledger.row(backend, "store: PatientLedger::execute");
+    http.commands.row(backend, "HTTPS POST record-observation");
+    http.reads.row(backend, "HTTPS GET chart");
+    let ratio = http.commands.rate() / ledger.rate();
+    let p99 = http.commands.percentile_ms(99.0);
+    let read_p99 = http.reads.percentile_ms(99.0);
+    println!(
+        "{backend}: HTTP command / ledger execute = {ratio:.2}x (target >= {TARGET_RATIO}x: {}); \
+         HTTP command / bare append = {:.2}x",
+        if ratio >= TARGET_RATIO {
+            "met"
+        } else {
+            "MISSED"
+        },
+        http.commands.rate() / bare.rate(),
+    );
+    println!(
+        "{backend}: command p99 {p99:.2} ms (target <= {TARGET_P99_MS} ms: {}); chart read p99 {read_p99:.2} ms ({})",
+        if p99 <= TARGET_P99_MS {
+            "met"
+        } else {
+            "MISSED"
+        },
+        if read_p99 <= TARGET_P99_MS {
+            "met"
+        } else {
+            "MISSED"
+        },
+    );
+}
+
+fn header() {
+    println!(
+        "| backend  | what                               |   reqs | errs |    req/s  | p50 ms  | p99 ms  |"
+    );
+    println!(
+        "|----------|------------------------------------|--------|------|-----------|---------|---------|"
+    );
+}
+
+fn scratch_url(server_url: &str, name: &str) -> String {
+    match server_url.rfind('/') {
+        Some(slash) if slash > "postgres://".len() => format!("{}/{name}", &server_url[..slash]),
+        _ => format!("{}/{name}", server_url.trim_end_matches('/')),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let scale: usize = std::env::var("CHARTLOG_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let per_client = 50 * scale;
+    let warmup = 3;
+    println!(
+        "chartlog HTTP load: {CLIENTS} concurrent clients, {per_client} requests each per phase (CHARTLOG_BENCH_SCALE={scale})"
+    );
+    println!("reproduce: cargo bench --bench http_load");
+    println!(
+        "baseline for the targets: PatientLedger::execute(RecordObservation), 32 in-process writers"
+    );
+    header();
+
+    // SQLite.
+    {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteEventStore::open(&dir.path().join("bare.db"))
+            .await
+            .expect("sqlite");
+        let bare = bare_append(&store, per_client).await;
+        store.pool().close().await;
+        let store = SqliteEventStore::open(&dir.path().join("ledger.db"))
+            .await
+            .expect("sqlite");
+        let key_store = SqliteKeyStore::new(store.pool().clone());
+        let ledger = ledger_commands(Arc::new(store.clone()), key_store, per_client, warmup).await;
+        store.pool().close().await;
+        let data = TestDir::new();
+        let http = http_load(&data, &[], per_client, warmup).await;
+        report("sqlite", &bare, &ledger, &http);
+    }
+
+    // PostgreSQL.
+    let server_url = std::env::var("CHARTLOG_BENCH_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let mut admin = match tokio::time::timeout(
+        Duration::from_secs(5),
+        PgConnection::connect(&server_url),
+    )
+    .await
+    {
+        Ok(Ok(admin)) => admin,
+        Ok(Err(error)) => {
+            println!("postgres: skipped, cannot connect to {server_url}: {error}");
+            return;
+        }
+        Err(_) => {
+            println!("postgres: skipped, no answer from {server_url} within 5 s");
+            return;
+        }
+    };
+    let pid = std::process::id();
+    let store_db = format!("chartlog_bench_http_{pid}_store");
+    let server_db = format!("chartlog_bench_http_{pid}");
+    for db in [&store_db, &server_db] {
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .await
+            .expect("create scratch database");
+    }
+    {
+        let store = PostgresEventStore::connect(&scratch_url(&server_url, &store_db))
+            .await
+            .expect("postgres");
+        // A first pass pays for the fresh database (see benches/store_append.rs); measure the second.
+        bare_append(&store, per_client).await;
+        let bare = bare_append(&store, per_client).await;
+        let key_store = PostgresKeyStore::new(store.pool().clone());
+        let ledger = ledger_commands(Arc::new(store.clone()), key_store, per_client, warmup).await;
+        store.close().await;
+        let data = TestDir::new();
+        let url = scratch_url(&server_url, &server_db);
+        let http = http_load(&data, &["--database-url", &url], per_client, warmup).await;
+        report("postgres", &bare, &ledger, &http);
+    }
+    for db in [&store_db, &server_db] {
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+            )))
+            .await
+            .expect("drop scratch database");
+    }
+}

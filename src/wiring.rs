@@ -1,0 +1,154 @@
+//! Assembles what the HTTP API needs from the opened backend and the key folder: the record
+//! store over the ledger, the accounts service, the audit sink and the notifiers.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chartlog_access::{AccessSecrets, AccessSettings, Accounts, Username};
+use chartlog_api::audit::DatabaseAuditSink;
+use chartlog_api::notify::{LogNotifier, Notifier, Notifiers, WebhookNotifier};
+use chartlog_api::records::{LedgerRecords, Records};
+use chartlog_crypto::{
+    DataKeys, INDEX_KEY_FILE_NAME, load_or_create_key_files, load_or_create_mac_key,
+};
+use chartlog_projections::db::ProjectionDb;
+use chartlog_store::PatientLedger;
+use chartlog_store::postgres::PostgresKeyStore;
+use chartlog_store::sqlite::SqliteKeyStore;
+
+use crate::Database;
+
+/// The user name of the administrator created on first start.
+pub const FIRST_ADMINISTRATOR: &str = "admin";
+/// Where the first administrator's one-time password is written, inside the data directory.
+pub const FIRST_ADMINISTRATOR_PASSWORD_FILE: &str = "first-administrator-password";
+/// How often accounts unused for the configured period are looked for and disabled.
+const INACTIVITY_SWEEP_INTERVAL: Duration = Duration::from_secs(60 * 60);
+
+/// The read-model database on the store's own pool.
+pub fn read_models(database: &Database) -> ProjectionDb {
+    match database {
+        Database::Sqlite(store) => ProjectionDb::Sqlite(store.pool().clone()),
+        Database::Postgres(store) => ProjectionDb::Postgres(store.pool().clone()),
+    }
+}
+
+/// The accounts service on the backend's database, its secrets from `key_dir`.
+pub fn accounts(
+    database: &Database,
+    key_dir: &Path,
+    settings: AccessSettings,
+) -> anyhow::Result<Accounts> {
+    let secrets = AccessSecrets::load_or_create(key_dir).with_context(|| {
+        format!(
+            "cannot load or create the access secrets in {}",
+            key_dir.display()
+        )
+    })?;
+    Ok(Accounts::new(read_models(database), secrets, settings))
+}
+
+/// Commands and reads over the backend: the ledger signs with the active signing key.
+pub fn records(database: &Database, key_dir: &Path) -> anyhow::Result<Arc<dyn Records>> {
+    let (ring, signing) = load_or_create_key_files(key_dir).with_context(|| {
+        format!(
+            "cannot load or create the key files in {}",
+            key_dir.display()
+        )
+    })?;
+    let index_key = load_or_create_mac_key(key_dir, INDEX_KEY_FILE_NAME)
+        .with_context(|| format!("cannot load the blind-index key in {}", key_dir.display()))?;
+    let ring = Arc::new(ring);
+    let signer = Arc::clone(signing.active());
+    let verifier = Arc::new(signing.verifier());
+    let index_key = Arc::new(index_key);
+    let records: Arc<dyn Records> = match database {
+        Database::Sqlite(store) => {
+            let keys = DataKeys::new(ring, SqliteKeyStore::new(store.pool().clone()));
+            let ledger =
+                PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier);
+            Arc::new(LedgerRecords::new(ledger, read_models(database), index_key))
+        }
+        Database::Postgres(store) => {
+            let keys = DataKeys::new(ring, PostgresKeyStore::new(store.pool().clone()));
+            let ledger =
+                PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier);
+            Arc::new(LedgerRecords::new(ledger, read_models(database), index_key))
+        }
+    };
+    Ok(records)
+}
+
+/// The audit sink: rows go to the audit trail of the backend's database.
+pub fn audit_sink(database: &Database) -> Arc<DatabaseAuditSink> {
+    Arc::new(DatabaseAuditSink::new(read_models(database)))
+}
+
+/// The log notifier always; a webhook too when configured.
+pub fn notifier(webhook: Option<&str>) -> anyhow::Result<Arc<dyn Notifier>> {
+    let mut notifiers: Vec<Box<dyn Notifier>> = vec![Box::new(LogNotifier)];
+    if let Some(url) = webhook {
+        notifiers.push(Box::new(
+            WebhookNotifier::new(url, false).context("invalid --break-glass-webhook")?,
+        ));
+    }
+    Ok(Arc::new(Notifiers(notifiers)))
+}
+
+/// On first start (no accounts at all), creates the administrator and writes the one-time
+/// password to a 0600 file in the data directory. Returns that file's path when it did.
+pub async fn bootstrap_administrator(
+    accounts: &Accounts,
+    data_dir: &Path,
+) -> anyhow::Result<Option<PathBuf>> {
+    let username = Username::parse(FIRST_ADMINISTRATOR)
+        .map_err(|error| anyhow::anyhow!("the first administrator's name: {error}"))?;
+    let Some(password) = accounts
+        .bootstrap_administrator(&username, chartlog_api::now())
+        .await
+        .context("cannot create the first administrator")?
+    else {
+        return Ok(None);
+    };
+    let path = data_dir.join(FIRST_ADMINISTRATOR_PASSWORD_FILE);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{}", password.expose())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Some(path))
+}
+
+/// Disables accounts unused for the configured period and prunes spent access records,
+/// hourly, for as long as the server runs.
+pub fn spawn_inactivity_sweep(accounts: Accounts) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(INACTIVITY_SWEEP_INTERVAL);
+        loop {
+            ticks.tick().await;
+            match accounts.deactivate_inactive(chartlog_api::now()).await {
+                Ok(disabled) if disabled.is_empty() => {}
+                Ok(disabled) => {
+                    for user_id in &disabled {
+                        tracing::warn!(%user_id, "account disabled after a period without use");
+                    }
+                }
+                Err(error) => tracing::error!(%error, "inactive-account sweep failed"),
+            }
+            // Spent sessions, old failed-login counts and expired idempotency records.
+            if let Err(error) = accounts.prune(chartlog_api::now()).await {
+                tracing::error!(%error, "pruning access records failed");
+            }
+        }
+    })
+}

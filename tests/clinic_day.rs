@@ -1,0 +1,767 @@
+//! A day at a clinic, end to end: the real binary on a random port, over HTTPS trusting its
+//! development certificate, on the embedded SQLite default.
+
+#[allow(dead_code)]
+mod support;
+
+use std::fs;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chartlog_domain::{PatientCommand, synthetic};
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+use support::{Server, TestDir, https_client};
+
+/// A strong passphrase per user: long, not common, not containing the user name.
+fn passphrase(user: &str) -> String {
+    format!("correct horse battery staple {}", user.len() * 7919)
+}
+
+struct Api<'a> {
+    server: &'a Server,
+    client: Client,
+}
+
+struct Response {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Response {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|_| panic!("not JSON ({}): {}", self.status, self.text))
+    }
+
+    fn expect(self, status: StatusCode) -> Response {
+        assert_eq!(self.status, status, "body: {}", self.text);
+        self
+    }
+}
+
+impl Api<'_> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, String)],
+    ) -> Response {
+        let mut request = self.client.request(method, self.server.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        Response {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    async fn get(&self, path: &str, token: &str) -> Response {
+        self.call(Method::GET, path, Some(token), None, &[]).await
+    }
+
+    async fn post(&self, path: &str, token: &str, body: Value) -> Response {
+        self.call(Method::POST, path, Some(token), Some(body), &[])
+            .await
+    }
+
+    async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        second_factor: Option<String>,
+    ) -> Response {
+        let mut body = json!({ "username": username, "password": password });
+        if let Some(code) = second_factor {
+            body["second_factor"] = json!(code);
+        }
+        self.call(Method::POST, "/auth/login", None, Some(body), &[])
+            .await
+    }
+
+    /// Logs in with a one-time password, sets the user's passphrase, enrolls TOTP when the
+    /// role asks for it, and returns a full session's token and the TOTP secret.
+    async fn first_login(
+        &self,
+        username: &str,
+        one_time_password: &str,
+    ) -> (String, Option<String>) {
+        let answer = self
+            .login(username, one_time_password, None)
+            .await
+            .expect(StatusCode::OK)
+            .json();
+        assert_eq!(answer["session"]["stage"], "must_change_password");
+        let token = answer["token"].as_str().expect("token").to_owned();
+        // Nothing else is allowed before the password is changed.
+        self.get(
+            "/patients/00000000-0000-0000-0000-000000000000/chart",
+            &token,
+        )
+        .await
+        .expect(StatusCode::FORBIDDEN);
+        self.post(
+            "/auth/password",
+            &token,
+            json!({ "current_password": one_time_password, "new_password": passphrase(username) }),
+        )
+        .await
+        .expect(StatusCode::NO_CONTENT);
+        // A password change ends every session, this one included.
+        self.get("/auth/session", &token)
+            .await
+            .expect(StatusCode::UNAUTHORIZED);
+
+        let answer = self
+            .login(username, &passphrase(username), None)
+            .await
+            .expect(StatusCode::OK)
+            .json();
+        let token = answer["token"].as_str().expect("token").to_owned();
+        if answer["session"]["stage"] == "full" {
+            return (token, None);
+        }
+        assert_eq!(answer["session"]["stage"], "must_enroll_second_factor");
+        let enrollment = self
+            .post("/auth/second-factor/enrollment", &token, json!({}))
+            .await
+            .expect(StatusCode::OK)
+            .json();
+        let secret = enrollment["secret_base32"]
+            .as_str()
+            .expect("secret")
+            .to_owned();
+        assert!(
+            enrollment["otpauth_uri"]
+                .as_str()
+                .expect("uri")
+                .starts_with("otpauth://totp/")
+        );
+        let codes = self
+            .post(
+                "/auth/second-factor/confirmation",
+                &token,
+                json!({ "code": totp(&secret, 0) }),
+            )
+            .await
+            .expect(StatusCode::OK)
+            .json();
+        assert_eq!(codes["recovery_codes"].as_array().expect("codes").len(), 10);
+
+        // From now on the password alone is not enough.
+        self.login(username, &passphrase(username), None)
+            .await
+            .expect(StatusCode::UNAUTHORIZED);
+        // The next step's code: the enrollment's own code is spent (replay protection).
+        let answer = self
+            .login(username, &passphrase(username), Some(totp(&secret, 30)))
+            .await
+            .expect(StatusCode::OK)
+            .json();
+        assert_eq!(answer["session"]["stage"], "full");
+        (
+            answer["token"].as_str().expect("token").to_owned(),
+            Some(secret),
+        )
+    }
+}
+
+/// The TOTP code for now plus `offset_seconds`.
+fn totp(secret_base32: &str, offset_seconds: u64) -> String {
+    let secret = totp_rs::Secret::try_from_base32(secret_base32).expect("base32 secret");
+    let totp = totp_rs::Builder::new()
+        .with_algorithm(totp_rs::Algorithm::SHA1)
+        .with_digits(6)
+        .with_step_duration(30)
+        .with_secret(secret)
+        .build()
+        .expect("totp");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    totp.generate(now + offset_seconds).to_string()
+}
+
+fn demographics(seed: u64) -> (Value, String, String) {
+    let PatientCommand::RegisterPatient { demographics, .. } = synthetic::registration(seed) else {
+        unreachable!("registration registers")
+    };
+    let json = serde_json::to_value(&demographics).expect("demographics serialize");
+    let family = json["name"]["family"].as_str().expect("family").to_owned();
+    let mrn = json["mrn"].as_str().expect("mrn").to_owned();
+    (json, family, mrn)
+}
+
+async fn create_user(
+    api: &Api<'_>,
+    admin: &str,
+    username: &str,
+    role: &str,
+    patient: Option<&str>,
+) -> (String, String) {
+    let mut body = json!({ "username": username, "role": role });
+    if let Some(patient) = patient {
+        body["patient_id"] = json!(patient);
+    }
+    let answer = api
+        .post("/users", admin, body)
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    (
+        answer["user"]["user_id"].as_str().expect("id").to_owned(),
+        answer["one_time_password"]
+            .as_str()
+            .expect("password")
+            .to_owned(),
+    )
+}
+
+/// Polls until `ready` accepts the answer: read models follow the log asynchronously.
+async fn eventually(
+    api: &Api<'_>,
+    path: &str,
+    token: &str,
+    ready: impl Fn(&Response) -> bool,
+) -> Response {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = api.get(path, token).await;
+        if ready(&response) || Instant::now() > deadline {
+            return response;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_at_the_clinic_on_sqlite() {
+    a_day_at_the_clinic(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_at_the_clinic_on_postgres() {
+    let database = FreshPostgresDatabase::create().await;
+    a_day_at_the_clinic(&["--database-url", &database.url]).await;
+    database.drop().await;
+}
+
+/// A database of its own on the PostgreSQL server at `DATABASE_URL` (the one the store tests
+/// use), dropped at the end.
+struct FreshPostgresDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl FreshPostgresDatabase {
+    async fn create() -> Self {
+        let admin_url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("chartlog_e2e_{}", uuid::Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&admin_url)
+            .await
+            .expect("PostgreSQL at DATABASE_URL");
+        // The name is ours: a fixed prefix and a UUID's hex digits.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create the test database");
+        pool.close().await;
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url.as_str(), |(base, _)| base);
+        let url = format!("{base}/{name}");
+        Self {
+            admin_url,
+            name,
+            url,
+        }
+    }
+
+    async fn drop(self) {
+        let pool = sqlx::PgPool::connect(&self.admin_url)
+            .await
+            .expect("reconnect");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&pool)
+        .await
+        .expect("drop the test database");
+        pool.close().await;
+    }
+}
+
+async fn a_day_at_the_clinic(extra_args: &[&str]) {
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), extra_args);
+    let api = Api {
+        server: &server,
+        client: https_client(&fs::read(dir.certificate_path()).expect("certificate")),
+    };
+
+    // ---- The administrator bootstraps. ----
+    let password_file = dir.data_dir().join("first-administrator-password");
+    let stderr = server.wait_for_stderr("first-administrator-password");
+    let admin_password = fs::read_to_string(&password_file).expect("password file");
+    let admin_password = admin_password.trim();
+    assert!(
+        !stderr.contains(admin_password),
+        "the password is never printed"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&password_file)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let (admin, _) = api.first_login("admin", admin_password).await;
+
+    let (physician_id, physician_otp) =
+        create_user(&api, &admin, "dr.grey", "physician", None).await;
+    let (_, nurse_otp) = create_user(&api, &admin, "nurse.joy", "nurse", None).await;
+    let (_, radiologist_otp) = create_user(&api, &admin, "dr.rad", "radiologist", None).await;
+    let (_, auditor_otp) = create_user(&api, &admin, "auditor.ann", "auditor", None).await;
+    let (_, analyst_otp) = create_user(&api, &admin, "analyst.al", "analyst", None).await;
+    api.post(
+        "/users",
+        &admin,
+        json!({ "username": "dr.grey", "role": "nurse" }),
+    )
+    .await
+    .expect(StatusCode::CONFLICT);
+    // Administrators see no PHI.
+    api.get(
+        "/patients/00000000-0000-0000-0000-000000000000/chart",
+        &admin,
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN);
+
+    // ---- The physician logs in with TOTP, registers a patient and records the visit. ----
+    let (physician, _) = api.first_login("dr.grey", &physician_otp).await;
+    let (demographics_a, family_a, mrn_a) = demographics(11);
+    let registered = api
+        .post("/patients", &physician, demographics_a)
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    let patient = registered["patient_id"]
+        .as_str()
+        .expect("patient id")
+        .to_owned();
+    assert_eq!(
+        registered["stream_version"], 2,
+        "registered, then the care relationship"
+    );
+
+    let observation = json!({
+        "code": { "system": "http://loinc.org", "code": "8867-4" },
+        "value": { "quantity": { "value": "72", "unit": "/min" } },
+        "effective_at": "2026-11-27T08:30:00Z",
+    });
+    let first = api
+        .call(
+            Method::POST,
+            &format!("/patients/{patient}/record-observation"),
+            Some(&physician),
+            Some(observation.clone()),
+            &[
+                ("idempotency-key", "visit-1-pulse".to_owned()),
+                ("if-match", "\"2\"".to_owned()),
+            ],
+        )
+        .await
+        .expect(StatusCode::OK);
+    // A retry with the same key gets the same answer, and records nothing twice.
+    let retry = api
+        .call(
+            Method::POST,
+            &format!("/patients/{patient}/record-observation"),
+            Some(&physician),
+            Some(observation.clone()),
+            &[
+                ("idempotency-key", "visit-1-pulse".to_owned()),
+                ("if-match", "\"2\"".to_owned()),
+            ],
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(first.json(), retry.json());
+    assert_eq!(
+        retry
+            .headers
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().expect("ascii")),
+        Some("true")
+    );
+    // A stale If-Match is refused.
+    api.call(
+        Method::POST,
+        &format!("/patients/{patient}/record-observation"),
+        Some(&physician),
+        Some(observation),
+        &[("if-match", "\"2\"".to_owned())],
+    )
+    .await
+    .expect(StatusCode::PRECONDITION_FAILED);
+    // Unknown fields are refused, naming nothing of the body.
+    let refused = api
+        .post(
+            &format!("/patients/{patient}/write-note"),
+            &physician,
+            json!({ "text": "Chest pain", "colour": "blue" }),
+        )
+        .await
+        .expect(StatusCode::BAD_REQUEST);
+    assert!(!refused.text.contains("Chest pain"));
+
+    let note = api
+        .post(
+            &format!("/patients/{patient}/write-note"),
+            &physician,
+            json!({ "text": "Seen for palpitations; ECG normal." }),
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let note_id = note["record_id"].as_str().expect("note id").to_owned();
+    api.post(
+        &format!("/patients/{patient}/sign-note"),
+        &physician,
+        json!({ "note_id": note_id, "password": "not the password at all" }),
+    )
+    .await
+    .expect(StatusCode::UNAUTHORIZED);
+    api.post(
+        &format!("/patients/{patient}/sign-note"),
+        &physician,
+        json!({ "note_id": note_id, "password": passphrase("dr.grey") }),
+    )
+    .await
+    .expect(StatusCode::OK);
+    let chart = api
+        .get(&format!("/patients/{patient}/chart"), &physician)
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(chart["demographics"]["mrn"], mrn_a);
+    assert_eq!(
+        chart["observations"]
+            .as_array()
+            .expect("observations")
+            .len(),
+        1
+    );
+    assert!(chart["notes"][0]["signed_at"].is_string(), "{chart}");
+
+    // ---- A nurse outside the care team is denied, and breaks the glass. ----
+    let (nurse, _) = api.first_login("nurse.joy", &nurse_otp).await;
+    let denied = api
+        .get(&format!("/patients/{patient}/chart"), &nurse)
+        .await
+        .expect(StatusCode::FORBIDDEN);
+    assert!(!denied.text.contains(&family_a));
+    let grant = api
+        .post(
+            &format!("/patients/{patient}/break-glass"),
+            &nurse,
+            json!({ "reason": "Patient collapsed in the waiting room; attending unavailable." }),
+        )
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    let grant_id = grant["grant_id"].as_str().expect("grant").to_owned();
+    let chart = api
+        .get(&format!("/patients/{patient}/chart"), &nurse)
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(chart["demographics"]["mrn"], mrn_a);
+    server.wait_for_stderr("break-glass access opened");
+
+    // ---- The auditor sees it and reviews it. ----
+    let (auditor, _) = api.first_login("auditor.ann", &auditor_otp).await;
+    let trail = api
+        .get(
+            &format!("/audit-trail?patient_id={patient}&action=break_glass"),
+            &auditor,
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(trail["rows"].as_array().expect("rows").len(), 1, "{trail}");
+    assert_eq!(trail["rows"][0]["break_glass"], true);
+    let reads = api
+        .get(
+            &format!("/audit-trail?patient_id={patient}&action=read"),
+            &auditor,
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert!(
+        reads["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .any(|row| row["break_glass"] == true && row["outcome"] == "success"),
+        "the nurse's read is marked: {reads}"
+    );
+    let reviews = api
+        .get("/break-glass/reviews", &auditor)
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(reviews["reviews"][0]["grant_id"], grant_id.as_str());
+    api.post(
+        &format!("/break-glass/reviews/{grant_id}"),
+        &auditor,
+        json!({ "verdict": "justified" }),
+    )
+    .await
+    .expect(StatusCode::NO_CONTENT);
+    let reviews = api
+        .get("/break-glass/reviews", &auditor)
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(reviews["reviews"].as_array().expect("reviews").len(), 0);
+    // Auditors read no chart.
+    api.get(&format!("/patients/{patient}/chart"), &auditor)
+        .await
+        .expect(StatusCode::FORBIDDEN);
+
+    // ---- The patient reads their history and their accounting of disclosures. ----
+    let (_, patient_otp) = create_user(&api, &admin, "pat.a", "patient", Some(&patient)).await;
+    let (patient_token, _) = api.first_login("pat.a", &patient_otp).await;
+    let history = eventually(
+        &api,
+        &format!("/patients/{patient}/history"),
+        &patient_token,
+        |r| {
+            r.status == StatusCode::OK
+                && r.json()["entries"].as_array().is_some_and(|e| e.len() >= 5)
+        },
+    )
+    .await
+    .expect(StatusCode::OK)
+    .json();
+    assert!(
+        history["entries"].as_array().expect("entries").len() >= 5,
+        "{history}"
+    );
+    let disclosures = api
+        .get(&format!("/patients/{patient}/disclosures"), &patient_token)
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let rows = disclosures["rows"].as_array().expect("rows");
+    assert!(
+        rows.iter().any(|row| row["break_glass"] == true),
+        "{disclosures}"
+    );
+    assert!(
+        rows.iter().all(|row| row["role"] != "patient"),
+        "own reads are not disclosures"
+    );
+    api.get("/audit-trail", &patient_token)
+        .await
+        .expect(StatusCode::FORBIDDEN);
+
+    // ---- Object-level checks: every PHI route, as everyone who must not pass. ----
+    let (demographics_b, _, _) = demographics(12);
+    let other = api
+        .post("/patients", &physician, demographics_b)
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    let other_patient = other["patient_id"].as_str().expect("id").to_owned();
+    let (radiologist, _) = api.first_login("dr.rad", &radiologist_otp).await;
+    let revoked = api
+        .login(
+            "nurse.joy",
+            &passphrase("nurse.joy"),
+            Some("000000".to_owned()),
+        )
+        .await;
+    assert_eq!(
+        revoked.status,
+        StatusCode::UNAUTHORIZED,
+        "a wrong code is refused"
+    );
+    let logged_out = api
+        .login("auditor.ann", &passphrase("auditor.ann"), None)
+        .await
+        .expect(StatusCode::OK)
+        .json()["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    api.post("/auth/logout", &logged_out, json!({}))
+        .await
+        .expect(StatusCode::NO_CONTENT);
+
+    let phi_routes: Vec<(Method, String, Value)> = vec![
+        (
+            Method::GET,
+            format!("/patients/{other_patient}/chart"),
+            Value::Null,
+        ),
+        (
+            Method::GET,
+            format!("/patients/{other_patient}/history"),
+            Value::Null,
+        ),
+        (
+            Method::GET,
+            format!("/patients/{other_patient}/disclosures"),
+            Value::Null,
+        ),
+        (
+            Method::POST,
+            format!("/patients/{other_patient}/write-note"),
+            json!({ "text": "x" }),
+        ),
+        (
+            Method::POST,
+            format!("/patients/{other_patient}/correct-demographics"),
+            json!({ "sex": "female" }),
+        ),
+        (
+            Method::POST,
+            format!("/patients/{other_patient}/record-observation"),
+            json!({
+            "code": { "system": "http://loinc.org", "code": "8867-4" },
+            "value": { "quantity": { "value": "72", "unit": "/min" } },
+            "effective_at": "2026-11-27T08:30:00Z" }),
+        ),
+    ];
+    let callers: Vec<(&str, Option<&str>)> = vec![
+        ("another patient", Some(&patient_token)),
+        ("an unrelated clinician", Some(&radiologist)),
+        ("a revoked session", Some(&logged_out)),
+        ("no session", None),
+    ];
+    let other_family = serde_json::to_value(demographics(12).0).expect("json")["name"]["family"]
+        .as_str()
+        .expect("family")
+        .to_owned();
+    for (method, path, body) in &phi_routes {
+        for (who, token) in &callers {
+            let body = (!body.is_null()).then(|| body.clone());
+            let response = api.call(method.clone(), path, *token, body, &[]).await;
+            assert!(
+                matches!(
+                    response.status,
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+                ),
+                "{who} on {method} {path}: {} {}",
+                response.status,
+                response.text
+            );
+            assert!(
+                !response.text.contains(&other_family),
+                "{who} on {path} leaked PHI"
+            );
+            assert!(response.json()["error"].is_string());
+        }
+    }
+    let denials = api
+        .get(
+            &format!("/audit-trail?patient_id={other_patient}&limit=500"),
+            &auditor,
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let denied = denials["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|row| row["outcome"] == "denied")
+        .count();
+    assert_eq!(
+        denied,
+        phi_routes.len() * callers.len(),
+        "every denial is audited: {denials}"
+    );
+
+    // ---- The analyst exports de-identified data holding no identifier. ----
+    let (analyst, _) = api.first_login("analyst.al", &analyst_otp).await;
+    let export = eventually(
+        &api,
+        "/deidentified/patients?format=ndjson",
+        &analyst,
+        |r| r.status == StatusCode::OK && r.text.lines().count() >= 2,
+    )
+    .await
+    .expect(StatusCode::OK);
+    assert_eq!(export.text.lines().count(), 2, "{}", export.text);
+    for identifier in [&family_a, &mrn_a, &patient, &other_patient, &other_family] {
+        assert!(
+            !export.text.contains(identifier.as_str()),
+            "the export holds an identifier"
+        );
+    }
+    let csv = api
+        .get("/deidentified/observations?format=csv", &analyst)
+        .await
+        .expect(StatusCode::OK);
+    assert!(csv.text.starts_with("row_key,pseudonym,"), "{}", csv.text);
+    assert_eq!(
+        csv.text.lines().count(),
+        2,
+        "a header and the one observation"
+    );
+    api.get(&format!("/patients/{patient}/chart"), &analyst)
+        .await
+        .expect(StatusCode::FORBIDDEN);
+    let _ = physician_id;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_logged_out() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), &["--idle-timeout-seconds", "2"]);
+    let api = Api {
+        server: &server,
+        client: https_client(&fs::read(dir.certificate_path()).expect("certificate")),
+    };
+    server.wait_for_stderr("first-administrator-password");
+    let password =
+        fs::read_to_string(dir.data_dir().join("first-administrator-password")).expect("password");
+    let (admin, _) = api.first_login("admin", password.trim()).await;
+    api.get("/users", &admin).await.expect(StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let expired = api
+        .get("/users", &admin)
+        .await
+        .expect(StatusCode::UNAUTHORIZED)
+        .json();
+    assert_eq!(expired["error"], "session_expired");
+    // Once ended, it stays ended.
+    api.get("/auth/session", &admin)
+        .await
+        .expect(StatusCode::UNAUTHORIZED);
+}
