@@ -177,6 +177,22 @@ impl ApiError {
         }
     }
 
+    /// A body that does not deserialize: only serde's error category and position are kept,
+    /// because its message can quote the value, which may be PHI.
+    pub(crate) fn from_serde_error(source: &serde_json::Error) -> ApiError {
+        let category = match source.classify() {
+            serde_json::error::Category::Io => "io",
+            serde_json::error::Category::Syntax => "syntax",
+            serde_json::error::Category::Data => "data",
+            serde_json::error::Category::Eof => "eof",
+        };
+        ApiError::InvalidJson {
+            category,
+            line: source.line(),
+            column: source.column(),
+        }
+    }
+
     /// Maps actix's JSON extractor errors onto our shape without echoing the body.
     pub(crate) fn from_json_error(error: &JsonPayloadError) -> ApiError {
         match error {
@@ -187,19 +203,7 @@ impl ApiError {
                 limit_bytes: *limit,
             },
             JsonPayloadError::ContentType => ApiError::UnsupportedMediaType,
-            JsonPayloadError::Deserialize(source) => {
-                let category = match source.classify() {
-                    serde_json::error::Category::Io => "io",
-                    serde_json::error::Category::Syntax => "syntax",
-                    serde_json::error::Category::Data => "data",
-                    serde_json::error::Category::Eof => "eof",
-                };
-                ApiError::InvalidJson {
-                    category,
-                    line: source.line(),
-                    column: source.column(),
-                }
-            }
+            JsonPayloadError::Deserialize(source) => ApiError::from_serde_error(source),
             // A broken or truncated upload is the client's problem, but its detail is a
             // transport error, not something the client can act on beyond "send it again".
             JsonPayloadError::Payload(_) => ApiError::BodyUnreadable,

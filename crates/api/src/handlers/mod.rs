@@ -131,22 +131,9 @@ fn blocked(loaded: &Option<LoadedPatient>, caller: &Caller) -> bool {
     })
 }
 
-/// Parses a JSON body, keeping only serde's error category and position (its message can
-/// quote the value, which may be PHI).
+/// Parses a JSON body without ever echoing it (see [`ApiError::from_serde_error`]).
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|error| {
-        let category = match error.classify() {
-            serde_json::error::Category::Io => "io",
-            serde_json::error::Category::Syntax => "syntax",
-            serde_json::error::Category::Data => "data",
-            serde_json::error::Category::Eof => "eof",
-        };
-        ApiError::InvalidJson {
-            category,
-            line: error.line(),
-            column: error.column(),
-        }
-    })
+    serde_json::from_slice(body).map_err(|error| ApiError::from_serde_error(&error))
 }
 
 /// Requires `Content-Type: application/json` on a body-carrying request.
