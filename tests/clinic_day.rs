@@ -622,41 +622,27 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
         .await
         .expect(StatusCode::NO_CONTENT);
 
-    let phi_routes: Vec<(Method, String, Value)> = vec![
-        (
-            Method::GET,
-            format!("/patients/{other_patient}/chart"),
-            Value::Null,
-        ),
-        (
-            Method::GET,
-            format!("/patients/{other_patient}/history"),
-            Value::Null,
-        ),
-        (
-            Method::GET,
-            format!("/patients/{other_patient}/disclosures"),
-            Value::Null,
-        ),
-        (
-            Method::POST,
-            format!("/patients/{other_patient}/write-note"),
-            json!({ "text": "x" }),
-        ),
-        (
-            Method::POST,
-            format!("/patients/{other_patient}/correct-demographics"),
-            json!({ "sex": "female" }),
-        ),
-        (
-            Method::POST,
-            format!("/patients/{other_patient}/record-observation"),
-            json!({
-            "code": { "system": "http://loinc.org", "code": "8867-4" },
-            "value": { "quantity": { "value": "72", "unit": "/min" } },
-            "effective_at": "2026-11-27T08:30:00Z" }),
-        ),
-    ];
+    // Every route on a patient's record, from the server's own OpenAPI document, except
+    // break-glass, whose purpose is to let a clinician outside the care team in.
+    let document = api
+        .call(Method::GET, "/openapi.json", None, None, &[])
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let mut phi_routes: Vec<(Method, String, Value)> = Vec::new();
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        if !path.contains("{patient_id}") || path.ends_with("/break-glass") {
+            continue;
+        }
+        let concrete = path.replace("{patient_id}", &other_patient);
+        if item.get("get").is_some() {
+            phi_routes.push((Method::GET, concrete.clone(), Value::Null));
+        }
+        if item.get("post").is_some() {
+            phi_routes.push((Method::POST, concrete, json!({})));
+        }
+    }
+    assert!(phi_routes.len() >= 20, "{phi_routes:?}");
     let callers: Vec<(&str, Option<&str>)> = vec![
         ("another patient", Some(&patient_token)),
         ("an unrelated clinician", Some(&radiologist)),
@@ -760,8 +746,34 @@ async fn an_idle_session_is_logged_out() {
         .expect(StatusCode::UNAUTHORIZED)
         .json();
     assert_eq!(expired["error"], "session_expired");
-    // Once ended, it stays ended.
+    // Once ended, it stays ended, on every route of a patient's record too.
     api.get("/auth/session", &admin)
         .await
         .expect(StatusCode::UNAUTHORIZED);
+    let document = api
+        .call(Method::GET, "/openapi.json", None, None, &[])
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let patient = uuid::Uuid::now_v7().to_string();
+    let mut checked = 0;
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        if !path.contains("{patient_id}") {
+            continue;
+        }
+        let path = path.replace("{patient_id}", &patient);
+        for (method, present) in [
+            (Method::GET, item.get("get")),
+            (Method::POST, item.get("post")),
+        ] {
+            if present.is_some() {
+                let body = (method == Method::POST).then(|| json!({}));
+                api.call(method, &path, Some(&admin), body, &[])
+                    .await
+                    .expect(StatusCode::UNAUTHORIZED);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20);
 }

@@ -56,6 +56,9 @@ pub(crate) async fn execute<B: CommandBody>(
     request: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
+    // The object-level check comes first: a caller who may not touch this record learns
+    // nothing about what a valid body would be, and the refusal is audited.
+    let reach = reach(&config, &caller, path.patient_id, B::ENTITY, B::ACTION).await?;
     require_json(request.headers())?;
     let expected_version = if_match(request.headers())?;
     let command: B = parse_body(&body)?;
@@ -63,7 +66,6 @@ pub(crate) async fn execute<B: CommandBody>(
     let patient_bytes = patient.as_uuid();
     let identity: [&[u8]; 3] = [B::ROUTE.path.as_bytes(), patient_bytes.as_bytes(), &body];
     idempotent(&config, &caller, request.headers(), &identity, async {
-        let reach = reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?;
         if let Some(password) = command.reauthentication() {
             config
                 .accounts
