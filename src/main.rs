@@ -577,26 +577,38 @@ async fn open_backend(data_dir: &Path, database: &DatabaseLocation) -> anyhow::R
     })
 }
 
-/// Ready while the database answers a trivial query.
+/// How far (in events) the slowest read model may trail the log before the server reports
+/// itself not ready: reads would be minutes stale, and a load balancer should prefer a peer.
+const PROJECTION_LAG_EVENTS_MAX: u64 = 10_000;
+
+/// Ready while the database answers and the read models follow the log closely.
 struct DatabaseReadiness(Database);
 
 #[chartlog_api::async_trait]
 impl ReadinessProbe for DatabaseReadiness {
     async fn check(&self) -> Result<(), NotReady> {
-        let answered = match &self.0 {
-            Database::Sqlite(store) => sqlx::query("SELECT 1")
-                .execute(store.pool())
-                .await
-                .map(drop),
-            Database::Postgres(store) => sqlx::query("SELECT 1")
-                .execute(store.pool())
-                .await
-                .map(drop),
-        };
-        answered.map_err(|error| {
+        let read_models = wiring::read_models(&self.0);
+        let unreachable = |error: sqlx::Error| {
             tracing::warn!(%error, "readiness: database did not answer");
             NotReady::new("database unreachable")
-        })
+        };
+        let head = read_models.log_head_position().await.map_err(unreachable)?;
+        let slowest = read_models
+            .fetch_optional(
+                "SELECT MIN(position) FROM chartlog_projection_checkpoints",
+                Vec::new(),
+            )
+            .await
+            .map_err(unreachable)?
+            .and_then(|row| row.opt_i64(0).ok().flatten())
+            .map_or(0, |position| u64::try_from(position).unwrap_or(0));
+        let lag = head.saturating_sub(slowest);
+        if lag > PROJECTION_LAG_EVENTS_MAX {
+            return Err(NotReady::new(format!(
+                "read models are {lag} events behind the log (limit {PROJECTION_LAG_EVENTS_MAX})"
+            )));
+        }
+        Ok(())
     }
 }
 
