@@ -340,7 +340,8 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     let (physician_id, physician_otp) =
         create_user(&api, &admin, "dr.grey", "physician", None).await;
     let (_, nurse_otp) = create_user(&api, &admin, "nurse.joy", "nurse", None).await;
-    let (_, radiologist_otp) = create_user(&api, &admin, "dr.rad", "radiologist", None).await;
+    let (radiologist_id, radiologist_otp) =
+        create_user(&api, &admin, "dr.rad", "radiologist", None).await;
     let (_, auditor_otp) = create_user(&api, &admin, "auditor.ann", "auditor", None).await;
     let (_, analyst_otp) = create_user(&api, &admin, "analyst.al", "analyst", None).await;
     api.post(
@@ -500,6 +501,36 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     assert_eq!(chart["demographics"]["mrn"], mrn_a);
     server.wait_for_stderr("break-glass access opened");
 
+    // ---- Consent: notes hidden from nurses; a named radiologist blocked inside the team. ----
+    api.post(
+        &format!("/patients/{patient}/grant-consent-restriction"),
+        &physician,
+        json!({ "kind": { "hide_notes_from_role": "nurse" } }),
+    )
+    .await
+    .expect(StatusCode::OK);
+    let nurse_view = api
+        .get(&format!("/patients/{patient}/chart"), &nurse)
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert!(nurse_view["notes"].is_null(), "{nurse_view}");
+    assert!(nurse_view["observations"].is_array());
+    api.post(
+        &format!("/patients/{patient}/assign-care-relationship"),
+        &physician,
+        json!({ "clinician": radiologist_id }),
+    )
+    .await
+    .expect(StatusCode::OK);
+    api.post(
+        &format!("/patients/{patient}/grant-consent-restriction"),
+        &physician,
+        json!({ "kind": { "block_user": radiologist_id } }),
+    )
+    .await
+    .expect(StatusCode::OK);
+
     // ---- The auditor sees it and reviews it. ----
     let (auditor, _) = api.first_login("auditor.ann", &auditor_otp).await;
     let trail = api
@@ -598,6 +629,10 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
         .json();
     let other_patient = other["patient_id"].as_str().expect("id").to_owned();
     let (radiologist, _) = api.first_login("dr.rad", &radiologist_otp).await;
+    // In the care team, yet blocked by the patient's consent.
+    api.get(&format!("/patients/{patient}/chart"), &radiologist)
+        .await
+        .expect(StatusCode::FORBIDDEN);
     let revoked = api
         .login(
             "nurse.joy",
