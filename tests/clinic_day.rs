@@ -476,6 +476,32 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     );
     assert!(chart["notes"][0]["signed_at"].is_string(), "{chart}");
 
+    // Look-up by MRN, and by family name with birth date, in the body (never the URL).
+    let found = api
+        .post("/patients/search", &physician, json!({ "mrn": mrn_a }))
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(found["patient_ids"], json!([patient]));
+    let birth_date = chart["demographics"]["birth_date"].clone();
+    let found = api
+        .post(
+            "/patients/search",
+            &physician,
+            json!({ "family_name": family_a, "birth_date": birth_date }),
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(found["patient_ids"], json!([patient]));
+    api.post(
+        "/patients/search",
+        &physician,
+        json!({ "family_name": family_a }),
+    )
+    .await
+    .expect(StatusCode::UNPROCESSABLE_ENTITY);
+
     // ---- A nurse outside the care team is denied, and breaks the glass. ----
     let (nurse, _) = api.first_login("nurse.joy", &nurse_otp).await;
     let denied = api
@@ -616,6 +642,10 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
         rows.iter().all(|row| row["role"] != "patient"),
         "own reads are not disclosures"
     );
+    // A patient may not look up who else is a patient here.
+    api.post("/patients/search", &patient_token, json!({ "mrn": mrn_a }))
+        .await
+        .expect(StatusCode::FORBIDDEN);
     api.get("/audit-trail", &patient_token)
         .await
         .expect(StatusCode::FORBIDDEN);

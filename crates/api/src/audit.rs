@@ -118,6 +118,7 @@ pub(crate) fn action_of_route(route: &Route) -> AuditAction {
         Permission::Grant(Grant(_, Action::Create)) => AuditAction::Create,
         Permission::Grant(Grant(_, Action::Update)) => AuditAction::Update,
         Permission::Grant(Grant(_, Action::Read)) => AuditAction::Read,
+        Permission::Clinician if route.path.ends_with("/search") => AuditAction::Search,
         Permission::Clinician => AuditAction::BreakGlass,
         Permission::AnySession | Permission::Public => match route.verb {
             Verb::Get => AuditAction::Read,

@@ -218,7 +218,7 @@ async fn authorize(
         Permission::Clinician => {
             if !policy::is_clinician(caller.session.role) {
                 return refuse(ApiError::Forbidden {
-                    action: "request emergency access: only clinicians can".to_owned(),
+                    action: "use this route: only clinical roles can".to_owned(),
                 })
                 .await;
             }

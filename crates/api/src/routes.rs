@@ -24,7 +24,8 @@ pub enum Permission {
     /// A fully authenticated session whose role holds the grant. Routes on a patient's
     /// record add the attribute checks of [`crate::policy::reach_record`] in the handler.
     Grant(Grant),
-    /// A fully authenticated session of a clinical role: break-glass.
+    /// A fully authenticated session of a clinical role: patient look-up (which would tell a
+    /// patient who else is a patient here) and break-glass.
     Clinician,
 }
 
@@ -105,7 +106,7 @@ routes! {
     RESET_SECOND_FACTOR: Post "/users/{user_id}/second-factor-reset", grant(Entity::User, U), "users", "Remove the account's second factor; it must enroll again.";
 
     REGISTER_PATIENT: Post "/patients", grant(Entity::Demographics, C), "patients", "Register a patient; a registering clinician joins the care team.";
-    SEARCH_PATIENTS: Post "/patients/search", grant(Entity::Demographics, R), "patients", "Find patient ids by MRN, or by family name and birth date (in the body, never the URL).";
+    SEARCH_PATIENTS: Post "/patients/search", Clinician, "patients", "Find patient ids by MRN, or by family name and birth date (in the body, never the URL).";
     CHART: Get "/patients/{patient_id}/chart", grant(Entity::Demographics, R), "patients", "The patient's current chart, limited to what the caller's role may read.";
     HISTORY: Get "/patients/{patient_id}/history", grant(Entity::History, R), "patients", "The record history, newest first, paginated by before_version.";
     DISCLOSURES: Get "/patients/{patient_id}/disclosures", grant(Entity::Disclosures, R), "patients", "The accounting of disclosures: who else read or changed this record.";
