@@ -69,12 +69,23 @@ pub trait Records: Send + Sync + 'static {
     ) -> Result<Vec<PatientId>, ProjectionError>;
 }
 
+/// Records whose decision state [`LedgerRecords`] keeps between commands. Beyond it the
+/// cache starts over: a miss costs one full load, so a crude bound is enough.
+pub const RECORD_CACHE_PATIENTS_MAX: usize = 4_096;
+
 /// [`Records`] over a ledger and the read-model database.
+///
+/// Decision states are cached per patient and brought up to the stream's head on every load
+/// (`PatientLedger::catch_up`): a command verifies and folds only the events it has not seen,
+/// instead of the whole stream. The head is always read from the store, so the cache never
+/// answers with a stale record, and a catch-up checks that the new events continue the cached
+/// head's hash chain.
 pub struct LedgerRecords<S: EventStore + ?Sized, K: KeyStore> {
     ledger: PatientLedger<S, K>,
     keys: Arc<DataKeys<K>>,
     db: ProjectionDb,
     index_key: Arc<MacKey>,
+    loaded: std::sync::Mutex<std::collections::HashMap<PatientId, LoadedPatient>>,
 }
 
 impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
@@ -85,6 +96,38 @@ impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
             keys,
             db,
             index_key,
+            loaded: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn cached(&self, patient: PatientId) -> Option<LoadedPatient> {
+        // A poisoned lock only means another request panicked mid-insert: load afresh.
+        self.loaded
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(&patient).cloned())
+    }
+
+    fn remember(&self, patient: PatientId, loaded: &LoadedPatient) {
+        let Ok(mut cache) = self.loaded.lock() else {
+            return;
+        };
+        let version = |loaded: &LoadedPatient| loaded.head.map_or(0, |head| head.version);
+        if cache
+            .get(&patient)
+            .is_some_and(|cached| version(cached) >= version(loaded))
+        {
+            return;
+        }
+        if cache.len() >= RECORD_CACHE_PATIENTS_MAX {
+            cache.clear();
+        }
+        cache.insert(patient, loaded.clone());
+    }
+
+    fn forget(&self, patient: PatientId) {
+        if let Ok(mut cache) = self.loaded.lock() {
+            cache.remove(&patient);
         }
     }
 }
@@ -92,7 +135,19 @@ impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
 #[async_trait]
 impl<S: EventStore + ?Sized, K: KeyStore + 'static> Records for LedgerRecords<S, K> {
     async fn load(&self, patient: PatientId) -> Result<LoadedPatient, LedgerError> {
-        self.ledger.load(patient).await
+        let cached = self.cached(patient);
+        match self.ledger.catch_up(patient, cached).await {
+            Ok(loaded) => {
+                self.remember(patient, &loaded);
+                Ok(loaded)
+            }
+            Err(error) => {
+                // An erased record, or a cached head the stream no longer continues: nothing
+                // cached about this patient is worth keeping.
+                self.forget(patient);
+                Err(error)
+            }
+        }
     }
 
     async fn execute(

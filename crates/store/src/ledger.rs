@@ -311,9 +311,22 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
 
     /// Reads, verifies, opens and folds the patient's stream.
     pub async fn load(&self, patient: PatientId) -> Result<LoadedPatient, LedgerError> {
+        self.catch_up(patient, None).await
+    }
+
+    /// Brings a record this ledger loaded earlier up to the stream's head: only the events
+    /// after `earlier`'s head are read, checked to continue its hash chain, verified, opened
+    /// and folded. With `None`, the whole stream (as [`PatientLedger::load`]).
+    pub async fn catch_up(
+        &self,
+        patient: PatientId,
+        earlier: Option<LoadedPatient>,
+    ) -> Result<LoadedPatient, LedgerError> {
         let stream = StreamId::patient(patient);
-        let mut state = Patient::default();
-        let mut head: Option<StreamHead> = None;
+        let (mut state, mut head) = match earlier {
+            Some(earlier) => (earlier.patient, earlier.head),
+            None => (Patient::default(), None),
+        };
         let mut key: Option<Arc<chartlog_crypto::DataKey>> = None;
         loop {
             let from = head.map_or(1, |h| h.version + 1);

@@ -247,6 +247,50 @@ async fn erasure_leaves_a_verifiable_log_nobody_can_read<S: EventStore, K: KeySt
     );
 }
 
+async fn catching_up_equals_a_full_load<S: EventStore, K: KeyStore>(fixture: Fixture<S, K>) {
+    let patient = register_with_history(&fixture, 7, 3).await;
+    let earlier = fixture.ledger.load(patient).await.expect("load");
+    for n in 10..14 {
+        fixture
+            .ledger
+            .execute(
+                patient,
+                synthetic::clinical_command(7, n, now()),
+                physician(),
+                now(),
+            )
+            .await
+            .expect("clinical command");
+    }
+    let caught_up = fixture
+        .ledger
+        .catch_up(patient, Some(earlier.clone()))
+        .await
+        .expect("catch up");
+    let full = fixture.ledger.load(patient).await.expect("full load");
+    assert_eq!(caught_up.patient, full.patient);
+    assert_eq!(caught_up.head, full.head);
+    assert_eq!(full.head.map(|h| h.version), Some(8));
+    assert_ne!(
+        earlier.patient, full.patient,
+        "the earlier state was behind"
+    );
+
+    // An earlier state whose head is not on this stream's chain is refused.
+    let mut forged = earlier;
+    if let Some(head) = forged.head.as_mut() {
+        head.hash = chartlog_crypto::EventHash::GENESIS;
+    }
+    assert!(
+        fixture
+            .ledger
+            .catch_up(patient, Some(forged))
+            .await
+            .is_err(),
+        "the next event must continue the earlier head's chain"
+    );
+}
+
 async fn a_stale_expected_version_is_refused<S: EventStore, K: KeyStore>(fixture: Fixture<S, K>) {
     let patient = register_with_history(&fixture, 6, 2).await;
     let stale = ExecuteOptions {
@@ -354,6 +398,12 @@ async fn sqlite_a_stale_expected_version_is_refused() {
 }
 
 #[tokio::test]
+async fn sqlite_catching_up_equals_a_full_load() {
+    let (fixture, _dir) = sqlite().await;
+    catching_up_equals_a_full_load(fixture).await;
+}
+
+#[tokio::test]
 async fn sqlite_tampering_is_found() {
     let (fixture, _dir) = sqlite().await;
     let patient = register_with_history(&fixture, 5, 5).await;
@@ -439,6 +489,11 @@ async fn postgres_erasure_leaves_a_verifiable_log_nobody_can_read(pool: PgPool) 
 #[sqlx::test(migrations = "../../migrations/postgres")]
 async fn postgres_a_stale_expected_version_is_refused(pool: PgPool) {
     a_stale_expected_version_is_refused(postgres(pool).await).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_catching_up_equals_a_full_load(pool: PgPool) {
+    catching_up_equals_a_full_load(postgres(pool).await).await;
 }
 
 #[sqlx::test(migrations = "../../migrations/postgres")]
