@@ -1,7 +1,7 @@
 //! `chartlog users`: the operator's way to manage accounts from the server's own machine,
 //! with the same rules as the administrator's HTTP endpoints.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use chartlog_access::{AccessSettings, NewUser, Username};
 use chartlog_domain::{PatientId, Role, UserId};
 use clap::{Args, Subcommand};
@@ -15,7 +15,13 @@ pub(crate) enum UsersCommand {
     /// List accounts (no secrets).
     List(ListArgs),
     /// Disable an account; its sessions end at once.
-    Disable(DisableArgs),
+    Disable(UserArgs),
+    /// Issue a new one-time password (printed); the account's sessions end. The way back in
+    /// for a locked-out administrator.
+    ResetPassword(UserArgs),
+    /// Remove the account's second factor; it must enroll again at its next login.
+    #[command(name = "reset-2fa")]
+    ResetSecondFactor(UserArgs),
 }
 
 #[derive(Args)]
@@ -41,7 +47,7 @@ pub(crate) struct ListArgs {
 }
 
 #[derive(Args)]
-pub(crate) struct DisableArgs {
+pub(crate) struct UserArgs {
     #[command(flatten)]
     storage: StorageArgs,
     /// The account's user id (see `chartlog users list`).
@@ -52,7 +58,9 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
     let storage = match &command {
         UsersCommand::Add(args) => &args.storage,
         UsersCommand::List(args) => &args.storage,
-        UsersCommand::Disable(args) => &args.storage,
+        UsersCommand::Disable(args)
+        | UsersCommand::ResetPassword(args)
+        | UsersCommand::ResetSecondFactor(args) => &args.storage,
     };
     create_data_dir(&storage.data_dir)?;
     let database = open_database(&storage.database_location()).await?;
@@ -104,9 +112,7 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
             Ok(())
         }
         UsersCommand::Disable(args) => {
-            let Ok(user_id) = UserId::parse(&args.user_id) else {
-                bail!("invalid user id: expected a UUID");
-            };
+            let user_id = user_id(&args)?;
             accounts
                 .disable_user(user_id, now)
                 .await
@@ -114,7 +120,29 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
             println!("disabled {user_id}");
             Ok(())
         }
+        UsersCommand::ResetPassword(args) => {
+            let user_id = user_id(&args)?;
+            let password = accounts
+                .reset_password(user_id, now)
+                .await
+                .context("cannot reset the password")?;
+            println!("one-time password: {}", password.expose());
+            Ok(())
+        }
+        UsersCommand::ResetSecondFactor(args) => {
+            let user_id = user_id(&args)?;
+            accounts
+                .reset_second_factor(user_id, now)
+                .await
+                .context("cannot reset the second factor")?;
+            println!("second factor removed for {user_id}; it must enroll again");
+            Ok(())
+        }
     };
     database.close().await;
     result
+}
+
+fn user_id(args: &UserArgs) -> anyhow::Result<UserId> {
+    UserId::parse(&args.user_id).map_err(|_| anyhow::anyhow!("invalid user id: expected a UUID"))
 }

@@ -332,3 +332,81 @@ fn rebuild_refuses_an_unknown_projection_by_name() {
     );
     assert!(output.stdout.is_empty());
 }
+
+fn run_users(subcommand: &str, data_dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"))
+        .args(["users", subcommand, "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("CHARTLOG_DATABASE_URL")
+        .env_remove("CHARTLOG_DATA_DIR")
+        .output()
+        .expect("run chartlog users")
+}
+
+#[test]
+fn users_are_added_listed_reset_and_disabled_from_the_command_line() {
+    let dir = TestDir::new();
+    let added = run_users(
+        "add",
+        dir.data_dir(),
+        &["--username", "dr.cli", "--role", "physician"],
+    );
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&added.stdout);
+    let user_id = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("user_id: "))
+        .expect("the new user's id")
+        .to_owned();
+    let first = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("one-time password: "))
+        .expect("a one-time password")
+        .to_owned();
+
+    let listed = run_users("list", dir.data_dir(), &[]);
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listing.contains(&format!("{user_id}\tdr.cli\tphysician\tactive")),
+        "{listing}"
+    );
+    assert!(!listing.contains(&first), "no secret is listed");
+
+    let reset = run_users("reset-password", dir.data_dir(), &[&user_id]);
+    assert!(reset.status.success());
+    let second = String::from_utf8_lossy(&reset.stdout);
+    assert!(second.starts_with("one-time password: "));
+    assert!(!second.contains(&first), "a new password each time");
+
+    let disabled = run_users("disable", dir.data_dir(), &[&user_id]);
+    assert!(disabled.status.success());
+    let listing =
+        String::from_utf8_lossy(&run_users("list", dir.data_dir(), &[]).stdout).into_owned();
+    assert!(listing.contains("\tdisabled"), "{listing}");
+
+    // Bad input: a clear error, a non-zero exit, nothing created.
+    let refused = run_users(
+        "add",
+        dir.data_dir(),
+        &["--username", "dr.cli", "--role", "surgeon"],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--role"),
+        "the error names the flag"
+    );
+    let refused = run_users(
+        "add",
+        dir.data_dir(),
+        &["--username", "dr.cli", "--role", "nurse"],
+    );
+    assert!(!refused.status.success(), "the name is taken");
+    let refused = run_users("disable", dir.data_dir(), &["not-a-uuid"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid user id"));
+}
