@@ -729,6 +729,107 @@ async fn rebuild_matches_the_live_run<S: EventStore, K: KeyStore + 'static>(
         live_models, rebuilt_models,
         "rebuild differs from the live run"
     );
+
+    // A new version of the chart's fold: the runner resets that read model alone and replays
+    // it from position 0; the history, at its own version, is not touched.
+    let bumped = Arc::new(Bumped {
+        inner: ChartProjection::new(fixture.index_key.clone()),
+        applied: std::sync::Mutex::new(Vec::new()),
+    });
+    let history = Arc::new(Bumped {
+        inner: HistoryProjection,
+        applied: std::sync::Mutex::new(Vec::new()),
+    });
+    let runner = ProjectionRunner::new(
+        fixture.ledger.store().clone(),
+        fixture.ledger.keys().clone(),
+        fixture.verifier.clone(),
+        fixture.db.clone(),
+        vec![bumped.clone(), history.clone() as Arc<dyn Projection>],
+    );
+    // The history wrapper reports the history's own version: it must not be reset.
+    let caught_up_to = runner.catch_up().await.expect("catch up after the bump");
+    assert!(caught_up_to >= last);
+    let positions = bumped.applied.lock().expect("not poisoned").clone();
+    let log = fixture
+        .db
+        .fetch_all(
+            "SELECT MIN(position), COUNT(*) FROM chartlog_events",
+            vec![],
+        )
+        .await
+        .expect("log extent");
+    let first = u64::try_from(log[0].i64(0).expect("first")).expect("positive");
+    let count = usize::try_from(log[0].i64(1).expect("count")).expect("positive");
+    assert_eq!(
+        positions.first(),
+        Some(&first),
+        "the bumped fold starts from the log's start"
+    );
+    assert_eq!(positions.len(), count, "every event, once");
+    assert!(
+        history.applied.lock().expect("not poisoned").is_empty(),
+        "a projection at its own version is not replayed"
+    );
+    let stored_version = fixture
+        .db
+        .fetch_all(
+            "SELECT CAST(version AS BIGINT) FROM chartlog_projection_checkpoints WHERE name = 'chart'",
+            vec![],
+        )
+        .await
+        .expect("checkpoint");
+    assert_eq!(
+        stored_version[0].i64(0).expect("version"),
+        i64::from(chartlog_projections::chart::CHART_PROJECTION_VERSION) + 1
+    );
+    assert_eq!(
+        read_models(&fixture).await,
+        live_models,
+        "the bumped rebuild differs from the live run"
+    );
+}
+
+/// A projection as it would be after a change to its fold when `P` is the chart (version one
+/// higher); the history is wrapped at its own version to watch that it is left alone.
+/// Records the positions it is given.
+struct Bumped<P: Projection> {
+    inner: P,
+    applied: std::sync::Mutex<Vec<u64>>,
+}
+
+#[chartlog_projections::async_trait]
+impl<P: Projection> Projection for Bumped<P> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn version(&self) -> u32 {
+        if self.inner.name() == "chart" {
+            self.inner.version() + 1
+        } else {
+            self.inner.version()
+        }
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut chartlog_projections::db::ProjectionTx,
+        events: &[chartlog_projections::ProjectedEvent],
+    ) -> Result<(), chartlog_projections::ProjectionError> {
+        self.applied
+            .lock()
+            .expect("not poisoned")
+            .extend(events.iter().map(|event| event.position));
+        self.inner.apply(tx, events).await
+    }
+
+    async fn reset(
+        &self,
+        tx: &mut chartlog_projections::db::ProjectionTx,
+    ) -> Result<(), chartlog_projections::ProjectionError> {
+        self.inner.reset(tx).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
