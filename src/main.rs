@@ -351,6 +351,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         "http"
     };
+    let (records, audit) = wiring::records_and_audit(&backend.database, &key_dir)?;
     let config = ApiConfig {
         transport: if tls_config.is_some() {
             Transport::Tls
@@ -358,9 +359,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Transport::PlainHttp
         },
         readiness: Arc::clone(&backend.readiness),
-        records: wiring::records(&backend.database, &key_dir)?,
+        records,
         accounts,
-        audit: wiring::audit_sink(&backend.database),
+        audit,
         notifier: wiring::notifier(args.break_glass_webhook.as_deref())?,
         read_models: wiring::read_models(&backend.database),
         public_base_url: args

@@ -1,5 +1,5 @@
 //! Assembles what the HTTP API needs from the opened backend and the key folder: the record
-//! store over the ledger, the accounts service, the audit sink and the notifiers.
+//! store over the ledger, the accounts service, the signed audit log and the notifiers.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chartlog_access::{AccessSecrets, AccessSettings, Accounts, Username};
-use chartlog_api::audit::DatabaseAuditSink;
+use chartlog_api::audit::{AuditSink, SignedAuditSink};
 use chartlog_api::notify::{LogNotifier, Notifier, Notifiers, WebhookNotifier};
 use chartlog_api::records::{LedgerRecords, Records};
 use chartlog_crypto::{
     DataKeys, INDEX_KEY_FILE_NAME, load_or_create_key_files, load_or_create_mac_key,
 };
+use chartlog_projections::audit_log::{AuditLog, new_audit_stream};
 use chartlog_projections::db::ProjectionDb;
 use chartlog_store::PatientLedger;
 use chartlog_store::postgres::PostgresKeyStore;
@@ -53,8 +54,12 @@ pub fn accounts(
     Ok(Accounts::new(read_models(database), secrets, settings))
 }
 
-/// Commands and reads over the backend: the ledger signs with the active signing key.
-pub fn records(database: &Database, key_dir: &Path) -> anyhow::Result<Arc<dyn Records>> {
+/// Commands and reads over the backend, and the signed audit log, both signing with the
+/// active signing key.
+pub fn records_and_audit(
+    database: &Database,
+    key_dir: &Path,
+) -> anyhow::Result<(Arc<dyn Records>, Arc<dyn AuditSink>)> {
     let (ring, signing) = load_or_create_key_files(key_dir).with_context(|| {
         format!(
             "cannot load or create the key files in {}",
@@ -67,26 +72,53 @@ pub fn records(database: &Database, key_dir: &Path) -> anyhow::Result<Arc<dyn Re
     let signer = Arc::clone(signing.active());
     let verifier = Arc::new(signing.verifier());
     let index_key = Arc::new(index_key);
-    let records: Arc<dyn Records> = match database {
+    let read_models = read_models(database);
+    let parts: (Arc<dyn Records>, Arc<dyn AuditSink>) = match database {
         Database::Sqlite(store) => {
-            let keys = DataKeys::new(ring, SqliteKeyStore::new(store.pool().clone()));
-            let ledger =
-                PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier);
-            Arc::new(LedgerRecords::new(ledger, read_models(database), index_key))
+            let store = Arc::new(store.clone());
+            let keys = Arc::new(DataKeys::new(
+                ring,
+                SqliteKeyStore::new(store.pool().clone()),
+            ));
+            let audit = AuditLog::spawn(
+                store.clone(),
+                keys.clone(),
+                signer.clone(),
+                new_audit_stream(),
+            );
+            let ledger = PatientLedger::new(store, keys, signer, verifier);
+            (
+                Arc::new(LedgerRecords::new(ledger, read_models, index_key)),
+                Arc::new(SignedAuditSink::new(audit)),
+            )
         }
         Database::Postgres(store) => {
-            let keys = DataKeys::new(ring, PostgresKeyStore::new(store.pool().clone()));
-            let ledger =
-                PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier);
-            Arc::new(LedgerRecords::new(ledger, read_models(database), index_key))
+            let store = Arc::new(store.clone());
+            let keys = Arc::new(DataKeys::new(
+                ring,
+                PostgresKeyStore::new(store.pool().clone()),
+            ));
+            let audit = AuditLog::spawn(
+                store.clone(),
+                keys.clone(),
+                signer.clone(),
+                new_audit_stream(),
+            );
+            let ledger = PatientLedger::new(store, keys, signer, verifier);
+            (
+                Arc::new(LedgerRecords::new(ledger, read_models, index_key)),
+                Arc::new(SignedAuditSink::new(audit)),
+            )
         }
     };
-    Ok(records)
+    Ok(parts)
 }
 
-/// The audit sink: rows go to the audit trail of the backend's database.
-pub fn audit_sink(database: &Database) -> Arc<DatabaseAuditSink> {
-    Arc::new(DatabaseAuditSink::new(read_models(database)))
+/// Commands and reads over the backend (for operator commands; the server also needs the
+/// audit log, see [`records_and_audit`]). Must be called inside the runtime.
+#[allow(dead_code)] // The operator commands that execute through the ledger use it.
+pub fn records(database: &Database, key_dir: &Path) -> anyhow::Result<Arc<dyn Records>> {
+    records_and_audit(database, key_dir).map(|(records, _audit)| records)
 }
 
 /// The log notifier always; a webhook too when configured.

@@ -559,24 +559,39 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
 
     // ---- The auditor sees it and reviews it. ----
     let (auditor, _) = api.first_login("auditor.ann", &auditor_otp).await;
-    let trail = api
-        .get(
-            &format!("/audit-trail?patient_id={patient}&action=break_glass"),
-            &auditor,
-        )
-        .await
-        .expect(StatusCode::OK)
-        .json();
+    // Reads and break-glass openings reach the trail through the signed audit stream and its
+    // projection: moments after they happened.
+    let trail = eventually(
+        &api,
+        &format!("/audit-trail?patient_id={patient}&action=break_glass"),
+        &auditor,
+        |r| {
+            r.status == StatusCode::OK
+                && r.json()["rows"]
+                    .as_array()
+                    .is_some_and(|rows| !rows.is_empty())
+        },
+    )
+    .await
+    .expect(StatusCode::OK)
+    .json();
     assert_eq!(trail["rows"].as_array().expect("rows").len(), 1, "{trail}");
     assert_eq!(trail["rows"][0]["break_glass"], true);
-    let reads = api
-        .get(
-            &format!("/audit-trail?patient_id={patient}&action=read"),
-            &auditor,
-        )
-        .await
-        .expect(StatusCode::OK)
-        .json();
+    let reads = eventually(
+        &api,
+        &format!("/audit-trail?patient_id={patient}&action=read"),
+        &auditor,
+        |r| {
+            r.status == StatusCode::OK
+                && r.json()["rows"].as_array().is_some_and(|rows| {
+                    rows.iter()
+                        .any(|row| row["break_glass"] == true && row["outcome"] == "success")
+                })
+        },
+    )
+    .await
+    .expect(StatusCode::OK)
+    .json();
     assert!(
         reads["rows"]
             .as_array()
@@ -628,11 +643,20 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
         history["entries"].as_array().expect("entries").len() >= 5,
         "{history}"
     );
-    let disclosures = api
-        .get(&format!("/patients/{patient}/disclosures"), &patient_token)
-        .await
-        .expect(StatusCode::OK)
-        .json();
+    let disclosures = eventually(
+        &api,
+        &format!("/patients/{patient}/disclosures"),
+        &patient_token,
+        |r| {
+            r.status == StatusCode::OK
+                && r.json()["rows"]
+                    .as_array()
+                    .is_some_and(|rows| rows.iter().any(|row| row["break_glass"] == true))
+        },
+    )
+    .await
+    .expect(StatusCode::OK)
+    .json();
     let rows = disclosures["rows"].as_array().expect("rows");
     assert!(
         rows.iter().any(|row| row["break_glass"] == true),
@@ -738,24 +762,24 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
             assert!(response.json()["error"].is_string());
         }
     }
-    let denials = api
-        .get(
-            &format!("/audit-trail?patient_id={other_patient}&limit=500"),
-            &auditor,
-        )
-        .await
-        .expect(StatusCode::OK)
-        .json();
-    let denied = denials["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .filter(|row| row["outcome"] == "denied")
-        .count();
+    let expected_denials = phi_routes.len() * callers.len();
+    let denied_in = |response: &Response| {
+        response.json()["rows"].as_array().map_or(0, |rows| {
+            rows.iter().filter(|row| row["outcome"] == "denied").count()
+        })
+    };
+    let denials = eventually(
+        &api,
+        &format!("/audit-trail?patient_id={other_patient}&limit=500"),
+        &auditor,
+        |r| r.status == StatusCode::OK && denied_in(r) >= expected_denials,
+    )
+    .await
+    .expect(StatusCode::OK);
     assert_eq!(
-        denied,
-        phi_routes.len() * callers.len(),
-        "every denial is audited: {denials}"
+        denied_in(&denials),
+        expected_denials,
+        "every denial is audited, once"
     );
 
     // ---- The analyst exports de-identified data holding no identifier. ----

@@ -5,7 +5,8 @@
 //! with access (chart, history and disclosure reads, searches, exports, logins, logouts,
 //! session expiries, denials, break-glass openings) is an [`AuditRow`] the handler records
 //! through the [`AuditSink`] *before* it answers; when the sink fails, the request fails with
-//! 503 (HIPAA 164.312(b): no access without its audit record).
+//! 503 (HIPAA 164.312(b): no access without its audit record). The server's sink,
+//! [`SignedAuditSink`], appends them as signed events to an audit stream.
 
 use async_trait::async_trait;
 use chartlog_domain::{Actor, PatientId};
@@ -28,7 +29,32 @@ pub trait AuditSink: Send + Sync + 'static {
     async fn record(&self, rows: Vec<AuditRow>) -> Result<(), AuditUnavailable>;
 }
 
-/// Appends rows to the audit-trail table of the read-model database, in one transaction.
+/// Appends rows as signed events to this process's audit stream (group-committed), so reads
+/// and denials are as tamper-evident as the record; the audit projection folds them into
+/// the audit trail. What the server uses.
+pub struct SignedAuditSink {
+    log: chartlog_projections::audit_log::AuditLog,
+}
+
+impl SignedAuditSink {
+    pub fn new(log: chartlog_projections::audit_log::AuditLog) -> Self {
+        Self { log }
+    }
+}
+
+#[async_trait]
+impl AuditSink for SignedAuditSink {
+    async fn record(&self, rows: Vec<AuditRow>) -> Result<(), AuditUnavailable> {
+        let count = rows.len();
+        self.log.record(rows).await.map_err(|error| {
+            tracing::error!(error = %error, rows = count, "audit rows not recorded");
+            AuditUnavailable
+        })
+    }
+}
+
+/// Appends rows to the audit-trail table of the read-model database directly, in one
+/// transaction: durable and immediately visible, but not signed. For tests of the API alone.
 pub struct DatabaseAuditSink {
     db: ProjectionDb,
 }

@@ -516,7 +516,15 @@ impl crate::runner::Projection for AuditTrailProjection {
         use crate::runner::EventBody;
         for projected in events {
             let row = match &projected.body {
-                // Security and audit streams get their rows when their event types exist.
+                // Reads, logins, denials and the rest, as the API recorded them. Several rows
+                // share one event, so none claims its position; audit ids keep replays single.
+                EventBody::Audit { rows } => {
+                    for row in rows {
+                        append_audit_row(tx, row, None).await?;
+                    }
+                    continue;
+                }
+                // Other streams holding no PHI have no audit meaning yet.
                 EventBody::NotPatient => continue,
                 EventBody::Patient { .. } | EventBody::Erased { .. } => {
                     match audit_row_for_event(&projected.header) {

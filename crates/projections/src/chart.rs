@@ -208,7 +208,7 @@ impl Projection for ChartProjection {
                 EventBody::Erased { .. } if event.is_erasure() => {
                     erase(&mut pending, &mut patients, &mut erased, event);
                 }
-                EventBody::Erased { .. } | EventBody::NotPatient => {}
+                EventBody::Erased { .. } | EventBody::Audit { .. } | EventBody::NotPatient => {}
             }
         }
 

@@ -31,6 +31,14 @@ pub enum ProjectionError {
         source: chartlog_store::UnreadableEvent,
     },
 
+    /// An audit event (see `crate::audit_log`) that does not open or decode.
+    #[error("audit event {event_id} at position {position} is unreadable: {reason}")]
+    UnreadableAudit {
+        position: u64,
+        event_id: EventId,
+        reason: &'static str,
+    },
+
     /// The data key of a stream could not be read (a fault of the key table, or a patient
     /// stream without a key); an erased key is not an error.
     #[error("data key of {stream} unavailable")]

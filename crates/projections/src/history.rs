@@ -132,7 +132,7 @@ impl Projection for HistoryProjection {
                 EventBody::Erased { patient_id } if event.is_erasure() => {
                     erase(&mut entries, &mut rows, &mut erased, *patient_id);
                 }
-                EventBody::Erased { .. } | EventBody::NotPatient => {}
+                EventBody::Erased { .. } | EventBody::Audit { .. } | EventBody::NotPatient => {}
             }
         }
 

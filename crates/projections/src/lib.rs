@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod audit_log;
 pub mod audit_queries;
 pub mod chart;
 pub mod db;

@@ -101,7 +101,9 @@ pub enum EventBody {
     /// tombstone itself arrives like this once its key is gone; `header.event_type` still
     /// names it ([`PATIENT_ERASED_EVENT_TYPE`]).
     Erased { patient_id: PatientId },
-    /// An event of a stream that holds no PHI (security, audit): header only.
+    /// A batch of audit rows from an audit stream (`crate::audit_log`), opened.
+    Audit { rows: Vec<crate::audit::AuditRow> },
+    /// An event of another stream that holds no PHI: header only.
     NotPatient,
 }
 
@@ -115,7 +117,7 @@ impl ProjectedEvent {
             EventBody::Patient { patient_id, .. } | EventBody::Erased { patient_id } => {
                 Some(*patient_id)
             }
-            EventBody::NotPatient => None,
+            EventBody::Audit { .. } | EventBody::NotPatient => None,
         }
     }
 
@@ -644,7 +646,9 @@ async fn keys_for_page<K: KeyStore>(
     let mut found = KeysByStream::new();
     for recorded in page {
         let stream = &recorded.event.header.stream_id;
-        if stream.patient_id().is_none() || found.contains_key(stream) {
+        let opened_here =
+            stream.patient_id().is_some() || crate::audit_log::is_audit_stream(stream);
+        if !opened_here || found.contains_key(stream) {
             continue;
         }
         let key = match keys.key_for_read(stream).await {
@@ -682,6 +686,9 @@ fn open_chunk(
     let mut opened = Vec::with_capacity(sealed.len());
     for (position, event) in positions.into_iter().zip(sealed) {
         let body = match event.header.stream_id.patient_id() {
+            None if crate::audit_log::is_audit_stream(&event.header.stream_id) => {
+                open_audit_event(keys, position, &event)?
+            }
             None => EventBody::NotPatient,
             Some(patient_id) => match keys.get(&event.header.stream_id) {
                 Some(Some(key)) => {
@@ -709,6 +716,28 @@ fn open_chunk(
         });
     }
     Ok(opened)
+}
+
+/// The rows of an audit event. Audit keys are never destroyed, so a missing key or a payload
+/// that does not decode is a fault to stop at, not something to skip.
+fn open_audit_event(
+    keys: &KeysByStream,
+    position: u64,
+    event: &SealedEvent,
+) -> Result<EventBody, ProjectionError> {
+    let unreadable = |reason| ProjectionError::UnreadableAudit {
+        position,
+        event_id: event.header.event_id,
+        reason,
+    };
+    let Some(Some(key)) = keys.get(&event.header.stream_id) else {
+        return Err(unreadable("the audit stream has no data key"));
+    };
+    let payload = chartlog_crypto::open(key, &event.header, &event.ciphertext)
+        .map_err(|_| unreadable("does not open under its data key"))?;
+    let rows = crate::audit_log::decode_audit_rows(event.header.schema_version, &payload)
+        .ok_or_else(|| unreadable("does not decode as audit rows"))?;
+    Ok(EventBody::Audit { rows })
 }
 
 /// The advisory locks of one runner, on one dedicated PostgreSQL connection (its session is

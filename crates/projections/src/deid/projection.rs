@@ -383,7 +383,9 @@ impl Projection for DeidentifiedProjection {
                         pseudonym: self.pseudonymizer.patient(*patient_id),
                     }]
                 }
-                EventBody::Erased { .. } | EventBody::NotPatient => Vec::new(),
+                EventBody::Erased { .. } | EventBody::Audit { .. } | EventBody::NotPatient => {
+                    Vec::new()
+                }
             };
             for change in changes {
                 apply_change(tx, change).await?;
