@@ -162,6 +162,23 @@ pub enum IntegrityError {
     },
 }
 
+/// A signed manifest (of a backup) does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestSignatureError {
+    /// The manifest names a signer the verifier does not trust.
+    #[error("the manifest is signed by signer {signer_key_id}, which is not trusted here")]
+    UnknownSigner {
+        /// The signer named by the manifest.
+        signer_key_id: SignerKeyId,
+    },
+    /// The signature does not verify under the signer's public key.
+    #[error("the manifest's signature does not verify under signer {signer_key_id}")]
+    BadSignature {
+        /// The signer named by the manifest.
+        signer_key_id: SignerKeyId,
+    },
+}
+
 /// A key file or key environment value could not be read, parsed or written.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {

@@ -24,8 +24,10 @@ pub const KEK_FILE_NAME: &str = "kek.json";
 pub const SIGNING_FILE_NAME: &str = "signing.json";
 /// Largest key file read (a ring of 64 KEKs is about 10 KiB).
 const KEY_FILE_BYTES_MAX: u64 = 1024 * 1024;
-/// Most retired signing keys kept.
-const RETIRED_SIGNERS_MAX: usize = 1024;
+/// Most retired signing keys kept; [`SigningKeys::rotate`] asserts there is room for one more.
+pub const RETIRED_SIGNERS_MAX: usize = 1024;
+// A rotation retires one signer.
+const _: () = assert!(RETIRED_SIGNERS_MAX >= 1);
 const SIGNING_FILE_FORMAT: &str = "chartlog-signing/v1";
 
 /// Loads the KEK ring and signing keys from `dir`, creating the directory (mode 0700) and

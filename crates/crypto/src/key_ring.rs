@@ -25,8 +25,10 @@ pub const KEK_BYTES: usize = 64;
 const WRAP_TAG: &[u8] = b"chartlog/data-key-wrap/v1";
 /// SIV tag followed by the encrypted data key.
 const WRAPPED_BYTES: usize = 16 + DATA_KEY_BYTES;
-/// Most KEKs one ring holds (a few during a rotation).
-const KEKS_MAX: usize = 64;
+/// Most KEKs one ring holds (a few during a rotation); [`KeyRing::add`] asserts there is room.
+pub const KEKS_MAX: usize = 64;
+// A rotation holds the old KEK and the new one.
+const _: () = assert!(KEKS_MAX >= 2);
 const KEK_FILE_FORMAT: &str = "chartlog-kek/v1";
 
 /// A data key wrapped (encrypted) under a KEK, as kept in the key table.

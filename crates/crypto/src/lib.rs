@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 mod data_keys;
+mod digest;
 mod error;
 mod header;
 mod hmac_key;
@@ -40,12 +41,15 @@ mod sign;
 pub use data_keys::{
     DATA_KEY_CACHE_ENTRIES_MAX, DATA_KEY_CACHE_TTL, DataKeys, KEK_ROTATION_BATCH_KEYS, KeyError,
 };
-pub use error::{CryptoError, IdError, IntegrityError, KeyFileError};
+pub use digest::ContentDigest;
+pub use error::{CryptoError, IdError, IntegrityError, KeyFileError, ManifestSignatureError};
 pub use header::{EventHeader, SealedEvent};
 pub use hmac_key::{INDEX_KEY_FILE_NAME, load_mac_key, load_or_create_mac_key};
 pub use ids::{DataKeyId, EventHash, EventSignature, KekId, SignerKeyId};
-pub use key_files::{KEK_FILE_NAME, SIGNING_FILE_NAME, SigningKeys, load_or_create_key_files};
-pub use key_ring::{KEK_BYTES, KeyRing, WrappedDataKey};
+pub use key_files::{
+    KEK_FILE_NAME, RETIRED_SIGNERS_MAX, SIGNING_FILE_NAME, SigningKeys, load_or_create_key_files,
+};
+pub use key_ring::{KEK_BYTES, KEKS_MAX, KeyRing, WrappedDataKey};
 pub use key_store::{DataKeyRecord, KeyInsert, KeyStore, KeyStoreError};
 pub use mac::{MAC_BYTES, MAC_KEY_BYTES, MacKey, hmac_sha256};
 pub use seal::{

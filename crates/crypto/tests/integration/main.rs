@@ -3,5 +3,6 @@
 mod chain;
 mod data_keys;
 mod key_files;
+mod manifest;
 mod sealing;
 mod support;
