@@ -4,7 +4,11 @@
 //! [`ApiConfig`] to `chartlog_api::app`. Behaviour lives in the crates.
 #![forbid(unsafe_code)]
 
+mod backup;
+mod erase;
+mod keys;
 mod users;
+mod verify;
 mod wiring;
 
 use std::fmt;
@@ -76,6 +80,17 @@ enum Command {
     /// Manage user accounts (the administrator's endpoints do the same over HTTP).
     #[command(subcommand)]
     Users(users::UsersCommand),
+    /// Inspect and rotate keys: key ids only, never key material.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Crypto-erase a patient: their data key is destroyed, and a certificate is printed.
+    Erase(erase::EraseArgs),
+    /// Check every stream's hash chain and signatures; exits non-zero on any break.
+    Verify(verify::VerifyArgs),
+    /// Write an encrypted, signed backup of events, wrapped keys, the erasure ledger and users.
+    Backup(backup::BackupArgs),
+    /// Restore a backup into an empty database.
+    Restore(backup::RestoreArgs),
 }
 
 #[derive(Args)]
@@ -275,6 +290,11 @@ fn main() -> anyhow::Result<()> {
         Command::Migrate(args) => runtime.block_on(migrate(args)),
         Command::Rebuild(args) => runtime.block_on(rebuild(args)),
         Command::Users(command) => runtime.block_on(users::run(command)),
+        Command::Keys(command) => runtime.block_on(keys::run(command)),
+        Command::Erase(args) => runtime.block_on(erase::run(args)),
+        Command::Verify(args) => runtime.block_on(verify::run(args)),
+        Command::Backup(args) => runtime.block_on(backup::backup(args)),
+        Command::Restore(args) => runtime.block_on(backup::restore(args)),
     }
 }
 

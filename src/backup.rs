@@ -1,0 +1,2101 @@
+//! `chartlog backup` and `chartlog restore`.
+//!
+//! A backup is one age file (age-encryption.org/v1, X25519 recipients) holding JSON lines:
+//!
+//! 1. a header: `{"record":"header","format":"chartlog-backup","version":1,...,"tables":[...]}`
+//!    naming every table and its columns, in the order their rows follow;
+//! 2. one line per row, `{"record":"row","table":...,"values":[...]}`, the columns as stored
+//!    (integers and booleans as JSON, text and UUIDs as strings, bytes as lower-case hex, NULL
+//!    as null): the event log in position order with every header field, ciphertext, hash and
+//!    signature, so restored events verify exactly as they did; the stream heads; the data-key
+//!    table (wrapped keys and KEK ids only; the destroyed-key tombstones are the erasure
+//!    ledger); user accounts and every `chartlog_access_*` table; the audit trail;
+//! 3. a manifest, `{"record":"manifest","manifest":"<JSON text>","signature":"<hex>"}`: row
+//!    counts, the last position, the root hash (SHA-256 over every event's 32-byte hash in
+//!    position order) and the SHA-256 of every line before it, signed (Ed25519, domain-tagged)
+//!    with the server's active signing key.
+//!
+//! Everything is read in one snapshot (one read transaction on SQLite, one repeatable-read,
+//! read-only transaction on PostgreSQL). Read models are not in the backup: `chartlog rebuild`
+//! derives them from the restored log. Key files are not in it either, by design: a backup
+//! must not carry what decrypts it. `<data-dir>/keys` is restored from the key backup.
+//!
+//! A restore decrypts and checks everything inside one transaction on an empty target and
+//! commits only if all holds: the header is this format, every event's chain link, hash and
+//! signature verify, the stream heads match the events, and the manifest's signature (by a
+//! signer the target's key files trust), counts, root hash and content digest match. A data
+//! key is never restored for an owner in an erasure ledger: the target's, the backup's own, or
+//! that of a database named with `--erasures-from`. After the commit the log is verified
+//! again from the database with `chartlog_store::verify::verify_log`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use age::secrecy::ExposeSecret;
+use anyhow::{Context, anyhow, bail, ensure};
+use chartlog_crypto::{
+    ContentDigest, DataKeyId, EventHash, EventHeader, EventSignature, KEK_FILE_NAME, KekId,
+    KeyRing, SIGNING_FILE_NAME, SealedEvent, SignatureVerifier, SignerKeyId, SigningKeys,
+    VERIFY_BATCH_EVENTS_MAX, verify_chain,
+};
+use chartlog_domain::{Actor, EventId, StreamId, Timestamp, UserId};
+use chartlog_projections::db::{Backend, DbRow, ProjectionDb, ProjectionTx, SqlArg};
+use chartlog_store::verify::verify_log;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use sqlx::AssertSqlSafe;
+use sqlx::types::Uuid;
+use tokio::sync::mpsc;
+
+use crate::{
+    Database, DatabaseLocation, DatabaseUrl, KEY_DIR_NAME, StorageArgs, create_data_dir,
+    open_database,
+};
+
+/// The `format` of the header and the manifest.
+const FORMAT: &str = "chartlog-backup";
+/// The version of the format this build writes and reads.
+const FORMAT_VERSION: u32 = 1;
+/// Rows read per query while backing up (keyset pages inside the snapshot).
+const PAGE_ROWS: usize = 1_000;
+/// Rows handed from the decrypting thread to the inserting task at a time.
+const RESTORE_BATCH_ROWS: usize = 500;
+/// Plaintext bytes gathered before they go to the encrypting thread.
+const WRITE_CHUNK_BYTES: usize = 1 << 20;
+/// Chunks or batches in flight between the database task and the file thread.
+const CHANNEL_DEPTH: usize = 4;
+/// The longest line a backup may hold: far above any row (an event's ciphertext is a few
+/// kilobytes), far below what would exhaust memory.
+const LINE_BYTES_MAX: usize = 64 << 20;
+/// How long a restore waits for the global log to show every restored event to
+/// `verify_log` (on PostgreSQL, any transaction open in the cluster holds readers back).
+const VERIFY_WAIT_MAX: Duration = Duration::from_secs(60);
+
+const BACKUP_PROGRESS_TEMPLATE: &str =
+    "backup [{elapsed_precise}] [{wide_bar}] {pos}/{len} rows, {per_sec}, {eta} left";
+const RESTORE_PROGRESS_TEMPLATE: &str = "restore [{elapsed_precise}] [{wide_bar}] \
+     {bytes}/{total_bytes}, {bytes_per_sec}, {eta} left";
+const VERIFY_PROGRESS_TEMPLATE: &str = "verify [{elapsed_precise}] {spinner} {msg}";
+
+const BACKUP_HELP: &str = "\
+What the backup holds: the event log (every column as stored, so hashes and signatures verify
+after a restore), the stream heads, the data-key table (wrapped keys and KEK ids only, never an
+unwrapped key; destroyed-key tombstones are the erasure ledger), user accounts with every
+access table, and the audit trail, all read in one consistent snapshot. Read models are not
+in it: `chartlog rebuild` derives them after a restore.
+
+Format: an age file (age-encryption.org/v1) of JSON lines: a header, one line per row, and a
+manifest (row counts, last position, root hash = SHA-256 over every event hash in position
+order, SHA-256 of the content) signed with the server's Ed25519 signing key.
+
+The key files (<data-dir>/keys) are NOT in the backup, by design: keep them in a separate key
+backup. A restore needs them (the KEK ring unwraps the data keys; the signing keys verify the
+manifest).
+
+Make a backup key once, and keep the identity file offline:
+  age-keygen -o backup-identity.txt        (prints the public key, age1...)
+  chartlog backup --generate-identity backup-identity.txt
+Then:
+  chartlog backup --recipient age1... /backups/chartlog-2026-11-27.age
+
+Exit status: 0 on success; 1 on any error (nothing is left under <FILE> then); 2 on a usage
+error.";
+
+const RESTORE_HELP: &str = "\
+The target must be empty: no events, streams, active data keys, accounts or audit rows (it may
+hold destroyed-key tombstones: its erasure ledger, which is honoured). Copy the key files of
+the server the backup was taken from into <data-dir>/keys first (from the key backup): the
+signing keys verify the manifest, the KEK ring unwraps the restored data keys.
+
+Everything is checked before anything is committed: the manifest's signature, counts, root
+hash and content digest, and every event's hash, chain link and signature. A patient whose
+key is in an erasure ledger (the target's, the backup's, or that of a database given with
+--erasures-from, e.g. the live database after a later erasure) stays erased: their key is not
+restored, only its tombstone. After the commit the log is verified again from the database.
+
+Then rebuild the read models:
+  chartlog rebuild --data-dir <data-dir> [--database-url <url>]
+
+Positions are kept. On PostgreSQL they derive from transaction ids, so a restore into another
+PostgreSQL cluster needs that cluster's transaction ids to be past the backup's last position
+divided by 1024; the restore checks it and refuses otherwise.
+
+Exit status: 0 on success; 1 on any error (the target is left as it was); 2 on a usage error.";
+
+#[derive(Args)]
+#[command(after_long_help = BACKUP_HELP)]
+pub(crate) struct BackupArgs {
+    #[command(flatten)]
+    storage: StorageArgs,
+
+    /// The backup file to write. Never overwritten: an existing file is an error.
+    #[arg(value_name = "FILE", required_unless_present = "generate_identity")]
+    file: Option<PathBuf>,
+
+    /// An age recipient (X25519 public key, `age1...`) to encrypt the backup to. Repeatable.
+    #[arg(long = "recipient", short = 'r', value_name = "AGE_PUBLIC_KEY")]
+    recipients: Vec<String>,
+
+    /// A file of age recipients, one per line (`#` starts a comment). Repeatable.
+    #[arg(long = "recipient-file", short = 'R', value_name = "PATH")]
+    recipient_files: Vec<PathBuf>,
+
+    /// Write a new age identity (backup key) to this file, mode 0600, print its public key
+    /// (the recipient), and exit without backing up.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with_all = ["file", "recipients", "recipient_files"]
+    )]
+    generate_identity: Option<PathBuf>,
+
+    /// Print a one-line JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+#[command(after_long_help = RESTORE_HELP)]
+pub(crate) struct RestoreArgs {
+    #[command(flatten)]
+    storage: StorageArgs,
+
+    /// The backup file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+
+    /// An age identity file (`AGE-SECRET-KEY-1...` lines, as age-keygen writes) holding the
+    /// key the backup was encrypted to. Repeatable.
+    #[arg(long = "identity", short = 'i', value_name = "PATH", required = true)]
+    identities: Vec<PathBuf>,
+
+    /// Another database whose erasure ledger (destroyed data keys) must be honoured too,
+    /// e.g. the database the backup was taken from, after later erasures. Repeatable.
+    #[arg(long = "erasures-from", value_name = "DATABASE_URL")]
+    erasures_from: Vec<DatabaseUrl>,
+
+    /// Print a one-line JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+// ---- The tables --------------------------------------------------------------------------
+
+/// How a column is stored, read and written on both backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// bigint / INTEGER.
+    Int,
+    /// integer on PostgreSQL (read as bigint) / INTEGER.
+    Int4,
+    /// boolean / INTEGER 0 or 1. Never NULL in the tables backed up.
+    Bool,
+    Text,
+    /// bytea / BLOB.
+    Bytes,
+    /// uuid / 16-byte BLOB.
+    Uuid,
+    /// inet on PostgreSQL / TEXT.
+    Inet,
+}
+
+/// A table in the backup. Rows are read in `key` order (keyset pages; the whole table at once
+/// when it has no unique key) and restored in the order of [`TABLES`].
+struct Table {
+    name: &'static str,
+    columns: &'static [(&'static str, Kind)],
+    key: &'static [&'static str],
+}
+
+const EVENTS: usize = 0;
+const STREAMS: usize = 1;
+const DATA_KEYS: usize = 2;
+const USERS: usize = 3;
+
+/// Every table backed up, parents before children.
+static TABLES: &[Table] = &[
+    Table {
+        name: "chartlog_events",
+        columns: &[
+            ("position", Kind::Int),
+            ("stream_id", Kind::Text),
+            ("stream_version", Kind::Int),
+            ("event_id", Kind::Uuid),
+            ("event_type", Kind::Text),
+            ("schema_version", Kind::Int4),
+            ("recorded_at_us", Kind::Int),
+            ("actor_user_id", Kind::Uuid),
+            ("actor_role", Kind::Text),
+            ("purpose_of_use", Kind::Text),
+            ("break_glass", Kind::Bool),
+            ("data_key_id", Kind::Uuid),
+            ("signer_key_id", Kind::Text),
+            ("prev_hash", Kind::Bytes),
+            ("hash", Kind::Bytes),
+            ("signature", Kind::Bytes),
+            ("ciphertext", Kind::Bytes),
+        ],
+        key: &["position"],
+    },
+    Table {
+        name: "chartlog_streams",
+        columns: &[
+            ("stream_id", Kind::Text),
+            ("version", Kind::Int),
+            ("head_hash", Kind::Bytes),
+        ],
+        key: &["stream_id"],
+    },
+    Table {
+        name: "chartlog_data_keys",
+        columns: &[
+            ("owner_stream_id", Kind::Text),
+            ("key_id", Kind::Uuid),
+            ("kek_id", Kind::Text),
+            ("wrapped_key", Kind::Bytes),
+            ("created_at_us", Kind::Int),
+            ("destroyed_at_us", Kind::Int),
+        ],
+        key: &["owner_stream_id"],
+    },
+    Table {
+        name: "chartlog_access_users",
+        columns: &[
+            ("user_id", Kind::Uuid),
+            ("username", Kind::Text),
+            ("role", Kind::Text),
+            ("patient_id", Kind::Uuid),
+            ("password_hash", Kind::Text),
+            ("must_change_password", Kind::Bool),
+            ("disabled", Kind::Bool),
+            ("totp_sealed", Kind::Bytes),
+            ("totp_pending_sealed", Kind::Bytes),
+            ("totp_last_step", Kind::Int),
+            ("created_at_us", Kind::Int),
+            ("password_changed_at_us", Kind::Int),
+            ("last_login_at_us", Kind::Int),
+            ("disabled_at_us", Kind::Int),
+        ],
+        key: &["user_id"],
+    },
+    Table {
+        name: "chartlog_access_password_history",
+        columns: &[
+            ("user_id", Kind::Uuid),
+            ("generation", Kind::Int),
+            ("password_hash", Kind::Text),
+            ("set_at_us", Kind::Int),
+        ],
+        key: &["user_id", "generation"],
+    },
+    Table {
+        name: "chartlog_access_sessions",
+        columns: &[
+            ("session_id", Kind::Uuid),
+            ("token_hash", Kind::Bytes),
+            ("user_id", Kind::Uuid),
+            ("created_at_us", Kind::Int),
+            ("last_seen_at_us", Kind::Int),
+            ("ended_at_us", Kind::Int),
+            ("end_reason", Kind::Text),
+        ],
+        key: &["session_id"],
+    },
+    Table {
+        name: "chartlog_access_recovery_codes",
+        columns: &[
+            ("user_id", Kind::Uuid),
+            ("code_hash", Kind::Bytes),
+            ("created_at_us", Kind::Int),
+            ("used_at_us", Kind::Int),
+        ],
+        key: &["user_id", "code_hash"],
+    },
+    Table {
+        name: "chartlog_access_login_failures",
+        columns: &[
+            ("username", Kind::Text),
+            ("client_address", Kind::Text),
+            ("failed_at_us", Kind::Int),
+        ],
+        key: &[],
+    },
+    Table {
+        name: "chartlog_access_break_glass_grants",
+        columns: &[
+            ("grant_id", Kind::Uuid),
+            ("user_id", Kind::Uuid),
+            ("role", Kind::Text),
+            ("patient_id", Kind::Uuid),
+            ("opened_at_us", Kind::Int),
+            ("expires_at_us", Kind::Int),
+            ("reason_sealed", Kind::Bytes),
+            ("verdict", Kind::Text),
+            ("reviewed_by", Kind::Uuid),
+            ("reviewed_at_us", Kind::Int),
+        ],
+        key: &["grant_id"],
+    },
+    Table {
+        name: "chartlog_access_idempotency_records",
+        columns: &[
+            ("user_id", Kind::Uuid),
+            ("key_hash", Kind::Bytes),
+            ("fingerprint", Kind::Bytes),
+            ("status", Kind::Int),
+            ("body_sealed", Kind::Bytes),
+            ("created_at_us", Kind::Int),
+            ("expires_at_us", Kind::Int),
+        ],
+        key: &["user_id", "key_hash"],
+    },
+    Table {
+        name: "chartlog_audit_trail",
+        columns: &[
+            ("audit_id", Kind::Uuid),
+            ("source_position", Kind::Int),
+            ("occurred_at_us", Kind::Int),
+            ("user_id", Kind::Uuid),
+            ("role", Kind::Text),
+            ("purpose_of_use", Kind::Text),
+            ("break_glass", Kind::Bool),
+            ("patient_id", Kind::Uuid),
+            ("entity", Kind::Text),
+            ("record_id", Kind::Uuid),
+            ("action", Kind::Text),
+            ("outcome", Kind::Text),
+            ("client_address", Kind::Inet),
+            ("event_type", Kind::Text),
+        ],
+        key: &["audit_id"],
+    },
+];
+
+impl Table {
+    fn column_index(&self, name: &str) -> usize {
+        self.columns
+            .iter()
+            .position(|(column, _)| *column == name)
+            .unwrap_or_else(|| panic!("{} has no column {name}", self.name))
+    }
+
+    /// The select list, with the casts that make both backends return the same types.
+    fn select_list(&self, backend: Backend) -> String {
+        let columns: Vec<String> = self
+            .columns
+            .iter()
+            .map(|&(name, kind)| match (backend, kind) {
+                (Backend::Postgres, Kind::Int4) => format!("CAST({name} AS bigint)"),
+                // abbrev: the address alone for a host (`10.0.0.1`, as SQLite stores it), the
+                // prefix length only for a network.
+                (Backend::Postgres, Kind::Inet) => format!("abbrev({name})"),
+                _ => name.to_owned(),
+            })
+            .collect();
+        columns.join(", ")
+    }
+
+    /// One keyset page: rows after `after` (the key of the last row read) in key order.
+    fn page_sql(&self, backend: Backend, after: bool) -> String {
+        let mut sql = format!("SELECT {} FROM {}", self.select_list(backend), self.name);
+        if self.key.is_empty() {
+            let all: Vec<&str> = self.columns.iter().map(|(name, _)| *name).collect();
+            sql.push_str(&format!(" ORDER BY {}", all.join(", ")));
+            return sql;
+        }
+        if after {
+            let placeholders: Vec<String> = (1..=self.key.len()).map(|n| format!("${n}")).collect();
+            sql.push_str(&format!(
+                " WHERE ({}) > ({})",
+                self.key.join(", "),
+                placeholders.join(", ")
+            ));
+        }
+        sql.push_str(&format!(
+            " ORDER BY {} LIMIT {PAGE_ROWS}",
+            self.key.join(", ")
+        ));
+        sql
+    }
+
+    /// `INSERT INTO ... VALUES (...), ...` for `rows` rows.
+    fn insert_sql(&self, backend: Backend, rows: usize) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|(name, _)| *name).collect();
+        let mut sql = format!("INSERT INTO {} ({}) VALUES ", self.name, names.join(", "));
+        let mut next = 1;
+        for row in 0..rows {
+            if row > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for (index, (_, kind)) in self.columns.iter().enumerate() {
+                if index > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("${next}"));
+                if backend == Backend::Postgres && *kind == Kind::Inet {
+                    sql.push_str("::inet");
+                }
+                next += 1;
+            }
+            sql.push(')');
+        }
+        sql
+    }
+}
+
+// ---- Values ------------------------------------------------------------------------------
+
+/// One column value, as both backends hold it. No `Debug`: values are wrapped keys, sealed
+/// bytes and password hashes.
+#[derive(Clone, PartialEq)]
+enum Value {
+    Null,
+    Int(i64),
+    Bool(bool),
+    Text(String),
+    Bytes(Vec<u8>),
+    Uuid(Uuid),
+}
+
+impl Value {
+    fn read(row: &DbRow, index: usize, kind: Kind) -> Result<Value, sqlx::Error> {
+        Ok(match kind {
+            Kind::Int | Kind::Int4 => row.opt_i64(index)?.map_or(Value::Null, Value::Int),
+            Kind::Bool => Value::Bool(row.bool(index)?),
+            Kind::Text | Kind::Inet => row.opt_text(index)?.map_or(Value::Null, Value::Text),
+            Kind::Bytes => row.opt_bytes(index)?.map_or(Value::Null, Value::Bytes),
+            Kind::Uuid => row.opt_uuid(index)?.map_or(Value::Null, Value::Uuid),
+        })
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Null => serde_json::Value::Null,
+            Value::Int(value) => serde_json::Value::from(*value),
+            Value::Bool(value) => serde_json::Value::Bool(*value),
+            Value::Text(value) => serde_json::Value::String(value.clone()),
+            Value::Bytes(value) => serde_json::Value::String(hex_encode(value)),
+            Value::Uuid(value) => serde_json::Value::String(value.hyphenated().to_string()),
+        }
+    }
+
+    /// Reads a JSON value as a column of `kind`; `None` when it is not one.
+    fn from_json(json: serde_json::Value, kind: Kind) -> Option<Value> {
+        Some(match (kind, json) {
+            (_, serde_json::Value::Null) if kind != Kind::Bool => Value::Null,
+            (Kind::Int | Kind::Int4, serde_json::Value::Number(number)) => {
+                Value::Int(number.as_i64()?)
+            }
+            (Kind::Bool, serde_json::Value::Bool(value)) => Value::Bool(value),
+            (Kind::Text | Kind::Inet, serde_json::Value::String(text)) => Value::Text(text),
+            (Kind::Bytes, serde_json::Value::String(text)) => Value::Bytes(hex_decode(&text)?),
+            (Kind::Uuid, serde_json::Value::String(text)) => {
+                Value::Uuid(Uuid::parse_str(&text).ok()?)
+            }
+            _ => return None,
+        })
+    }
+
+    fn to_arg(&self, kind: Kind) -> SqlArg {
+        match (kind, self) {
+            (Kind::Bool, Value::Bool(value)) => SqlArg::Bool(*value),
+            (Kind::Int | Kind::Int4, Value::Int(value)) => SqlArg::OptI64(Some(*value)),
+            (Kind::Int | Kind::Int4, _) => SqlArg::OptI64(None),
+            (Kind::Text | Kind::Inet, Value::Text(value)) => SqlArg::OptText(Some(value.clone())),
+            (Kind::Text | Kind::Inet, _) => SqlArg::OptText(None),
+            (Kind::Bytes, Value::Bytes(value)) => SqlArg::OptBytes(Some(value.clone())),
+            (Kind::Bytes, _) => SqlArg::OptBytes(None),
+            (Kind::Uuid, Value::Uuid(value)) => SqlArg::OptUuid(Some(*value)),
+            (Kind::Uuid, _) => SqlArg::OptUuid(None),
+            // `from_json` never makes a non-boolean for a boolean column.
+            (Kind::Bool, _) => unreachable!("a boolean column holds a boolean"),
+        }
+    }
+
+    fn int(&self) -> Option<i64> {
+        match self {
+            Value::Int(value) => Some(*value),
+            _ => None,
+        }
+    }
+
+    fn text(&self) -> Option<&str> {
+        match self {
+            Value::Text(value) => Some(value),
+            _ => None,
+        }
+    }
+
+    fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Value::Bytes(value) => Some(value),
+            _ => None,
+        }
+    }
+
+    fn uuid(&self) -> Option<Uuid> {
+        match self {
+            Value::Uuid(value) => Some(*value),
+            _ => None,
+        }
+    }
+
+    fn boolean(&self) -> Option<bool> {
+        match self {
+            Value::Bool(value) => Some(*value),
+            _ => None,
+        }
+    }
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    text
+}
+
+/// Lower-case hex only: one spelling per byte string.
+fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    fn nibble(digit: u8) -> Option<u8> {
+        match digit {
+            b'0'..=b'9' => Some(digit - b'0'),
+            b'a'..=b'f' => Some(digit - b'a' + 10),
+            _ => None,
+        }
+    }
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    text.as_bytes()
+        .chunks_exact(2)
+        .map(|pair| Some((nibble(pair[0])? << 4) | nibble(pair[1])?))
+        .collect()
+}
+
+// ---- Records -----------------------------------------------------------------------------
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+enum Record {
+    Header(Header),
+    Row {
+        table: String,
+        values: Vec<serde_json::Value>,
+    },
+    Manifest {
+        /// The manifest's JSON text, exactly as signed.
+        manifest: String,
+        /// Hex of the Ed25519 signature.
+        signature: String,
+    },
+}
+
+/// A row as written: borrowed, in [`Record::Row`]'s shape.
+#[derive(Serialize)]
+struct RowOut<'a> {
+    record: &'static str,
+    table: &'static str,
+    values: &'a [serde_json::Value],
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    format: String,
+    version: u32,
+    created_at: String,
+    source_backend: String,
+    chartlog_version: String,
+    /// The signer of the manifest, named up front so a restore onto the wrong key files
+    /// stops at once.
+    signer_key_id: String,
+    tables: Vec<TableHeader>,
+}
+
+#[derive(Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct TableHeader {
+    name: String,
+    columns: Vec<String>,
+}
+
+fn table_headers() -> Vec<TableHeader> {
+    TABLES
+        .iter()
+        .map(|table| TableHeader {
+            name: table.name.to_owned(),
+            columns: table
+                .columns
+                .iter()
+                .map(|(name, _)| (*name).to_owned())
+                .collect(),
+        })
+        .collect()
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    format: String,
+    version: u32,
+    created_at: String,
+    source_backend: String,
+    /// The signing key that signed this manifest.
+    signer_key_id: String,
+    events: u64,
+    streams: u64,
+    /// The highest position in the log (0 when it is empty).
+    last_position: u64,
+    /// Hex SHA-256 over every event's 32-byte hash, in position order.
+    root_hash: String,
+    /// Rows per table.
+    rows: BTreeMap<String, u64>,
+    /// Hex SHA-256 of every byte before the manifest's line (header and rows, newlines
+    /// included).
+    content_sha256: String,
+}
+
+fn backend_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    }
+}
+
+fn projection_db(database: &Database) -> ProjectionDb {
+    match database {
+        Database::Sqlite(store) => ProjectionDb::Sqlite(store.pool().clone()),
+        Database::Postgres(store) => ProjectionDb::Postgres(store.pool().clone()),
+    }
+}
+
+fn progress_bar(length: u64, template: &str) -> ProgressBar {
+    let bar = ProgressBar::new(length);
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            // Constants, checked by a test; never worth failing over.
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+fn print_summary(json: bool, summary: &serde_json::Value, human: &str) -> anyhow::Result<()> {
+    let mut stdout = io::stdout().lock();
+    if json {
+        writeln!(stdout, "{summary}")
+    } else {
+        writeln!(stdout, "{human}")
+    }
+    .and_then(|()| stdout.flush())
+    .context("cannot write the summary to stdout")
+}
+
+// ---- Backup ------------------------------------------------------------------------------
+
+pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.generate_identity {
+        return generate_identity(path, args.json);
+    }
+    let Some(file) = args.file.clone() else {
+        bail!("give the backup file to write (see chartlog backup --help)");
+    };
+    let recipients = recipients(&args)?;
+    if fs::symlink_metadata(&file).is_ok() {
+        bail!(
+            "{} exists; a backup never overwrites a file: choose a new name",
+            file.display()
+        );
+    }
+    let key_dir = args.storage.data_dir.join(KEY_DIR_NAME);
+    let signing_path = key_dir.join(SIGNING_FILE_NAME);
+    let signing = SigningKeys::load(&signing_path).with_context(|| {
+        format!(
+            "cannot load the signing keys from {}: a backup's manifest is signed with the \
+             server's signing key",
+            signing_path.display()
+        )
+    })?;
+    let location = args.storage.database_location();
+    if let DatabaseLocation::SqliteFile(path) = &location
+        && !path.exists()
+    {
+        bail!(
+            "no database at {}: nothing to back up (wrong --data-dir, or give --database-url)",
+            path.display()
+        );
+    }
+    tracing::info!(database = location.describe(), "backup");
+    let database = open_database(&location).await?;
+    let started = Instant::now();
+    let written = write_backup(&database, &signing, &recipients, &file).await;
+    database.close().await;
+    let written = written?;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        events = written.manifest.events,
+        bytes = written.bytes,
+        seconds,
+        "backed up"
+    );
+    let summary = serde_json::json!({
+        "file": file.display().to_string(),
+        "bytes": written.bytes,
+        "events": written.manifest.events,
+        "streams": written.manifest.streams,
+        "last_position": written.manifest.last_position,
+        "root_hash": written.manifest.root_hash,
+        "rows": written.manifest.rows,
+        "source_backend": written.manifest.source_backend,
+        "signer_key_id": written.manifest.signer_key_id,
+        "created_at": written.manifest.created_at,
+        "seconds": seconds,
+    });
+    let human = format!(
+        "backed up {} events of {} streams (last position {}, root hash {}) and {} accounts \
+         to {} ({} bytes) in {seconds:.1} s",
+        written.manifest.events,
+        written.manifest.streams,
+        written.manifest.last_position,
+        written.manifest.root_hash,
+        written
+            .manifest
+            .rows
+            .get(TABLES[USERS].name)
+            .copied()
+            .unwrap_or(0),
+        file.display(),
+        written.bytes,
+    );
+    print_summary(args.json, &summary, &human)
+}
+
+/// The recipients from `--recipient` and `--recipient-file`.
+fn recipients(args: &BackupArgs) -> anyhow::Result<Vec<age::x25519::Recipient>> {
+    let mut recipients = Vec::new();
+    for raw in &args.recipients {
+        recipients.push(parse_recipient(raw.trim()).context("invalid --recipient")?);
+    }
+    for path in &args.recipient_files {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("cannot read the recipient file {}", path.display()))?;
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            recipients.push(parse_recipient(line).with_context(|| {
+                format!("recipient file {} line {}", path.display(), number + 1)
+            })?);
+        }
+    }
+    ensure!(
+        !recipients.is_empty(),
+        "no recipient: give --recipient age1... or --recipient-file PATH (a backup is always \
+         encrypted; see chartlog backup --help to make a backup key)"
+    );
+    Ok(recipients)
+}
+
+fn parse_recipient(raw: &str) -> anyhow::Result<age::x25519::Recipient> {
+    age::x25519::Recipient::from_str(raw).map_err(|reason| {
+        anyhow!("not an age X25519 recipient (a public key starting age1...): {reason}")
+    })
+}
+
+/// `--generate-identity`: a new age identity in a new 0600 file, in age-keygen's layout.
+fn generate_identity(path: &Path, json: bool) -> anyhow::Result<()> {
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    let text = age::secrecy::SecretString::from(format!(
+        "# created: {}\n# public key: {recipient}\n{}\n",
+        chartlog_api::now(),
+        identity.to_string().expose_secret()
+    ));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "cannot create {} (an existing identity file is never overwritten)",
+                path.display()
+            )
+        })?;
+    file.write_all(text.expose_secret().as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let summary = serde_json::json!({
+        "identity_file": path.display().to_string(),
+        "recipient": recipient,
+    });
+    let human = format!(
+        "wrote a new backup identity to {} (keep it offline; restores need it)\n\
+         public key (use with chartlog backup --recipient): {recipient}",
+        path.display()
+    );
+    print_summary(json, &summary, &human)
+}
+
+struct Written {
+    manifest: Manifest,
+    bytes: u64,
+}
+
+/// Writes the backup to a private temporary file beside `file`, then links it into place.
+async fn write_backup(
+    database: &Database,
+    signing: &SigningKeys,
+    recipients: &[age::x25519::Recipient],
+    file: &Path,
+) -> anyhow::Result<Written> {
+    let directory = match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = file
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file name", file.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let partial = directory.join(format!(".{name}.{}.partial", std::process::id()));
+    let output = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
+
+    let result = async {
+        let manifest = snapshot(database, signing, recipients, output).await?;
+        // Linking (not renaming) never replaces a file that appeared meanwhile.
+        fs::hard_link(&partial, file)
+            .with_context(|| format!("cannot create {}", file.display()))?;
+        File::open(&directory)
+            .and_then(|directory| directory.sync_all())
+            .with_context(|| format!("cannot sync {}", directory.display()))?;
+        let bytes = fs::metadata(file)
+            .with_context(|| format!("cannot inspect {}", file.display()))?
+            .len();
+        Ok(Written { manifest, bytes })
+    }
+    .await;
+    let _ = fs::remove_file(&partial);
+    result
+}
+
+/// Reads every table in one snapshot and streams it, encrypted, into `output`.
+async fn snapshot(
+    database: &Database,
+    signing: &SigningKeys,
+    recipients: &[age::x25519::Recipient],
+    output: File,
+) -> anyhow::Result<Manifest> {
+    let db = projection_db(database);
+    let backend = db.backend();
+    let mut tx = match &db {
+        // A deferred BEGIN: the snapshot starts at the first read and never blocks appends.
+        ProjectionDb::Sqlite(pool) => ProjectionTx::Sqlite(pool.begin().await?),
+        ProjectionDb::Postgres(pool) => {
+            let mut tx = ProjectionTx::Postgres(pool.begin().await?);
+            tx.execute(
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                vec![],
+            )
+            .await?;
+            tx
+        }
+    };
+    let mut total = 0u64;
+    for table in TABLES {
+        let row = tx
+            .fetch_optional(
+                AssertSqlSafe(format!("SELECT COUNT(*) FROM {}", table.name)),
+                vec![],
+            )
+            .await
+            .with_context(|| format!("cannot count the rows of {}", table.name))?;
+        total += row.map_or(Ok(0), |row| row.i64(0))?.max(0).unsigned_abs();
+    }
+
+    let mut sink = Sink::start(output, recipients)?;
+    let bar = progress_bar(total, BACKUP_PROGRESS_TEMPLATE);
+    let created_at = chartlog_api::now().to_string();
+    let header = Header {
+        format: FORMAT.to_owned(),
+        version: FORMAT_VERSION,
+        created_at: created_at.clone(),
+        source_backend: backend_name(backend).to_owned(),
+        chartlog_version: env!("CARGO_PKG_VERSION").to_owned(),
+        signer_key_id: signing.active().key_id().as_str().to_owned(),
+        tables: table_headers(),
+    };
+    sink.line(&Record::Header(header)).await?;
+
+    let mut root = ContentDigest::new();
+    let mut last_position = 0u64;
+    let mut rows = BTreeMap::new();
+    let hash_index = TABLES[EVENTS].column_index("hash");
+    for (table_index, table) in TABLES.iter().enumerate() {
+        let mut count = 0u64;
+        let mut after: Option<Vec<SqlArg>> = None;
+        loop {
+            let sql = table.page_sql(backend, after.is_some());
+            let page = tx
+                .fetch_all(AssertSqlSafe(sql), after.take().unwrap_or_default())
+                .await
+                .with_context(|| format!("cannot read {}", table.name))?;
+            let page_rows = page.len();
+            let mut last: Option<Vec<Value>> = None;
+            for row in &page {
+                let values = table
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(index, (_, kind))| Value::read(row, index, *kind))
+                    .collect::<Result<Vec<_>, _>>()
+                    .with_context(|| format!("cannot decode a row of {}", table.name))?;
+                if table_index == EVENTS {
+                    let hash = values[hash_index]
+                        .bytes()
+                        .ok_or_else(|| anyhow!("an event without a hash"))?;
+                    root.update(hash);
+                    let position = values[0].int().unwrap_or(0);
+                    last_position = u64::try_from(position).unwrap_or(0);
+                }
+                let json: Vec<serde_json::Value> = values.iter().map(Value::to_json).collect();
+                sink.row(table.name, &json).await?;
+                count += 1;
+                last = Some(values);
+            }
+            bar.inc(page_rows as u64);
+            match (table.key.is_empty(), last) {
+                (false, Some(last)) if page_rows == PAGE_ROWS => {
+                    after = Some(
+                        table
+                            .key
+                            .iter()
+                            .map(|key| {
+                                let index = table.column_index(key);
+                                last[index].to_arg(table.columns[index].1)
+                            })
+                            .collect(),
+                    );
+                }
+                _ => break,
+            }
+        }
+        rows.insert(table.name.to_owned(), count);
+    }
+    // Read-only: ending it either way releases the snapshot.
+    tx.commit().await.context("cannot end the snapshot")?;
+    bar.finish_and_clear();
+
+    let signer = signing.active();
+    let manifest = Manifest {
+        format: FORMAT.to_owned(),
+        version: FORMAT_VERSION,
+        created_at,
+        source_backend: backend_name(backend).to_owned(),
+        signer_key_id: signer.key_id().as_str().to_owned(),
+        events: rows[TABLES[EVENTS].name],
+        streams: rows[TABLES[STREAMS].name],
+        last_position,
+        root_hash: hex_encode(&root.finish()),
+        rows,
+        content_sha256: hex_encode(&sink.content_digest()),
+    };
+    let text = serde_json::to_string(&manifest).context("cannot encode the manifest")?;
+    let signature = signer.sign_manifest(text.as_bytes());
+    sink.manifest(&Record::Manifest {
+        manifest: text,
+        signature: hex_encode(signature.as_bytes()),
+    })
+    .await?;
+    sink.finish().await?;
+    Ok(manifest)
+}
+
+/// Lines out: gathered into chunks, digested, and encrypted to a file by a thread of its own.
+struct Sink {
+    buffer: Vec<u8>,
+    digest: ContentDigest,
+    sender: Option<mpsc::Sender<Vec<u8>>>,
+    writer: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Sink {
+    fn start(output: File, recipients: &[age::x25519::Recipient]) -> anyhow::Result<Sink> {
+        let encryptor =
+            age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+                .map_err(|error| anyhow!("cannot encrypt to these recipients: {error}"))?;
+        let (sender, mut receiver) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
+        let writer = std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut encrypted = encryptor
+                .wrap_output(BufWriter::new(output))
+                .context("cannot write the backup file")?;
+            while let Some(chunk) = receiver.blocking_recv() {
+                encrypted
+                    .write_all(&chunk)
+                    .context("cannot write the backup file")?;
+            }
+            let buffered = encrypted.finish().context("cannot write the backup file")?;
+            let file = buffered
+                .into_inner()
+                .map_err(|error| error.into_error())
+                .context("cannot write the backup file")?;
+            file.sync_all().context("cannot sync the backup file")
+        });
+        Ok(Sink {
+            buffer: Vec::with_capacity(WRITE_CHUNK_BYTES + 64 * 1024),
+            digest: ContentDigest::new(),
+            sender: Some(sender),
+            writer: Some(writer),
+        })
+    }
+
+    async fn line(&mut self, record: &Record) -> anyhow::Result<()> {
+        let start = self.buffer.len();
+        serde_json::to_writer(&mut self.buffer, record).context("cannot encode a record")?;
+        self.buffer.push(b'\n');
+        self.digest.update(&self.buffer[start..]);
+        self.flush_if_full().await
+    }
+
+    async fn row(
+        &mut self,
+        table: &'static str,
+        values: &[serde_json::Value],
+    ) -> anyhow::Result<()> {
+        let start = self.buffer.len();
+        serde_json::to_writer(
+            &mut self.buffer,
+            &RowOut {
+                record: "row",
+                table,
+                values,
+            },
+        )
+        .context("cannot encode a row")?;
+        self.buffer.push(b'\n');
+        self.digest.update(&self.buffer[start..]);
+        self.flush_if_full().await
+    }
+
+    /// The digest of every line so far.
+    fn content_digest(&self) -> [u8; 32] {
+        self.digest.clone().finish()
+    }
+
+    /// The manifest's line: last, and outside the digest it states.
+    async fn manifest(&mut self, record: &Record) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut self.buffer, record).context("cannot encode the manifest")?;
+        self.buffer.push(b'\n');
+        self.send().await
+    }
+
+    async fn flush_if_full(&mut self) -> anyhow::Result<()> {
+        if self.buffer.len() >= WRITE_CHUNK_BYTES {
+            self.send().await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self) -> anyhow::Result<()> {
+        let chunk = std::mem::replace(
+            &mut self.buffer,
+            Vec::with_capacity(WRITE_CHUNK_BYTES + 64 * 1024),
+        );
+        let sent = match &self.sender {
+            Some(sender) => sender.send(chunk).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The writer stopped: its error says why.
+            return Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| anyhow!("the backup file's writer stopped")));
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> anyhow::Result<()> {
+        self.send().await?;
+        self.sender = None;
+        tokio::task::block_in_place(|| self.join())
+    }
+
+    fn join(&mut self) -> anyhow::Result<()> {
+        self.sender = None;
+        match self.writer.take() {
+            Some(writer) => writer
+                .join()
+                .map_err(|_| anyhow!("the backup file's writer panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+// ---- Restore -----------------------------------------------------------------------------
+
+/// A destroyed key's tombstone: an erasure ledger entry.
+#[derive(Clone)]
+struct Tombstone {
+    key_id: Uuid,
+    created_at_us: i64,
+    destroyed_at_us: i64,
+}
+
+impl Tombstone {
+    fn row(&self, owner: &str) -> Vec<Value> {
+        vec![
+            Value::Text(owner.to_owned()),
+            Value::Uuid(self.key_id),
+            Value::Null,
+            Value::Null,
+            Value::Int(self.created_at_us),
+            Value::Int(self.destroyed_at_us),
+        ]
+    }
+}
+
+/// The erasure ledger of a database: its destroyed data keys by owner.
+async fn read_ledger(db: &ProjectionDb) -> anyhow::Result<BTreeMap<String, Tombstone>> {
+    let rows = db
+        .fetch_all(
+            "SELECT owner_stream_id, key_id, created_at_us, destroyed_at_us \
+             FROM chartlog_data_keys WHERE wrapped_key IS NULL",
+            vec![],
+        )
+        .await
+        .context("cannot read the erasure ledger (chartlog_data_keys)")?;
+    let mut ledger = BTreeMap::new();
+    for row in rows {
+        ledger.insert(
+            row.text(0)?,
+            Tombstone {
+                key_id: row.uuid(1)?,
+                created_at_us: row.i64(2)?,
+                destroyed_at_us: row.opt_i64(3)?.unwrap_or(0),
+            },
+        );
+    }
+    Ok(ledger)
+}
+
+/// What the decrypting thread checked.
+struct Verified {
+    manifest: Manifest,
+}
+
+/// Rows of one table, on their way to the database.
+struct Batch {
+    table: usize,
+    rows: Vec<Vec<Value>>,
+}
+
+/// Counts a restore reports.
+#[derive(Default)]
+struct Restored {
+    rows: BTreeMap<String, u64>,
+    keys_restored: u64,
+    tombstones: u64,
+    keys_withheld: u64,
+    last_position: u64,
+}
+
+pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let key_dir = args.storage.data_dir.join(KEY_DIR_NAME);
+    let signing_path = key_dir.join(SIGNING_FILE_NAME);
+    let keys_hint = "restore needs the key files of the server the backup was taken from: copy \
+                     its keys/ folder from the key backup into the target's data directory first";
+    let signing = SigningKeys::load(&signing_path)
+        .with_context(|| format!("cannot load {}; {keys_hint}", signing_path.display()))?;
+    let kek_path = key_dir.join(KEK_FILE_NAME);
+    let ring = KeyRing::load(&kek_path)
+        .with_context(|| format!("cannot load {}; {keys_hint}", kek_path.display()))?;
+    let verifier = signing.verifier();
+
+    let mut identities: Vec<Box<dyn age::Identity + Send + Sync>> = Vec::new();
+    for path in &args.identities {
+        let file = age::IdentityFile::from_file(path.display().to_string())
+            .with_context(|| format!("cannot read the identity file {}", path.display()))?;
+        identities.extend(
+            file.into_identities()
+                .map_err(|error| anyhow!("identity file {}: {error}", path.display()))?,
+        );
+    }
+    ensure!(
+        !identities.is_empty(),
+        "the identity files hold no age identity (AGE-SECRET-KEY-1...)"
+    );
+
+    let input = File::open(&args.file)
+        .with_context(|| format!("cannot open the backup {}", args.file.display()))?;
+    let size = input
+        .metadata()
+        .with_context(|| format!("cannot inspect {}", args.file.display()))?
+        .len();
+    let bar = progress_bar(size, RESTORE_PROGRESS_TEMPLATE);
+    let counted = BufReader::new(Counted {
+        inner: input,
+        bar: bar.clone(),
+    });
+    let decryptor = age::Decryptor::new_buffered(counted).map_err(|error| {
+        anyhow!(
+            "{} is not an age-encrypted backup: {error}",
+            args.file.display()
+        )
+    })?;
+    let plaintext = decryptor
+        .decrypt(
+            identities
+                .iter()
+                .map(|identity| identity.as_ref() as &dyn age::Identity),
+        )
+        .map_err(|error| {
+            anyhow!(
+                "cannot decrypt {}: {error} (is --identity the key it was encrypted to?)",
+                args.file.display()
+            )
+        })?;
+
+    let mut ledgers = BTreeMap::new();
+    for url in &args.erasures_from {
+        let location = DatabaseLocation::Url(url.clone());
+        let other = open_database(&location)
+            .await
+            .with_context(|| format!("--erasures-from: cannot open the {}", location.describe()))?;
+        let ledger = read_ledger(&projection_db(&other)).await;
+        other.close().await;
+        for (owner, tombstone) in ledger? {
+            ledgers.entry(owner).or_insert(tombstone);
+        }
+    }
+
+    create_data_dir(&args.storage.data_dir)?;
+    let location = args.storage.database_location();
+    tracing::info!(database = location.describe(), "restore");
+    let database = open_database(&location).await?;
+    let started = Instant::now();
+    let restored = restore_into(&database, plaintext, &verifier, &ring, ledgers, &bar).await;
+    bar.finish_and_clear();
+    let checked = match restored {
+        Ok(restored) => check_restored(&database, &verifier, &restored.0)
+            .await
+            .map(|report| (restored, report)),
+        Err(error) => Err(error),
+    };
+    database.close().await;
+    let ((restored, verified), report_events) = checked?;
+    let seconds = started.elapsed().as_secs_f64();
+    let manifest = verified.manifest;
+    tracing::info!(events = manifest.events, seconds, "restored");
+
+    let summary = serde_json::json!({
+        "file": args.file.display().to_string(),
+        "events": manifest.events,
+        "streams": manifest.streams,
+        "last_position": manifest.last_position,
+        "root_hash": manifest.root_hash,
+        "rows": restored.rows,
+        "data_keys_restored": restored.keys_restored,
+        "erased_keys": restored.tombstones,
+        "keys_withheld_for_erasure": restored.keys_withheld,
+        "verified_events": report_events,
+        "source_backend": manifest.source_backend,
+        "backup_created_at": manifest.created_at,
+        "signer_key_id": manifest.signer_key_id,
+        "seconds": seconds,
+    });
+    let human = format!(
+        "restored {} events of {} streams (last position {}, root hash {}), {} data keys, {} \
+         erasure tombstones ({} keys withheld because the patient is erased) and {} accounts \
+         from {} in {seconds:.1} s; the log verifies.\n\
+         Next: rebuild the read models with `chartlog rebuild` on this database.",
+        manifest.events,
+        manifest.streams,
+        manifest.last_position,
+        manifest.root_hash,
+        restored.keys_restored,
+        restored.tombstones,
+        restored.keys_withheld,
+        restored.rows.get(TABLES[USERS].name).copied().unwrap_or(0),
+        args.file.display(),
+    );
+    print_summary(args.json, &summary, &human)
+}
+
+/// Counts the encrypted bytes read, for the progress bar.
+struct Counted {
+    inner: File,
+    bar: ProgressBar,
+}
+
+impl Read for Counted {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buffer)?;
+        self.bar.inc(read as u64);
+        Ok(read)
+    }
+}
+
+/// Inserts the backup into the empty target in one transaction, committed only once the
+/// decrypting thread has verified everything.
+async fn restore_into<R: Read + Send + 'static>(
+    database: &Database,
+    plaintext: R,
+    verifier: &SignatureVerifier,
+    ring: &KeyRing,
+    ledgers: BTreeMap<String, Tombstone>,
+    bar: &ProgressBar,
+) -> anyhow::Result<(Restored, Verified)> {
+    let db = projection_db(database);
+    let backend = db.backend();
+    let mut tx = db.begin().await.context("cannot begin the restore")?;
+    if backend == Backend::Postgres {
+        // Nobody appends, creates keys or accounts while the target is checked and filled.
+        tx.execute(
+            "LOCK TABLE chartlog_events, chartlog_streams, chartlog_data_keys, \
+             chartlog_access_users IN SHARE ROW EXCLUSIVE MODE",
+            vec![],
+        )
+        .await
+        .context("cannot lock the target's tables")?;
+    }
+    refuse_non_empty(&mut tx).await?;
+    let target_ledger = {
+        let rows = tx
+            .fetch_all(
+                "SELECT owner_stream_id FROM chartlog_data_keys WHERE wrapped_key IS NULL",
+                vec![],
+            )
+            .await
+            .context("cannot read the target's erasure ledger")?;
+        rows.iter()
+            .map(|row| row.text(0))
+            .collect::<Result<BTreeSet<String>, _>>()?
+    };
+
+    let (sender, mut receiver) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
+    let reader = {
+        let verifier = verifier.clone();
+        let bar = bar.clone();
+        tokio::task::spawn_blocking(move || {
+            let verified = read_backup(plaintext, verifier, &sender);
+            if verified.is_err() {
+                bar.abandon();
+            }
+            verified
+        })
+    };
+
+    let mut restored = Restored::default();
+    let mut handled_owners = BTreeSet::new();
+    let mut missing_keks = BTreeSet::new();
+    let inserted = async {
+        while let Some(batch) = receiver.recv().await {
+            let table = &TABLES[batch.table];
+            let rows = if batch.table == DATA_KEYS {
+                let mut kept = Vec::with_capacity(batch.rows.len());
+                for row in batch.rows {
+                    let owner = row[0].text().unwrap_or_default().to_owned();
+                    let active = row[3] != Value::Null;
+                    handled_owners.insert(owner.clone());
+                    if target_ledger.contains(&owner) {
+                        // The target's own tombstone stays; the key is not restored.
+                        restored.keys_withheld += u64::from(active);
+                        continue;
+                    }
+                    if let Some(tombstone) = ledgers.get(&owner) {
+                        restored.keys_withheld += u64::from(active);
+                        restored.tombstones += 1;
+                        kept.push(tombstone.row(&owner));
+                        continue;
+                    }
+                    if active {
+                        let kek = row[2].text().unwrap_or_default();
+                        if !KekId::parse(kek).is_ok_and(|kek| ring.contains(&kek)) {
+                            missing_keks.insert(kek.to_owned());
+                        }
+                        restored.keys_restored += 1;
+                    } else {
+                        restored.tombstones += 1;
+                    }
+                    kept.push(row);
+                }
+                kept
+            } else {
+                batch.rows
+            };
+            if batch.table == EVENTS
+                && let Some(last) = rows.last()
+            {
+                restored.last_position = u64::try_from(last[0].int().unwrap_or(0)).unwrap_or(0);
+            }
+            *restored.rows.entry(table.name.to_owned()).or_default() += rows.len() as u64;
+            insert_rows(&mut tx, table, &rows).await?;
+        }
+        // The other ledgers' tombstones of owners the backup does not know: the ledger
+        // travels whole, so none of those owners can ever be given a key.
+        let extra: Vec<Vec<Value>> = ledgers
+            .iter()
+            .filter(|(owner, _)| {
+                !handled_owners.contains(*owner) && !target_ledger.contains(*owner)
+            })
+            .map(|(owner, tombstone)| tombstone.row(owner))
+            .collect();
+        restored.tombstones += extra.len() as u64;
+        insert_rows(&mut tx, &TABLES[DATA_KEYS], &extra).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    // Unblocks the reader if the inserts stopped early.
+    drop(receiver);
+    // The reader's verdict first: a refused backup explains an insert that failed.
+    let verified = match reader.await {
+        Ok(verified) => verified,
+        Err(error) => Err(anyhow!("the backup reader failed: {error}")),
+    };
+    let verified = verified?;
+    inserted?;
+    ensure!(
+        missing_keks.is_empty(),
+        "the backup's data keys are wrapped under key-encryption keys this data directory's \
+         {KEK_FILE_NAME} lacks ({}): restore the key files from the key backup first",
+        missing_keks.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    if backend == Backend::Postgres && restored.last_position > 0 {
+        // Appends after the restore take positions from their transaction ids: they must
+        // sort after every restored position.
+        let row = tx
+            .fetch_optional("SELECT pg_current_xact_id()::text::bigint", vec![])
+            .await?;
+        let xid = row.map_or(Ok(0), |row| row.i64(0))?;
+        let floor = u64::try_from(xid).unwrap_or(0).saturating_mul(1024);
+        ensure!(
+            restored.last_position < floor,
+            "the backup's last position {} is not below this PostgreSQL cluster's next \
+             positions (transaction id {xid} x 1024): events appended after the restore would \
+             sort before restored ones. Restore into a cluster whose transaction ids are past \
+             {}",
+            restored.last_position,
+            restored.last_position / 1024 + 1
+        );
+    }
+    tx.commit().await.context("cannot commit the restore")?;
+    Ok((restored, verified))
+}
+
+/// Refuses a target that holds anything but an erasure ledger.
+async fn refuse_non_empty(tx: &mut ProjectionTx) -> anyhow::Result<()> {
+    for (index, table) in TABLES.iter().enumerate() {
+        let filter = if index == DATA_KEYS {
+            " WHERE wrapped_key IS NOT NULL"
+        } else {
+            ""
+        };
+        let found = tx
+            .fetch_optional(
+                AssertSqlSafe(format!("SELECT 1 FROM {}{filter} LIMIT 1", table.name)),
+                vec![],
+            )
+            .await
+            .with_context(|| format!("cannot inspect the target's {}", table.name))?;
+        if found.is_some() {
+            bail!(
+                "the target database is not empty ({} has rows): a backup is restored only \
+                 into an empty database; nothing was changed",
+                table.name
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn insert_rows(
+    tx: &mut ProjectionTx,
+    table: &Table,
+    rows: &[Vec<Value>],
+) -> anyhow::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let backend = tx.backend();
+    let per_statement = tx.rows_per_statement(table.columns.len());
+    for chunk in rows.chunks(per_statement) {
+        let args = chunk
+            .iter()
+            .flat_map(|row| {
+                row.iter()
+                    .zip(table.columns)
+                    .map(|(value, (_, kind))| value.to_arg(*kind))
+            })
+            .collect();
+        tx.execute(AssertSqlSafe(table.insert_sql(backend, chunk.len())), args)
+            .await
+            .with_context(|| format!("cannot insert into {}", table.name))?;
+    }
+    Ok(())
+}
+
+/// After the commit: `verify_log` over the restored database must find every event intact.
+/// Returns the number of events it verified.
+async fn check_restored(
+    database: &Database,
+    verifier: &SignatureVerifier,
+    restored: &Restored,
+) -> anyhow::Result<u64> {
+    let expected = restored.rows.get(TABLES[EVENTS].name).copied().unwrap_or(0);
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_style(
+        ProgressStyle::with_template(VERIFY_PROGRESS_TEMPLATE)
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    spinner.set_message("checking the restored log's hashes, chains and signatures");
+    spinner.enable_steady_tick(Duration::from_millis(200));
+    let started = Instant::now();
+    let outcome = loop {
+        let report = match database {
+            Database::Sqlite(store) => verify_log(store, verifier).await,
+            Database::Postgres(store) => verify_log(store, verifier).await,
+        }
+        .context("cannot verify the restored log")?;
+        if !report.is_intact() {
+            let first = &report.breaks[0];
+            break Err(anyhow!(
+                "the restored log does not verify: {} broken streams, the first {} at version {} \
+                 (position {}): {:?}",
+                report.breaks.len(),
+                first.stream,
+                first.version,
+                first.position,
+                first.problem
+            ));
+        }
+        if report.events >= expected {
+            break Ok(report.events);
+        }
+        // On PostgreSQL the global log shows events only below the oldest transaction open
+        // in the cluster; wait for it rather than report events as missing.
+        if started.elapsed() > VERIFY_WAIT_MAX {
+            break Err(anyhow!(
+                "the restored log showed {} of {expected} events to verification after {} s \
+                 (a long transaction elsewhere in the cluster holds it back); run `chartlog \
+                 verify` later",
+                report.events,
+                VERIFY_WAIT_MAX.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    spinner.finish_and_clear();
+    outcome
+}
+
+/// Reads, checks and forwards every row; returns the verified manifest. Runs on a blocking
+/// thread: decryption, JSON and signature checks are CPU work.
+fn read_backup<R: Read>(
+    plaintext: R,
+    verifier: SignatureVerifier,
+    sender: &mpsc::Sender<Batch>,
+) -> anyhow::Result<Verified> {
+    let mut reader = BufReader::with_capacity(256 * 1024, plaintext);
+    let mut line = Vec::new();
+
+    if !next_line(&mut reader, &mut line)? {
+        bail!("the backup is empty");
+    }
+    let header = match serde_json::from_slice::<Record>(&line) {
+        Ok(Record::Header(header)) => header,
+        _ => bail!("not a chartlog backup: the first record is not a chartlog-backup header"),
+    };
+    ensure!(
+        header.format == FORMAT,
+        "not a chartlog backup (format {:?})",
+        header.format
+    );
+    ensure!(
+        header.version == FORMAT_VERSION,
+        "backup format version {} is not readable by this chartlog (reads version \
+         {FORMAT_VERSION})",
+        header.version
+    );
+    ensure!(
+        header.tables == table_headers(),
+        "the backup's tables differ from this chartlog's (it was written by chartlog {}): \
+         restore it with that version",
+        header.chartlog_version
+    );
+    let signer = SignerKeyId::parse(&header.signer_key_id)
+        .map_err(|_| anyhow!("the backup's header names a malformed signer id"))?;
+    ensure!(
+        verifier.trusts(&signer),
+        "the backup is signed by signer {signer}, which this data directory's key files do not \
+         trust: copy the key files of the server the backup was taken from (its keys/ folder, \
+         from the key backup) before restoring"
+    );
+    let mut check = Check::new(verifier);
+    check.content.update(&line);
+
+    let mut batch: Option<Batch> = None;
+    let mut table_at = 0usize;
+    let manifest = loop {
+        if !next_line(&mut reader, &mut line)? {
+            bail!("the backup ends without its manifest: it is truncated");
+        }
+        let record: Record = serde_json::from_slice(&line).map_err(|error| {
+            anyhow!(
+                "a malformed record after {} rows: {}",
+                check.total_rows,
+                json_error(&error)
+            )
+        })?;
+        match record {
+            Record::Header(_) => bail!("a second header in the backup"),
+            Record::Manifest {
+                manifest,
+                signature,
+            } => break (manifest, signature),
+            Record::Row { table, values } => {
+                check.content.update(&line);
+                let index = TABLES
+                    .iter()
+                    .position(|known| known.name == table)
+                    .ok_or_else(|| anyhow!("a row of an unknown table {table:?}"))?;
+                ensure!(
+                    index >= table_at,
+                    "rows of {table} after rows of {}: tables must come in order",
+                    TABLES[table_at].name
+                );
+                table_at = index;
+                let spec = &TABLES[index];
+                ensure!(
+                    values.len() == spec.columns.len(),
+                    "a row of {table} with {} values for {} columns",
+                    values.len(),
+                    spec.columns.len()
+                );
+                let values = values
+                    .into_iter()
+                    .zip(spec.columns)
+                    .map(|(json, (column, kind))| {
+                        Value::from_json(json, *kind)
+                            .ok_or_else(|| anyhow!("{table}.{column} holds a malformed value"))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                check.row(index, &values)?;
+                if batch.as_ref().is_some_and(|batch| batch.table != index) {
+                    send(sender, batch.take());
+                }
+                let current = batch.get_or_insert_with(|| Batch {
+                    table: index,
+                    rows: Vec::with_capacity(RESTORE_BATCH_ROWS),
+                });
+                current.rows.push(values);
+                if current.rows.len() >= RESTORE_BATCH_ROWS {
+                    send(sender, batch.take());
+                }
+            }
+        }
+    };
+    if next_line(&mut reader, &mut line)? {
+        bail!("the backup has data after its manifest");
+    }
+    let verified = check.finish(&manifest.0, &manifest.1)?;
+    send(sender, batch.take());
+    Ok(verified)
+}
+
+/// A JSON error by kind and place: serde's own messages can quote the value (a row's bytes).
+fn json_error(error: &serde_json::Error) -> String {
+    format!("{:?} error at column {}", error.classify(), error.column())
+}
+
+/// Hands rows to the inserting task. If it stopped (a database error, which it reports),
+/// reading goes on to the end regardless: a backup that fails its checks is reported as such,
+/// not as the database error its rows caused.
+fn send(sender: &mpsc::Sender<Batch>, batch: Option<Batch>) {
+    if let Some(batch) = batch {
+        let _ = sender.blocking_send(batch);
+    }
+}
+
+/// Reads one line (newline included) into `line`; false at the end of the input.
+fn next_line<R: BufRead>(reader: &mut R, line: &mut Vec<u8>) -> anyhow::Result<bool> {
+    line.clear();
+    let read = (&mut *reader)
+        .take(LINE_BYTES_MAX as u64 + 1)
+        .read_until(b'\n', line)
+        .map_err(|error| {
+            anyhow!("the backup does not decrypt: it was changed, truncated or damaged ({error})")
+        })?;
+    if read == 0 {
+        return Ok(false);
+    }
+    if line.last() != Some(&b'\n') {
+        if read > LINE_BYTES_MAX {
+            bail!("a record longer than {LINE_BYTES_MAX} bytes");
+        }
+        bail!("the backup ends in the middle of a record: it is truncated");
+    }
+    Ok(true)
+}
+
+/// The checks made while reading: chains and signatures of the events, stream heads against
+/// them, counts, the root hash and the content digest.
+struct Check {
+    verifier: SignatureVerifier,
+    content: ContentDigest,
+    root: ContentDigest,
+    heads: HashMap<StreamId, (u64, EventHash)>,
+    heads_matched: u64,
+    unsigned: Vec<SealedEvent>,
+    last_position: u64,
+    rows: BTreeMap<String, u64>,
+    total_rows: u64,
+}
+
+impl Check {
+    fn new(verifier: SignatureVerifier) -> Check {
+        Check {
+            verifier,
+            content: ContentDigest::new(),
+            root: ContentDigest::new(),
+            heads: HashMap::new(),
+            heads_matched: 0,
+            unsigned: Vec::with_capacity(VERIFY_BATCH_EVENTS_MAX),
+            last_position: 0,
+            rows: BTreeMap::new(),
+            total_rows: 0,
+        }
+    }
+
+    fn row(&mut self, table: usize, values: &[Value]) -> anyhow::Result<()> {
+        *self.rows.entry(TABLES[table].name.to_owned()).or_default() += 1;
+        self.total_rows += 1;
+        match table {
+            EVENTS => self.event(values),
+            STREAMS => {
+                self.verify_signatures()?;
+                self.stream_head(values)
+            }
+            _ => {
+                self.verify_signatures()?;
+                Ok(())
+            }
+        }
+    }
+
+    fn event(&mut self, values: &[Value]) -> anyhow::Result<()> {
+        let (position, event) = sealed_event(values)?;
+        ensure!(
+            position > self.last_position,
+            "event positions are not increasing at position {position}"
+        );
+        self.last_position = position;
+        let stream = event.header.stream_id.clone();
+        let (version, prev) = self
+            .heads
+            .get(&stream)
+            .copied()
+            .unwrap_or((0, EventHash::GENESIS));
+        let hash = verify_chain(prev, version + 1, std::slice::from_ref(&event))
+            .map_err(|error| anyhow!("the backup's log does not verify: {error}"))?;
+        self.heads
+            .insert(stream, (event.header.stream_version, hash));
+        self.root.update(hash.as_bytes());
+        self.unsigned.push(event);
+        if self.unsigned.len() >= VERIFY_BATCH_EVENTS_MAX {
+            self.verify_signatures()?;
+        }
+        Ok(())
+    }
+
+    fn verify_signatures(&mut self) -> anyhow::Result<()> {
+        if !self.unsigned.is_empty() {
+            self.verifier
+                .verify_batch(&self.unsigned)
+                .map_err(|error| anyhow!("the backup's log does not verify: {error}"))?;
+            self.unsigned.clear();
+        }
+        Ok(())
+    }
+
+    fn stream_head(&mut self, values: &[Value]) -> anyhow::Result<()> {
+        let malformed = || anyhow!("a malformed chartlog_streams row");
+        let stream =
+            StreamId::parse(values[0].text().ok_or_else(malformed)?).map_err(|_| malformed())?;
+        let version = values[1]
+            .int()
+            .and_then(|version| u64::try_from(version).ok())
+            .ok_or_else(malformed)?;
+        let hash = EventHash::from_slice(values[2].bytes().ok_or_else(malformed)?)
+            .map_err(|_| malformed())?;
+        match self.heads.get(&stream) {
+            Some(&(found_version, found_hash))
+                if found_version == version && found_hash == hash => {}
+            Some(&(found_version, _)) => bail!(
+                "stream {stream}: its head names version {version}, the backup's events end at \
+                 version {found_version} (events are missing or the head was changed)"
+            ),
+            None => bail!("stream {stream} has a head but no events in the backup"),
+        }
+        self.heads_matched += 1;
+        Ok(())
+    }
+
+    fn finish(mut self, manifest_text: &str, signature: &str) -> anyhow::Result<Verified> {
+        self.verify_signatures()?;
+        let signature = hex_decode(signature)
+            .and_then(|bytes| EventSignature::from_slice(&bytes).ok())
+            .ok_or_else(|| anyhow!("the manifest's signature is malformed"))?;
+        let manifest: Manifest = serde_json::from_str(manifest_text)
+            .map_err(|error| anyhow!("the manifest is malformed: {}", json_error(&error)))?;
+        let signer = SignerKeyId::parse(&manifest.signer_key_id)
+            .map_err(|_| anyhow!("the manifest names a malformed signer id"))?;
+        self.verifier
+            .verify_manifest(&signer, manifest_text.as_bytes(), &signature)
+            .map_err(|error| {
+                anyhow!(
+                    "the backup is refused: {error} (a changed manifest, or key files that are \
+                     not the backed-up server's)"
+                )
+            })?;
+        // From here the manifest is the server's word; the content must match it.
+        ensure!(
+            manifest.format == FORMAT && manifest.version == FORMAT_VERSION,
+            "the manifest is not a chartlog-backup version {FORMAT_VERSION} manifest"
+        );
+        ensure!(
+            manifest.content_sha256 == hex_encode(&self.content.finish()),
+            "the backup is refused: its content does not match the signed manifest's digest"
+        );
+        let events = self.rows.get(TABLES[EVENTS].name).copied().unwrap_or(0);
+        ensure!(
+            manifest.events == events,
+            "the backup is refused: the manifest states {} events, the backup holds {events}",
+            manifest.events
+        );
+        ensure!(
+            manifest.last_position == self.last_position,
+            "the backup is refused: the manifest states last position {}, the backup's log ends \
+             at {}",
+            manifest.last_position,
+            self.last_position
+        );
+        ensure!(
+            manifest.root_hash == hex_encode(&self.root.finish()),
+            "the backup is refused: the root hash of its events is not the manifest's"
+        );
+        for table in TABLES {
+            let found = self.rows.get(table.name).copied().unwrap_or(0);
+            let stated = manifest.rows.get(table.name).copied().unwrap_or(0);
+            ensure!(
+                found == stated,
+                "the backup is refused: the manifest states {stated} rows of {}, the backup holds \
+                 {found}",
+                table.name
+            );
+        }
+        let streams = self.heads.len() as u64;
+        ensure!(
+            self.heads_matched == streams && manifest.streams == streams,
+            "the backup is refused: {streams} streams have events, {} have heads, the manifest \
+             states {}",
+            self.heads_matched,
+            manifest.streams
+        );
+        Ok(Verified { manifest })
+    }
+}
+
+/// The event a `chartlog_events` row holds, with its position.
+fn sealed_event(values: &[Value]) -> anyhow::Result<(u64, SealedEvent)> {
+    let position = values[0]
+        .int()
+        .and_then(|position| u64::try_from(position).ok())
+        .filter(|position| *position > 0)
+        .ok_or_else(|| anyhow!("an event with a malformed position"))?;
+    let malformed = |what: &str| anyhow!("the event at position {position} has a malformed {what}");
+    let header = EventHeader {
+        stream_id: values[1]
+            .text()
+            .and_then(|raw| StreamId::parse(raw).ok())
+            .ok_or_else(|| malformed("stream id"))?,
+        stream_version: values[2]
+            .int()
+            .and_then(|version| u64::try_from(version).ok())
+            .ok_or_else(|| malformed("stream version"))?,
+        event_id: EventId::from_uuid(values[3].uuid().ok_or_else(|| malformed("event id"))?),
+        event_type: values[4]
+            .text()
+            .ok_or_else(|| malformed("event type"))?
+            .to_owned(),
+        schema_version: values[5]
+            .int()
+            .and_then(|version| u32::try_from(version).ok())
+            .ok_or_else(|| malformed("schema version"))?,
+        recorded_at: values[6]
+            .int()
+            .and_then(|micros| Timestamp::from_unix_micros(micros).ok())
+            .ok_or_else(|| malformed("recorded-at time"))?,
+        actor: Actor {
+            user_id: UserId::from_uuid(values[7].uuid().ok_or_else(|| malformed("actor"))?),
+            role: values[8]
+                .text()
+                .and_then(|raw| raw.parse().ok())
+                .ok_or_else(|| malformed("actor role"))?,
+            purpose_of_use: values[9]
+                .text()
+                .and_then(|raw| raw.parse().ok())
+                .ok_or_else(|| malformed("purpose of use"))?,
+            break_glass: values[10]
+                .boolean()
+                .ok_or_else(|| malformed("break-glass flag"))?,
+        },
+        key_id: DataKeyId::from_uuid(values[11].uuid().ok_or_else(|| malformed("data key id"))?),
+        prev_hash: values[13]
+            .bytes()
+            .and_then(|bytes| EventHash::from_slice(bytes).ok())
+            .ok_or_else(|| malformed("previous hash"))?,
+        signer_key_id: values[12]
+            .text()
+            .and_then(|raw| SignerKeyId::parse(raw).ok())
+            .ok_or_else(|| malformed("signer key id"))?,
+    };
+    let event = SealedEvent {
+        header,
+        hash: values[14]
+            .bytes()
+            .and_then(|bytes| EventHash::from_slice(bytes).ok())
+            .ok_or_else(|| malformed("hash"))?,
+        signature: values[15]
+            .bytes()
+            .and_then(|bytes| EventSignature::from_slice(bytes).ok())
+            .ok_or_else(|| malformed("signature"))?,
+        ciphertext: values[16]
+            .bytes()
+            .ok_or_else(|| malformed("ciphertext"))?
+            .to_vec(),
+    };
+    Ok((position, event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_templates_parse() {
+        for template in [
+            BACKUP_PROGRESS_TEMPLATE,
+            RESTORE_PROGRESS_TEMPLATE,
+            VERIFY_PROGRESS_TEMPLATE,
+        ] {
+            assert!(ProgressStyle::with_template(template).is_ok(), "{template}");
+        }
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_other_spellings() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(hex_decode(&hex_encode(&bytes)), Some(bytes));
+        assert_eq!(hex_encode(&[0xab, 0x01]), "ab01");
+        assert_eq!(hex_decode("AB01"), None);
+        assert_eq!(hex_decode("abc"), None);
+        assert_eq!(hex_decode("zz"), None);
+    }
+
+    #[test]
+    fn the_event_columns_are_where_sealed_event_reads_them() {
+        let events = &TABLES[EVENTS];
+        for (index, name) in [
+            "position",
+            "stream_id",
+            "stream_version",
+            "event_id",
+            "event_type",
+            "schema_version",
+            "recorded_at_us",
+            "actor_user_id",
+            "actor_role",
+            "purpose_of_use",
+            "break_glass",
+            "data_key_id",
+            "signer_key_id",
+            "prev_hash",
+            "hash",
+            "signature",
+            "ciphertext",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert_eq!(events.column_index(name), index, "{name}");
+        }
+        assert_eq!(TABLES[STREAMS].name, "chartlog_streams");
+        assert_eq!(TABLES[DATA_KEYS].name, "chartlog_data_keys");
+        assert_eq!(TABLES[DATA_KEYS].column_index("wrapped_key"), 3);
+        assert_eq!(TABLES[DATA_KEYS].column_index("kek_id"), 2);
+        assert_eq!(TABLES[USERS].name, "chartlog_access_users");
+        assert_eq!(TABLES[10].name, "chartlog_audit_trail");
+    }
+
+    #[test]
+    fn values_round_trip_through_json_by_kind() {
+        let cases = [
+            (Kind::Int, Value::Int(-7)),
+            (Kind::Int4, Value::Int(3)),
+            (Kind::Bool, Value::Bool(true)),
+            (Kind::Text, Value::Text("a\"b".to_owned())),
+            (Kind::Bytes, Value::Bytes(vec![0, 255, 16])),
+            (Kind::Uuid, Value::Uuid(Uuid::from_u128(42))),
+            (Kind::Inet, Value::Text("10.0.0.1".to_owned())),
+            (Kind::Text, Value::Null),
+        ];
+        for (kind, value) in cases {
+            assert!(
+                Value::from_json(value.to_json(), kind) == Some(value),
+                "{kind:?}"
+            );
+        }
+        assert!(Value::from_json(serde_json::Value::Null, Kind::Bool).is_none());
+        assert!(Value::from_json(serde_json::json!("1"), Kind::Int).is_none());
+    }
+
+    #[test]
+    fn keyset_pages_and_inserts_are_built_from_the_table_list_only() {
+        let history = &TABLES[4];
+        assert_eq!(
+            history.page_sql(Backend::Sqlite, true),
+            "SELECT user_id, generation, password_hash, set_at_us FROM \
+             chartlog_access_password_history WHERE (user_id, generation) > ($1, $2) ORDER BY \
+             user_id, generation LIMIT 1000"
+        );
+        let audit = &TABLES[10];
+        assert!(
+            audit
+                .insert_sql(Backend::Postgres, 2)
+                .contains("$13::inet, $14), ($15")
+        );
+        assert!(
+            audit
+                .page_sql(Backend::Postgres, false)
+                .contains("abbrev(client_address)")
+        );
+    }
+}

@@ -1,0 +1,701 @@
+//! `chartlog keys`: the ids of the keys in use, KEK and signing-key rotation, and the public
+//! keys for external verifiers. Never prints, logs or exports secret key material.
+//!
+//! A running server read the key files when it started and keeps them in memory: rotate with
+//! every chartlog process of the data directory stopped, and start them again afterwards.
+//! Two rotations never run at once: each holds an exclusive lock on `<keys>/rotation.lock`.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use chartlog_crypto::{
+    DataKeys, KEK_FILE_NAME, KEKS_MAX, KekId, KeyRing, KeyStore, RETIRED_SIGNERS_MAX,
+    SIGNING_FILE_NAME, SignatureVerifier, SignerKeyId, SigningKeys,
+};
+use chartlog_projections::db::{ProjectionDb, SqlArg};
+use chartlog_store::postgres::PostgresKeyStore;
+use chartlog_store::sqlite::SqliteKeyStore;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::{Database, KEY_DIR_NAME, StorageArgs, open_database, wiring};
+
+/// The file every rotation locks, in the key directory.
+const ROTATION_LOCK_FILE_NAME: &str = "rotation.lock";
+/// The format tag of `keys export-public` output.
+pub(crate) const PUBLIC_KEYS_FORMAT: &str = "chartlog-public-keys/v1";
+/// Largest public-key file `verify --public-keys` reads (1,025 keys take about 150 KiB).
+const PUBLIC_KEYS_FILE_BYTES_MAX: u64 = 1024 * 1024;
+/// How often the KEK rotation's progress bar counts the keys left.
+const PROGRESS_REFRESH: Duration = Duration::from_secs(1);
+/// The KEK rotation's progress bar.
+const ROTATION_PROGRESS_TEMPLATE: &str =
+    "rotate-kek [{elapsed_precise}] [{wide_bar}] {pos}/{len} data keys, {per_sec}, {eta} left";
+
+#[derive(Subcommand)]
+pub(crate) enum KeysCommand {
+    /// The ids of the key-encryption keys (with how many data keys each wraps) and of the
+    /// signing keys. Never key material.
+    Show(ShowArgs),
+    /// Make a new key-encryption key active and re-wrap every data key under it; events are
+    /// not touched. An interrupted rotation is finished by running this again. Stop the server
+    /// first and start it again afterwards: it holds the old key ring in memory.
+    RotateKek(RotateKekArgs),
+    /// Make a new event-signing key active. The old key's public half stays trusted, so events
+    /// signed before still verify. Stop the server first and start it again afterwards.
+    RotateSigning(JsonArgs),
+    /// Print the public signing keys (active and retired) as JSON, for
+    /// `chartlog verify --public-keys` and other external verifiers.
+    ExportPublic(ExportPublicArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct ShowArgs {
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct RotateKekArgs {
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// Print a one-line JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// After a complete rotation, remove every older KEK from the key file. Backups taken
+    /// before the rotation hold data keys wrapped under the older KEKs: keep a copy of the old
+    /// key file with them, or they cannot be restored.
+    #[arg(long)]
+    retire_old: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct JsonArgs {
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// Print a one-line JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct ExportPublicArgs {
+    /// Directory for local state: the key files are in its `keys` folder.
+    #[arg(long, env = "CHARTLOG_DATA_DIR", default_value = "./chartlog-data")]
+    data_dir: PathBuf,
+}
+
+pub(crate) async fn run(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Show(args) => show(args).await,
+        KeysCommand::RotateKek(args) => rotate_kek(args).await,
+        KeysCommand::RotateSigning(args) => rotate_signing(&args),
+        KeysCommand::ExportPublic(args) => export_public(&args.data_dir),
+    }
+}
+
+/// `<data-dir>/keys`.
+pub(crate) fn key_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(KEY_DIR_NAME)
+}
+
+/// Fails unless the key file exists: the operator commands never create keys (that is the
+/// server's first start), since keys made here would seal nothing anyone has.
+fn require_key_file(path: &Path) -> anyhow::Result<()> {
+    ensure!(
+        path.exists(),
+        "no key file at {}: check --data-dir (the server creates the keys on first start)",
+        path.display()
+    );
+    Ok(())
+}
+
+/// The KEK ring of the data directory; never creates one.
+pub(crate) fn load_ring(data_dir: &Path) -> anyhow::Result<KeyRing> {
+    let path = key_dir(data_dir).join(KEK_FILE_NAME);
+    require_key_file(&path)?;
+    KeyRing::load(&path).with_context(|| format!("cannot load the KEK ring {}", path.display()))
+}
+
+/// The signing keys of the data directory; never creates them.
+pub(crate) fn load_signing_keys(data_dir: &Path) -> anyhow::Result<SigningKeys> {
+    let path = key_dir(data_dir).join(SIGNING_FILE_NAME);
+    require_key_file(&path)?;
+    SigningKeys::load(&path)
+        .with_context(|| format!("cannot load the signing keys {}", path.display()))
+}
+
+/// Takes the rotation lock; released when the returned file is dropped (or the process ends).
+fn lock_rotation(key_dir: &Path) -> anyhow::Result<File> {
+    let path = key_dir.join(ROTATION_LOCK_FILE_NAME);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open the rotation lock {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => bail!(
+            "another key rotation holds {}; let it finish, then run this again",
+            path.display()
+        ),
+        Err(TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")
+        .and_then(|()| stdout.flush())
+        .context("cannot write to stdout")
+}
+
+fn count(row: Option<chartlog_projections::db::DbRow>) -> anyhow::Result<u64> {
+    let value = match row {
+        Some(row) => row.i64(0).context("cannot read a count")?,
+        None => 0,
+    };
+    Ok(u64::try_from(value).unwrap_or(0))
+}
+
+/// Data keys (not destroyed) that are not wrapped under `active`: what a rotation to it has
+/// left to do.
+async fn keys_to_rewrap(db: &ProjectionDb, active: &KekId) -> anyhow::Result<u64> {
+    count(
+        db.fetch_optional(
+            "SELECT COUNT(*) FROM chartlog_data_keys \
+             WHERE wrapped_key IS NOT NULL AND kek_id <> $1",
+            vec![SqlArg::Text(active.as_str().to_owned())],
+        )
+        .await
+        .context("cannot count the data keys to re-wrap")?,
+    )
+}
+
+/// Data keys (not destroyed) wrapped under `kek`.
+async fn keys_under(db: &ProjectionDb, kek: &KekId) -> anyhow::Result<u64> {
+    count(
+        db.fetch_optional(
+            "SELECT COUNT(*) FROM chartlog_data_keys \
+             WHERE wrapped_key IS NOT NULL AND kek_id = $1",
+            vec![SqlArg::Text(kek.as_str().to_owned())],
+        )
+        .await
+        .context("cannot count the data keys under a KEK")?,
+    )
+}
+
+// ---- show ----
+
+#[derive(Serialize)]
+struct KeysReport {
+    key_encryption_keys: Vec<KekReport>,
+    /// KEK ids that wrap data keys but are missing from the key file: those keys cannot be
+    /// unwrapped with this key file.
+    unknown_key_encryption_keys: Vec<KekReport>,
+    data_keys: DataKeyCounts,
+    signing_keys: Vec<SignerReport>,
+}
+
+#[derive(Serialize)]
+struct KekReport {
+    id: String,
+    active: bool,
+    /// Data keys wrapped under it.
+    data_keys: u64,
+}
+
+#[derive(Serialize)]
+struct DataKeyCounts {
+    active: u64,
+    destroyed: u64,
+}
+
+#[derive(Serialize)]
+struct SignerReport {
+    id: String,
+    active: bool,
+}
+
+async fn show(args: ShowArgs) -> anyhow::Result<()> {
+    let ring = load_ring(&args.storage.data_dir)?;
+    let signing = load_signing_keys(&args.storage.data_dir)?;
+    let database = open_database(&args.storage.database_location()).await?;
+    let counts = data_key_counts(&wiring::read_models(&database)).await;
+    database.close().await;
+    let (mut by_kek, destroyed) = counts?;
+
+    let active_kek = ring.active_kek_id();
+    let mut key_encryption_keys: Vec<KekReport> = ring
+        .kek_ids()
+        .into_iter()
+        .map(|id| KekReport {
+            active: id == *active_kek,
+            data_keys: by_kek.remove(id.as_str()).unwrap_or(0),
+            id: id.as_str().to_owned(),
+        })
+        .collect();
+    // The active KEK first, then the others by id.
+    key_encryption_keys.sort_by_key(|kek| !kek.active);
+    let unknown_key_encryption_keys: Vec<KekReport> = by_kek
+        .into_iter()
+        .map(|(id, data_keys)| KekReport {
+            id,
+            active: false,
+            data_keys,
+        })
+        .collect();
+    let mut signing_keys = vec![SignerReport {
+        id: signing.active().key_id().as_str().to_owned(),
+        active: true,
+    }];
+    signing_keys.extend(signing.retired().map(|(id, _)| SignerReport {
+        id: id.as_str().to_owned(),
+        active: false,
+    }));
+    let active_data_keys = key_encryption_keys
+        .iter()
+        .chain(&unknown_key_encryption_keys)
+        .map(|kek| kek.data_keys)
+        .sum();
+    let report = KeysReport {
+        key_encryption_keys,
+        unknown_key_encryption_keys,
+        data_keys: DataKeyCounts {
+            active: active_data_keys,
+            destroyed,
+        },
+        signing_keys,
+    };
+
+    if args.json {
+        return write_stdout(&serde_json::to_string(&report).context("cannot encode the report")?);
+    }
+    let mut text = String::from("key-encryption keys:\n");
+    for kek in &report.key_encryption_keys {
+        let state = if kek.active { "active" } else { "older " };
+        text.push_str(&format!(
+            "  {}  {state}  wraps {} data keys\n",
+            kek.id, kek.data_keys
+        ));
+    }
+    for kek in &report.unknown_key_encryption_keys {
+        text.push_str(&format!(
+            "  {}  MISSING from the key file  wraps {} data keys (they cannot be unwrapped)\n",
+            kek.id, kek.data_keys
+        ));
+    }
+    text.push_str(&format!(
+        "data keys: {} active, {} destroyed\nsigning keys:\n",
+        report.data_keys.active, report.data_keys.destroyed
+    ));
+    for signer in &report.signing_keys {
+        let state = if signer.active {
+            "active (signs new events)"
+        } else {
+            "retired (verifies older events)"
+        };
+        text.push_str(&format!("  {}  {state}\n", signer.id));
+    }
+    write_stdout(text.trim_end())
+}
+
+/// Active data keys by KEK id, and the number destroyed.
+async fn data_key_counts(db: &ProjectionDb) -> anyhow::Result<(BTreeMap<String, u64>, u64)> {
+    let rows = db
+        .fetch_all(
+            "SELECT kek_id, COUNT(*) FROM chartlog_data_keys \
+             WHERE wrapped_key IS NOT NULL GROUP BY kek_id ORDER BY kek_id",
+            vec![],
+        )
+        .await
+        .context("cannot count the data keys")?;
+    let mut by_kek = BTreeMap::new();
+    for row in rows {
+        let kek = row.text(0).context("cannot read a KEK id")?;
+        let keys = row.i64(1).context("cannot read a count")?;
+        by_kek.insert(kek, u64::try_from(keys).unwrap_or(0));
+    }
+    let destroyed = count(
+        db.fetch_optional(
+            "SELECT COUNT(*) FROM chartlog_data_keys WHERE wrapped_key IS NULL",
+            vec![],
+        )
+        .await
+        .context("cannot count the destroyed data keys")?,
+    )?;
+    Ok((by_kek, destroyed))
+}
+
+// ---- rotate-kek ----
+
+#[derive(Serialize)]
+struct KekRotation {
+    active_kek_id: String,
+    /// The KEK that was active before, when this run started the rotation.
+    previous_kek_id: Option<String>,
+    /// Whether this run finished a rotation an earlier run began (no new KEK was made).
+    resumed: bool,
+    rewrapped_data_keys: u64,
+    retired_kek_ids: Vec<String>,
+}
+
+async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
+    let data_dir = &args.storage.data_dir;
+    let kek_path = key_dir(data_dir).join(KEK_FILE_NAME);
+    require_key_file(&kek_path)?;
+    let _lock = lock_rotation(&key_dir(data_dir))?;
+    // Loaded under the lock: a rotation that finished meanwhile is seen.
+    let ring = load_ring(data_dir)?;
+    let database = open_database(&args.storage.database_location()).await?;
+    let rotated = rotate_kek_on(&database, ring, &kek_path, args.retire_old).await;
+    database.close().await;
+    let rotation = rotated?;
+
+    if args.json {
+        return write_stdout(
+            &serde_json::to_string(&rotation).context("cannot encode the summary")?,
+        );
+    }
+    let mut text = match (&rotation.previous_kek_id, rotation.resumed) {
+        (_, true) => format!(
+            "resumed an interrupted rotation: {} data keys re-wrapped under KEK {}",
+            rotation.rewrapped_data_keys, rotation.active_kek_id
+        ),
+        (Some(previous), false) => format!(
+            "KEK rotated from {previous} to {}: {} data keys re-wrapped",
+            rotation.active_kek_id, rotation.rewrapped_data_keys
+        ),
+        (None, false) => unreachable!("a new rotation names the KEK it replaces"),
+    };
+    if !rotation.retired_kek_ids.is_empty() {
+        text.push_str(&format!(
+            "\nretired KEKs removed from the key file: {}",
+            rotation.retired_kek_ids.join(", ")
+        ));
+    }
+    text.push_str("\nrestart the server (it holds the old key ring in memory)");
+    write_stdout(&text)
+}
+
+/// The rotation protocol. A rotation is resumable because of its order:
+/// 1. if data keys are still wrapped under a KEK other than the key file's active one, an
+///    earlier run was interrupted after step 2: this run only finishes it (step 3);
+/// 2. otherwise a new KEK is added to the ring and made active, and the key file is saved
+///    (atomically, fsynced) before any data key is wrapped under it; the older KEKs stay in
+///    the ring, so every data key unwraps whichever KEK wraps it;
+/// 3. data keys are re-wrapped in batches, each by compare-and-swap (`DataKeys::rotate_kek`):
+///    an interruption leaves some keys under the old KEK and some under the new, all readable.
+async fn rotate_kek_on(
+    database: &Database,
+    mut ring: KeyRing,
+    kek_path: &Path,
+    retire_old: bool,
+) -> anyhow::Result<KekRotation> {
+    let db = wiring::read_models(database);
+    let resumed = keys_to_rewrap(&db, ring.active_kek_id()).await? > 0;
+    let previous_kek_id = if resumed {
+        None
+    } else {
+        ensure!(
+            ring.kek_ids().len() < KEKS_MAX,
+            "the key file already holds {KEKS_MAX} KEKs: rotate once with --retire-old"
+        );
+        let previous = ring.active_kek_id().clone();
+        let new = KekId::generate();
+        ring.add_generated(new.clone())
+            .context("cannot add the new KEK")?;
+        ring.set_active(&new)
+            .context("cannot make the new KEK active")?;
+        ring.save(kek_path)
+            .with_context(|| format!("cannot save the KEK ring {}", kek_path.display()))?;
+        tracing::info!(kek_id = %new, previous = %previous, "new KEK saved; re-wrapping data keys");
+        Some(previous.as_str().to_owned())
+    };
+    let ring = Arc::new(ring);
+    let active = ring.active_kek_id().clone();
+    let pending = keys_to_rewrap(&db, &active).await?;
+    let rewrapped = match database {
+        Database::Sqlite(store) => {
+            let keys = DataKeys::new(ring.clone(), SqliteKeyStore::new(store.pool().clone()));
+            rewrap_with_progress(&db, &keys, ring.clone(), pending).await?
+        }
+        Database::Postgres(store) => {
+            let keys = DataKeys::new(ring.clone(), PostgresKeyStore::new(store.pool().clone()));
+            rewrap_with_progress(&db, &keys, ring.clone(), pending).await?
+        }
+    };
+    // `rotate_kek` returns once no key is left under an older KEK; one found now was created
+    // by a process still using the old ring.
+    let left = keys_to_rewrap(&db, &active).await?;
+    ensure!(
+        left == 0,
+        "{left} data keys were wrapped under an older KEK during the rotation (is a server still \
+         running on the old key file?); stop it and run `chartlog keys rotate-kek` again"
+    );
+    let mut retired_kek_ids = Vec::new();
+    if retire_old {
+        let mut ring = KeyRing::load(kek_path)
+            .with_context(|| format!("cannot reload the KEK ring {}", kek_path.display()))?;
+        for kek in ring.kek_ids() {
+            if kek == active {
+                continue;
+            }
+            // Checked per KEK right before it goes: a KEK removed while it still wraps a key
+            // would lose that key for good.
+            let under = keys_under(&db, &kek).await?;
+            ensure!(
+                under == 0,
+                "KEK {kek} still wraps {under} data keys; it is kept (run the rotation again)"
+            );
+            ring.remove(&kek)
+                .with_context(|| format!("cannot remove KEK {kek}"))?;
+            retired_kek_ids.push(kek.as_str().to_owned());
+        }
+        ring.save(kek_path)
+            .with_context(|| format!("cannot save the KEK ring {}", kek_path.display()))?;
+    }
+    Ok(KekRotation {
+        active_kek_id: active.as_str().to_owned(),
+        previous_kek_id,
+        resumed,
+        rewrapped_data_keys: rewrapped,
+        retired_kek_ids,
+    })
+}
+
+/// Re-wraps every data key under `ring`'s active KEK with a progress bar on stderr (drawn only
+/// at a terminal), counting the keys left once a second.
+async fn rewrap_with_progress<K: KeyStore>(
+    db: &ProjectionDb,
+    keys: &DataKeys<K>,
+    ring: Arc<KeyRing>,
+    pending: u64,
+) -> anyhow::Result<u64> {
+    let bar = progress_bar(pending, ROTATION_PROGRESS_TEMPLATE);
+    let progress = tokio::spawn({
+        let bar = bar.clone();
+        let db = db.clone();
+        let active = ring.active_kek_id().clone();
+        async move {
+            let mut refresh = tokio::time::interval(PROGRESS_REFRESH);
+            loop {
+                refresh.tick().await;
+                // A failed count only leaves the bar where it was.
+                if let Ok(left) = keys_to_rewrap(&db, &active).await {
+                    bar.set_position(pending.saturating_sub(left));
+                }
+            }
+        }
+    });
+    let rewrapped = keys.rotate_kek(ring).await;
+    progress.abort();
+    bar.finish_and_clear();
+    rewrapped.context(
+        "re-wrapping the data keys failed; every key is still readable: run \
+         `chartlog keys rotate-kek` again to finish",
+    )
+}
+
+/// A progress bar on stderr with `template` (a constant, checked by a test).
+pub(crate) fn progress_bar(length: u64, template: &str) -> ProgressBar {
+    let bar = ProgressBar::new(length);
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+// ---- rotate-signing ----
+
+fn rotate_signing(args: &JsonArgs) -> anyhow::Result<()> {
+    let data_dir = &args.storage.data_dir;
+    let path = key_dir(data_dir).join(SIGNING_FILE_NAME);
+    require_key_file(&path)?;
+    let _lock = lock_rotation(&key_dir(data_dir))?;
+    let mut signing = load_signing_keys(data_dir)?;
+    ensure!(
+        signing.retired().count() < RETIRED_SIGNERS_MAX,
+        "the key file already keeps {RETIRED_SIGNERS_MAX} retired signing keys"
+    );
+    let retired = signing.active().key_id().clone();
+    signing
+        .rotate(SignerKeyId::generate())
+        .context("cannot rotate the signing key")?;
+    signing
+        .save(&path)
+        .with_context(|| format!("cannot save the signing keys {}", path.display()))?;
+    let active = signing.active().key_id().clone();
+    tracing::info!(active = %active, retired = %retired, "signing key rotated");
+    if args.json {
+        let summary = serde_json::json!({
+            "active_signer_key_id": active.as_str(),
+            "retired_signer_key_id": retired.as_str(),
+        });
+        return write_stdout(&summary.to_string());
+    }
+    write_stdout(&format!(
+        "signing key rotated: {active} signs new events; {retired} is retired and still \
+         verifies the events it signed\nrestart the server (it holds the old signing key in \
+         memory), and give verifiers the new public keys (`chartlog keys export-public`)"
+    ))
+}
+
+// ---- export-public ----
+
+/// The public signing keys, as `keys export-public` writes them and `verify --public-keys`
+/// reads them.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PublicKeys {
+    format: String,
+    algorithm: String,
+    /// The signer of new events.
+    active: String,
+    keys: Vec<PublicKey>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublicKey {
+    id: String,
+    /// `active` or `retired`.
+    status: String,
+    /// The 32-byte Ed25519 public key, lowercase hex.
+    public_key_hex: String,
+}
+
+impl PublicKeys {
+    fn of(signing: &SigningKeys) -> Self {
+        let active = signing.active();
+        let mut keys = vec![PublicKey {
+            id: active.key_id().as_str().to_owned(),
+            status: "active".to_owned(),
+            public_key_hex: hex(&active.verifying_key_bytes()),
+        }];
+        keys.extend(signing.retired().map(|(id, public_key)| PublicKey {
+            id: id.as_str().to_owned(),
+            status: "retired".to_owned(),
+            public_key_hex: hex(public_key),
+        }));
+        Self {
+            format: PUBLIC_KEYS_FORMAT.to_owned(),
+            algorithm: "ed25519".to_owned(),
+            active: active.key_id().as_str().to_owned(),
+            keys,
+        }
+    }
+
+    /// Reads a file written by `keys export-public`.
+    pub(crate) fn read(path: &Path) -> anyhow::Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, PUBLIC_KEYS_FILE_BYTES_MAX + 1),
+            &mut bytes,
+        )
+        .with_context(|| format!("cannot read {}", path.display()))?;
+        ensure!(
+            bytes.len() as u64 <= PUBLIC_KEYS_FILE_BYTES_MAX,
+            "{} is larger than {PUBLIC_KEYS_FILE_BYTES_MAX} bytes",
+            path.display()
+        );
+        let keys: PublicKeys = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is not a public-key file from `chartlog keys export-public`",
+                path.display()
+            )
+        })?;
+        ensure!(
+            keys.format == PUBLIC_KEYS_FORMAT && keys.algorithm == "ed25519",
+            "{}: expected format {PUBLIC_KEYS_FORMAT} with ed25519 keys",
+            path.display()
+        );
+        Ok(keys)
+    }
+
+    /// A verifier trusting every key of the file.
+    pub(crate) fn verifier(&self) -> anyhow::Result<SignatureVerifier> {
+        let mut verifier = SignatureVerifier::new();
+        for key in &self.keys {
+            let id = SignerKeyId::parse(&key.id)
+                .map_err(|error| anyhow::anyhow!("public key {:?}: {error}", key.id))?;
+            let bytes = unhex_32(&key.public_key_hex)
+                .with_context(|| format!("public key {id}: expected 64 hex digits"))?;
+            verifier
+                .trust(id.clone(), bytes)
+                .with_context(|| format!("public key {id} is not usable"))?;
+        }
+        Ok(verifier)
+    }
+}
+
+fn export_public(data_dir: &Path) -> anyhow::Result<()> {
+    let signing = load_signing_keys(data_dir)?;
+    let keys = PublicKeys::of(&signing);
+    write_stdout(&serde_json::to_string_pretty(&keys).context("cannot encode the public keys")?)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn unhex_32(text: &str) -> anyhow::Result<[u8; 32]> {
+    ensure!(
+        text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()),
+        "not 64 hex digits"
+    );
+    let mut bytes = [0; 32];
+    for (byte, pair) in bytes.iter_mut().zip(text.as_bytes().chunks(2)) {
+        let pair = std::str::from_utf8(pair).context("not ASCII")?;
+        *byte = u8::from_str_radix(pair, 16).context("not hex")?;
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_template_parses() {
+        assert!(ProgressStyle::with_template(ROTATION_PROGRESS_TEMPLATE).is_ok());
+    }
+
+    #[test]
+    fn public_keys_round_trip_through_hex() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| (i * 8 + 3) as u8);
+        assert_eq!(unhex_32(&hex(&bytes)).expect("hex"), bytes);
+        assert!(unhex_32("+f").is_err());
+        assert!(unhex_32(&"g".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn an_export_trusts_the_active_and_retired_signers() {
+        let mut signing = SigningKeys::generate(SignerKeyId::generate());
+        let first = signing.active().key_id().clone();
+        signing.rotate(SignerKeyId::generate()).expect("rotate");
+        let export = PublicKeys::of(&signing);
+        let json = serde_json::to_string(&export).expect("encode");
+        let parsed: PublicKeys = serde_json::from_str(&json).expect("decode");
+        let verifier = parsed.verifier().expect("verifier");
+        assert!(verifier.trusts(&first));
+        assert!(verifier.trusts(signing.active().key_id()));
+    }
+}

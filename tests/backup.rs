@@ -1,0 +1,1234 @@
+//! Backup and restore end to end, against the built binary.
+//!
+//! Each test seeds a SQLite store with real patient streams (synthetic commands decided,
+//! sealed under each patient's data key and signed with the data directory's own key files),
+//! then runs `chartlog backup`, `chartlog restore` and `chartlog rebuild` as an operator would.
+//!
+//! The round trips use 2,000 events by default (the issue's figure is 100,000); set
+//! `CHARTLOG_BACKUP_TEST_EVENTS` to run them at another size, e.g.
+//! `CHARTLOG_BACKUP_TEST_EVENTS=100000 cargo test --release --test backup`.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use chartlog_crypto::{
+    DataKey, DataKeyId, DataKeys, EventHash, EventHeader, EventSigner, INDEX_KEY_FILE_NAME,
+    KeyError, KeyRing, KeyStore, SIGNING_FILE_NAME, SealedEvent, SigningKeys,
+    load_or_create_key_files, load_or_create_mac_key, seal_event,
+};
+use chartlog_domain::patient::ErasureReason;
+use chartlog_domain::{
+    Actor, EventId, Patient, PatientCommand, PatientId, PurposeOfUse, Role, StreamId, Timestamp,
+    UserId, codec, decide, evolve, synthetic,
+};
+use chartlog_projections::chart::{ChartAnswer, read_chart};
+use chartlog_projections::db::ProjectionDb;
+use chartlog_projections::deid::DEID_KEY_FILE_NAME;
+use chartlog_projections::history::{HistoryAnswer, read_history};
+use chartlog_store::postgres::PostgresKeyStore;
+use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
+use chartlog_store::{EVENTS_PER_APPEND_MAX, EventStore, PatientLedger};
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use tempfile::TempDir;
+use uuid::Uuid;
+
+/// Events in the round trips unless `CHARTLOG_BACKUP_TEST_EVENTS` says otherwise.
+const ROUND_TRIP_EVENTS_DEFAULT: usize = 2_000;
+const EVENTS_PER_PATIENT: usize = 100;
+
+fn round_trip_events() -> usize {
+    std::env::var("CHARTLOG_BACKUP_TEST_EVENTS")
+        .ok()
+        .and_then(|raw| raw.parse().ok())
+        .unwrap_or(ROUND_TRIP_EVENTS_DEFAULT)
+}
+
+fn at() -> Timestamp {
+    Timestamp::from_unix_micros(1_763_000_000_000_000).expect("in range")
+}
+
+fn physician() -> Actor {
+    Actor {
+        user_id: UserId::from_uuid(Uuid::from_u128(7)),
+        role: Role::Physician,
+        purpose_of_use: PurposeOfUse::Treatment,
+        break_glass: false,
+    }
+}
+
+// ---- The binary ---------------------------------------------------------------------------
+
+fn chartlog(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chartlog"))
+        .args(args)
+        // The tests choose the database; never inherit the developer's.
+        .env_remove("CHARTLOG_DATABASE_URL")
+        .env_remove("CHARTLOG_DATA_DIR")
+        .env("CHARTLOG_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
+        .output()
+        .expect("run the chartlog binary")
+}
+
+/// Runs chartlog, expects success, returns stdout.
+fn succeeds(args: &[&str]) -> String {
+    let output = chartlog(args);
+    assert!(
+        output.status.success(),
+        "chartlog {args:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 stdout")
+}
+
+/// Runs chartlog, expects exit status 1, returns stderr.
+fn fails(args: &[&str]) -> String {
+    let output = chartlog(args);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "chartlog {args:?} should fail with status 1; stdout: {}; stderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stderr).expect("UTF-8 stderr")
+}
+
+fn json(stdout: &str) -> Value {
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
+}
+
+fn path(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+// ---- Data directories ---------------------------------------------------------------------
+
+struct Site {
+    data_dir: PathBuf,
+}
+
+impl Site {
+    fn new(parent: &TempDir, name: &str) -> Site {
+        let data_dir = parent.path().join(name);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&data_dir)
+            .expect("data dir");
+        Site { data_dir }
+    }
+
+    fn arg(&self) -> &str {
+        path(&self.data_dir)
+    }
+
+    fn database(&self) -> PathBuf {
+        self.data_dir.join("chartlog.db")
+    }
+
+    fn key_dir(&self) -> PathBuf {
+        self.data_dir.join("keys")
+    }
+
+    /// A new site holding a copy of this one's key files (what the key backup restores).
+    fn with_same_keys(&self, parent: &TempDir, name: &str) -> Site {
+        let site = Site::new(parent, name);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(site.key_dir())
+            .expect("key dir");
+        for entry in fs::read_dir(self.key_dir()).expect("key files") {
+            let entry = entry.expect("key file");
+            let to = site.key_dir().join(entry.file_name());
+            fs::copy(entry.path(), &to).expect("copy a key file");
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o600)).expect("0600");
+        }
+        site
+    }
+
+    /// Every key file a server and a rebuild use, made now so that copies share them.
+    fn make_keys(&self) -> (KeyRing, SigningKeys) {
+        let keys = load_or_create_key_files(&self.key_dir()).expect("key files");
+        load_or_create_mac_key(&self.key_dir(), INDEX_KEY_FILE_NAME).expect("index key");
+        load_or_create_mac_key(&self.key_dir(), DEID_KEY_FILE_NAME).expect("deid key");
+        keys
+    }
+
+    async fn pool(&self) -> SqlitePool {
+        SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(SqliteConnectOptions::new().filename(self.database()))
+            .await
+            .expect("open the SQLite database")
+    }
+
+    fn add_user(&self, username: &str, role: &str) {
+        succeeds(&[
+            "users",
+            "add",
+            "--data-dir",
+            self.arg(),
+            "--username",
+            username,
+            "--role",
+            role,
+        ]);
+    }
+
+    fn rebuild(&self, extra: &[&str]) {
+        let mut args = vec!["rebuild", "--data-dir", self.arg()];
+        args.extend_from_slice(extra);
+        succeeds(&args);
+    }
+}
+
+fn seal_patient(
+    seed: u64,
+    events: usize,
+    key_id: DataKeyId,
+    key: &DataKey,
+    signer: &EventSigner,
+) -> Vec<SealedEvent> {
+    let stream = StreamId::patient(synthetic::patient_id(seed));
+    let commands = std::iter::once(synthetic::registration(seed))
+        .chain((0..).map(|n| synthetic::clinical_command(seed, n, at())));
+    let mut state = Patient::default();
+    let mut prev_hash = EventHash::GENESIS;
+    let mut sealed = Vec::with_capacity(events);
+    for command in commands {
+        if sealed.len() >= events {
+            break;
+        }
+        for event in decide(&state, command, at()).expect("synthetic commands are accepted") {
+            state = evolve(state, &event);
+            let encoded = codec::encode(&event);
+            let header = EventHeader {
+                stream_id: stream.clone(),
+                stream_version: sealed.len() as u64 + 1,
+                event_id: EventId::from_uuid(Uuid::now_v7()),
+                event_type: encoded.event_type.to_owned(),
+                schema_version: encoded.schema_version,
+                recorded_at: at(),
+                actor: physician(),
+                key_id,
+                prev_hash,
+                signer_key_id: signer.key_id().clone(),
+            };
+            let event = seal_event(signer, key, header, &encoded.payload);
+            prev_hash = event.hash;
+            sealed.push(event);
+        }
+    }
+    sealed
+}
+
+/// Fills the site's SQLite store with `events` events of real patient streams, interleaved
+/// across patients in the global log; returns the patients.
+async fn seed(site: &Site, events: usize) -> Vec<PatientId> {
+    let (ring, signing) = site.make_keys();
+    let store = SqliteEventStore::open(&site.database())
+        .await
+        .expect("open");
+    let keys = DataKeys::new(Arc::new(ring), SqliteKeyStore::new(store.pool().clone()));
+    let patients = events.div_ceil(EVENTS_PER_PATIENT) as u64;
+    let mut streams = Vec::new();
+    for seed in 0..patients {
+        let stream = StreamId::patient(synthetic::patient_id(seed));
+        let (key_id, key) = keys.key_for_append(&stream).await.expect("data key");
+        let wanted = EVENTS_PER_PATIENT.min(events - streams.len() * EVENTS_PER_PATIENT);
+        streams.push((
+            stream,
+            seal_patient(seed, wanted, key_id, &key, signing.active()),
+        ));
+    }
+    // Round-robin batches, so streams interleave in the global log.
+    let batch = 10.min(EVENTS_PER_APPEND_MAX);
+    let mut offset = 0;
+    loop {
+        let mut appended = false;
+        for (stream, sealed) in &streams {
+            if offset < sealed.len() {
+                let end = (offset + batch).min(sealed.len());
+                store
+                    .append(stream, offset as u64, &sealed[offset..end])
+                    .await
+                    .expect("append");
+                appended = true;
+            }
+        }
+        if !appended {
+            break;
+        }
+        offset += batch;
+    }
+    store.pool().close().await;
+    (0..patients).map(synthetic::patient_id).collect()
+}
+
+/// Erases a patient through the command path: the tombstone event, then the key destroyed.
+async fn erase(site: &Site, patient: PatientId) {
+    let (ring, signing) = load_or_create_key_files(&site.key_dir()).expect("key files");
+    let store = SqliteEventStore::open(&site.database())
+        .await
+        .expect("open");
+    let keys = DataKeys::new(Arc::new(ring), SqliteKeyStore::new(store.pool().clone()));
+    let ledger = PatientLedger::new(
+        Arc::new(store.clone()),
+        Arc::new(keys),
+        Arc::clone(signing.active()),
+        Arc::new(signing.verifier()),
+    );
+    ledger
+        .execute(
+            patient,
+            PatientCommand::ErasePatient {
+                reason: ErasureReason::PatientRequest,
+            },
+            physician(),
+            at(),
+        )
+        .await
+        .expect("erase");
+    store.pool().close().await;
+}
+
+// ---- Backups ------------------------------------------------------------------------------
+
+struct BackupKey {
+    identity: PathBuf,
+    recipient: String,
+}
+
+fn backup_key(dir: &TempDir) -> BackupKey {
+    let identity = dir.path().join("backup-identity.txt");
+    let answer = json(&succeeds(&[
+        "backup",
+        "--generate-identity",
+        path(&identity),
+        "--json",
+    ]));
+    let mode = fs::metadata(&identity)
+        .expect("identity")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the identity file is private");
+    BackupKey {
+        identity,
+        recipient: answer["recipient"].as_str().expect("recipient").to_owned(),
+    }
+}
+
+fn backup(site: &Site, key: &BackupKey, file: &Path, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "backup",
+        "--data-dir",
+        site.arg(),
+        "--recipient",
+        &key.recipient,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    args.push(path(file));
+    json(&succeeds(&args))
+}
+
+fn restore_args<'a>(
+    site: &'a Site,
+    key: &'a BackupKey,
+    file: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "restore",
+        "--data-dir",
+        site.arg(),
+        "--identity",
+        path(&key.identity),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    args.push(path(file));
+    args
+}
+
+fn restore(site: &Site, key: &BackupKey, file: &Path, extra: &[&str]) -> Value {
+    json(&succeeds(&restore_args(site, key, file, extra)))
+}
+
+/// The backup's plaintext (JSON lines), decrypted as `age -d` would.
+fn decrypt(key: &BackupKey, file: &Path) -> String {
+    let identities = age::IdentityFile::from_file(path(&key.identity).to_owned())
+        .expect("identity file")
+        .into_identities()
+        .expect("identities");
+    let encrypted = fs::read(file).expect("backup");
+    let decryptor = age::Decryptor::new(&encrypted[..]).expect("an age file");
+    let mut reader = decryptor
+        .decrypt(
+            identities
+                .iter()
+                .map(|identity| identity.as_ref() as &dyn age::Identity),
+        )
+        .expect("decrypt");
+    let mut plaintext = String::new();
+    reader.read_to_string(&mut plaintext).expect("read");
+    plaintext
+}
+
+fn encrypt(key: &BackupKey, plaintext: &str, file: &Path) {
+    let recipient: age::x25519::Recipient = key.recipient.parse().expect("recipient");
+    let encryptor =
+        age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+            .expect("encryptor");
+    let mut encrypted = Vec::new();
+    let mut writer = encryptor.wrap_output(&mut encrypted).expect("wrap");
+    writer.write_all(plaintext.as_bytes()).expect("write");
+    writer.finish().expect("finish");
+    fs::write(file, encrypted).expect("write the backup");
+}
+
+/// The manifest line's record and the manifest it carries.
+fn manifest_of(plaintext: &str) -> (Value, Value) {
+    let line = plaintext.lines().last().expect("a manifest line");
+    let record = json(line);
+    assert_eq!(record["record"], "manifest");
+    let manifest = json(record["manifest"].as_str().expect("manifest text"));
+    (record, manifest)
+}
+
+fn replace_manifest(plaintext: &str, manifest: &Value, signature: &str) -> String {
+    let mut lines: Vec<String> = plaintext.lines().map(str::to_owned).collect();
+    let record = serde_json::json!({
+        "record": "manifest",
+        "manifest": manifest.to_string(),
+        "signature": signature,
+    });
+    *lines.last_mut().expect("lines") = record.to_string();
+    lines.join("\n") + "\n"
+}
+
+fn sign_manifest(site: &Site, manifest: &Value) -> String {
+    let signing = SigningKeys::load(&site.key_dir().join(SIGNING_FILE_NAME)).expect("signing keys");
+    let signature = signing
+        .active()
+        .sign_manifest(manifest.to_string().as_bytes());
+    signature
+        .as_bytes()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+// ---- Comparisons --------------------------------------------------------------------------
+
+/// Every row of a SQLite table as text (`quote()` of each column), in `order`.
+async fn dump(pool: &SqlitePool, table: &str, columns: &[&str], order: &str) -> Vec<String> {
+    let select: Vec<String> = columns.iter().map(|c| format!("quote({c})")).collect();
+    let sql = format!(
+        "SELECT {} FROM {table} ORDER BY {order}",
+        select.join(" || '|' || ")
+    );
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_all(pool)
+        .await
+        .unwrap_or_else(|error| panic!("dump {table}: {error}"))
+}
+
+const EVENT_COLUMNS: &[&str] = &[
+    "position",
+    "stream_id",
+    "stream_version",
+    "event_id",
+    "event_type",
+    "schema_version",
+    "recorded_at_us",
+    "actor_user_id",
+    "actor_role",
+    "purpose_of_use",
+    "break_glass",
+    "data_key_id",
+    "signer_key_id",
+    "prev_hash",
+    "hash",
+    "signature",
+    "ciphertext",
+];
+
+/// What a backup carries, table by table: equal rows mean an identical log, heads, keys,
+/// ledger, accounts and audit trail.
+const LOG_TABLES: &[(&str, &[&str], &str)] = &[
+    ("chartlog_events", EVENT_COLUMNS, "position"),
+    (
+        "chartlog_streams",
+        &["stream_id", "version", "head_hash"],
+        "stream_id",
+    ),
+    (
+        "chartlog_data_keys",
+        &[
+            "owner_stream_id",
+            "key_id",
+            "kek_id",
+            "wrapped_key",
+            "created_at_us",
+            "destroyed_at_us",
+        ],
+        "owner_stream_id",
+    ),
+    (
+        "chartlog_access_users",
+        &[
+            "user_id",
+            "username",
+            "role",
+            "patient_id",
+            "password_hash",
+            "must_change_password",
+            "disabled",
+            "totp_sealed",
+            "totp_pending_sealed",
+            "totp_last_step",
+            "created_at_us",
+            "password_changed_at_us",
+            "last_login_at_us",
+            "disabled_at_us",
+        ],
+        "user_id",
+    ),
+    (
+        "chartlog_access_password_history",
+        &["user_id", "generation", "password_hash", "set_at_us"],
+        "user_id, generation",
+    ),
+];
+
+/// The read models, less the sealed columns (sealing is randomized; their contents are
+/// compared opened, through `read_chart` and `read_history`).
+const READ_MODEL_TABLES: &[(&str, &[&str], &str)] = &[
+    (
+        "chartlog_projection_checkpoints",
+        &["name", "version", "position"],
+        "name",
+    ),
+    (
+        "chartlog_chart_patients",
+        &["patient_id", "stream_version", "erased_at_us"],
+        "patient_id",
+    ),
+    (
+        "chartlog_chart_entries",
+        &["patient_id", "kind", "entry_id", "stream_version"],
+        "patient_id, kind, entry_id",
+    ),
+    (
+        "chartlog_chart_lookups",
+        &["patient_id", "kind", "digest"],
+        "patient_id, kind",
+    ),
+    (
+        "chartlog_history",
+        &[
+            "patient_id",
+            "stream_version",
+            "recorded_at_us",
+            "actor_user_id",
+            "actor_role",
+            "purpose_of_use",
+            "break_glass",
+            "event_type",
+        ],
+        "patient_id, stream_version",
+    ),
+    (
+        "chartlog_history_entries",
+        &["patient_id", "kind", "entry_id"],
+        "patient_id, kind, entry_id",
+    ),
+    (
+        "deid_patients",
+        &[
+            "pseudonym",
+            "birth_year",
+            "aged_90_or_over",
+            "sex",
+            "state",
+            "zip3",
+        ],
+        "pseudonym",
+    ),
+    (
+        "deid_observations",
+        &[
+            "row_key",
+            "pseudonym",
+            "year",
+            "code_system",
+            "code",
+            "value_kind",
+            "value",
+            "unit",
+            "value_code_system",
+            "value_code",
+        ],
+        "row_key",
+    ),
+    (
+        "deid_conditions",
+        &[
+            "row_key",
+            "pseudonym",
+            "code_system",
+            "code",
+            "onset_year",
+            "resolved_year",
+        ],
+        "row_key",
+    ),
+    (
+        "deid_medication_orders",
+        &[
+            "row_key",
+            "pseudonym",
+            "year",
+            "code_system",
+            "code",
+            "dose_value",
+            "dose_unit",
+            "route",
+            "frequency",
+            "discontinued_year",
+        ],
+        "row_key",
+    ),
+    (
+        "deid_allergies",
+        &[
+            "row_key",
+            "pseudonym",
+            "substance_system",
+            "substance_code",
+            "criticality",
+            "reaction",
+        ],
+        "row_key",
+    ),
+    (
+        "chartlog_audit_trail",
+        &[
+            "audit_id",
+            "source_position",
+            "occurred_at_us",
+            "user_id",
+            "role",
+            "purpose_of_use",
+            "break_glass",
+            "patient_id",
+            "entity",
+            "record_id",
+            "action",
+            "outcome",
+            "client_address",
+            "event_type",
+        ],
+        "audit_id",
+    ),
+];
+
+async fn assert_same_tables(
+    expected: &SqlitePool,
+    actual: &SqlitePool,
+    tables: &[(&str, &[&str], &str)],
+) {
+    for (table, columns, order) in tables {
+        let want = dump(expected, table, columns, order).await;
+        let got = dump(actual, table, columns, order).await;
+        assert_eq!(want.len(), got.len(), "{table}: row counts differ");
+        assert!(want == got, "{table}: rows differ");
+    }
+}
+
+/// The global log's hashes in position order, hex.
+async fn sqlite_log_hashes(pool: &SqlitePool) -> Vec<(i64, String)> {
+    sqlx::query_as("SELECT position, lower(hex(hash)) FROM chartlog_events ORDER BY position")
+        .fetch_all(pool)
+        .await
+        .expect("hashes")
+}
+
+fn sqlite_keys(site: &Site, pool: &SqlitePool) -> DataKeys<SqliteKeyStore> {
+    let (ring, _) = load_or_create_key_files(&site.key_dir()).expect("key files");
+    DataKeys::new(Arc::new(ring), SqliteKeyStore::new(pool.clone()))
+}
+
+/// The charts and histories of `patients`, opened: what a clinician would read.
+async fn read_models<K: KeyStore>(
+    db: &ProjectionDb,
+    keys: &DataKeys<K>,
+    patients: &[PatientId],
+) -> Vec<(ChartAnswer, HistoryAnswer)> {
+    let mut answers = Vec::new();
+    for patient in patients {
+        let chart = read_chart(db, keys, *patient).await.expect("read chart");
+        let history = read_history(db, keys, *patient, None, 1_000)
+            .await
+            .expect("read history");
+        answers.push((chart, history));
+    }
+    answers
+}
+
+/// Source and restored copy hold the same log, key table, accounts, and (after a rebuild of
+/// each) the same read models.
+async fn assert_identical_sites(source: &Site, copy: &Site, patients: &[PatientId]) {
+    let expected = source.pool().await;
+    let actual = copy.pool().await;
+    assert_eq!(
+        sqlite_log_hashes(&expected).await,
+        sqlite_log_hashes(&actual).await,
+        "the global log's hashes differ"
+    );
+    assert_same_tables(&expected, &actual, LOG_TABLES).await;
+    assert_same_tables(&expected, &actual, READ_MODEL_TABLES).await;
+    let want = read_models(
+        &ProjectionDb::Sqlite(expected.clone()),
+        &sqlite_keys(source, &expected),
+        patients,
+    )
+    .await;
+    let got = read_models(
+        &ProjectionDb::Sqlite(actual.clone()),
+        &sqlite_keys(copy, &actual),
+        patients,
+    )
+    .await;
+    assert!(
+        want.iter()
+            .all(|(chart, _)| matches!(chart, ChartAnswer::Found(_))),
+        "every seeded patient has a chart"
+    );
+    assert!(want == got, "the opened charts and histories differ");
+    expected.close().await;
+    actual.close().await;
+}
+
+async fn count(pool: &SqlitePool, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+/// A database of its own on the PostgreSQL server at `DATABASE_URL`, dropped at the end.
+struct FreshPostgresDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl FreshPostgresDatabase {
+    async fn create() -> Self {
+        let admin_url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("chartlog_backup_{}", Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&admin_url)
+            .await
+            .expect("PostgreSQL at DATABASE_URL");
+        // The name is ours: a fixed prefix and a UUID's hex digits.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create the test database");
+        pool.close().await;
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url.as_str(), |(base, _)| base);
+        let url = format!("{base}/{name}");
+        Self {
+            admin_url,
+            name,
+            url,
+        }
+    }
+
+    async fn drop(self) {
+        let pool = sqlx::PgPool::connect(&self.admin_url)
+            .await
+            .expect("reconnect");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&pool)
+        .await
+        .expect("drop the test database");
+        pool.close().await;
+    }
+}
+
+// ---- Tests --------------------------------------------------------------------------------
+
+/// Seeds a source with `events` events, two accounts and rebuilt read models.
+async fn source_site(dir: &TempDir, events: usize) -> (Site, Vec<PatientId>) {
+    let source = Site::new(dir, "source");
+    let patients = seed(&source, events).await;
+    source.add_user("dr.grey", "physician");
+    source.add_user("audrey.auditor", "auditor");
+    source.rebuild(&[]);
+    (source, patients)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_round_trip_keeps_the_log_hashes_and_the_read_models() {
+    let events = round_trip_events();
+    let dir = TempDir::new().expect("temp dir");
+    let key = backup_key(&dir);
+    let (source, patients) = source_site(&dir, events).await;
+    let file = dir.path().join("source.age");
+
+    let backed_up = backup(&source, &key, &file, &[]);
+    assert_eq!(backed_up["events"], events);
+    assert_eq!(backed_up["streams"], patients.len());
+    assert_eq!(backed_up["rows"]["chartlog_access_users"], 2);
+    let mode = fs::metadata(&file).expect("backup").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the backup file is private");
+    // Encrypted: no clear JSON, no stream id.
+    let raw = fs::read(&file).expect("backup");
+    assert!(raw.starts_with(b"age-encryption.org/v1"));
+    assert!(!String::from_utf8_lossy(&raw).contains("patient-"));
+
+    // Every table is in the backup or derived from what is (read models, bookkeeping).
+    let plaintext = decrypt(&key, &file);
+    let header = json(plaintext.lines().next().expect("a header"));
+    assert_eq!(header["format"], "chartlog-backup");
+    let backed_up_tables: Vec<&str> = header["tables"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .map(|table| table["name"].as_str().expect("name"))
+        .collect();
+    let pool = source.pool().await;
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .fetch_all(&pool)
+            .await
+            .expect("tables");
+    pool.close().await;
+    for table in &tables {
+        let derived = READ_MODEL_TABLES.iter().any(|(name, _, _)| name == table)
+            || ["sqlite_sequence", "_sqlx_migrations"].contains(&table.as_str());
+        assert!(
+            derived || backed_up_tables.contains(&table.as_str()),
+            "table {table} is neither backed up nor rebuilt from the log: add it to TABLES in \
+             src/backup.rs, or to READ_MODEL_TABLES here if a rebuild derives it"
+        );
+    }
+
+    let copy = source.with_same_keys(&dir, "copy");
+    let restored = restore(&copy, &key, &file, &[]);
+    assert_eq!(restored["events"], events);
+    assert_eq!(restored["verified_events"], events);
+    assert_eq!(restored["root_hash"], backed_up["root_hash"]);
+    assert_eq!(restored["data_keys_restored"], patients.len());
+    copy.rebuild(&[]);
+
+    assert_identical_sites(&source, &copy, &patients).await;
+    eprintln!(
+        "figures: {events} events, SQLite: backup {:.2} s ({} bytes), restore with verification \
+         {:.2} s (debug build unless run with --release)",
+        backed_up["seconds"].as_f64().unwrap_or(0.0),
+        backed_up["bytes"],
+        restored["seconds"].as_f64().unwrap_or(0.0),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_backup_restores_into_postgres_and_back() {
+    let events = round_trip_events();
+    let dir = TempDir::new().expect("temp dir");
+    let key = backup_key(&dir);
+    let (source, patients) = source_site(&dir, events).await;
+    let first = dir.path().join("from-sqlite.age");
+    let backed_up = backup(&source, &key, &first, &[]);
+
+    // SQLite -> PostgreSQL.
+    let database = FreshPostgresDatabase::create().await;
+    let postgres = source.with_same_keys(&dir, "postgres");
+    let url = ["--database-url", database.url.as_str()];
+    let restored = restore(&postgres, &key, &first, &url);
+    assert_eq!(restored["verified_events"], events);
+    assert_eq!(restored["root_hash"], backed_up["root_hash"]);
+    postgres.rebuild(&url);
+
+    let pool = sqlx::PgPool::connect(&database.url).await.expect("connect");
+    let pg_hashes: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT position, encode(hash, 'hex') FROM chartlog_events ORDER BY position",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("hashes");
+    let sqlite_pool = source.pool().await;
+    assert_eq!(
+        pg_hashes,
+        sqlite_log_hashes(&sqlite_pool).await,
+        "PostgreSQL holds the same log, at the same positions"
+    );
+    let (ring, _) = load_or_create_key_files(&postgres.key_dir()).expect("key files");
+    let pg_keys = DataKeys::new(Arc::new(ring), PostgresKeyStore::new(pool.clone()));
+    let on_postgres = read_models(&ProjectionDb::Postgres(pool.clone()), &pg_keys, &patients).await;
+    let on_sqlite = read_models(
+        &ProjectionDb::Sqlite(sqlite_pool.clone()),
+        &sqlite_keys(&source, &sqlite_pool),
+        &patients,
+    )
+    .await;
+    assert!(on_postgres == on_sqlite, "PostgreSQL's read models differ");
+    pool.close().await;
+    sqlite_pool.close().await;
+
+    // PostgreSQL -> SQLite.
+    let second = dir.path().join("from-postgres.age");
+    let mut args = vec![
+        "backup",
+        "--data-dir",
+        postgres.arg(),
+        "--database-url",
+        database.url.as_str(),
+        "--recipient",
+        key.recipient.as_str(),
+        "--json",
+    ];
+    args.push(path(&second));
+    let backed_up_again = json(&succeeds(&args));
+    assert_eq!(backed_up_again["source_backend"], "postgres");
+    assert_eq!(backed_up_again["root_hash"], backed_up["root_hash"]);
+    assert_eq!(backed_up_again["rows"], backed_up["rows"]);
+
+    let back = source.with_same_keys(&dir, "back");
+    let restored = restore(&back, &key, &second, &[]);
+    assert_eq!(restored["verified_events"], events);
+    back.rebuild(&[]);
+    assert_identical_sites(&source, &back, &patients).await;
+    database.drop().await;
+}
+
+/// The patient's key row is a tombstone, and after a rebuild their chart reads as erased
+/// while another patient's reads as before.
+async fn assert_erased(site: &Site, erased: PatientId, kept: PatientId) {
+    let pool = site.pool().await;
+    let wrapped: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT wrapped_key FROM chartlog_data_keys WHERE owner_stream_id = ?1")
+            .bind(StreamId::patient(erased).as_str())
+            .fetch_one(&pool)
+            .await
+            .expect("the erased patient's key row");
+    assert!(
+        wrapped.is_none(),
+        "the key is not restored, only its tombstone"
+    );
+    site.rebuild(&[]);
+    let keys = sqlite_keys(site, &pool);
+    let db = ProjectionDb::Sqlite(pool.clone());
+    assert!(
+        matches!(
+            keys.key_for_read(&StreamId::patient(erased)).await,
+            Err(KeyError::Erased { .. })
+        ),
+        "the erased patient's key is destroyed"
+    );
+    // Without the tombstone event (an older backup) the chart has no row for the patient;
+    // with it, the chart says erased. Either way nothing of theirs can be read.
+    assert!(
+        matches!(
+            read_chart(&db, &keys, erased).await.expect("chart"),
+            ChartAnswer::Erased { .. } | ChartAnswer::NotFound
+        ),
+        "the erased patient's chart cannot be read"
+    );
+    assert!(
+        matches!(
+            read_history(&db, &keys, erased, None, 100)
+                .await
+                .expect("history"),
+            HistoryAnswer::Erased { .. }
+        ),
+        "the erased patient's history reads as erased"
+    );
+    let entries: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM chartlog_chart_entries WHERE patient_id = ?1")
+            .bind(erased.as_uuid())
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(entries, 0, "no chart entry of the erased patient");
+    assert!(matches!(
+        read_chart(&db, &keys, kept).await.expect("chart"),
+        ChartAnswer::Found(_)
+    ));
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_patient_stays_erased_when_an_older_backup_is_restored() {
+    let dir = TempDir::new().expect("temp dir");
+    let key = backup_key(&dir);
+    let (source, patients) = source_site(&dir, 200).await;
+    let (erased, kept) = (patients[0], patients[1]);
+    let older = dir.path().join("before-erasure.age");
+    backup(&source, &key, &older, &[]);
+    erase(&source, erased).await;
+    let newer = dir.path().join("after-erasure.age");
+    let after = backup(&source, &key, &newer, &[]);
+    assert_eq!(
+        after["events"], 201,
+        "the erasure's tombstone event is in the newer backup"
+    );
+
+    // The older backup with the source's ledger (the live database, after the erasure).
+    let target = source.with_same_keys(&dir, "with-source-ledger");
+    let erasures_from = format!("sqlite:{}", path(&source.database()));
+    let restored = restore(&target, &key, &older, &["--erasures-from", &erasures_from]);
+    assert_eq!(restored["keys_withheld_for_erasure"], 1);
+    assert_eq!(restored["erased_keys"], 1);
+    assert_erased(&target, erased, kept).await;
+
+    // The older backup into a target whose own ledger has the erasure.
+    let target = source.with_same_keys(&dir, "with-target-ledger");
+    {
+        let (ring, _) = load_or_create_key_files(&target.key_dir()).expect("key files");
+        let store = SqliteEventStore::open(&target.database())
+            .await
+            .expect("open");
+        let keys = DataKeys::new(Arc::new(ring), SqliteKeyStore::new(store.pool().clone()));
+        keys.key_for_append(&StreamId::patient(erased))
+            .await
+            .expect("key");
+        keys.destroy(&StreamId::patient(erased), at())
+            .await
+            .expect("destroy");
+        store.pool().close().await;
+    }
+    let restored = restore(&target, &key, &older, &[]);
+    assert_eq!(restored["keys_withheld_for_erasure"], 1);
+    assert_erased(&target, erased, kept).await;
+
+    // The newer backup carries the erasure in its own ledger.
+    let target = source.with_same_keys(&dir, "from-newer");
+    let restored = restore(&target, &key, &newer, &[]);
+    assert_eq!(restored["keys_withheld_for_erasure"], 0);
+    assert_eq!(restored["erased_keys"], 1);
+    assert_erased(&target, erased, kept).await;
+
+    // Without any ledger the older backup would bring the key back: the ledger is what
+    // keeps the patient erased.
+    let target = source.with_same_keys(&dir, "no-ledger");
+    let restored = restore(&target, &key, &older, &[]);
+    assert_eq!(restored["erased_keys"], 0);
+    assert_eq!(restored["data_keys_restored"], patients.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_backups_are_refused_and_leave_the_target_empty() {
+    let dir = TempDir::new().expect("temp dir");
+    let key = backup_key(&dir);
+    let (source, _) = source_site(&dir, 100).await;
+    let file = dir.path().join("good.age");
+    backup(&source, &key, &file, &[]);
+    let plaintext = decrypt(&key, &file);
+    let target = source.with_same_keys(&dir, "target");
+
+    let refused = |name: &str, bytes: Vec<u8>, expected: &str| {
+        let tampered = dir.path().join(name);
+        fs::write(&tampered, bytes).expect("write");
+        let stderr = fails(&restore_args(&target, &key, &tampered, &[]));
+        assert!(
+            stderr.contains(expected),
+            "{name}: expected {expected:?} in: {stderr}"
+        );
+    };
+
+    // A flipped byte in the encrypted payload.
+    let mut flipped = fs::read(&file).expect("backup");
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x01;
+    refused("flipped.age", flipped, "does not decrypt");
+
+    // Truncated: the age stream's last chunk is missing.
+    let whole = fs::read(&file).expect("backup");
+    refused(
+        "truncated.age",
+        whole[..whole.len() - 100].to_vec(),
+        "does not decrypt",
+    );
+
+    // A manifest whose count was changed, with its old signature.
+    let (record, mut manifest) = manifest_of(&plaintext);
+    let events = manifest["events"].as_u64().expect("events");
+    manifest["events"] = serde_json::json!(events - 1);
+    let old_signature = record["signature"].as_str().expect("signature");
+    let encrypted = dir.path().join("scratch.age");
+    encrypt(
+        &key,
+        &replace_manifest(&plaintext, &manifest, old_signature),
+        &encrypted,
+    );
+    refused(
+        "recounted.age",
+        fs::read(&encrypted).expect("read"),
+        "signature does not verify",
+    );
+
+    // The same manifest signed again with the server's own key: the count is still wrong.
+    let signature = sign_manifest(&source, &manifest);
+    encrypt(
+        &key,
+        &replace_manifest(&plaintext, &manifest, &signature),
+        &encrypted,
+    );
+    refused(
+        "resigned.age",
+        fs::read(&encrypted).expect("read"),
+        &format!(
+            "the manifest states {} events, the backup holds {events}",
+            events - 1
+        ),
+    );
+
+    // One changed byte of one event's ciphertext: the log itself does not verify.
+    let mut lines: Vec<String> = plaintext.lines().map(str::to_owned).collect();
+    let row = lines
+        .iter()
+        .position(|line| line.contains(r#""table":"chartlog_events""#))
+        .expect("an event row")
+        + 5;
+    let mut event = json(&lines[row]);
+    let ciphertext = event["values"][16].as_str().expect("ciphertext").to_owned();
+    let changed = if ciphertext.ends_with('0') { '1' } else { '0' };
+    event["values"][16] =
+        serde_json::json!(format!("{}{changed}", &ciphertext[..ciphertext.len() - 1]));
+    lines[row] = event.to_string();
+    encrypt(&key, &(lines.join("\n") + "\n"), &encrypted);
+    refused(
+        "changed-event.age",
+        fs::read(&encrypted).expect("read"),
+        "stored hash does not match header and ciphertext",
+    );
+
+    // A backup encrypted to someone else.
+    let stranger = TempDir::new().expect("temp dir");
+    let stranger_key = backup_key(&stranger);
+    let stderr = fails(&restore_args(&target, &stranger_key, &file, &[]));
+    assert!(stderr.contains("cannot decrypt"), "{stderr}");
+
+    // A restore onto key files that are not the backed-up server's.
+    let other_keys = Site::new(&dir, "other-keys");
+    other_keys.make_keys();
+    let stderr = fails(&restore_args(&other_keys, &key, &file, &[]));
+    assert!(stderr.contains("do not trust"), "{stderr}");
+
+    let pool = target.pool().await;
+    for table in [
+        "chartlog_events",
+        "chartlog_streams",
+        "chartlog_data_keys",
+        "chartlog_access_users",
+    ] {
+        assert_eq!(count(&pool, table).await, 0, "{table} stays empty");
+    }
+    pool.close().await;
+    // And the untouched backup still restores there.
+    restore(&target, &key, &file, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_into_a_database_that_is_not_empty_is_refused() {
+    let dir = TempDir::new().expect("temp dir");
+    let key = backup_key(&dir);
+    let (source, _) = source_site(&dir, 50).await;
+    let file = dir.path().join("backup.age");
+    backup(&source, &key, &file, &[]);
+
+    let stderr = fails(&restore_args(&source, &key, &file, &[]));
+    assert!(stderr.contains("not empty"), "{stderr}");
+
+    let target = source.with_same_keys(&dir, "target");
+    restore(&target, &key, &file, &[]);
+    let stderr = fails(&restore_args(&target, &key, &file, &[]));
+    assert!(
+        stderr.contains("not empty (chartlog_events has rows)"),
+        "{stderr}"
+    );
+
+    // A backup is never written over an existing file, and a failed one leaves nothing.
+    let stderr = fails(&[
+        "backup",
+        "--data-dir",
+        source.arg(),
+        "--recipient",
+        &key.recipient,
+        path(&file),
+    ]);
+    assert!(stderr.contains("never overwrites"), "{stderr}");
+}
+
+#[test]
+fn the_commands_explain_themselves_and_refuse_bad_input_clearly() {
+    let help = succeeds(&["backup", "--help"]);
+    for needle in [
+        "--recipient",
+        "--recipient-file",
+        "--generate-identity",
+        "age-keygen",
+        "--json",
+        "keys",
+    ] {
+        assert!(
+            help.contains(needle),
+            "backup --help mentions {needle}: {help}"
+        );
+    }
+    let help = succeeds(&["restore", "--help"]);
+    for needle in [
+        "--identity",
+        "--erasures-from",
+        "empty",
+        "chartlog rebuild",
+        "--json",
+    ] {
+        assert!(
+            help.contains(needle),
+            "restore --help mentions {needle}: {help}"
+        );
+    }
+
+    let dir = TempDir::new().expect("temp dir");
+    let data_dir = dir.path().join("data");
+    let data_dir = path(&data_dir);
+    let file = dir.path().join("backup.age");
+    let file = path(&file);
+    let stderr = fails(&["backup", "--data-dir", data_dir, file]);
+    assert!(stderr.contains("no recipient"), "{stderr}");
+    let stderr = fails(&[
+        "backup",
+        "--data-dir",
+        data_dir,
+        "--recipient",
+        "age1nope",
+        file,
+    ]);
+    assert!(stderr.contains("not an age X25519 recipient"), "{stderr}");
+    // Usage errors exit with 2.
+    let output = chartlog(&["restore", "--data-dir", data_dir, file]);
+    assert_eq!(output.status.code(), Some(2), "restore without --identity");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--identity"));
+    let output = chartlog(&["backup", "--data-dir", data_dir]);
+    assert_eq!(output.status.code(), Some(2), "backup without a file");
+    assert!(!Path::new(file).exists());
+}

@@ -1,0 +1,954 @@
+//! The operator commands end to end: keys, erase, verify, against the built binary.
+//!
+//! Patients are written in-process through `PatientLedger` over the same database file and
+//! key files the binary uses (no HTTP needed); tampering edits the database directly, as an
+//! attacker with file access would, after dropping the append-only triggers.
+
+#[allow(dead_code)]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+
+use chartlog_crypto::{
+    DataKeys, KEK_FILE_NAME, KekId, KeyRing, KeyStore, SIGNING_FILE_NAME, load_or_create_key_files,
+};
+use chartlog_domain::{
+    Actor, PatientCommand, PatientId, PurposeOfUse, Role, StreamId, Timestamp, UserId, synthetic,
+};
+use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
+use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
+use chartlog_store::{EventStore, LedgerError, PatientLedger};
+use serde_json::Value;
+use support::TestDir;
+use uuid::Uuid;
+
+/// The actor `chartlog erase` records without `--operator` (documented in `chartlog erase
+/// --help`).
+const CLI_OPERATOR_USER_ID: &str = "00000000-0000-0000-0000-000000000001";
+/// Events per test patient: the registration and four clinical commands.
+const EVENTS_PER_PATIENT: u64 = 5;
+
+fn now() -> Timestamp {
+    Timestamp::from_unix_micros(1_763_000_000_000_000).expect("in range")
+}
+
+fn physician() -> Actor {
+    Actor {
+        user_id: UserId::from_uuid(Uuid::now_v7()),
+        role: Role::Physician,
+        purpose_of_use: PurposeOfUse::Treatment,
+        break_glass: false,
+    }
+}
+
+fn key_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys")
+}
+
+fn sqlite_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("chartlog.db")
+}
+
+/// `chartlog <args> --data-dir <data_dir> <extra>`, stdin not a terminal.
+fn chartlog(args: &[&str], data_dir: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chartlog"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("CHARTLOG_DATABASE_URL")
+        .env_remove("CHARTLOG_DATA_DIR")
+        .env_remove("CHARTLOG_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chartlog")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Runs and expects success; returns stdout.
+fn succeeds(args: &[&str], data_dir: &Path, extra: &[&str]) -> String {
+    let output = chartlog(args, data_dir, extra);
+    assert!(
+        output.status.success(),
+        "chartlog {args:?} {extra:?} failed: {}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// Runs with `--json` added and expects success and one JSON object.
+fn succeeds_json(args: &[&str], data_dir: &Path, extra: &[&str]) -> Value {
+    let mut extra = extra.to_vec();
+    extra.push("--json");
+    let out = succeeds(args, data_dir, &extra);
+    serde_json::from_str(out.trim()).unwrap_or_else(|error| panic!("{error}: {out}"))
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).expect("read")).expect("JSON")
+}
+
+async fn sqlite_ledger(data_dir: &Path) -> PatientLedger<SqliteEventStore, SqliteKeyStore> {
+    let (ring, signing) = load_or_create_key_files(&key_dir(data_dir)).expect("key files");
+    let store = SqliteEventStore::open(&sqlite_path(data_dir))
+        .await
+        .expect("SQLite store");
+    let keys = DataKeys::new(Arc::new(ring), SqliteKeyStore::new(store.pool().clone()));
+    PatientLedger::new(
+        Arc::new(store),
+        Arc::new(keys),
+        Arc::clone(signing.active()),
+        Arc::new(signing.verifier()),
+    )
+}
+
+async fn postgres_ledger(
+    data_dir: &Path,
+    url: &str,
+) -> PatientLedger<PostgresEventStore, PostgresKeyStore> {
+    let (ring, signing) = load_or_create_key_files(&key_dir(data_dir)).expect("key files");
+    let store = PostgresEventStore::connect(url)
+        .await
+        .expect("PostgreSQL store");
+    let keys = DataKeys::new(Arc::new(ring), PostgresKeyStore::new(store.pool().clone()));
+    PatientLedger::new(
+        Arc::new(store),
+        Arc::new(keys),
+        Arc::clone(signing.active()),
+        Arc::new(signing.verifier()),
+    )
+}
+
+/// Registers synthetic patient `seed` with four clinical commands (versions 1 to 5).
+async fn register<S: EventStore, K: KeyStore>(
+    ledger: &PatientLedger<S, K>,
+    seed: u64,
+) -> PatientId {
+    let patient = synthetic::patient_id(seed);
+    let actor = physician();
+    ledger
+        .execute(patient, synthetic::registration(seed), actor, now())
+        .await
+        .expect("register");
+    for n in 0..EVENTS_PER_PATIENT - 1 {
+        ledger
+            .execute(
+                patient,
+                synthetic::clinical_command(seed, n, now()),
+                actor,
+                now(),
+            )
+            .await
+            .expect("clinical command");
+    }
+    patient
+}
+
+/// Patients `seeds` in a fresh SQLite data directory.
+async fn sqlite_clinic(seeds: &[u64]) -> (TestDir, Vec<PatientId>) {
+    let dir = TestDir::new();
+    let ledger = sqlite_ledger(dir.data_dir()).await;
+    let mut patients = Vec::new();
+    for &seed in seeds {
+        patients.push(register(&ledger, seed).await);
+    }
+    ledger.store().pool().close().await;
+    (dir, patients)
+}
+
+/// Loads every patient through a ledger keyed from the current key files: each must open.
+async fn assert_patients_open(data_dir: &Path, patients: &[PatientId]) {
+    let ledger = sqlite_ledger(data_dir).await;
+    for &patient in patients {
+        let loaded = ledger.load(patient).await.expect("the record opens");
+        assert_eq!(loaded.patient.version(), EVENTS_PER_PATIENT);
+    }
+    ledger.store().pool().close().await;
+}
+
+/// The PHI of synthetic patient `seed` as strings, to look for in output.
+fn phi_of(seed: u64) -> Vec<String> {
+    let PatientCommand::RegisterPatient { demographics, .. } = synthetic::registration(seed) else {
+        unreachable!("a registration")
+    };
+    let mut phi = vec![
+        demographics.mrn.expose_phi().to_owned(),
+        demographics.name.family().expose_phi().to_owned(),
+        "Synthetic Way".to_owned(),
+        "555-01".to_owned(),
+    ];
+    phi.extend(
+        demographics
+            .name
+            .given()
+            .iter()
+            .map(|given| given.expose_phi().to_owned()),
+    );
+    phi
+}
+
+/// Every secret string of the key files (KEKs and the active signing key, base64).
+fn key_secrets(data_dir: &Path) -> Vec<String> {
+    let kek = read_json(&key_dir(data_dir).join(KEK_FILE_NAME));
+    let signing = read_json(&key_dir(data_dir).join(SIGNING_FILE_NAME));
+    let mut secrets: Vec<String> = kek["keys"]
+        .as_array()
+        .expect("KEKs")
+        .iter()
+        .map(|entry| entry["key"].as_str().expect("a KEK").to_owned())
+        .collect();
+    secrets.push(
+        signing["active"]["secret_key"]
+            .as_str()
+            .expect("a signing key")
+            .to_owned(),
+    );
+    assert!(secrets.iter().all(|secret| secret.len() >= 40));
+    secrets
+}
+
+fn assert_no_secret(output: &str, secrets: &[String]) {
+    for secret in secrets {
+        // A 16-character slice is enough to recognise a printed key, whole or cut.
+        for start in (0..secret.len() - 16).step_by(8) {
+            assert!(
+                !output.contains(&secret[start..start + 16]),
+                "key material in the output:\n{output}"
+            );
+        }
+    }
+}
+
+fn kek_ids(data_dir: &Path) -> (String, Vec<String>) {
+    let kek = read_json(&key_dir(data_dir).join(KEK_FILE_NAME));
+    let ids = kek["keys"]
+        .as_array()
+        .expect("KEKs")
+        .iter()
+        .map(|entry| entry["id"].as_str().expect("an id").to_owned())
+        .collect();
+    (kek["active"].as_str().expect("active").to_owned(), ids)
+}
+
+/// The KEK ids wrapping the data keys that are not destroyed.
+async fn wrapping_keks(data_dir: &Path) -> Vec<String> {
+    let store = SqliteEventStore::open(&sqlite_path(data_dir))
+        .await
+        .expect("store");
+    let keks: Vec<String> = sqlx::query_scalar(
+        "SELECT kek_id FROM chartlog_data_keys WHERE wrapped_key IS NOT NULL ORDER BY kek_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .expect("data keys");
+    store.pool().close().await;
+    keks
+}
+
+#[tokio::test]
+async fn keys_show_and_export_public_print_ids_and_never_key_material() {
+    let (dir, _patients) = sqlite_clinic(&[1, 2]).await;
+    let data_dir = dir.data_dir();
+    let secrets = key_secrets(data_dir);
+    let (active_kek, keks) = kek_ids(data_dir);
+    let signing = read_json(&key_dir(data_dir).join(SIGNING_FILE_NAME));
+    let signer = signing["active"]["id"].as_str().expect("signer id");
+
+    let text = succeeds(&["keys", "show"], data_dir, &[]);
+    assert!(text.contains(&active_kek), "{text}");
+    assert!(text.contains(signer), "{text}");
+    assert!(text.contains("wraps 2 data keys"), "{text}");
+    assert_no_secret(&text, &secrets);
+
+    let json = succeeds_json(&["keys", "show"], data_dir, &[]);
+    assert_no_secret(&json.to_string(), &secrets);
+    assert_eq!(
+        json["key_encryption_keys"].as_array().map(Vec::len),
+        Some(keks.len())
+    );
+    assert_eq!(json["key_encryption_keys"][0]["id"], active_kek.as_str());
+    assert_eq!(json["key_encryption_keys"][0]["active"], true);
+    assert_eq!(json["key_encryption_keys"][0]["data_keys"], 2);
+    assert_eq!(json["data_keys"]["active"], 2);
+    assert_eq!(json["data_keys"]["destroyed"], 0);
+    assert_eq!(json["signing_keys"][0]["id"], signer);
+    assert_eq!(json["signing_keys"][0]["active"], true);
+
+    let export = succeeds(&["keys", "export-public"], data_dir, &[]);
+    assert_no_secret(&export, &secrets);
+    let export: Value = serde_json::from_str(&export).expect("JSON");
+    assert_eq!(export["format"], "chartlog-public-keys/v1");
+    assert_eq!(export["active"], signer);
+    assert_eq!(export["keys"][0]["status"], "active");
+    let public_key = export["keys"][0]["public_key_hex"].as_str().expect("hex");
+    assert_eq!(public_key.len(), 64);
+    assert!(public_key.bytes().all(|b| b.is_ascii_hexdigit()));
+
+    for subcommand in ["show", "rotate-kek", "rotate-signing", "export-public"] {
+        let help = succeeds(&["keys", subcommand, "--help"], data_dir, &[]);
+        assert!(help.contains("--data-dir"), "{help}");
+    }
+    for command in ["erase", "verify"] {
+        let help = succeeds(&[command, "--help"], data_dir, &[]);
+        assert!(help.contains("--json"), "{help}");
+    }
+
+    // The operator commands never create keys where there are none.
+    let empty = TestDir::new();
+    let output = chartlog(&["keys", "show"], empty.data_dir(), &[]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("no key file"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[tokio::test]
+async fn rotate_kek_rewraps_every_data_key_and_finishes_an_interrupted_rotation() {
+    let (dir, patients) = sqlite_clinic(&[11, 12, 13]).await;
+    let data_dir = dir.data_dir();
+    let (first_kek, _) = kek_ids(data_dir);
+
+    // A complete rotation.
+    let rotated = succeeds_json(&["keys", "rotate-kek"], data_dir, &[]);
+    let second_kek = rotated["active_kek_id"]
+        .as_str()
+        .expect("new KEK")
+        .to_owned();
+    assert_ne!(second_kek, first_kek);
+    assert_eq!(rotated["previous_kek_id"], first_kek.as_str());
+    assert_eq!(rotated["resumed"], false);
+    assert_eq!(rotated["rewrapped_data_keys"], 3);
+    let (active, keks) = kek_ids(data_dir);
+    assert_eq!(active, second_kek);
+    assert_eq!(keks.len(), 2, "the old KEK stays until retired");
+    assert_eq!(wrapping_keks(data_dir).await, vec![second_kek.clone(); 3]);
+    assert_patients_open(data_dir, &patients).await;
+    // The projections open every event through the rotated keys.
+    let rebuilt = succeeds_json(&["rebuild"], data_dir, &[]);
+    assert_eq!(rebuilt["events"], 3 * EVENTS_PER_PATIENT);
+
+    // An interrupted rotation: the new KEK was saved active and one data key of three was
+    // re-wrapped under it when the process died.
+    let third_kek = KekId::generate();
+    {
+        let kek_path = key_dir(data_dir).join(KEK_FILE_NAME);
+        let mut ring = KeyRing::load(&kek_path).expect("ring");
+        ring.add_generated(third_kek.clone()).expect("add");
+        ring.set_active(&third_kek).expect("activate");
+        ring.save(&kek_path).expect("save");
+        let store = SqliteEventStore::open(&sqlite_path(data_dir))
+            .await
+            .expect("store");
+        let key_store = SqliteKeyStore::new(store.pool().clone());
+        let batch = key_store
+            .list_for_rewrap(&third_kek, 1)
+            .await
+            .expect("list");
+        let (owner, wrapped) = &batch[0];
+        let key = ring.unwrap(owner, wrapped).expect("unwrap");
+        let replacement = ring.wrap(owner, wrapped.key_id, &key);
+        assert!(
+            key_store
+                .replace_wrapping(owner, wrapped, &replacement)
+                .await
+                .expect("re-wrap")
+        );
+        store.pool().close().await;
+    }
+    assert_patients_open(data_dir, &patients).await;
+
+    let resumed = succeeds_json(&["keys", "rotate-kek"], data_dir, &[]);
+    assert_eq!(resumed["resumed"], true, "{resumed}");
+    assert_eq!(resumed["active_kek_id"], third_kek.as_str());
+    assert_eq!(resumed["rewrapped_data_keys"], 2);
+    let (active, keks) = kek_ids(data_dir);
+    assert_eq!(active, third_kek.as_str());
+    assert_eq!(keks.len(), 3, "resuming makes no new KEK");
+    assert_eq!(
+        wrapping_keks(data_dir).await,
+        vec![third_kek.as_str().to_owned(); 3]
+    );
+    assert_patients_open(data_dir, &patients).await;
+
+    // A new rotation that retires the older KEKs.
+    let retired = succeeds_json(&["keys", "rotate-kek"], data_dir, &["--retire-old"]);
+    assert_eq!(retired["resumed"], false);
+    assert_eq!(retired["rewrapped_data_keys"], 3);
+    assert_eq!(retired["retired_kek_ids"].as_array().map(Vec::len), Some(3));
+    let (active, keks) = kek_ids(data_dir);
+    assert_eq!(keks, vec![active.clone()]);
+    assert_eq!(wrapping_keks(data_dir).await, vec![active; 3]);
+    assert_patients_open(data_dir, &patients).await;
+    assert!(succeeds(&["keys", "show"], data_dir, &[]).contains("wraps 3 data keys"));
+    succeeds(&["verify"], data_dir, &[]);
+}
+
+#[tokio::test]
+async fn rotate_signing_keeps_earlier_events_verifiable() {
+    let (dir, patients) = sqlite_clinic(&[21]).await;
+    let data_dir = dir.data_dir();
+    let before = read_json(&key_dir(data_dir).join(SIGNING_FILE_NAME));
+    let old_signer = before["active"]["id"].as_str().expect("id").to_owned();
+
+    let rotated = succeeds_json(&["keys", "rotate-signing"], data_dir, &[]);
+    assert_eq!(rotated["retired_signer_key_id"], old_signer.as_str());
+    let new_signer = rotated["active_signer_key_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert_ne!(new_signer, old_signer);
+    let after = read_json(&key_dir(data_dir).join(SIGNING_FILE_NAME));
+    assert_eq!(after["active"]["id"], new_signer.as_str());
+    assert_eq!(after["retired"][0]["id"], old_signer.as_str());
+    assert!(after["retired"][0].get("secret_key").is_none());
+
+    // A new event signed by the new key, after five signed by the old one.
+    let ledger = sqlite_ledger(data_dir).await;
+    ledger
+        .execute(
+            patients[0],
+            synthetic::clinical_command(21, EVENTS_PER_PATIENT - 1, now()),
+            physician(),
+            now(),
+        )
+        .await
+        .expect("a command signed by the new key");
+    ledger.store().pool().close().await;
+
+    let report = succeeds_json(&["verify"], data_dir, &[]);
+    assert_eq!(report["intact"], true, "{report}");
+    assert_eq!(report["events"], EVENTS_PER_PATIENT + 1);
+
+    // An external verifier with only the public keys.
+    let export = succeeds(&["keys", "export-public"], data_dir, &[]);
+    let export_path = dir.data_dir().join("public-keys.json");
+    std::fs::write(&export_path, &export).expect("write the export");
+    let path = export_path.to_str().expect("UTF-8 path");
+    let report = succeeds_json(&["verify"], data_dir, &["--public-keys", path]);
+    assert_eq!(report["intact"], true, "{report}");
+
+    // Without the retired key, the first five events name an unknown signer.
+    let mut partial: Value = serde_json::from_str(&export).expect("JSON");
+    partial["keys"]
+        .as_array_mut()
+        .expect("keys")
+        .retain(|key| key["status"] == "active");
+    std::fs::write(&export_path, partial.to_string()).expect("write");
+    let output = chartlog(&["verify"], data_dir, &["--public-keys", path, "--json"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let report: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(report["breaks"][0]["problem"], "unknown_signer", "{report}");
+    assert_eq!(report["breaks"][0]["version"], 1);
+}
+
+/// The data key row of `patient`: (key id, wrapped key present, destroyed).
+async fn data_key_row(data_dir: &Path, patient: PatientId) -> (Uuid, bool, bool) {
+    let store = SqliteEventStore::open(&sqlite_path(data_dir))
+        .await
+        .expect("store");
+    let row: (Uuid, Option<Vec<u8>>, Option<i64>) = sqlx::query_as(
+        "SELECT key_id, wrapped_key, destroyed_at_us FROM chartlog_data_keys \
+         WHERE owner_stream_id = ?1",
+    )
+    .bind(StreamId::patient(patient).as_str())
+    .fetch_one(store.pool())
+    .await
+    .expect("the data key row");
+    store.pool().close().await;
+    (row.0, row.1.is_some(), row.2.is_some())
+}
+
+fn user_id_of(added: &str) -> String {
+    added
+        .lines()
+        .find_map(|line| line.strip_prefix("user_id: "))
+        .expect("a user id")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn erase_confirms_destroys_the_key_and_prints_a_certificate_without_phi() {
+    let (dir, patients) = sqlite_clinic(&[31, 32, 33, 34]).await;
+    let data_dir = dir.data_dir();
+    let (erased, by_admin, kept, at_terminal) =
+        (patients[0], patients[1], patients[2], patients[3]);
+    let id = erased.to_string();
+
+    // Without --yes and without a terminal: refused, nothing erased.
+    let output = chartlog(&["erase", &id], data_dir, &["--reason", "patient_request"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("--yes"), "{}", stderr(&output));
+    assert!(stdout(&output).is_empty());
+    let (key_id, wrapped, destroyed) = data_key_row(data_dir, erased).await;
+    assert!(wrapped && !destroyed, "nothing was erased");
+    assert_patients_open(data_dir, &[erased]).await;
+
+    // Bad input is refused before anything happens.
+    for (patient, reason) in [
+        ("not-a-uuid", "patient_request"),
+        (id.as_str(), "because"),
+        ("00000000-0000-0000-0000-00000000beef", "patient_request"),
+    ] {
+        let output = chartlog(
+            &["erase", patient],
+            data_dir,
+            &["--reason", reason, "--yes"],
+        );
+        assert!(!output.status.success(), "{patient} {reason}");
+    }
+
+    let certificate = succeeds_json(
+        &["erase", &id],
+        data_dir,
+        &["--reason", "patient_request", "--yes"],
+    );
+    assert_eq!(certificate["format"], "chartlog-erasure-certificate/v1");
+    assert_eq!(certificate["patient_id"], id.as_str());
+    assert_eq!(certificate["reason"], "patient_request");
+    assert_eq!(
+        certificate["destroyed_data_key_id"],
+        key_id.to_string().as_str()
+    );
+    assert_eq!(certificate["actor"]["user_id"], CLI_OPERATOR_USER_ID);
+    assert_eq!(certificate["actor"]["role"], "system");
+    assert_eq!(
+        certificate["actor"]["purpose_of_use"],
+        "system_administration"
+    );
+    assert!(
+        certificate["erased_at"]
+            .as_str()
+            .is_some_and(|at| at.ends_with('Z'))
+    );
+    assert_eq!(
+        certificate["tombstone"]["stream_version"],
+        EVENTS_PER_PATIENT + 1
+    );
+    let text = certificate.to_string();
+    for phi in phi_of(31) {
+        assert!(!text.contains(&phi), "PHI in the certificate: {text}");
+    }
+    let (_, wrapped, destroyed) = data_key_row(data_dir, erased).await;
+    assert!(!wrapped && destroyed, "the data key is destroyed");
+
+    // The record answers "erased"; the others still open.
+    let ledger = sqlite_ledger(data_dir).await;
+    assert!(matches!(
+        ledger.load(erased).await,
+        Err(LedgerError::Erased { .. })
+    ));
+    ledger.store().pool().close().await;
+    assert_patients_open(data_dir, &[by_admin, kept]).await;
+
+    // Again: refused, the earlier erasure named.
+    let again = chartlog(
+        &["erase", &id],
+        data_dir,
+        &["--reason", "patient_request", "--yes"],
+    );
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("already erased"),
+        "{}",
+        stderr(&again)
+    );
+
+    // The chain still verifies, with no KEK file at hand: verification needs no data key.
+    let kek_path = key_dir(data_dir).join(KEK_FILE_NAME);
+    let moved = data_dir.join("kek.json.away");
+    std::fs::rename(&kek_path, &moved).expect("move the KEK file away");
+    let report = succeeds_json(&["verify"], data_dir, &[]);
+    assert_eq!(report["intact"], true, "{report}");
+    assert_eq!(report["events"], 4 * EVENTS_PER_PATIENT + 1);
+    std::fs::rename(&moved, &kek_path).expect("put the KEK file back");
+
+    // With --operator: an administrator's account, recorded as the actor in the clear header.
+    let admin = user_id_of(&succeeds(
+        &["users", "add"],
+        data_dir,
+        &["--username", "ops.admin", "--role", "administrator"],
+    ));
+    let nurse = user_id_of(&succeeds(
+        &["users", "add"],
+        data_dir,
+        &["--username", "ops.nurse", "--role", "nurse"],
+    ));
+    let by_admin_id = by_admin.to_string();
+    let refused = chartlog(
+        &["erase", &by_admin_id],
+        data_dir,
+        &["--reason", "legal_order", "--yes", "--operator", &nurse],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("administrator"),
+        "{}",
+        stderr(&refused)
+    );
+    let text = succeeds(
+        &["erase", &by_admin_id],
+        data_dir,
+        &["--reason", "legal_order", "--yes", "--operator", &admin],
+    );
+    assert!(text.contains("ERASURE CERTIFICATE"), "{text}");
+    assert!(text.contains(&admin), "{text}");
+    assert!(text.contains("role administrator"), "{text}");
+    for phi in phi_of(32) {
+        assert!(!text.contains(&phi), "PHI in the certificate: {text}");
+    }
+    let store = SqliteEventStore::open(&sqlite_path(data_dir))
+        .await
+        .expect("store");
+    let actor: Uuid = sqlx::query_scalar(
+        "SELECT actor_user_id FROM chartlog_events WHERE stream_id = ?1 AND event_type = 'patient_erased'",
+    )
+    .bind(StreamId::patient(by_admin).as_str())
+    .fetch_one(store.pool())
+    .await
+    .expect("the tombstone");
+    store.pool().close().await;
+    assert_eq!(actor.to_string(), admin);
+    assert_patients_open(data_dir, &[kept]).await;
+
+    // At a terminal, the patient id must be typed again.
+    let wrong = erase_at_a_terminal(data_dir, at_terminal, &kept.to_string());
+    assert!(!wrong.status.success(), "{}", stdout(&wrong));
+    assert!(
+        stdout(&wrong).contains("Type the patient id"),
+        "{}",
+        stdout(&wrong)
+    );
+    assert!(
+        stdout(&wrong).contains("not confirmed"),
+        "{}",
+        stdout(&wrong)
+    );
+    assert_patients_open(data_dir, &[at_terminal]).await;
+    let confirmed = erase_at_a_terminal(data_dir, at_terminal, &at_terminal.to_string());
+    assert!(confirmed.status.success(), "{}", stdout(&confirmed));
+    assert!(
+        stdout(&confirmed).contains("ERASURE CERTIFICATE"),
+        "{}",
+        stdout(&confirmed)
+    );
+    let (_, wrapped, destroyed) = data_key_row(data_dir, at_terminal).await;
+    assert!(!wrapped && destroyed, "the data key is destroyed");
+    assert_patients_open(data_dir, &[kept]).await;
+}
+
+/// `chartlog erase` on a pseudo-terminal (util-linux `script`), answering the prompt with
+/// `answer`. The terminal's output (stdout and stderr together) is in `stdout`.
+fn erase_at_a_terminal(data_dir: &Path, patient: PatientId, answer: &str) -> Output {
+    use std::io::Write as _;
+    let command = format!(
+        "{} erase {patient} --reason duplicate_registration --data-dir {}",
+        env!("CARGO_BIN_EXE_chartlog"),
+        data_dir.display()
+    );
+    let mut child = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env_remove("CHARTLOG_DATABASE_URL")
+        .env_remove("CHARTLOG_DATA_DIR")
+        .env_remove("CHARTLOG_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run script(1) from util-linux");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    writeln!(stdin, "{answer}").expect("answer the prompt");
+    drop(stdin);
+    child.wait_with_output().expect("wait for script(1)")
+}
+
+/// One way of tampering with patient A's five events, and the first version it breaks.
+#[derive(Debug, Clone, Copy)]
+enum Tampering {
+    FlipCiphertextByte,
+    DeleteEvent,
+    ReorderEvents,
+    TruncateStream,
+}
+
+impl Tampering {
+    fn first_broken_version(self) -> u64 {
+        match self {
+            Tampering::FlipCiphertextByte | Tampering::DeleteEvent => 3,
+            Tampering::ReorderEvents => 2,
+            Tampering::TruncateStream => 4,
+        }
+    }
+
+    fn problem(self) -> &'static str {
+        match self {
+            Tampering::FlipCiphertextByte => "hash_mismatch",
+            Tampering::DeleteEvent => "version_gap",
+            Tampering::ReorderEvents => "chain_broken",
+            Tampering::TruncateStream => "head_mismatch",
+        }
+    }
+
+    fn statements(self) -> &'static [&'static str] {
+        match self {
+            // The flipped byte itself is written by `tamper`.
+            Tampering::FlipCiphertextByte => &["DROP TRIGGER chartlog_events_no_update"],
+            Tampering::DeleteEvent => &[
+                "DROP TRIGGER chartlog_events_no_delete",
+                "DELETE FROM chartlog_events WHERE stream_id = ?1 AND stream_version = 3",
+            ],
+            Tampering::ReorderEvents => &[
+                "DROP TRIGGER chartlog_events_no_update",
+                "UPDATE chartlog_events SET stream_version = 1000 \
+                 WHERE stream_id = ?1 AND stream_version = 2",
+                "UPDATE chartlog_events SET stream_version = 2 \
+                 WHERE stream_id = ?1 AND stream_version = 3",
+                "UPDATE chartlog_events SET stream_version = 3 \
+                 WHERE stream_id = ?1 AND stream_version = 1000",
+            ],
+            Tampering::TruncateStream => &[
+                "DROP TRIGGER chartlog_events_no_delete",
+                "DELETE FROM chartlog_events WHERE stream_id = ?1 AND stream_version >= 4",
+            ],
+        }
+    }
+}
+
+#[tokio::test]
+async fn verify_finds_each_kind_of_tampering_and_names_the_first_broken_version() {
+    for tampering in [
+        Tampering::FlipCiphertextByte,
+        Tampering::DeleteEvent,
+        Tampering::ReorderEvents,
+        Tampering::TruncateStream,
+    ] {
+        let (dir, patients) = sqlite_clinic(&[41, 42]).await;
+        let data_dir = dir.data_dir();
+        let (tampered, intact) = (patients[0], patients[1]);
+        let stream = StreamId::patient(tampered);
+        let report = succeeds_json(&["verify"], data_dir, &[]);
+        assert_eq!(report["intact"], true, "{tampering:?} before: {report}");
+
+        let store = SqliteEventStore::open(&sqlite_path(data_dir))
+            .await
+            .expect("store");
+        for statement in tampering.statements() {
+            let changed = sqlx::query(*statement)
+                .bind(stream.as_str())
+                .execute(store.pool())
+                .await
+                .unwrap_or_else(|error| panic!("{tampering:?}: {statement}: {error}"));
+            assert!(
+                statement.starts_with("DROP") || changed.rows_affected() > 0,
+                "{tampering:?}: {statement} changed nothing"
+            );
+        }
+        if let Tampering::FlipCiphertextByte = tampering {
+            let mut ciphertext: Vec<u8> = sqlx::query_scalar(
+                "SELECT ciphertext FROM chartlog_events WHERE stream_id = ?1 AND stream_version = 3",
+            )
+            .bind(stream.as_str())
+            .fetch_one(store.pool())
+            .await
+            .expect("ciphertext");
+            ciphertext[20] ^= 0x01;
+            sqlx::query(
+                "UPDATE chartlog_events SET ciphertext = ?1 WHERE stream_id = ?2 AND stream_version = 3",
+            )
+            .bind(ciphertext)
+            .bind(stream.as_str())
+            .execute(store.pool())
+            .await
+            .expect("flip a bit");
+        }
+        store.pool().close().await;
+
+        let output = chartlog(&["verify"], data_dir, &["--json"]);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{tampering:?}: {}",
+            stderr(&output)
+        );
+        let report: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+        assert_eq!(report["intact"], false, "{tampering:?}: {report}");
+        assert_eq!(report["streams"], 2);
+        assert_eq!(report["broken_streams"], 1, "{tampering:?}: {report}");
+        let found = &report["breaks"][0];
+        assert_eq!(found["stream"], stream.as_str(), "{tampering:?}: {report}");
+        assert_eq!(
+            found["version"],
+            tampering.first_broken_version(),
+            "{tampering:?}: {report}"
+        );
+        assert_eq!(
+            found["problem"],
+            tampering.problem(),
+            "{tampering:?}: {report}"
+        );
+        assert!(
+            !report.to_string().contains(&intact.to_string()),
+            "{tampering:?}: the intact patient is not reported: {report}"
+        );
+
+        let output = chartlog(&["verify"], data_dir, &[]);
+        assert_eq!(output.status.code(), Some(2), "{tampering:?}");
+        let text = stdout(&output);
+        let expected = format!(
+            "BROKEN {} at version {}",
+            stream.as_str(),
+            tampering.first_broken_version()
+        );
+        assert!(text.contains(&expected), "{tampering:?}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn verify_finds_a_stream_whose_head_row_was_removed() {
+    let (dir, patients) = sqlite_clinic(&[51]).await;
+    let data_dir = dir.data_dir();
+    let store = SqliteEventStore::open(&sqlite_path(data_dir))
+        .await
+        .expect("store");
+    sqlx::query("DELETE FROM chartlog_streams WHERE stream_id = ?1")
+        .bind(StreamId::patient(patients[0]).as_str())
+        .execute(store.pool())
+        .await
+        .expect("remove the head row");
+    store.pool().close().await;
+    let output = chartlog(&["verify"], data_dir, &["--json"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let report: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(report["breaks"][0]["problem"], "head_mismatch", "{report}");
+}
+
+// ---- PostgreSQL ----
+
+/// A database of its own on the PostgreSQL server at `DATABASE_URL`, dropped at the end.
+struct FreshPostgresDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl FreshPostgresDatabase {
+    async fn create() -> Self {
+        let admin_url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("chartlog_ops_{}", Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&admin_url)
+            .await
+            .expect("PostgreSQL at DATABASE_URL");
+        // The name is ours: a fixed prefix and a UUID's hex digits.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create the test database");
+        pool.close().await;
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url.as_str(), |(base, _)| base);
+        let url = format!("{base}/{name}");
+        Self {
+            admin_url,
+            name,
+            url,
+        }
+    }
+
+    async fn drop(self) {
+        let pool = sqlx::PgPool::connect(&self.admin_url)
+            .await
+            .expect("reconnect");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&pool)
+        .await
+        .expect("drop the test database");
+        pool.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_erase_and_verify_on_postgres() {
+    let database = FreshPostgresDatabase::create().await;
+    let dir = TestDir::new();
+    let data_dir = dir.data_dir();
+    let url = database.url.as_str();
+    let db = ["--database-url", url];
+    let ledger = postgres_ledger(data_dir, url).await;
+    let erased = register(&ledger, 61).await;
+    let tampered = register(&ledger, 62).await;
+    ledger.store().close().await;
+
+    let rotated = succeeds_json(&["keys", "rotate-kek"], data_dir, &db);
+    assert_eq!(rotated["rewrapped_data_keys"], 2);
+    let certificate = succeeds_json(
+        &["erase", &erased.to_string()],
+        data_dir,
+        &[
+            "--database-url",
+            url,
+            "--reason",
+            "registered_in_error",
+            "--yes",
+        ],
+    );
+    assert_eq!(certificate["patient_id"], erased.to_string().as_str());
+    let shown = succeeds_json(&["keys", "show"], data_dir, &db);
+    assert_eq!(shown["data_keys"]["active"], 1, "{shown}");
+    assert_eq!(shown["data_keys"]["destroyed"], 1, "{shown}");
+    assert_eq!(
+        shown["key_encryption_keys"][0]["id"], rotated["active_kek_id"],
+        "{shown}"
+    );
+    let report = succeeds_json(&["verify"], data_dir, &db);
+    assert_eq!(report["intact"], true, "{report}");
+    assert_eq!(report["events"], 2 * EVENTS_PER_PATIENT + 1);
+
+    // The rotated key still opens the other patient.
+    let ledger = postgres_ledger(data_dir, url).await;
+    ledger.load(tampered).await.expect("opens after rotation");
+    ledger.store().close().await;
+
+    // An attacker with superuser access flips one bit.
+    let pool = sqlx::PgPool::connect(url).await.expect("connect");
+    sqlx::query("ALTER TABLE chartlog_events DISABLE TRIGGER chartlog_events_append_only")
+        .execute(&pool)
+        .await
+        .expect("disable the trigger");
+    sqlx::query(
+        "UPDATE chartlog_events SET ciphertext = set_byte(ciphertext, 20, get_byte(ciphertext, 20) # 1) \
+         WHERE stream_id = $1 AND stream_version = 2",
+    )
+    .bind(StreamId::patient(tampered).as_str())
+    .execute(&pool)
+    .await
+    .expect("tamper");
+    pool.close().await;
+    let output = chartlog(&["verify"], data_dir, &["--database-url", url, "--json"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let report: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(report["broken_streams"], 1, "{report}");
+    assert_eq!(
+        report["breaks"][0]["stream"],
+        StreamId::patient(tampered).as_str()
+    );
+    assert_eq!(report["breaks"][0]["version"], 2);
+    assert_eq!(report["breaks"][0]["problem"], "hash_mismatch");
+
+    database.drop().await;
+}
