@@ -410,3 +410,30 @@ fn users_are_added_listed_reset_and_disabled_from_the_command_line() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid user id"));
 }
+
+#[tokio::test]
+async fn migrate_refuses_a_database_whose_schema_is_newer_than_the_binary() {
+    let dir = TestDir::new();
+    assert!(run_migrate(dir.data_dir(), &[]).status.success());
+    // A newer chartlog applied a migration this binary does not know.
+    let database = dir.data_dir().join("chartlog.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", database.display()))
+        .await
+        .expect("open the database");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from a newer chartlog', 1, X'00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .expect("record a newer migration");
+    pool.close().await;
+
+    let output = run_migrate(dir.data_dir(), &[]);
+    assert!(!output.status.success(), "a newer schema must be refused");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("9999"),
+        "the error names the unknown migration: {stderr}"
+    );
+}
