@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod backup;
+mod deid;
 mod erase;
 mod keys;
 mod users;
@@ -91,6 +92,9 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Restore a backup into an empty database.
     Restore(backup::RestoreArgs),
+    /// The de-identified (Safe Harbor) tables, for operators.
+    #[command(subcommand)]
+    Deid(deid::DeidCommand),
 }
 
 #[derive(Args)]
@@ -295,6 +299,7 @@ fn main() -> anyhow::Result<()> {
         Command::Verify(args) => runtime.block_on(verify::run(args)),
         Command::Backup(args) => runtime.block_on(backup::backup(args)),
         Command::Restore(args) => runtime.block_on(backup::restore(args)),
+        Command::Deid(command) => runtime.block_on(deid::run(command)),
     }
 }
 

@@ -952,3 +952,70 @@ async fn rotate_erase_and_verify_on_postgres() {
 
     database.drop().await;
 }
+
+#[tokio::test]
+async fn deid_export_writes_the_analysts_tables_without_identifiers() {
+    let (dir, patients) = sqlite_clinic(&[31, 32]).await;
+    succeeds(&["rebuild"], dir.data_dir(), &["deidentified"]);
+
+    let csv = succeeds(
+        &["deid", "export"],
+        dir.data_dir(),
+        &["patients", "--format", "csv"],
+    );
+    let mut lines = csv.lines();
+    assert!(
+        lines
+            .next()
+            .is_some_and(|header| header.starts_with("pseudonym,")),
+        "{csv}"
+    );
+    assert_eq!(lines.count(), patients.len(), "one row per patient: {csv}");
+    let ndjson = succeeds(&["deid", "export"], dir.data_dir(), &["observations"]);
+    assert!(
+        ndjson.lines().count() > 0,
+        "the synthetic records have observations"
+    );
+    for output in [&csv, &ndjson] {
+        for secret in phi_of(31).iter().chain(phi_of(32).iter()) {
+            assert!(!output.contains(secret.as_str()), "the export holds PHI");
+        }
+        for patient in &patients {
+            assert!(
+                !output.contains(&patient.to_string()),
+                "the export holds a patient id"
+            );
+        }
+    }
+
+    // To a private file, never over an existing one.
+    let file = dir.data_dir().join("patients.ndjson");
+    let file_arg = file.to_str().expect("utf-8 path");
+    succeeds(
+        &["deid", "export"],
+        dir.data_dir(),
+        &["patients", "--output", file_arg],
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).expect("stat").permissions().mode() & 0o777,
+        0o600
+    );
+    let again = chartlog(
+        &["deid", "export"],
+        dir.data_dir(),
+        &["patients", "--output", file_arg],
+    );
+    assert!(
+        !again.status.success(),
+        "an existing file is not overwritten"
+    );
+
+    let unknown = chartlog(&["deid", "export"], dir.data_dir(), &["charts"]);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("unknown table \"charts\""),
+        "{}",
+        stderr(&unknown)
+    );
+}

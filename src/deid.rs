@@ -1,0 +1,104 @@
+//! `chartlog deid export`: the analysts' de-identified (Safe Harbor) tables for operators,
+//! streamed page by page to a file or stdout in constant memory, as `GET /deidentified/{table}`
+//! does over HTTP.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use chartlog_projections::deid::export::{DeidTable, ExportFormat};
+use chartlog_projections::deid::{EXPORT_PAGE_ROWS, export_page};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::{StorageArgs, open_database, wiring};
+
+#[derive(Subcommand)]
+pub(crate) enum DeidCommand {
+    /// Write one de-identified table as NDJSON or CSV. Run `chartlog rebuild deidentified`
+    /// first if the server has not been following the log.
+    Export(ExportArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Ndjson,
+    Csv,
+}
+
+#[derive(Args)]
+pub(crate) struct ExportArgs {
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// patients, observations, conditions, medication_orders or allergies.
+    table: String,
+    #[arg(long, value_enum, default_value = "ndjson")]
+    format: Format,
+    /// Write here (created with mode 0600, never overwritten) instead of stdout.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+pub(crate) async fn run(command: DeidCommand) -> anyhow::Result<()> {
+    let DeidCommand::Export(args) = command;
+    let Some(table) = DeidTable::ALL
+        .into_iter()
+        .find(|table| table.as_str() == args.table)
+    else {
+        bail!(
+            "unknown table {:?}: expected one of {}",
+            args.table,
+            DeidTable::ALL.map(DeidTable::as_str).join(", ")
+        );
+    };
+    let format = match args.format {
+        Format::Ndjson => ExportFormat::Ndjson,
+        Format::Csv => ExportFormat::Csv,
+    };
+    let mut sink: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("cannot create {} (it must not exist)", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let database = open_database(&args.storage.database_location()).await?;
+    let read_models = wiring::read_models(&database);
+    // Ages leave as of this year: someone who turned 90 since their last event is "90+".
+    let release_year = chartlog_api::now().to_datetime().year();
+    let mut after: Option<String> = None;
+    let mut rows = 0;
+    let exported: anyhow::Result<()> = async {
+        loop {
+            let chunk = export_page(
+                &read_models,
+                table,
+                format,
+                release_year,
+                after.as_deref(),
+                EXPORT_PAGE_ROWS,
+            )
+            .await
+            .with_context(|| format!("cannot read the de-identified {} table", table.as_str()))?;
+            sink.write_all(&chunk.bytes)
+                .context("cannot write the export")?;
+            rows += chunk.rows;
+            match chunk.next_key {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        sink.flush().context("cannot write the export")?;
+        Ok(())
+    }
+    .await;
+    database.close().await;
+    exported?;
+    tracing::info!(table = table.as_str(), rows, "de-identified export written");
+    Ok(())
+}
