@@ -454,18 +454,34 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     )
     .await
     .expect(StatusCode::UNAUTHORIZED);
-    api.post(
-        &format!("/patients/{patient}/sign-note"),
-        &physician,
-        json!({ "note_id": note_id, "password": passphrase("dr.grey") }),
-    )
-    .await
-    .expect(StatusCode::OK);
-    let chart = api
-        .get(&format!("/patients/{patient}/chart"), &physician)
+    let signed = api
+        .post(
+            &format!("/patients/{patient}/sign-note"),
+            &physician,
+            json!({ "note_id": note_id, "password": passphrase("dr.grey") }),
+        )
         .await
         .expect(StatusCode::OK)
         .json();
+    // Read-your-writes by global position: the answer waits for the read model.
+    let position = signed["position"].as_u64().expect("position");
+    let chart = api
+        .get(
+            &format!("/patients/{patient}/chart?min_position={position}"),
+            &physician,
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let unreachable = api
+        .get(
+            &format!("/patients/{patient}/chart?min_position={}", u64::MAX / 2),
+            &physician,
+        )
+        .await
+        .expect(StatusCode::SERVICE_UNAVAILABLE)
+        .json();
+    assert_eq!(unreachable["error"], "not_ready");
     assert_eq!(chart["demographics"]["mrn"], mrn_a);
     assert_eq!(
         chart["observations"]

@@ -165,10 +165,50 @@ pub(crate) async fn search(
     Ok(HttpResponse::Ok().json(serde_json::json!({ "patient_ids": found })))
 }
 
+/// `?min_position=N`: answer only once the read model has applied the log up to position N
+/// (a command's answer carries its position), waiting at most [`MIN_POSITION_WAIT_MS_MAX`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ChartQuery {
+    min_position: Option<u64>,
+}
+
+/// How long a query with `min_position` waits for the read model before answering 503.
+pub(crate) const MIN_POSITION_WAIT_MS_MAX: u64 = 5_000;
+
+/// Waits until `projection` has applied the log up to `min_position`, if one was asked for.
+async fn wait_for(
+    config: &ApiConfig,
+    projection: &str,
+    min_position: Option<u64>,
+) -> Result<(), ApiError> {
+    let Some(position) = min_position else {
+        return Ok(());
+    };
+    chartlog_projections::wait_for_position(
+        &config.read_models,
+        projection,
+        position,
+        std::time::Duration::from_millis(MIN_POSITION_WAIT_MS_MAX),
+    )
+    .await
+    .map(drop)
+    .map_err(|error| match error {
+        chartlog_projections::ProjectionError::WaitTimedOut { .. } => ApiError::NotReady {
+            reason: format!(
+                "the read model did not reach position {position} within \
+                 {MIN_POSITION_WAIT_MS_MAX} ms; retry"
+            ),
+        },
+        other => internal("read-your-writes wait")(other),
+    })
+}
+
 pub(crate) async fn chart(
     config: web::Data<ApiConfig>,
     caller: Caller,
     path: web::Path<PatientPath>,
+    query: super::Query<ChartQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let reach = reach(
         &config,
@@ -176,6 +216,12 @@ pub(crate) async fn chart(
         path.patient_id,
         Entity::Demographics,
         AuditAction::Read,
+    )
+    .await?;
+    wait_for(
+        &config,
+        chartlog_projections::chart::CHART_PROJECTION,
+        query.min_position,
     )
     .await?;
     let answer = config
@@ -384,6 +430,8 @@ const HISTORY_PAGE_LIMIT_DEFAULT: u32 = 50;
 pub(crate) struct HistoryQuery {
     before_version: Option<u64>,
     limit: Option<u32>,
+    /// As for the chart: wait until the history has applied the log up to here.
+    min_position: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -422,6 +470,12 @@ pub(crate) async fn history(
         path.patient_id,
         Entity::History,
         AuditAction::Read,
+    )
+    .await?;
+    wait_for(
+        &config,
+        chartlog_projections::history::HISTORY_PROJECTION,
+        query.min_position,
     )
     .await?;
     let answer = config
