@@ -6,6 +6,7 @@
 
 mod backup;
 mod deid;
+mod demo;
 mod erase;
 mod keys;
 mod users;
@@ -95,6 +96,8 @@ enum Command {
     /// The de-identified (Safe Harbor) tables, for operators.
     #[command(subcommand)]
     Deid(deid::DeidCommand),
+    /// Load synthetic patients and one demo account per role, to try chartlog out.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -300,6 +303,7 @@ fn main() -> anyhow::Result<()> {
         Command::Backup(args) => runtime.block_on(backup::backup(args)),
         Command::Restore(args) => runtime.block_on(backup::restore(args)),
         Command::Deid(command) => runtime.block_on(deid::run(command)),
+        Command::Demo(args) => runtime.block_on(demo::run(args)),
     }
 }
 

@@ -116,7 +116,6 @@ pub fn records_and_audit(
 
 /// Commands and reads over the backend (for operator commands; the server also needs the
 /// audit log, see [`records_and_audit`]). Must be called inside the runtime.
-#[allow(dead_code)] // The operator commands that execute through the ledger use it.
 pub fn records(database: &Database, key_dir: &Path) -> anyhow::Result<Arc<dyn Records>> {
     records_and_audit(database, key_dir).map(|(records, _audit)| records)
 }

@@ -1019,3 +1019,39 @@ async fn deid_export_writes_the_analysts_tables_without_identifiers() {
         stderr(&unknown)
     );
 }
+
+#[test]
+fn demo_loads_patients_and_an_account_per_role_and_refuses_a_database_with_patients() {
+    let dir = TestDir::new();
+    let out = succeeds(&["demo"], dir.data_dir(), &["--patients", "3"]);
+    assert!(out.contains("loaded 3 synthetic patients"), "{out}");
+    for name in [
+        "demo.physician",
+        "demo.nurse",
+        "demo.radiologist",
+        "demo.labtech",
+        "demo.auditor",
+        "demo.analyst",
+        "demo.patient",
+    ] {
+        assert!(out.contains(name), "{name} missing: {out}");
+    }
+    let listed = succeeds(&["users", "list"], dir.data_dir(), &[]);
+    assert!(listed.contains("demo.patient\tpatient\tactive"), "{listed}");
+    // The records verify, and the de-identified views fill from them.
+    succeeds(&["verify"], dir.data_dir(), &[]);
+    succeeds(&["rebuild"], dir.data_dir(), &["deidentified"]);
+    let patients = succeeds(&["deid", "export"], dir.data_dir(), &["patients"]);
+    assert_eq!(patients.lines().count(), 3, "{patients}");
+
+    let again = chartlog(&["demo"], dir.data_dir(), &[]);
+    assert!(
+        !again.status.success(),
+        "a database with patients is refused"
+    );
+    assert!(
+        stderr(&again).contains("already holds 3 patients"),
+        "{}",
+        stderr(&again)
+    );
+}
