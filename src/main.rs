@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod backup;
+mod config_file;
 mod deid;
 mod demo;
 mod erase;
@@ -66,6 +67,12 @@ struct Cli {
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. `info` or `chartlog_api=debug`.
     #[arg(long, global = true, env = "CHARTLOG_LOG", default_value = "info")]
     log: String,
+
+    /// A TOML file of settings: keys are the long flag names, at the top level or under
+    /// `[<subcommand>]`. The command line and the environment override it; secrets (a
+    /// database password, the webhook URL) are refused there.
+    #[arg(long, global = true, env = "CHARTLOG_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -283,7 +290,7 @@ impl StorageArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(config_file::layered_args(std::env::args_os().collect())?);
     init_tracing(&cli.log)?;
     // Before anything opens a TLS connection (database drivers, the server).
     tls::install_default_crypto_provider();

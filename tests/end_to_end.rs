@@ -437,3 +437,50 @@ async fn migrate_refuses_a_database_whose_schema_is_newer_than_the_binary() {
         "the error names the unknown migration: {stderr}"
     );
 }
+
+#[tokio::test]
+async fn serve_reads_settings_from_a_configuration_file() {
+    let dir = TestDir::new();
+    std::fs::create_dir_all(dir.data_dir()).expect("data dir");
+    let config = dir.data_dir().join("chartlog.toml");
+    std::fs::write(
+        &config,
+        "[serve]\ninsecure-http = true\nidle-timeout-minutes = 5\n",
+    )
+    .expect("write the configuration");
+    let config = config.to_str().expect("utf-8 path");
+    let server = Server::start(dir.data_dir(), &["--config", config]);
+    assert!(
+        server.base_url().starts_with("http://"),
+        "the file's insecure-http applies: {}",
+        server.base_url()
+    );
+    let response = http_client()
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+
+    // A secret in the file is refused before anything starts.
+    let secret = dir.data_dir().join("secret.toml");
+    std::fs::write(
+        &secret,
+        "[serve]\nbreak-glass-webhook = \"https://hooks.example/TOKEN\"\n",
+    )
+    .expect("write");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.data_dir())
+        .arg("--config")
+        .arg(&secret)
+        .output()
+        .expect("run chartlog");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("CHARTLOG_BREAK_GLASS_WEBHOOK"), "{stderr}");
+    assert!(
+        !stderr.contains("TOKEN"),
+        "the secret is not echoed: {stderr}"
+    );
+}
