@@ -28,6 +28,7 @@
 //! that of a database named with `--erasures-from`. After the commit the log is verified
 //! again from the database with `chartlog_store::verify::verify_log`.
 
+use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -740,8 +741,23 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let database = open_database(&location).await?;
     let started = Instant::now();
     let written = write_backup(&database, &signing, &recipients, &file).await;
+    // Every copy of the store leaving it is on the audit trail, failed attempts too.
+    let outcome = if written.is_ok() {
+        AuditOutcome::Success
+    } else {
+        AuditOutcome::Failure
+    };
+    let audited = crate::wiring::audit_operator_action(
+        &database,
+        &key_dir,
+        AuditEntity::Backup,
+        AuditAction::Export,
+        outcome,
+    )
+    .await;
     database.close().await;
     let written = written?;
+    audited?;
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         events = written.manifest.events,
@@ -1299,8 +1315,24 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             .map(|report| (restored, report)),
         Err(error) => Err(error),
     };
+    // A restore is on the restored store's own audit trail; a failed one left the target
+    // empty, and must leave it so (a retry needs an empty target).
+    let audited = match &checked {
+        Ok(_) => {
+            crate::wiring::audit_operator_action(
+                &database,
+                &args.storage.data_dir.join(KEY_DIR_NAME),
+                AuditEntity::Backup,
+                AuditAction::Create,
+                AuditOutcome::Success,
+            )
+            .await
+        }
+        Err(_) => Ok(()),
+    };
     database.close().await;
     let ((restored, verified), report_events) = checked?;
+    audited?;
     let seconds = started.elapsed().as_secs_f64();
     let manifest = verified.manifest;
     tracing::info!(events = manifest.events, seconds, "restored");

@@ -12,7 +12,9 @@ use chartlog_projections::deid::export::{DeidTable, ExportFormat};
 use chartlog_projections::deid::{EXPORT_PAGE_ROWS, export_page};
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::{StorageArgs, open_database, wiring};
+use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
+
+use crate::{KEY_DIR_NAME, StorageArgs, open_database, wiring};
 
 #[derive(Subcommand)]
 pub(crate) enum DeidCommand {
@@ -97,8 +99,22 @@ pub(crate) async fn run(command: DeidCommand) -> anyhow::Result<()> {
         Ok(())
     }
     .await;
+    let outcome = if exported.is_ok() {
+        AuditOutcome::Success
+    } else {
+        AuditOutcome::Failure
+    };
+    let audited = wiring::audit_operator_action(
+        &database,
+        &args.storage.data_dir.join(KEY_DIR_NAME),
+        AuditEntity::DeidentifiedData,
+        AuditAction::Export,
+        outcome,
+    )
+    .await;
     database.close().await;
     exported?;
+    audited?;
     tracing::info!(table = table.as_str(), rows, "de-identified export written");
     Ok(())
 }

@@ -16,6 +16,8 @@ use chartlog_api::records::{LedgerRecords, Records};
 use chartlog_crypto::{
     DataKeys, INDEX_KEY_FILE_NAME, load_or_create_key_files, load_or_create_mac_key,
 };
+use chartlog_domain::{Actor, PurposeOfUse, Role, UserId};
+use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome, AuditRow};
 use chartlog_projections::audit_log::{AuditLog, new_audit_stream};
 use chartlog_projections::db::ProjectionDb;
 use chartlog_store::PatientLedger;
@@ -118,6 +120,67 @@ pub fn records_and_audit(
 /// audit log, see [`records_and_audit`]). Must be called inside the runtime.
 pub fn records(database: &Database, key_dir: &Path) -> anyhow::Result<Arc<dyn Records>> {
     records_and_audit(database, key_dir).map(|(records, _audit)| records)
+}
+
+/// Records one operator action (a backup, a restore, an export) in the signed audit log, with
+/// the command-line operator as the actor, and returns once it is durable.
+pub async fn audit_operator_action(
+    database: &Database,
+    key_dir: &Path,
+    entity: AuditEntity,
+    action: AuditAction,
+    outcome: AuditOutcome,
+) -> anyhow::Result<()> {
+    let (ring, signing) = load_or_create_key_files(key_dir).with_context(|| {
+        format!(
+            "cannot load or create the key files in {}",
+            key_dir.display()
+        )
+    })?;
+    let ring = Arc::new(ring);
+    let signer = Arc::clone(signing.active());
+    let log = match database {
+        Database::Sqlite(store) => AuditLog::spawn(
+            Arc::new(store.clone()),
+            Arc::new(DataKeys::new(
+                ring,
+                SqliteKeyStore::new(store.pool().clone()),
+            )),
+            signer,
+            new_audit_stream(),
+        ),
+        Database::Postgres(store) => AuditLog::spawn(
+            Arc::new(store.clone()),
+            Arc::new(DataKeys::new(
+                ring,
+                PostgresKeyStore::new(store.pool().clone()),
+            )),
+            signer,
+            new_audit_stream(),
+        ),
+    };
+    let operator = UserId::parse(crate::erase::CLI_OPERATOR_USER_ID)
+        .map_err(|_| anyhow::anyhow!("the command-line operator id is not a UUID"))?;
+    let row = AuditRow {
+        audit_id: uuid::Uuid::now_v7(),
+        occurred_at: chartlog_api::now(),
+        actor: Some(Actor {
+            user_id: operator,
+            role: Role::System,
+            purpose_of_use: PurposeOfUse::SystemAdministration,
+            break_glass: false,
+        }),
+        patient_id: None,
+        entity: Some(entity),
+        record_id: None,
+        action,
+        outcome,
+        client_address: None,
+        event_type: None,
+    };
+    log.record(vec![row])
+        .await
+        .context("cannot record the operation in the audit log")
 }
 
 /// The log notifier always; a webhook too when configured.

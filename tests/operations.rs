@@ -1011,6 +1011,22 @@ async fn deid_export_writes_the_analysts_tables_without_identifiers() {
         "an existing file is not overwritten"
     );
 
+    // Each export is on the audit trail, the command-line operator as the actor.
+    succeeds(&["rebuild"], dir.data_dir(), &["audit_trail"]);
+    let pool =
+        sqlx::SqlitePool::connect(&format!("sqlite:{}", sqlite_path(dir.data_dir()).display()))
+            .await
+            .expect("open");
+    let exports: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM chartlog_audit_trail \
+         WHERE entity = 'deidentified_data' AND action = 'export' AND role = 'system'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    pool.close().await;
+    assert_eq!(exports, 3, "three exports, three audit rows");
+
     let unknown = chartlog(&["deid", "export"], dir.data_dir(), &["charts"]);
     assert!(!unknown.status.success());
     assert!(

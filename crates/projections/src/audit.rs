@@ -47,10 +47,12 @@ pub enum AuditEntity {
     DeidentifiedData,
     /// The queue of break-glass openings awaiting review.
     BreakGlassReview,
+    /// A backup or a restore of the whole store, by an operator.
+    Backup,
 }
 
 impl AuditEntity {
-    pub const ALL: [AuditEntity; 15] = [
+    pub const ALL: [AuditEntity; 16] = [
         AuditEntity::Patient,
         AuditEntity::Observation,
         AuditEntity::Condition,
@@ -66,6 +68,7 @@ impl AuditEntity {
         AuditEntity::Disclosures,
         AuditEntity::DeidentifiedData,
         AuditEntity::BreakGlassReview,
+        AuditEntity::Backup,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -85,6 +88,7 @@ impl AuditEntity {
             AuditEntity::Disclosures => "disclosures",
             AuditEntity::DeidentifiedData => "deidentified_data",
             AuditEntity::BreakGlassReview => "break_glass_review",
+            AuditEntity::Backup => "backup",
         }
     }
 
