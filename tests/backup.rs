@@ -8,6 +8,10 @@
 //! `CHARTLOG_BACKUP_TEST_EVENTS` to run them at another size, e.g.
 //! `CHARTLOG_BACKUP_TEST_EVENTS=100000 cargo test --release --test backup`.
 
+#[path = "support/fresh_postgres.rs"]
+mod fresh_postgres;
+
+use fresh_postgres::FreshPostgresDatabase;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -741,53 +745,6 @@ async fn count(pool: &SqlitePool, table: &str) -> i64 {
         .fetch_one(pool)
         .await
         .expect("count")
-}
-
-/// A database of its own on the PostgreSQL server at `DATABASE_URL`, dropped at the end.
-struct FreshPostgresDatabase {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl FreshPostgresDatabase {
-    async fn create() -> Self {
-        let admin_url = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let name = format!("chartlog_backup_{}", Uuid::new_v4().simple());
-        let pool = sqlx::PgPool::connect(&admin_url)
-            .await
-            .expect("PostgreSQL at DATABASE_URL");
-        // The name is ours: a fixed prefix and a UUID's hex digits.
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&pool)
-            .await
-            .expect("create the test database");
-        pool.close().await;
-        let base = admin_url
-            .rsplit_once('/')
-            .map_or(admin_url.as_str(), |(base, _)| base);
-        let url = format!("{base}/{name}");
-        Self {
-            admin_url,
-            name,
-            url,
-        }
-    }
-
-    async fn drop(self) {
-        let pool = sqlx::PgPool::connect(&self.admin_url)
-            .await
-            .expect("reconnect");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&pool)
-        .await
-        .expect("drop the test database");
-        pool.close().await;
-    }
 }
 
 // ---- Tests --------------------------------------------------------------------------------

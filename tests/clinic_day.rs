@@ -1,8 +1,12 @@
 //! A day at a clinic, end to end: the real binary on a random port, over HTTPS trusting its
 //! development certificate, on the embedded SQLite default.
 
+#[path = "support/fresh_postgres.rs"]
+mod fresh_postgres;
 #[allow(dead_code)]
 mod support;
+
+use fresh_postgres::FreshPostgresDatabase;
 
 use std::fs;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -259,54 +263,6 @@ async fn a_day_at_the_clinic_on_postgres() {
     let database = FreshPostgresDatabase::create().await;
     a_day_at_the_clinic(&["--database-url", &database.url]).await;
     database.drop().await;
-}
-
-/// A database of its own on the PostgreSQL server at `DATABASE_URL` (the one the store tests
-/// use), dropped at the end.
-struct FreshPostgresDatabase {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl FreshPostgresDatabase {
-    async fn create() -> Self {
-        let admin_url = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let name = format!("chartlog_e2e_{}", uuid::Uuid::new_v4().simple());
-        let pool = sqlx::PgPool::connect(&admin_url)
-            .await
-            .expect("PostgreSQL at DATABASE_URL");
-        // The name is ours: a fixed prefix and a UUID's hex digits.
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&pool)
-            .await
-            .expect("create the test database");
-        pool.close().await;
-        let base = admin_url
-            .rsplit_once('/')
-            .map_or(admin_url.as_str(), |(base, _)| base);
-        let url = format!("{base}/{name}");
-        Self {
-            admin_url,
-            name,
-            url,
-        }
-    }
-
-    async fn drop(self) {
-        let pool = sqlx::PgPool::connect(&self.admin_url)
-            .await
-            .expect("reconnect");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&pool)
-        .await
-        .expect("drop the test database");
-        pool.close().await;
-    }
 }
 
 async fn a_day_at_the_clinic(extra_args: &[&str]) {

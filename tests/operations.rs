@@ -4,8 +4,12 @@
 //! key files the binary uses (no HTTP needed); tampering edits the database directly, as an
 //! attacker with file access would, after dropping the append-only triggers.
 
+#[path = "support/fresh_postgres.rs"]
+mod fresh_postgres;
 #[allow(dead_code)]
 mod support;
+
+use fresh_postgres::FreshPostgresDatabase;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -834,53 +838,6 @@ async fn verify_finds_a_stream_whose_head_row_was_removed() {
 }
 
 // ---- PostgreSQL ----
-
-/// A database of its own on the PostgreSQL server at `DATABASE_URL`, dropped at the end.
-struct FreshPostgresDatabase {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl FreshPostgresDatabase {
-    async fn create() -> Self {
-        let admin_url = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let name = format!("chartlog_ops_{}", Uuid::new_v4().simple());
-        let pool = sqlx::PgPool::connect(&admin_url)
-            .await
-            .expect("PostgreSQL at DATABASE_URL");
-        // The name is ours: a fixed prefix and a UUID's hex digits.
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&pool)
-            .await
-            .expect("create the test database");
-        pool.close().await;
-        let base = admin_url
-            .rsplit_once('/')
-            .map_or(admin_url.as_str(), |(base, _)| base);
-        let url = format!("{base}/{name}");
-        Self {
-            admin_url,
-            name,
-            url,
-        }
-    }
-
-    async fn drop(self) {
-        let pool = sqlx::PgPool::connect(&self.admin_url)
-            .await
-            .expect("reconnect");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&pool)
-        .await
-        .expect("drop the test database");
-        pool.close().await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotate_erase_and_verify_on_postgres() {
