@@ -75,6 +75,13 @@ pub(crate) async fn run(command: DeidCommand) -> anyhow::Result<()> {
     let release_year = chartlog_api::now().to_datetime().year();
     let mut after: Option<String> = None;
     let mut rows = 0;
+    // On stderr, and only at a terminal: stdout may be the export itself.
+    let progress = indicatif::ProgressBar::new_spinner()
+        .with_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg}: {pos} rows, {per_sec}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        )
+        .with_message(format!("exporting {}", table.as_str()));
     let exported: anyhow::Result<()> = async {
         loop {
             let chunk = export_page(
@@ -90,12 +97,14 @@ pub(crate) async fn run(command: DeidCommand) -> anyhow::Result<()> {
             sink.write_all(&chunk.bytes)
                 .context("cannot write the export")?;
             rows += chunk.rows;
+            progress.set_position(rows);
             match chunk.next_key {
                 Some(next) => after = Some(next),
                 None => break,
             }
         }
         sink.flush().context("cannot write the export")?;
+        progress.finish_and_clear();
         Ok(())
     }
     .await;
