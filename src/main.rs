@@ -382,6 +382,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let inactivity_sweep = wiring::spawn_inactivity_sweep(accounts.clone());
+    let log_checkpoints = wiring::spawn_log_checkpoints(backend.database.clone(), key_dir.clone());
     let scheme = if tls_config.is_some() {
         "https"
     } else {
@@ -448,6 +449,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let served = server.await;
     inactivity_sweep.abort();
+    log_checkpoints.abort();
+    // The last events are vouched for before the process ends.
+    if let Err(error) = wiring::checkpoint_log(&backend.database, &key_dir).await {
+        tracing::warn!(%error, "final log checkpoint not written");
+    }
     let _ = stop_projections.send(());
     // The runner commits batch by batch; waiting lets the one in flight finish cleanly.
     match tokio::time::timeout(Duration::from_secs(SHUTDOWN_TIMEOUT_SECONDS), projections).await {

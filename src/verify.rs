@@ -57,6 +57,8 @@ struct Report {
     events: u64,
     /// Streams with a break (one break per stream: its first).
     broken_streams: u64,
+    /// Signed checkpoints over the global log that were checked.
+    checkpoints: u64,
     /// The first [`BREAKS_LISTED_MAX`] breaks found.
     breaks: Vec<BreakReport>,
 }
@@ -69,7 +71,9 @@ struct BreakReport {
     /// The global position of the event found there (0 when the event is missing).
     position: u64,
     /// A stable code: hash_mismatch, bad_signature, unknown_signer, chain_broken,
-    /// version_gap, stream_mismatch, batch_rejected, head_mismatch or malformed_stream_id.
+    /// version_gap, stream_mismatch, batch_rejected, head_mismatch or malformed_stream_id;
+    /// for the global order (stream `log-checkpoints`): checkpoint_mismatch,
+    /// checkpoint_position_missing, checkpoint_signature or checkpoint_malformed.
     problem: &'static str,
     detail: String,
 }
@@ -92,9 +96,13 @@ pub(crate) async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let db = wiring::read_models(&database);
     let mut report = Report::default();
     let verified = match &database {
-        Database::Sqlite(store) => verify_all(store, &db, &verifier, args.json, &mut report).await,
+        Database::Sqlite(store) => {
+            verify_all(store, &db, &verifier, args.json, &mut report).await?;
+            verify_global_order(store, &verifier, args.json, &mut report).await
+        }
         Database::Postgres(store) => {
-            verify_all(store, &db, &verifier, args.json, &mut report).await
+            verify_all(store, &db, &verifier, args.json, &mut report).await?;
+            verify_global_order(store, &verifier, args.json, &mut report).await
         }
     };
     database.close().await;
@@ -108,8 +116,8 @@ pub(crate) async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     } else if report.intact {
         writeln!(
             stdout,
-            "intact: {} streams, {} events verified",
-            report.streams, report.events
+            "intact: {} streams, {} events verified, {} signed checkpoints agree",
+            report.streams, report.events, report.checkpoints
         )
     } else {
         writeln!(
@@ -223,6 +231,40 @@ async fn verify_one<S: EventStore>(
         return verify_stream(store, verifier, stream).await;
     }
     Ok(report)
+}
+
+/// Checks the global order against the signed checkpoints: what no single stream's chain can
+/// see (events of different streams swapped, a stream cut back with its head row).
+async fn verify_global_order<S: EventStore>(
+    store: &S,
+    verifier: &SignatureVerifier,
+    json: bool,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let found = chartlog_store::checkpoints::verify_checkpoints(store, verifier)
+        .await
+        .context("cannot read the global log")?;
+    report.checkpoints = found.checkpoints;
+    if let Some(mismatch) = found.first_mismatch {
+        let bar = ProgressBar::hidden();
+        record(
+            report,
+            &bar,
+            json,
+            BreakReport {
+                stream: chartlog_store::checkpoints::LOG_CHECKPOINT_STREAM.to_owned(),
+                version: 0,
+                position: mismatch.checkpoint_position,
+                problem: mismatch.problem,
+                detail: format!(
+                    "the global log up to position {} does not match the signed checkpoint: \
+                     events were removed, inserted or moved across streams",
+                    mismatch.covered_position
+                ),
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Counts a break, lists it if there is room, and prints it at once unless the report is JSON.

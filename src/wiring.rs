@@ -21,6 +21,7 @@ use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome, AuditR
 use chartlog_projections::audit_log::{AuditLog, new_audit_stream};
 use chartlog_projections::db::ProjectionDb;
 use chartlog_store::PatientLedger;
+use chartlog_store::checkpoints::LogCheckpointer;
 use chartlog_store::postgres::PostgresKeyStore;
 use chartlog_store::sqlite::SqliteKeyStore;
 
@@ -181,6 +182,50 @@ pub async fn audit_operator_action(
     log.record(vec![row])
         .await
         .context("cannot record the operation in the audit log")
+}
+
+/// How often the server signs a checkpoint over the global log.
+const LOG_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Signs a checkpoint over the global log if anything was appended since the last one.
+pub async fn checkpoint_log(database: &Database, key_dir: &Path) -> anyhow::Result<Option<u64>> {
+    let (_, signing) = load_or_create_key_files(key_dir).with_context(|| {
+        format!(
+            "cannot load or create the key files in {}",
+            key_dir.display()
+        )
+    })?;
+    let signer = Arc::clone(signing.active());
+    let now = chartlog_api::now();
+    let written = match database {
+        Database::Sqlite(store) => {
+            LogCheckpointer::resume(Arc::new(store.clone()), signer)
+                .await?
+                .checkpoint(now)
+                .await?
+        }
+        Database::Postgres(store) => {
+            LogCheckpointer::resume(Arc::new(store.clone()), signer)
+                .await?
+                .checkpoint(now)
+                .await?
+        }
+    };
+    Ok(written)
+}
+
+/// Signs checkpoints over the global log every minute for as long as the server runs.
+pub fn spawn_log_checkpoints(database: Database, key_dir: PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(LOG_CHECKPOINT_INTERVAL);
+        loop {
+            ticks.tick().await;
+            if let Err(error) = checkpoint_log(&database, &key_dir).await {
+                // Another server may have checkpointed first; the next tick tries again.
+                tracing::warn!(error = %error, "log checkpoint not written");
+            }
+        }
+    })
 }
 
 /// The log notifier always; a webhook too when configured.

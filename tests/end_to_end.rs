@@ -484,3 +484,32 @@ async fn serve_reads_settings_from_a_configuration_file() {
         "the secret is not echoed: {stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_stopping_server_signs_a_checkpoint_that_verify_agrees_with() {
+    let dir = TestDir::new();
+    let mut server = Server::start(dir.data_dir(), &["--insecure-http"]);
+    // A failed login is an audit event: the log is no longer empty.
+    let response = http_client()
+        .post(server.url("/auth/login"))
+        .json(&serde_json::json!({ "username": "nobody", "password": "not a password at all" }))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(response.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert!(server.signal_and_wait("TERM").success());
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"))
+        .args(["verify", "--json", "--data-dir"])
+        .arg(dir.data_dir())
+        .output()
+        .expect("run verify");
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON report");
+    assert_eq!(report["intact"], true, "{report}");
+    assert!(
+        report["checkpoints"].as_u64().is_some_and(|n| n >= 1),
+        "the shutdown signed a checkpoint: {report}"
+    );
+}

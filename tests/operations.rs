@@ -1028,3 +1028,62 @@ fn demo_loads_patients_and_an_account_per_role_and_refuses_a_database_with_patie
         stderr(&again)
     );
 }
+
+#[tokio::test]
+async fn verify_finds_events_moved_across_streams_by_the_signed_checkpoints() {
+    let (dir, patients) = sqlite_clinic(&[41, 42]).await;
+    // What the server does every minute and at shutdown.
+    let ledger = sqlite_ledger(dir.data_dir()).await;
+    let (_, signing) = load_or_create_key_files(&key_dir(dir.data_dir())).expect("key files");
+    let mut checkpointer = chartlog_store::checkpoints::LogCheckpointer::resume(
+        ledger.store().clone(),
+        Arc::clone(signing.active()),
+    )
+    .await
+    .expect("resume");
+    checkpointer.checkpoint(now()).await.expect("checkpoint");
+    let pool = ledger.store().pool().clone();
+    let intact = succeeds_json(&["verify"], dir.data_dir(), &[]);
+    assert_eq!(intact["checkpoints"], 1, "{intact}");
+
+    // The first patient's last event and the second patient's first trade places in the
+    // global order; each stream keeps its own order, so only the checkpoint can tell.
+    let position = |patient: PatientId, version: u64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT position FROM chartlog_events WHERE stream_id = ?1 AND stream_version = ?2",
+            )
+            .bind(format!("patient-{patient}"))
+            .bind(version as i64)
+            .fetch_one(&pool)
+            .await
+            .expect("position")
+        }
+    };
+    let a = position(patients[0], EVENTS_PER_PATIENT).await;
+    let b = position(patients[1], 1).await;
+    assert_eq!(b, a + 1);
+    sqlx::query("DROP TRIGGER chartlog_events_no_update")
+        .execute(&pool)
+        .await
+        .expect("drop trigger");
+    for (from, to) in [(a, -1), (b, a), (-1, b)] {
+        sqlx::query("UPDATE chartlog_events SET position = ?1 WHERE position = ?2")
+            .bind(to)
+            .bind(from)
+            .execute(&pool)
+            .await
+            .expect("swap");
+    }
+    pool.close().await;
+
+    let output = chartlog(&["verify"], dir.data_dir(), &["--json"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let report: Value = serde_json::from_str(stdout(&output).trim()).expect("JSON");
+    assert_eq!(report["breaks"][0]["stream"], "log-checkpoints", "{report}");
+    assert_eq!(
+        report["breaks"][0]["problem"], "checkpoint_mismatch",
+        "{report}"
+    );
+}

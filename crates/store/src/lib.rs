@@ -16,6 +16,7 @@
 //! Deliberately absent: HTTP, domain decisions, anything that decrypts.
 #![forbid(unsafe_code)]
 
+pub mod checkpoints;
 pub mod conformance;
 mod error;
 mod event_store;

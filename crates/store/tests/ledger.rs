@@ -525,3 +525,106 @@ async fn postgres_tampering_is_found(pool: PgPool) {
         Err(LedgerError::Integrity(_))
     ));
 }
+
+#[tokio::test]
+async fn sqlite_checkpoints_catch_events_swapped_across_streams() {
+    use chartlog_store::checkpoints::{LogCheckpointer, verify_checkpoints};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteEventStore::open(&dir.path().join("chartlog.db"))
+        .await
+        .expect("open");
+    let keys = SqliteKeyStore::new(store.pool().clone());
+    let pool = store.pool().clone();
+    let signer = Arc::new(EventSigner::generate(SignerKeyId::generate()));
+    let mut verifier = SignatureVerifier::new();
+    verifier
+        .trust(signer.key_id().clone(), signer.verifying_key_bytes())
+        .expect("trust");
+    let data_keys = DataKeys::new(Arc::new(KeyRing::generate(KekId::generate())), keys);
+    let store = Arc::new(store);
+    let fixture = Fixture {
+        ledger: PatientLedger::new(
+            store.clone(),
+            Arc::new(data_keys),
+            signer.clone(),
+            Arc::new(verifier.clone()),
+        ),
+        verifier: verifier.clone(),
+    };
+    let first = register_with_history(&fixture, 21, 3).await;
+    let second = register_with_history(&fixture, 22, 3).await;
+
+    let mut checkpointer = LogCheckpointer::resume(store.clone(), signer.clone())
+        .await
+        .expect("resume");
+    assert!(
+        checkpointer
+            .checkpoint(now())
+            .await
+            .expect("checkpoint")
+            .is_some()
+    );
+    assert_eq!(
+        checkpointer.checkpoint(now()).await.expect("checkpoint"),
+        None,
+        "nothing new since the last checkpoint but the checkpoint itself"
+    );
+    register_with_history(&fixture, 23, 1).await;
+    // A restarted writer picks up where the stored checkpoint left off.
+    let mut restarted = LogCheckpointer::resume(store.clone(), signer)
+        .await
+        .expect("resume");
+    assert!(
+        restarted
+            .checkpoint(now())
+            .await
+            .expect("checkpoint")
+            .is_some()
+    );
+    let report = verify_checkpoints(store.as_ref(), &verifier)
+        .await
+        .expect("verify");
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.checkpoints, 2);
+
+    // Swap the first patient's last event with the second patient's first in the global
+    // order: each stream keeps its own order and chain, so only the checkpoints can see it.
+    let position_of = |patient: PatientId, version: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT position FROM chartlog_events WHERE stream_id = ?1 AND stream_version = ?2",
+            )
+            .bind(StreamId::patient(patient).as_str())
+            .bind(version)
+            .fetch_one(&pool)
+            .await
+            .expect("position")
+        }
+    };
+    let (a, b) = (position_of(first, 4).await, position_of(second, 1).await);
+    assert_eq!(b, a + 1, "adjacent in the global log");
+    sqlx::query("DROP TRIGGER chartlog_events_no_update")
+        .execute(&pool)
+        .await
+        .expect("drop trigger");
+    for (from, to) in [(a, -1), (b, a), (-1, b)] {
+        sqlx::query("UPDATE chartlog_events SET position = ?1 WHERE position = ?2")
+            .bind(to)
+            .bind(from)
+            .execute(&pool)
+            .await
+            .expect("swap");
+    }
+    let per_stream = verify_log(store.as_ref(), &verifier).await.expect("verify");
+    assert!(per_stream.is_intact(), "each stream's chain is still whole");
+    let report = verify_checkpoints(store.as_ref(), &verifier)
+        .await
+        .expect("verify");
+    assert_eq!(
+        report.first_mismatch.map(|found| found.problem),
+        Some("checkpoint_mismatch"),
+        "the swap is found"
+    );
+}
