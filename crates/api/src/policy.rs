@@ -259,11 +259,7 @@ pub fn reach_record(
             }
         }
         role if is_clinician(role) => {
-            let blocked = record.is_some_and(|record| {
-                record
-                    .active_consent_restrictions()
-                    .any(|kind| kind == ConsentRestrictionKind::BlockUser(requester.user_id))
-            });
+            let blocked = record.is_some_and(|record| blocks_user(record, requester.user_id));
             let in_care =
                 record.is_some_and(|record| record.has_care_relationship(requester.user_id));
             // A consent block holds even inside the care relationship; only break-glass (an
@@ -284,6 +280,13 @@ pub fn reach_record(
         Role::Auditor if entity == Entity::Disclosures => Ok(RecordAccess::RoleWide),
         _ => Err(RecordDenial::NoPathToRecord),
     }
+}
+
+/// Whether the patient's consent blocks `user` from the record (outside break-glass).
+pub fn blocks_user(record: &Patient, user: UserId) -> bool {
+    record
+        .active_consent_restrictions()
+        .any(|kind| kind == ConsentRestrictionKind::BlockUser(user))
 }
 
 /// Whether the patient's consent hides notes from `role`.

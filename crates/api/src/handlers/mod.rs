@@ -68,7 +68,10 @@ pub(crate) async fn reach(
         .as_ref()
         .is_some_and(|loaded| loaded.patient.has_care_relationship(caller.session.user_id));
     // Only a clinician the relationship (or a consent block) keeps out needs the lookup.
-    let break_glass_open = if policy::is_clinician(role) && (!in_care || blocked(&loaded, caller)) {
+    let blocked = loaded
+        .as_ref()
+        .is_some_and(|loaded| policy::blocks_user(&loaded.patient, caller.session.user_id));
+    let break_glass_open = if policy::is_clinician(role) && (!in_care || blocked) {
         config
             .accounts
             .active_break_glass(caller.session.user_id, patient, now)
@@ -119,16 +122,6 @@ pub(crate) async fn reach(
             })
         }
     }
-}
-
-fn blocked(loaded: &Option<LoadedPatient>, caller: &Caller) -> bool {
-    loaded.as_ref().is_some_and(|loaded| {
-        loaded.patient.active_consent_restrictions().any(|kind| {
-            kind == chartlog_domain::patient::ConsentRestrictionKind::BlockUser(
-                caller.session.user_id,
-            )
-        })
-    })
 }
 
 /// Parses a JSON body without ever echoing it (see [`ApiError::from_serde_error`]).
