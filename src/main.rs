@@ -382,7 +382,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let inactivity_sweep = wiring::spawn_inactivity_sweep(accounts.clone());
-    let log_checkpoints = wiring::spawn_log_checkpoints(backend.database.clone(), key_dir.clone());
+    let signer = wiring::active_signer(&key_dir)?;
+    let log_checkpoints = wiring::spawn_log_checkpoints(backend.database.clone(), signer.clone());
     let scheme = if tls_config.is_some() {
         "https"
     } else {
@@ -451,7 +452,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     inactivity_sweep.abort();
     log_checkpoints.abort();
     // The last events are vouched for before the process ends.
-    if let Err(error) = wiring::checkpoint_log(&backend.database, &key_dir).await {
+    if let Err(error) = wiring::checkpoint_log(&backend.database, &signer).await {
         tracing::warn!(%error, "final log checkpoint not written");
     }
     let _ = stop_projections.send(());

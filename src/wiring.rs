@@ -14,7 +14,8 @@ use chartlog_api::audit::{AuditSink, SignedAuditSink};
 use chartlog_api::notify::{LogNotifier, Notifier, Notifiers, WebhookNotifier};
 use chartlog_api::records::{LedgerRecords, Records};
 use chartlog_crypto::{
-    DataKeys, INDEX_KEY_FILE_NAME, load_or_create_key_files, load_or_create_mac_key,
+    DataKeys, EventSigner, INDEX_KEY_FILE_NAME, KeyRing, SigningKeys, load_or_create_key_files,
+    load_or_create_mac_key,
 };
 use chartlog_domain::{Actor, PurposeOfUse, Role, UserId};
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome, AuditRow};
@@ -63,12 +64,7 @@ pub fn records_and_audit(
     database: &Database,
     key_dir: &Path,
 ) -> anyhow::Result<(Arc<dyn Records>, Arc<dyn AuditSink>)> {
-    let (ring, signing) = load_or_create_key_files(key_dir).with_context(|| {
-        format!(
-            "cannot load or create the key files in {}",
-            key_dir.display()
-        )
-    })?;
+    let (ring, signing) = key_files(key_dir)?;
     let index_key = load_or_create_mac_key(key_dir, INDEX_KEY_FILE_NAME)
         .with_context(|| format!("cannot load the blind-index key in {}", key_dir.display()))?;
     let ring = Arc::new(ring);
@@ -132,12 +128,7 @@ pub async fn audit_operator_action(
     action: AuditAction,
     outcome: AuditOutcome,
 ) -> anyhow::Result<()> {
-    let (ring, signing) = load_or_create_key_files(key_dir).with_context(|| {
-        format!(
-            "cannot load or create the key files in {}",
-            key_dir.display()
-        )
-    })?;
+    let (ring, signing) = key_files(key_dir)?;
     let ring = Arc::new(ring);
     let signer = Arc::clone(signing.active());
     let log = match database {
@@ -184,18 +175,31 @@ pub async fn audit_operator_action(
         .context("cannot record the operation in the audit log")
 }
 
-/// How often the server signs a checkpoint over the global log.
-const LOG_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
-
-/// Signs a checkpoint over the global log if anything was appended since the last one.
-pub async fn checkpoint_log(database: &Database, key_dir: &Path) -> anyhow::Result<Option<u64>> {
-    let (_, signing) = load_or_create_key_files(key_dir).with_context(|| {
+/// The key-encryption keys and signing keys of `key_dir`, created on first use.
+fn key_files(key_dir: &Path) -> anyhow::Result<(KeyRing, SigningKeys)> {
+    load_or_create_key_files(key_dir).with_context(|| {
         format!(
             "cannot load or create the key files in {}",
             key_dir.display()
         )
-    })?;
-    let signer = Arc::clone(signing.active());
+    })
+}
+
+/// The signing key events are signed with now.
+pub fn active_signer(key_dir: &Path) -> anyhow::Result<Arc<EventSigner>> {
+    let (_, signing) = key_files(key_dir)?;
+    Ok(Arc::clone(signing.active()))
+}
+
+/// How often the server signs a checkpoint over the global log.
+const LOG_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Signs a checkpoint over the global log if anything was appended since the last one.
+pub async fn checkpoint_log(
+    database: &Database,
+    signer: &Arc<EventSigner>,
+) -> anyhow::Result<Option<u64>> {
+    let signer = Arc::clone(signer);
     let now = chartlog_api::now();
     let written = match database {
         Database::Sqlite(store) => {
@@ -215,12 +219,15 @@ pub async fn checkpoint_log(database: &Database, key_dir: &Path) -> anyhow::Resu
 }
 
 /// Signs checkpoints over the global log every minute for as long as the server runs.
-pub fn spawn_log_checkpoints(database: Database, key_dir: PathBuf) -> tokio::task::JoinHandle<()> {
+pub fn spawn_log_checkpoints(
+    database: Database,
+    signer: Arc<EventSigner>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(LOG_CHECKPOINT_INTERVAL);
         loop {
             ticks.tick().await;
-            if let Err(error) = checkpoint_log(&database, &key_dir).await {
+            if let Err(error) = checkpoint_log(&database, &signer).await {
                 // Another server may have checkpointed first; the next tick tries again.
                 tracing::warn!(error = %error, "log checkpoint not written");
             }
