@@ -17,8 +17,9 @@ use chartlog_access::AccessSettings;
 use chartlog_crypto::{DataKeyRecord, DataKeys, KeyRing, KeyStore, SigningKeys};
 use chartlog_domain::patient::ErasureReason;
 use chartlog_domain::{Actor, PatientCommand, PatientId, PurposeOfUse, Role, StreamId, UserId};
-use chartlog_store::postgres::PostgresKeyStore;
-use chartlog_store::sqlite::SqliteKeyStore;
+use chartlog_store::ledger::SNAPSHOT_EVERY_EVENTS;
+use chartlog_store::postgres::{PostgresKeyStore, PostgresSnapshotStore};
+use chartlog_store::sqlite::{SqliteKeyStore, SqliteSnapshotStore};
 use chartlog_store::{EventStore, LedgerError, PatientLedger};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -156,14 +157,18 @@ async fn erase_on(
     match database {
         Database::Sqlite(store) => {
             let keys = DataKeys::new(ring, SqliteKeyStore::new(store.pool().clone()));
+            let snapshots = Arc::new(SqliteSnapshotStore::new(store.pool().clone()));
             let ledger =
-                PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier);
+                PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier)
+                    .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS);
             erase_with(&ledger, args, patient, actor).await
         }
         Database::Postgres(store) => {
             let keys = DataKeys::new(ring, PostgresKeyStore::new(store.pool().clone()));
+            let snapshots = Arc::new(PostgresSnapshotStore::new(store.pool().clone()));
             let ledger =
-                PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier);
+                PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier)
+                    .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS);
             erase_with(&ledger, args, patient, actor).await
         }
     }

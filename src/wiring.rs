@@ -23,8 +23,9 @@ use chartlog_projections::audit_log::{AuditLog, new_audit_stream};
 use chartlog_projections::db::ProjectionDb;
 use chartlog_store::PatientLedger;
 use chartlog_store::checkpoints::LogCheckpointer;
-use chartlog_store::postgres::PostgresKeyStore;
-use chartlog_store::sqlite::SqliteKeyStore;
+use chartlog_store::ledger::SNAPSHOT_EVERY_EVENTS;
+use chartlog_store::postgres::{PostgresKeyStore, PostgresSnapshotStore};
+use chartlog_store::sqlite::{SqliteKeyStore, SqliteSnapshotStore};
 
 use crate::Database;
 
@@ -85,7 +86,9 @@ pub fn records_and_audit(
                 signer.clone(),
                 new_audit_stream(),
             );
-            let ledger = PatientLedger::new(store, keys, signer, verifier);
+            let snapshots = Arc::new(SqliteSnapshotStore::new(store.pool().clone()));
+            let ledger = PatientLedger::new(store, keys, signer, verifier)
+                .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS);
             (
                 Arc::new(LedgerRecords::new(ledger, read_models, index_key)),
                 Arc::new(SignedAuditSink::new(audit)),
@@ -103,7 +106,9 @@ pub fn records_and_audit(
                 signer.clone(),
                 new_audit_stream(),
             );
-            let ledger = PatientLedger::new(store, keys, signer, verifier);
+            let snapshots = Arc::new(PostgresSnapshotStore::new(store.pool().clone()));
+            let ledger = PatientLedger::new(store, keys, signer, verifier)
+                .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS);
             (
                 Arc::new(LedgerRecords::new(ledger, read_models, index_key)),
                 Arc::new(SignedAuditSink::new(audit)),

@@ -32,6 +32,10 @@ pub enum StoreError {
     #[error("stored event at position {position} is malformed: {reason}")]
     Corrupt { position: u64, reason: String },
 
+    /// A stored snapshot row does not decode (the snapshot is ignored, never trusted).
+    #[error("snapshot of stream {stream} is malformed: {reason}")]
+    CorruptSnapshot { stream: StreamId, reason: String },
+
     #[error("database error")]
     Database(#[from] sqlx::Error),
 

@@ -8,21 +8,30 @@
 use std::sync::Arc;
 
 use chartlog_crypto::{
-    CryptoError, DataKeyId, DataKeys, EventHash, EventHeader, EventSigner, IntegrityError,
-    KeyError, KeyStore, SealedEvent, SignatureVerifier, open, seal_event, verify_chain,
+    CryptoError, DataKey, DataKeyId, DataKeys, EventHash, EventHeader, EventSigner, IntegrityError,
+    KeyError, KeyStore, SealedEvent, SignatureVerifier, open, open_record, seal_event, seal_record,
+    verify_chain,
 };
+use chartlog_domain::patient::DECISION_STATE_SCHEMA_VERSION;
 use chartlog_domain::{
     Actor, EventId, Patient, PatientCommand, PatientId, Rejection, StreamId, Timestamp, codec,
     decide, evolve,
 };
 use uuid::Uuid;
 
-use crate::{EventStore, StoreError, StreamHead};
+use crate::{EventStore, SnapshotStore, StoreError, StoredSnapshot, StreamHead};
 
 /// How many times a command is re-decided after losing a race to another writer.
 pub const CONFLICT_RETRIES_MAX: u32 = 5;
 /// Events read per page while loading a stream.
 const LOAD_PAGE_EVENTS: u32 = 1_000;
+/// A patient's decision state is snapshotted each time the stream passes a multiple of this
+/// many events, so a load folds at most this many events after the snapshot. Small enough
+/// that the tail costs little next to the command itself; large enough that writing
+/// snapshots costs little next to writing events.
+pub const SNAPSHOT_EVERY_EVENTS: u64 = 100;
+/// Binds a sealed snapshot to what it is, so no other sealed record opens as one.
+const SNAPSHOT_RECORD_KIND: &[u8] = b"chartlog.decision-state";
 
 /// Why a command or a load did not go through. `Rejected` is the clinician's to act on (4xx);
 /// `Erased` is a clear answer, never an opaque decryption error; the rest are faults (5xx).
@@ -120,12 +129,19 @@ pub struct LoadedPatient {
     pub head: Option<StreamHead>,
 }
 
+/// Where a ledger keeps snapshots, and how often it takes one.
+struct Snapshots {
+    store: Arc<dyn SnapshotStore>,
+    every_events: u64,
+}
+
 /// Executes patient commands against an [`EventStore`].
 pub struct PatientLedger<S: EventStore + ?Sized, K: KeyStore> {
     store: Arc<S>,
     keys: Arc<DataKeys<K>>,
     signer: Arc<EventSigner>,
     verifier: Arc<SignatureVerifier>,
+    snapshots: Option<Arc<Snapshots>>,
 }
 
 impl<S: EventStore + ?Sized, K: KeyStore> Clone for PatientLedger<S, K> {
@@ -135,6 +151,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> Clone for PatientLedger<S, K> {
             keys: self.keys.clone(),
             signer: self.signer.clone(),
             verifier: self.verifier.clone(),
+            snapshots: self.snapshots.clone(),
         }
     }
 }
@@ -152,7 +169,20 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             keys,
             signer,
             verifier,
+            snapshots: None,
         }
+    }
+
+    /// Keeps a sealed snapshot of each patient's decision state in `store`, taken each time
+    /// a stream passes a multiple of `every_events` events (see [`SNAPSHOT_EVERY_EVENTS`]), so
+    /// loading a patient costs the same however long their history is.
+    pub fn with_snapshots(mut self, store: Arc<dyn SnapshotStore>, every_events: u64) -> Self {
+        assert!(every_events > 0, "a snapshot needs at least one event");
+        self.snapshots = Some(Arc::new(Snapshots {
+            store,
+            every_events,
+        }));
+        self
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -236,6 +266,17 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                         // The tombstone is stored; destroying the key is what makes the
                         // erasure real. A crash before this line is finished by the next load.
                         self.destroy_key(&stream, now).await?;
+                    } else if let (Some(snapshots), Some(last)) = (&self.snapshots, sealed.last())
+                        && outcome.stream_version / snapshots.every_events
+                            != current_version / snapshots.every_events
+                    {
+                        let state = events.iter().fold(loaded.patient, evolve);
+                        let head = StreamHead {
+                            version: last.header.stream_version,
+                            hash: last.hash,
+                        };
+                        self.save_snapshot(&stream, &state, head, key_id, &key)
+                            .await;
                     }
                     return Ok(CommandOutcome {
                         stream_version: outcome.stream_version,
@@ -323,6 +364,11 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
         earlier: Option<LoadedPatient>,
     ) -> Result<LoadedPatient, LedgerError> {
         let stream = StreamId::patient(patient);
+        let earlier = match earlier {
+            Some(earlier) => Some(earlier),
+            None => self.read_snapshot(patient, &stream).await?,
+        };
+        let from_snapshot = earlier.as_ref().and_then(|e| e.head).map(|h| h.version);
         let (mut state, mut head) = match earlier {
             Some(earlier) => (earlier.patient, earlier.head),
             None => (Patient::default(), None),
@@ -374,18 +420,137 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             self.destroy_key(&stream, erased_at).await?;
             return Err(LedgerError::Erased { patient, erased_at });
         }
+        // No snapshot, an unusable one, or one left far behind (a snapshot write that failed):
+        // take one now, so the next load of a long stream does not fold it all again.
+        if let (Some(snapshots), Some(head), Some(key)) = (&self.snapshots, head, &key)
+            && head.version - from_snapshot.unwrap_or(0) >= snapshots.every_events
+        {
+            if let Ok((key_id, _)) = self.keys.key_for_read(&stream).await {
+                self.save_snapshot(&stream, &state, head, key_id, key).await;
+            }
+        }
         Ok(LoadedPatient {
             patient: state,
             head,
         })
     }
 
+    /// The patient's latest snapshot, if there is one this ledger can trust: of the current
+    /// state schema, sealed under the patient's current data key with the stream, version and
+    /// head hash it claims, and taken at an event the log still holds. Anything else is
+    /// ignored (and replaced by the load that follows); only an erased key is an answer.
+    async fn read_snapshot(
+        &self,
+        patient: PatientId,
+        stream: &StreamId,
+    ) -> Result<Option<LoadedPatient>, LedgerError> {
+        let Some(snapshots) = &self.snapshots else {
+            return Ok(None);
+        };
+        let stored = match snapshots.store.latest(stream).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Ok(None),
+            Err(error) => {
+                tracing::warn!(%stream, %error, "snapshot unreadable; folding the whole stream");
+                return Ok(None);
+            }
+        };
+        if stored.schema_version != DECISION_STATE_SCHEMA_VERSION {
+            tracing::debug!(%stream, "snapshot of another state schema; folding the whole stream");
+            return Ok(None);
+        }
+        let (key_id, key) = self
+            .keys
+            .key_for_read(stream)
+            .await
+            .map_err(|e| self.key_error(patient, e))?;
+        let head = StreamHead {
+            version: stored.stream_version,
+            hash: stored.head_hash,
+        };
+        let state = (key_id == stored.data_key_id)
+            .then(|| {
+                let binding = snapshot_binding(stream, head, stored.schema_version, key_id);
+                open_record(&key, &binding.each_ref().map(Vec::as_slice), &stored.sealed).ok()
+            })
+            .flatten()
+            .and_then(|plaintext| serde_json::from_slice::<Patient>(&plaintext).ok())
+            .filter(|state| state.version() == head.version);
+        let Some(state) = state else {
+            tracing::warn!(%stream, "snapshot does not open as this stream's state; dropping it");
+            self.discard_snapshot(snapshots, stream).await;
+            return Ok(None);
+        };
+        // Bound to the log as it is now: the event the snapshot was taken at must still be
+        // there, so a snapshot from a restored or rewritten history is never folded onto.
+        let anchor = self.store.read_stream(stream, head.version, 1).await?;
+        match anchor.first() {
+            Some(event)
+                if event.event.header.stream_version == head.version
+                    && event.event.hash == head.hash => {}
+            _ => {
+                tracing::warn!(%stream, "snapshot is not of the stored history; dropping it");
+                self.discard_snapshot(snapshots, stream).await;
+                return Ok(None);
+            }
+        }
+        Ok(Some(LoadedPatient {
+            patient: state,
+            head: Some(head),
+        }))
+    }
+
+    /// Drops a snapshot that cannot be used, so the load that follows can put a good one in
+    /// its place (a save never replaces a snapshot of the same version).
+    async fn discard_snapshot(&self, snapshots: &Snapshots, stream: &StreamId) {
+        if let Err(error) = snapshots.store.discard(stream).await {
+            tracing::warn!(%stream, %error, "unusable snapshot not dropped");
+        }
+    }
+
+    /// Seals and keeps a snapshot. Best effort: the events are stored already, and a missing
+    /// snapshot only costs the next load a longer fold.
+    async fn save_snapshot(
+        &self,
+        stream: &StreamId,
+        state: &Patient,
+        head: StreamHead,
+        key_id: DataKeyId,
+        key: &DataKey,
+    ) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        let plaintext = match serde_json::to_vec(state) {
+            Ok(plaintext) => plaintext,
+            Err(error) => {
+                tracing::warn!(%stream, %error, "decision state does not serialize; no snapshot");
+                return;
+            }
+        };
+        let binding = snapshot_binding(stream, head, DECISION_STATE_SCHEMA_VERSION, key_id);
+        let snapshot = StoredSnapshot {
+            stream_version: head.version,
+            head_hash: head.hash,
+            schema_version: DECISION_STATE_SCHEMA_VERSION,
+            data_key_id: key_id,
+            sealed: seal_record(key, &binding.each_ref().map(Vec::as_slice), &plaintext),
+        };
+        if let Err(error) = snapshots.store.save(stream, &snapshot).await {
+            tracing::warn!(%stream, %error, "snapshot not saved; the next load folds more events");
+        }
+    }
+
     async fn destroy_key(&self, stream: &StreamId, at: Timestamp) -> Result<(), LedgerError> {
         self.keys
             .destroy(stream, at)
             .await
-            .map(|_| ())
-            .map_err(LedgerError::Key)
+            .map_err(LedgerError::Key)?;
+        // Unreadable already with the key gone; dropping the row leaves nothing behind.
+        if let Some(snapshots) = &self.snapshots {
+            snapshots.store.discard(stream).await?;
+        }
+        Ok(())
     }
 
     fn key_error(&self, patient: PatientId, error: KeyError) -> LedgerError {
@@ -397,4 +562,22 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             other => LedgerError::Key(other),
         }
     }
+}
+
+/// What a sealed snapshot is bound to: opening it under any other stream, version, head,
+/// schema or key fails.
+fn snapshot_binding(
+    stream: &StreamId,
+    head: StreamHead,
+    schema_version: u32,
+    key_id: DataKeyId,
+) -> [Vec<u8>; 6] {
+    [
+        SNAPSHOT_RECORD_KIND.to_vec(),
+        stream.as_str().as_bytes().to_vec(),
+        head.version.to_be_bytes().to_vec(),
+        head.hash.as_bytes().to_vec(),
+        schema_version.to_be_bytes().to_vec(),
+        key_id.as_uuid().as_bytes().to_vec(),
+    ]
 }

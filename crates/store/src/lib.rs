@@ -23,6 +23,7 @@ mod event_store;
 mod keys;
 pub mod ledger;
 mod row;
+pub mod snapshots;
 mod subscription;
 pub mod verify;
 
@@ -40,4 +41,5 @@ pub use ledger::{
     CommandOutcome, ExecuteOptions, LedgerError, LoadedPatient, PatientLedger, UnreadableEvent,
     open_patient_event,
 };
+pub use snapshots::{SnapshotStore, StoredSnapshot};
 pub use subscription::{SUBSCRIPTION_POLL_INTERVAL, Subscription};

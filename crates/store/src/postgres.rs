@@ -51,6 +51,12 @@ crate::keys::key_store_backend!(
     "[`chartlog_crypto::KeyStore`] over the PostgreSQL data-key table."
 );
 
+crate::snapshots::snapshot_store_backend!(
+    PostgresSnapshotStore,
+    PgPool,
+    "[`crate::SnapshotStore`] over the PostgreSQL snapshot table."
+);
+
 /// Connects and migrates.
 pub async fn open_pool(url: &str) -> Result<PgPool, StoreError> {
     let pool = PgPoolOptions::new()

@@ -81,7 +81,7 @@ pub fn decide(
             value,
             effective_at,
         } => {
-            if patient.has_observation(observation_id) {
+            if patient.has_recent_observation(observation_id) {
                 return Err(Rejection::DuplicateObservation { observation_id });
             }
             check_purpose(&code, CodePurpose::Observation)?;

@@ -18,7 +18,8 @@ pub use decide::{
 pub use events::PatientEvent;
 pub use rejection::Rejection;
 pub use state::{
-    Allergy, Condition, ConsentRestriction, MedicationOrder, Note, NoteAddendum, Patient, evolve,
+    Allergy, Condition, ConsentRestriction, DECISION_STATE_SCHEMA_VERSION, MedicationOrder, Note,
+    NoteAddendum, Patient, RECENT_OBSERVATION_IDS_KEPT, evolve,
 };
 
 #[cfg(test)]

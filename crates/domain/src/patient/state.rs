@@ -1,6 +1,6 @@
 //! The decision state of one patient, and `evolve`, the fold that builds it from events.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +18,18 @@ use crate::phi::NoteText;
 use crate::quantity::Quantity;
 use crate::time::Timestamp;
 
+/// The shape of [`Patient`] as serialized in a snapshot. Bump it with any change to the
+/// fields of [`Patient`] or of the types it holds: a snapshot of another version is ignored
+/// and rebuilt from the events, never decoded into a state it was not taken from.
+pub const DECISION_STATE_SCHEMA_VERSION: u32 = 2;
+
+/// How many of the latest observation ids the decision state remembers, to refuse a command
+/// replayed with the same id. Observation ids are minted by the server (UUID v7), so a repeat
+/// can only be a client resending a command it already sent, which happens within moments;
+/// remembering every id would make the state, and so every command and snapshot, grow with
+/// the length of the patient's history.
+pub const RECENT_OBSERVATION_IDS_KEPT: usize = 256;
+
 /// What `decide` needs to know about a patient: the fold of the patient's events.
 ///
 /// Read-only from outside (getters, no setters): the only way to change it is [`evolve`].
@@ -28,7 +40,11 @@ pub struct Patient {
     version: u64,
     patient_id: Option<PatientId>,
     demographics: Option<Demographics>,
-    observation_ids: BTreeSet<ObservationId>,
+    /// Every observation recorded, as a count: a device-fed chart gathers tens of thousands,
+    /// and a decision state that grew with them would make each command cost more than the
+    /// last (see [`RECENT_OBSERVATION_IDS_KEPT`] for what is remembered of them).
+    observations_recorded: u64,
+    recent_observation_ids: VecDeque<ObservationId>,
     conditions: BTreeMap<ConditionId, Condition>,
     allergies: BTreeMap<AllergyId, Allergy>,
     medication_orders: BTreeMap<MedicationOrderId, MedicationOrder>,
@@ -70,12 +86,13 @@ impl Patient {
         self.erasure.map(|erasure| erasure.reason)
     }
 
-    pub fn has_observation(&self, observation_id: ObservationId) -> bool {
-        self.observation_ids.contains(&observation_id)
+    /// Whether `observation_id` is one of the last [`RECENT_OBSERVATION_IDS_KEPT`] recorded.
+    pub fn has_recent_observation(&self, observation_id: ObservationId) -> bool {
+        self.recent_observation_ids.contains(&observation_id)
     }
 
-    pub fn observation_ids(&self) -> &BTreeSet<ObservationId> {
-        &self.observation_ids
+    pub fn observations_recorded(&self) -> u64 {
+        self.observations_recorded
     }
 
     pub fn conditions(&self) -> &BTreeMap<ConditionId, Condition> {
@@ -346,8 +363,11 @@ pub fn evolve(mut patient: Patient, event: &PatientEvent) -> Patient {
             }
         }
         PatientEvent::ObservationRecorded { observation_id, .. } => {
-            let inserted = patient.observation_ids.insert(*observation_id);
-            debug_assert!(inserted, "observation ids are unique");
+            patient.observations_recorded += 1;
+            if patient.recent_observation_ids.len() == RECENT_OBSERVATION_IDS_KEPT {
+                patient.recent_observation_ids.pop_front();
+            }
+            patient.recent_observation_ids.push_back(*observation_id);
         }
         PatientEvent::ConditionRecorded {
             condition_id,

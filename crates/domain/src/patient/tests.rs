@@ -332,7 +332,8 @@ fn corrections_keep_only_changed_fields() {
 #[test]
 fn observations() {
     let patient = chart(vec![register(), observation(1, at(-MINUTE_MICROS))]);
-    assert!(patient.has_observation(ObservationId::from_uuid(Uuid::from_u128(1))));
+    assert!(patient.has_recent_observation(ObservationId::from_uuid(Uuid::from_u128(1))));
+    assert_eq!(patient.observations_recorded(), 1);
     let duplicate = rejection(&patient, observation(1, now()));
     assert_eq!(duplicate.code(), "duplicate_observation");
     // Within the allowed clock skew, accepted; beyond it, rejected.
@@ -630,7 +631,7 @@ fn erasure_drops_phi_and_closes_the_chart() {
     assert!(erased.demographics().is_none());
     assert!(erased.notes().is_empty());
     assert!(erased.allergies().is_empty());
-    assert!(erased.observation_ids().is_empty());
+    assert_eq!(erased.observations_recorded(), 0);
     let snapshot = serde_json::to_string(&erased).unwrap();
     assert!(!snapshot.contains("Lovelace") && !snapshot.contains("draft"));
 
@@ -991,5 +992,23 @@ fn the_tombstone_holds_no_phi() {
     assert_eq!(
         json,
         serde_json::json!({"reason": "patient_request", "erased_at": NOW_MICROS})
+    );
+}
+
+#[test]
+fn the_decision_state_stays_bounded_however_many_observations() {
+    let extra = 44;
+    let count = RECENT_OBSERVATION_IDS_KEPT as u128 + extra;
+    let mut events = vec![register()];
+    events.extend((1..=count).map(|n| observation(n, at(-MINUTE_MICROS))));
+    let patient = chart(events);
+    assert_eq!(patient.observations_recorded(), count as u64);
+    let id = |n: u128| ObservationId::from_uuid(Uuid::from_u128(n));
+    assert!(patient.has_recent_observation(id(count)));
+    assert!(patient.has_recent_observation(id(extra + 1)));
+    assert!(!patient.has_recent_observation(id(extra)));
+    assert_eq!(
+        rejection(&patient, observation(count, now())).code(),
+        "duplicate_observation"
     );
 }

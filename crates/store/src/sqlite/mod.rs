@@ -24,6 +24,12 @@ crate::keys::key_store_backend!(
     "[`chartlog_crypto::KeyStore`] over the SQLite data-key table."
 );
 
+crate::snapshots::snapshot_store_backend!(
+    SqliteSnapshotStore,
+    SqlitePool,
+    "[`crate::SnapshotStore`] over the SQLite snapshot table."
+);
+
 use crate::row::{
     EVENT_COLUMNS, EventRow, conflict_error, head_from_row, idempotent_outcome, to_i64, to_u64,
 };
