@@ -815,6 +815,34 @@ async fn verify_finds_each_kind_of_tampering_and_names_the_first_broken_version(
             tampering.first_broken_version()
         );
         assert!(text.contains(&expected), "{tampering:?}: {text}");
+
+        // One record at a time, as a patient or an auditor asks: the tampered one is broken at
+        // the same version, the other intact, and an unknown id is an error, not "intact".
+        let tampered_id = tampered.to_string();
+        let output = chartlog(
+            &["verify"],
+            data_dir,
+            &["--json", "--patient", &tampered_id],
+        );
+        assert_eq!(output.status.code(), Some(2), "{tampering:?}");
+        let report: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+        assert_eq!(report["streams"], 1, "{tampering:?}: {report}");
+        assert_eq!(
+            report["breaks"][0]["version"],
+            tampering.first_broken_version(),
+            "{tampering:?}: {report}"
+        );
+        let report = succeeds_json(&["verify"], data_dir, &["--patient", &intact.to_string()]);
+        assert_eq!(report["intact"], true, "{tampering:?}: {report}");
+        assert_eq!(report["streams"], 1);
+        assert!(report["events"].as_u64().is_some_and(|events| events > 1));
+        let unknown = chartlog(
+            &["verify"],
+            data_dir,
+            &["--patient", &Uuid::now_v7().to_string()],
+        );
+        assert_eq!(unknown.status.code(), Some(1), "{tampering:?}");
+        assert!(stderr(&unknown).contains("no record for this patient"));
     }
 }
 

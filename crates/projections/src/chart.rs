@@ -7,6 +7,11 @@
 //! - look-ups by MRN and by family name + birth date go through keyed blind indexes
 //!   (`chartlog_chart_lookups`): HMAC-SHA-256 of the normalised value under the index key from
 //!   the key files (never stored in the database);
+//! - observations are kept as the latest per code (by effective time; the later recorded on a
+//!   tie), in an entry whose id is keyed by the code (HMAC under the index key, so the id does
+//!   not tell which test it holds): a device-fed chart of 100,000 readings is a handful of
+//!   entries, and a chart read costs the same however long the history. Every observation is
+//!   in the record history;
 //! - on the erasure tombstone the patient's entries and look-ups are deleted through the
 //!   primary key (patient id first: no scan); what stays is the patient id, the last stream
 //!   version and the erasure time, none of them PHI, so a read answers "erased at ...".
@@ -40,13 +45,15 @@ use crate::runner::{EventBody, ProjectedEvent, Projection};
 /// The chart projection's name (its checkpoint and lock).
 pub const CHART_PROJECTION: &str = "chart";
 /// Bump when the fold or the tables change: the chart is then rebuilt from position 0.
-pub const CHART_PROJECTION_VERSION: u32 = 1;
+/// Version 2: observations are kept as the latest per code, not every one.
+pub const CHART_PROJECTION_VERSION: u32 = 2;
 
 const ENTRY_AD: &[u8] = b"chart-entry";
 const LOOKUP_MRN: &str = "mrn";
 const LOOKUP_NAME_BIRTH_DATE: &str = "family_name+birth_date";
 const MRN_INDEX_TAG: &[u8] = b"chartlog/blind-index/mrn/v1";
 const NAME_BIRTH_DATE_INDEX_TAG: &[u8] = b"chartlog/blind-index/family-name+birth-date/v1";
+const OBSERVATION_CODE_SLOT_TAG: &[u8] = b"chartlog/chart/latest-observation-per-code/v1";
 
 /// Folds patient events into the chart tables.
 pub struct ChartProjection {
@@ -181,6 +188,25 @@ impl Projection for ChartProjection {
                     event: patient_event,
                     key,
                 } => {
+                    if let PatientEvent::ObservationRecorded { code, .. } = patient_event {
+                        let slot = (
+                            *patient_id,
+                            EntryKind::Observation,
+                            self.observation_slot(code),
+                        );
+                        let before = match pending.remove(&slot) {
+                            Some(entry) => Some(entry),
+                            None => load_entry(tx, key, &slot).await?.map(|fields| Pending {
+                                fields,
+                                stream_version: version,
+                                key: key.clone(),
+                            }),
+                        };
+                        let entry = latest_observation(before, patient_event, version, key);
+                        pending.insert(slot, entry);
+                        patients.insert(*patient_id, (version, None));
+                        continue;
+                    }
                     let Some(touch) = touched(*patient_id, patient_event) else {
                         debug_assert!(matches!(patient_event, PatientEvent::PatientErased { .. }));
                         erase(&mut pending, &mut patients, &mut erased, event);
@@ -240,6 +266,61 @@ impl Projection for ChartProjection {
             tx.execute(table, vec![]).await?;
         }
         Ok(())
+    }
+}
+
+impl ChartProjection {
+    /// The entry id that holds a code's latest observation for every patient: keyed, so the
+    /// id of an entry does not tell which test it is.
+    fn observation_slot(&self, code: &Code) -> Uuid {
+        let digest = hmac_sha256(
+            &self.index_key,
+            &[
+                OBSERVATION_CODE_SLOT_TAG,
+                code.system().as_str().as_bytes(),
+                code.expose_phi().as_bytes(),
+            ],
+        );
+        let mut id = [0; 16];
+        id.copy_from_slice(&digest[..16]);
+        Uuid::from_bytes(id)
+    }
+}
+
+/// The code's latest observation after `event`: the one recorded now, unless the entry holds
+/// one effective later (a device uploading old readings must not hide the current value).
+fn latest_observation(
+    before: Option<Pending>,
+    event: &PatientEvent,
+    version: u64,
+    key: &Arc<DataKey>,
+) -> Pending {
+    let PatientEvent::ObservationRecorded {
+        observation_id,
+        effective_at,
+        ..
+    } = event
+    else {
+        unreachable!("called for observations only");
+    };
+    if let Some(before) = before {
+        let kept_effective_at = before
+            .fields
+            .get("effective_at")
+            .and_then(|value| serde_json::from_value::<Timestamp>(value.clone()).ok());
+        if kept_effective_at.is_some_and(|kept| kept > *effective_at) {
+            return before;
+        }
+    }
+    let mut fields = evolve_entry(None, event);
+    fields.insert(
+        "observation_id".to_owned(),
+        serde_json::Value::String(observation_id.as_uuid().to_string()),
+    );
+    Pending {
+        fields,
+        stream_version: version,
+        key: key.clone(),
     }
 }
 
@@ -408,6 +489,8 @@ pub struct Chart {
     pub allergies: Vec<ChartAllergy>,
     /// Active and discontinued.
     pub medication_orders: Vec<ChartMedicationOrder>,
+    /// The latest observation of each code, in order of effective time (the record history
+    /// holds every one).
     pub observations: Vec<ChartObservation>,
     pub notes: Vec<ChartNote>,
 }
@@ -581,9 +664,10 @@ pub async fn read_chart<K: KeyStore>(
             EntryKind::MedicationOrder => chart
                 .medication_orders
                 .push(serde_json::from_value(typed("medication_order_id")).map_err(undecodable)?),
-            EntryKind::Observation => chart
-                .observations
-                .push(serde_json::from_value(typed("observation_id")).map_err(undecodable)?),
+            // The entry id names the code's slot; the observation's own id is in the fields.
+            EntryKind::Observation => chart.observations.push(
+                serde_json::from_value(serde_json::Value::Object(fields)).map_err(undecodable)?,
+            ),
             EntryKind::Note => chart
                 .notes
                 .push(serde_json::from_value(typed("note_id")).map_err(undecodable)?),

@@ -21,6 +21,7 @@ use chartlog_domain::{
     Actor, ConditionId, NoteId, ObservationId, PatientCommand, PatientId, PurposeOfUse, Role,
     StreamId, Timestamp, UserId, synthetic,
 };
+use chartlog_domain::{Decimal, Quantity, Unit};
 use chartlog_projections::audit::{AuditTrailProjection, entity_and_action};
 use chartlog_projections::chart::{ChartAnswer, ChartProjection, find_by_mrn, read_chart};
 use chartlog_projections::db::{Backend, ProjectionDb, SqlArg};
@@ -296,7 +297,17 @@ async fn chart_and_history_follow_the_record<S: EventStore, K: KeyStore + 'stati
     assert_eq!(chart.notes.iter().filter(|n| n.is_signed()).count(), 1);
     assert_eq!(chart.allergies.len(), 1);
     assert_eq!(chart.medication_orders.len(), 1);
-    assert_eq!(chart.observations.len(), 18 - 2 + 1);
+    // The latest of each code: the synthetic ones' codes and the marker observation's.
+    let mut codes: Vec<String> = (0..20)
+        .filter_map(|n| match synthetic::clinical_command(99, n, now()) {
+            PatientCommand::RecordObservation { code, .. } => Some(code.expose_phi().to_owned()),
+            _ => None,
+        })
+        .chain(["8867-4".to_owned()])
+        .collect();
+    codes.sort();
+    codes.dedup();
+    assert_eq!(chart.observations.len(), codes.len());
 
     let found = find_by_mrn(
         &fixture.db,
@@ -358,6 +369,137 @@ async fn chart_and_history_follow_the_record<S: EventStore, K: KeyStore + 'stati
         }
     }
     assert_eq!(versions, (1..=27).rev().collect::<Vec<u64>>());
+}
+
+/// A device-fed chart: the chart holds the latest observation of each code, by effective
+/// time (a late upload of old readings does not hide the current one), and the other sections
+/// whole; the record history holds every observation.
+async fn the_chart_lists_the_latest_observation_per_code<S: EventStore, K: KeyStore + 'static>(
+    fixture: Fixture<S, K>,
+) {
+    let patient = PatientId::from_uuid(Uuid::now_v7());
+    fixture.execute(patient, synthetic::registration(5)).await;
+    fixture
+        .execute(
+            patient,
+            PatientCommand::RecordCondition {
+                condition_id: ConditionId::from_uuid(Uuid::now_v7()),
+                code: Code::parse(CodeSystem::Icd10Cm, "E11.9", None).unwrap(),
+                onset_at: None,
+            },
+        )
+        .await;
+    let codes = ["8867-4", "59408-5", "8310-5"];
+    // (code, minutes before now): out of order, with a tie, and a late upload of old readings.
+    let readings: [(usize, i64); 9] = [
+        (0, 30),
+        (1, 10),
+        (0, 5),
+        (2, 60),
+        (0, 90),
+        (1, 10),
+        (2, 1),
+        (0, 240),
+        (2, 120),
+    ];
+    let mut recorded = Vec::new();
+    let mut last = 0;
+    for (code, minutes_ago) in readings {
+        let observation_id = ObservationId::from_uuid(Uuid::now_v7());
+        let effective_at =
+            Timestamp::from_unix_micros(now().unix_micros() - minutes_ago * 60_000_000).unwrap();
+        recorded.push((code, effective_at, observation_id));
+        if recorded.len() == 5 {
+            // The latest reading per code is decided across catch-ups as within one batch.
+            fixture.runner().catch_up().await.expect("catch up");
+        }
+        last = fixture
+            .execute(
+                patient,
+                PatientCommand::RecordObservation {
+                    observation_id,
+                    code: Code::parse(CodeSystem::Loinc, codes[code], None).unwrap(),
+                    value: ObservationValue::Quantity(Quantity {
+                        value: Decimal::parse(&format!("{}", 60 + minutes_ago)).unwrap(),
+                        unit: Unit::parse("/min").unwrap(),
+                    }),
+                    effective_at,
+                },
+            )
+            .await;
+    }
+    fixture.runner().catch_up().await.expect("catch up");
+    wait_for_position(&fixture.db, "chart", last, Duration::from_secs(1))
+        .await
+        .expect("caught up");
+    let ChartAnswer::Found(chart) = read_chart(&fixture.db, fixture.ledger.keys(), patient)
+        .await
+        .expect("read chart")
+    else {
+        panic!("the chart is there");
+    };
+    // Latest effective time per code; on a tie, the later recorded.
+    let mut expected: Vec<ObservationId> = (0..codes.len())
+        .map(|code| {
+            recorded
+                .iter()
+                .filter(|(c, _, _)| *c == code)
+                .fold(
+                    None,
+                    |latest: Option<&(usize, Timestamp, ObservationId)>, reading| match latest {
+                        Some(kept) if kept.1 > reading.1 => Some(kept),
+                        _ => Some(reading),
+                    },
+                )
+                .expect("a reading of each code")
+                .2
+        })
+        .collect();
+    expected.sort();
+    let mut listed: Vec<ObservationId> = chart
+        .observations
+        .iter()
+        .map(|o| o.observation_id)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, expected, "the latest observation of each code");
+    assert!(
+        chart
+            .observations
+            .windows(2)
+            .all(|pair| pair[0].effective_at <= pair[1].effective_at),
+        "listed in order of effective time"
+    );
+    assert_eq!(chart.conditions.len(), 1);
+    assert!(chart.demographics.is_some());
+
+    let HistoryAnswer::Found(history) =
+        read_history(&fixture.db, fixture.ledger.keys(), patient, None, 100)
+            .await
+            .expect("read history")
+    else {
+        panic!("the history is there");
+    };
+    assert_eq!(
+        history
+            .entries
+            .iter()
+            .filter(|entry| entry.event_type == "observation_recorded")
+            .count(),
+        readings.len(),
+        "the history holds every observation"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_the_chart_lists_the_latest_observation_per_code() {
+    let (fixture, _dir) = sqlite().await;
+    the_chart_lists_the_latest_observation_per_code(fixture).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_the_chart_lists_the_latest_observation_per_code(pool: PgPool) {
+    the_chart_lists_the_latest_observation_per_code(postgres(pool).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

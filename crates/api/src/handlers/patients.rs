@@ -268,6 +268,7 @@ struct ChartView {
     allergies: Option<Vec<AllergyView>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     medication_orders: Option<Vec<MedicationOrderView>>,
+    /// The latest observation of each code; the record history holds every one.
     #[serde(skip_serializing_if = "Option::is_none")]
     observations: Option<Vec<ObservationView>>,
     #[serde(skip_serializing_if = "Option::is_none")]
