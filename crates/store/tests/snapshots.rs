@@ -284,14 +284,14 @@ async fn sqlite(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(10))]
+    #![proptest_config(ProptestConfig::with_cases(6))]
 
     /// Random histories (synthetic clinical commands of every kind, seeded) and random
     /// snapshot intervals, checked every fourth command.
     #[test]
     fn sqlite_snapshot_plus_tail_equals_the_full_fold(
         seed in 0u64..1_000_000_000,
-        commands in 0u64..90,
+        commands in 0u64..60,
         every_events in 1u64..25,
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
