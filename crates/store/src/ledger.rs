@@ -373,7 +373,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             Some(earlier) => (earlier.patient, earlier.head),
             None => (Patient::default(), None),
         };
-        let mut key: Option<Arc<chartlog_crypto::DataKey>> = None;
+        let mut key: Option<(DataKeyId, Arc<DataKey>)> = None;
         loop {
             let from = head.map_or(1, |h| h.version + 1);
             let page = self
@@ -390,14 +390,14 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             verify_chain(prev, from, &events)?;
             self.verifier.verify_batch(&events)?;
             let key = match &key {
-                Some(key) => key.clone(),
+                Some((_, key)) => key.clone(),
                 None => {
-                    let (_, fetched) = self
+                    let (key_id, fetched) = self
                         .keys
                         .key_for_read(&stream)
                         .await
                         .map_err(|e| self.key_error(patient, e))?;
-                    key = Some(fetched.clone());
+                    key = Some((key_id, fetched.clone()));
                     fetched
                 }
             };
@@ -422,12 +422,11 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
         }
         // No snapshot, an unusable one, or one left far behind (a snapshot write that failed):
         // take one now, so the next load of a long stream does not fold it all again.
-        if let (Some(snapshots), Some(head), Some(key)) = (&self.snapshots, head, &key)
+        if let (Some(snapshots), Some(head), Some((key_id, key))) = (&self.snapshots, head, &key)
             && head.version - from_snapshot.unwrap_or(0) >= snapshots.every_events
         {
-            if let Ok((key_id, _)) = self.keys.key_for_read(&stream).await {
-                self.save_snapshot(&stream, &state, head, key_id, key).await;
-            }
+            self.save_snapshot(&stream, &state, head, *key_id, key)
+                .await;
         }
         Ok(LoadedPatient {
             patient: state,
