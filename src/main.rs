@@ -19,6 +19,7 @@ use std::fs::{self, DirBuilder};
 use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::num::NonZeroU32;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::HttpServer;
 use anyhow::{Context, bail};
+use chartlog_api::limits::{ClientRateLimiter, RateLimit};
 use chartlog_api::tls::{self, PemFiles};
 use chartlog_api::{ApiConfig, NotReady, ReadinessProbe, Transport};
 use chartlog_crypto::{
@@ -168,6 +170,25 @@ struct ServeArgs {
     /// break-glass opening. Notices always go to the log as well.
     #[arg(long, env = "CHARTLOG_BREAK_GLASS_WEBHOOK", hide_env_values = true)]
     break_glass_webhook: Option<String>,
+
+    /// Requests per second one client (a session, or else an address) may send sustained;
+    /// more get 429 with Retry-After. The health probes are exempt.
+    #[arg(long, default_value_t = RateLimit::DEFAULT_PER_SECOND, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    rate_limit_per_second: u32,
+
+    /// Requests one client may send at once, above the sustained rate, after a quiet spell.
+    #[arg(long, default_value_t = RateLimit::DEFAULT_BURST, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    rate_limit_burst: u32,
+}
+
+impl ServeArgs {
+    fn rate_limit(&self) -> RateLimit {
+        // clap's ranges exclude 0; MIN keeps this total without a panic path.
+        RateLimit {
+            per_second: NonZeroU32::new(self.rate_limit_per_second).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(self.rate_limit_burst).unwrap_or(NonZeroU32::MIN),
+        }
+    }
 }
 
 /// The access policy's tunable limits (HIPAA 164.312(a)(2)(iii) automatic logoff, and the
@@ -204,12 +225,14 @@ pub(crate) struct AccessArgs {
 }
 
 impl AccessArgs {
-    pub(crate) fn settings(&self) -> chartlog_access::AccessSettings {
+    /// The settings the flags describe, refused (naming the flags) when they contradict each
+    /// other, before anything starts.
+    pub(crate) fn settings(&self) -> anyhow::Result<chartlog_access::AccessSettings> {
         let idle_timeout = match self.idle_timeout_seconds {
             Some(seconds) => Duration::from_secs(seconds),
             None => Duration::from_secs(self.idle_timeout_minutes * 60),
         };
-        chartlog_access::AccessSettings {
+        let settings = chartlog_access::AccessSettings {
             idle_timeout,
             absolute_lifetime: Duration::from_secs(self.session_lifetime_hours * 60 * 60),
             break_glass_duration: Duration::from_secs(self.break_glass_minutes * 60),
@@ -218,6 +241,21 @@ impl AccessArgs {
             password_length_min_with_second_factor: self.password_length_min_with_second_factor
                 as usize,
             ..chartlog_access::AccessSettings::default()
+        };
+        match settings.validate() {
+            Ok(()) => Ok(settings),
+            Err(error @ chartlog_access::SettingsError::IdleTimeoutLongerThanLifetime { .. }) => {
+                bail!("--idle-timeout-minutes must not exceed --session-lifetime-hours: {error}")
+            }
+            Err(
+                error @ chartlog_access::SettingsError::PasswordAloneShorterThanWithSecondFactor {
+                    ..
+                },
+            ) => bail!(
+                "--password-length-min must be at least \
+                 --password-length-min-with-second-factor: {error}"
+            ),
+            Err(error) => bail!("invalid access settings: {error}"),
         }
     }
 }
@@ -328,6 +366,7 @@ fn init_tracing(filter: &str) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let access_settings = args.access.settings()?;
     let data_dir = &args.storage.data_dir;
     create_data_dir(data_dir)?;
 
@@ -371,7 +410,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot read the bound address")?;
 
     let key_dir = data_dir.join(KEY_DIR_NAME);
-    let accounts = wiring::accounts(&backend.database, &key_dir, args.access.settings())?;
+    let accounts = wiring::accounts(&backend.database, &key_dir, access_settings)?;
     if let Some(path) = wiring::bootstrap_administrator(&accounts, data_dir).await? {
         // The path, never the password: logs and terminals are kept.
         eprintln!(
@@ -406,6 +445,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{address}")),
+        rate_limiter: Arc::new(ClientRateLimiter::new(args.rate_limit())),
     };
     let server = HttpServer::new(move || chartlog_api::app(config.clone()))
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECONDS)

@@ -197,6 +197,43 @@ fn a_tls_certificate_without_its_key_is_refused() {
     assert!(output.stdout.is_empty(), "nothing may claim to listen");
 }
 
+/// Bug this catches: an idle timeout longer than the session lifetime reaching the access
+/// settings' assertion, a panic instead of an error naming the flags.
+#[test]
+fn an_idle_timeout_longer_than_the_session_lifetime_is_refused() {
+    let dir = TestDir::new();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.data_dir())
+        .args(["--listen", "127.0.0.1:0", "--insecure-http"])
+        .args([
+            "--idle-timeout-minutes",
+            "1440",
+            "--session-lifetime-hours",
+            "12",
+        ])
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run chartlog");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "an error exit, not a panic: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("--idle-timeout-minutes") && stderr.contains("--session-lifetime-hours"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "nothing may claim to listen");
+    assert!(
+        !dir.data_dir().exists(),
+        "refused before anything is created"
+    );
+}
+
 fn run_migrate(data_dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"))
         .arg("migrate")

@@ -21,17 +21,26 @@ pub struct Server {
     child: Child,
     base_url: String,
     stderr: Arc<Mutex<String>>,
+    // Read only by the tests that scan the server's output.
+    #[allow(dead_code)]
+    stdout: Arc<Mutex<String>>,
 }
 
 impl Server {
     /// Starts `chartlog serve --data-dir <data_dir> --listen 127.0.0.1:0 <extra_args>` and
     /// waits for the line announcing the bound address.
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> Server {
+        Server::start_with_log(data_dir, "info", extra_args)
+    }
+
+    /// [`Server::start`] with another `--log` filter (e.g. `trace`): clap refuses a second
+    /// `--log` in `extra_args`.
+    pub fn start_with_log(data_dir: &Path, log: &str, extra_args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chartlog"))
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--log", "info"])
+            .args(["--listen", "127.0.0.1:0", "--log", log])
             .args(extra_args)
             // The tests choose the database; never inherit the developer's.
             .env_remove("CHARTLOG_DATABASE_URL")
@@ -47,9 +56,16 @@ impl Server {
         let stderr = child.stderr.take().expect("piped stderr");
         let stderr = collect(stderr);
         let (line_sender, line_receiver) = mpsc::channel();
+        let stdout_lines = Arc::new(Mutex::new(String::new()));
+        let stdout_sink = Arc::clone(&stdout_lines);
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                {
+                    let mut sink = stdout_sink.lock().expect("stdout buffer");
+                    sink.push_str(&line);
+                    sink.push('\n');
+                }
                 // Receiver gone means the test stopped listening; keep draining anyway.
                 let _ = line_sender.send(line);
             }
@@ -59,6 +75,7 @@ impl Server {
             child,
             base_url: String::new(),
             stderr,
+            stdout: stdout_lines,
         };
         let line = match line_receiver.recv_timeout(STARTUP_TIMEOUT) {
             Ok(line) => line,
@@ -87,6 +104,12 @@ impl Server {
     /// Everything the server wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr buffer").clone()
+    }
+
+    /// Everything the server wrote to stdout so far, the listening line included.
+    #[allow(dead_code)]
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().expect("stdout buffer").clone()
     }
 
     /// Waits, bounded, until stderr contains `needle`.

@@ -39,7 +39,10 @@ pub use error::{
     AccessError, BreakGlassReasonError, ExpiryReason, IdempotencyError, LoginError,
     PasswordChangeError, SecondFactorCodeError, SessionError, UsernameError,
 };
-pub use idempotency::IDEMPOTENCY_KEY_LENGTH_MAX;
+pub use idempotency::{
+    IDEMPOTENCY_IN_PROGRESS_TIMEOUT, IDEMPOTENCY_KEY_LENGTH_MAX, IdempotencyClaim,
+    IdempotencyReservation,
+};
 pub use password::{
     COMMON_PASSWORDS_MIN, ONE_TIME_PASSWORD_LENGTH, PASSWORD_BYTES_MAX,
     PASSWORD_LENGTH_MAX_CEILING, is_common_password,
@@ -49,7 +52,7 @@ pub use secrets::{ACCESS_KEY_FILE_NAME, AccessSecrets};
 pub use settings::{
     AccessSettings, LOGIN_FAILURE_WINDOW, LOGIN_FAILURES_PER_ACCOUNT_MAX,
     LOGIN_FAILURES_PER_ADDRESS_MAX, PASSWORD_HISTORY_GENERATIONS, PASSWORD_LENGTH_MAX_FLOOR,
-    PASSWORD_LENGTH_MIN_FLOOR, PasswordHashing,
+    PASSWORD_LENGTH_MIN_FLOOR, PasswordHashing, SettingsError,
 };
 pub use types::{
     BREAK_GLASS_REASON_LENGTH_MAX, BreakGlassGrant, BreakGlassReason, BreakGlassReview,

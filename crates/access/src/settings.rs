@@ -84,51 +84,87 @@ impl AccessSettings {
         }
     }
 
-    /// Panics on settings that break the policy's floors: they are the operator's
-    /// configuration, checked once at start.
-    pub(crate) fn assert_valid(&self) {
-        assert!(
-            self.password_length_min_with_second_factor >= PASSWORD_LENGTH_MIN_FLOOR,
-            "passwords have at least {PASSWORD_LENGTH_MIN_FLOOR} characters"
-        );
-        assert!(
-            self.password_length_min_password_only >= self.password_length_min_with_second_factor,
-            "a password alone is at least as long as one with a second factor"
-        );
-        assert!(
-            self.password_length_max >= PASSWORD_LENGTH_MAX_FLOOR,
-            "passwords of {PASSWORD_LENGTH_MAX_FLOOR} characters are allowed"
-        );
-        assert!(
-            self.password_length_max <= crate::password::PASSWORD_LENGTH_MAX_CEILING,
-            "passwords are at most {} characters",
-            crate::password::PASSWORD_LENGTH_MAX_CEILING
-        );
-        assert!(
-            self.password_length_max >= self.password_length_min_password_only,
-            "the longest password is at least the shortest"
-        );
-        assert!(!self.idle_timeout.is_zero(), "an idle timeout is positive");
-        assert!(
-            self.absolute_lifetime >= self.idle_timeout,
-            "the absolute lifetime is at least the idle timeout"
-        );
-        assert!(
-            !self.break_glass_duration.is_zero(),
-            "a break-glass grant lasts a while"
-        );
-        assert!(
-            !self.inactivity_deactivation.is_zero(),
-            "the inactivity period is positive"
-        );
-        assert!(
-            !self.idempotency_retention.is_zero(),
-            "idempotency records are kept a while"
-        );
-        self.password_hashing
-            .params()
-            .expect("argon2 parameters within argon2's limits");
+    /// Checks the settings against the policy's floors and against each other. They are the
+    /// operator's configuration: a caller turns the error into a message naming its own
+    /// flags or keys.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let broken = |rule| Err(SettingsError::Rule(rule));
+        if self.password_length_min_with_second_factor < PASSWORD_LENGTH_MIN_FLOOR {
+            return broken("the shortest password is below the floor of NIST SP 800-63B");
+        }
+        if self.password_length_min_password_only < self.password_length_min_with_second_factor {
+            return Err(SettingsError::PasswordAloneShorterThanWithSecondFactor {
+                password_only: self.password_length_min_password_only,
+                with_second_factor: self.password_length_min_with_second_factor,
+            });
+        }
+        if self.password_length_max < PASSWORD_LENGTH_MAX_FLOOR {
+            return broken("the longest password allowed is below the floor of NIST SP 800-63B");
+        }
+        if self.password_length_max > crate::password::PASSWORD_LENGTH_MAX_CEILING {
+            return broken("the longest password allowed is above the ceiling");
+        }
+        if self.password_length_max < self.password_length_min_password_only {
+            return broken("the longest password is shorter than the shortest");
+        }
+        if self.idle_timeout.is_zero() {
+            return broken("an idle timeout is positive");
+        }
+        if self.absolute_lifetime < self.idle_timeout {
+            return Err(SettingsError::IdleTimeoutLongerThanLifetime {
+                idle_timeout: self.idle_timeout,
+                absolute_lifetime: self.absolute_lifetime,
+            });
+        }
+        if self.break_glass_duration.is_zero() {
+            return broken("a break-glass grant lasts a while");
+        }
+        if self.inactivity_deactivation.is_zero() {
+            return broken("the inactivity period is positive");
+        }
+        if self.idempotency_retention.is_zero() {
+            return broken("idempotency records are kept a while");
+        }
+        if self.password_hashing.params().is_err() {
+            return broken("argon2 parameters are within argon2's limits");
+        }
+        Ok(())
     }
+
+    /// Panics on settings [`AccessSettings::validate`] refuses: a program that builds
+    /// accounts from settings it did not validate has a bug.
+    pub(crate) fn assert_valid(&self) {
+        if let Err(error) = self.validate() {
+            panic!("invalid access settings: {error}");
+        }
+    }
+}
+
+/// Access settings that break the policy's rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    /// A session would end by its absolute lifetime before it could ever go idle.
+    #[error(
+        "the idle timeout ({} min) is longer than the session lifetime ({} min)",
+        .idle_timeout.as_secs() / 60,
+        .absolute_lifetime.as_secs() / 60
+    )]
+    IdleTimeoutLongerThanLifetime {
+        idle_timeout: Duration,
+        absolute_lifetime: Duration,
+    },
+    /// A second factor lets a password be shorter, never longer.
+    #[error(
+        "the shortest password without a second factor ({password_only}) is shorter than with \
+         one ({with_second_factor})"
+    )]
+    PasswordAloneShorterThanWithSecondFactor {
+        password_only: usize,
+        with_second_factor: usize,
+    },
+    /// Another rule, in words.
+    #[error("{0}")]
+    Rule(&'static str),
 }
 
 /// The argon2id cost of new password hashes. Stored hashes carry their own parameters, so

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use chartlog_access::{
     AccessError, AccessSecrets, AccessSettings, Accounts, BreakGlassReason, ExpiryReason,
-    IdempotencyError, LOGIN_FAILURE_WINDOW, LoginAttempt, LoginError, LoginSuccess, NewUser,
-    OneTimePassword, Password, PasswordChangeError, PasswordHashing, RecoveryCodes, ReviewVerdict,
-    SecondFactorCode, SessionError, SessionStage, StoredResponse, Username,
+    IDEMPOTENCY_IN_PROGRESS_TIMEOUT, IdempotencyClaim, IdempotencyError, LOGIN_FAILURE_WINDOW,
+    LoginAttempt, LoginError, LoginSuccess, NewUser, OneTimePassword, Password,
+    PasswordChangeError, PasswordHashing, RecoveryCodes, ReviewVerdict, SecondFactorCode,
+    SessionError, SessionStage, StoredResponse, Username,
 };
 use chartlog_domain::{PatientId, Role, Timestamp, UserId};
 use chartlog_projections::db::{ProjectionDb, SqlArg};
@@ -133,6 +134,10 @@ on_both_backends!(
     inactive_accounts_are_deactivated,
     break_glass_grants_expire_and_are_reviewed,
     idempotent_responses_replay_and_refuse_mismatches,
+    idempotency_keys_are_claimed_before_the_request_runs,
+    a_released_idempotency_claim_frees_the_key,
+    an_abandoned_idempotency_claim_expires,
+    simultaneous_idempotency_claims_have_one_winner,
 );
 
 fn name(raw: &str) -> Username {
@@ -1539,4 +1544,268 @@ async fn idempotent_responses_replay_and_refuse_mismatches(fixture: Fixture) {
         .await,
         0
     );
+}
+
+/// Claims `key` for `fingerprint` at `now`, expecting the claim to be granted.
+async fn reserved(
+    accounts: &Accounts,
+    user: UserId,
+    key: &str,
+    fingerprint: [u8; 32],
+    now: Timestamp,
+) -> chartlog_access::IdempotencyReservation {
+    match accounts
+        .reserve_idempotency_key(user, key, fingerprint, now)
+        .await
+        .unwrap()
+    {
+        IdempotencyClaim::Reserved(reservation) => reservation,
+        other => panic!("expected the key to be claimed, got {other:?}"),
+    }
+}
+
+async fn claim(
+    accounts: &Accounts,
+    user: UserId,
+    key: &str,
+    fingerprint: [u8; 32],
+    now: Timestamp,
+) -> Result<IdempotencyClaim, IdempotencyError> {
+    accounts
+        .reserve_idempotency_key(user, key, fingerprint, now)
+        .await
+}
+
+/// Bug this catches: a key that is only written once the request has answered, so a second
+/// request with the key runs too instead of waiting for the first one's answer.
+async fn idempotency_keys_are_claimed_before_the_request_runs(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let user = active_user(
+        accounts,
+        "dr.claim",
+        Role::Physician,
+        "claim it first",
+        at(0),
+    )
+    .await;
+    let other = active_user(accounts, "dr.other", Role::Physician, "someone else", at(0)).await;
+    let fingerprint = [7u8; 32];
+    let reservation = reserved(accounts, user, "key-1", fingerprint, at(1)).await;
+
+    // While the first request runs: the same request waits, another one is refused, and
+    // there is nothing to replay yet.
+    assert!(matches!(
+        claim(accounts, user, "key-1", fingerprint, at(2)).await,
+        Ok(IdempotencyClaim::InProgress)
+    ));
+    assert!(matches!(
+        claim(accounts, user, "key-1", [8u8; 32], at(2)).await,
+        Err(IdempotencyError::KeyReusedForDifferentRequest)
+    ));
+    assert_eq!(
+        accounts
+            .idempotent_replay(user, "key-1", fingerprint, at(2))
+            .await
+            .unwrap(),
+        None
+    );
+    // Keys are per user.
+    let others = reserved(accounts, other, "key-1", fingerprint, at(2)).await;
+    accounts.release_idempotency_key(others).await.unwrap();
+
+    let response = StoredResponse {
+        status: 201,
+        body: br#"{"note":"patient reports chest pain"}"#.to_vec(),
+    };
+    assert!(
+        accounts
+            .complete_idempotency_key(reservation, &response, at(3))
+            .await
+            .unwrap()
+    );
+    match claim(accounts, user, "key-1", fingerprint, at(4)).await {
+        Ok(IdempotencyClaim::Replay(stored)) => assert_eq!(stored, response),
+        other => panic!("expected the stored answer, got {other:?}"),
+    }
+    assert!(matches!(
+        claim(accounts, user, "key-1", [8u8; 32], at(4)).await,
+        Err(IdempotencyError::KeyReusedForDifferentRequest)
+    ));
+    // The answer is kept for the retention period from its completion, not the claim's
+    // short bound, and sealed at rest.
+    let past_the_claim = at(3 + 2 * IDEMPOTENCY_IN_PROGRESS_TIMEOUT.as_secs() as i64);
+    assert!(matches!(
+        claim(accounts, user, "key-1", fingerprint, past_the_claim).await,
+        Ok(IdempotencyClaim::Replay(_))
+    ));
+    let rows = fixture
+        .db
+        .fetch_all(
+            "SELECT body_sealed FROM chartlog_access_idempotency_records WHERE status = 201",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(
+        !rows[0]
+            .bytes(0)
+            .unwrap()
+            .windows(10)
+            .any(|w| w == b"chest pain")
+    );
+    let retention_end = at(3 + 24 * 60 * 60);
+    assert!(matches!(
+        claim(accounts, user, "key-1", [8u8; 32], retention_end).await,
+        Ok(IdempotencyClaim::Reserved(_))
+    ));
+    assert!(matches!(
+        claim(accounts, user, "", fingerprint, at(5)).await,
+        Err(IdempotencyError::Access(AccessError::InvalidIdempotencyKey))
+    ));
+}
+
+/// Bug this catches: a failed request that keeps its key locked, so the client's retry is
+/// answered "in progress" (or replays nothing) instead of running.
+async fn a_released_idempotency_claim_frees_the_key(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let user = active_user(accounts, "dr.release", Role::Physician, "try again", at(0)).await;
+    let fingerprint = [7u8; 32];
+    let failed = reserved(accounts, user, "key-1", fingerprint, at(1)).await;
+    accounts.release_idempotency_key(failed).await.unwrap();
+    assert_eq!(
+        scalar_count(
+            &fixture.db,
+            "SELECT COUNT(*) FROM chartlog_access_idempotency_records",
+            vec![]
+        )
+        .await,
+        0,
+        "a released claim leaves no row"
+    );
+    let retry = reserved(accounts, user, "key-1", fingerprint, at(2)).await;
+    let response = StoredResponse {
+        status: 200,
+        body: b"{}".to_vec(),
+    };
+    assert!(
+        accounts
+            .complete_idempotency_key(retry, &response, at(3))
+            .await
+            .unwrap()
+    );
+    match claim(accounts, user, "key-1", fingerprint, at(4)).await {
+        Ok(IdempotencyClaim::Replay(stored)) => assert_eq!(stored, response),
+        other => panic!("expected the stored answer, got {other:?}"),
+    }
+}
+
+/// Bug this catches: the claim of a server that crashed mid-request locking its key for the
+/// whole retention period, or a late holder overwriting the claim that took over from it.
+async fn an_abandoned_idempotency_claim_expires(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let user = active_user(
+        accounts,
+        "dr.crash",
+        Role::Physician,
+        "crashed midway",
+        at(0),
+    )
+    .await;
+    let fingerprint = [7u8; 32];
+    let bound = IDEMPOTENCY_IN_PROGRESS_TIMEOUT.as_secs() as i64;
+    let abandoned = reserved(accounts, user, "key-1", fingerprint, at(0)).await;
+    assert!(matches!(
+        claim(accounts, user, "key-1", fingerprint, at(bound - 1)).await,
+        Ok(IdempotencyClaim::InProgress)
+    ));
+    let takeover = reserved(accounts, user, "key-1", fingerprint, at(bound)).await;
+
+    // The first holder comes back late: it neither completes nor releases the new claim.
+    let late = StoredResponse {
+        status: 200,
+        body: b"late".to_vec(),
+    };
+    assert!(
+        !accounts
+            .complete_idempotency_key(abandoned, &late, at(bound + 1))
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        claim(accounts, user, "key-1", fingerprint, at(bound + 2)).await,
+        Ok(IdempotencyClaim::InProgress)
+    ));
+    let failed_late = reserved(accounts, user, "key-3", fingerprint, at(0)).await;
+    let _current = reserved(accounts, user, "key-3", fingerprint, at(bound)).await;
+    accounts.release_idempotency_key(failed_late).await.unwrap();
+    assert!(matches!(
+        claim(accounts, user, "key-3", fingerprint, at(bound + 2)).await,
+        Ok(IdempotencyClaim::InProgress)
+    ));
+
+    let answer = StoredResponse {
+        status: 200,
+        body: b"current".to_vec(),
+    };
+    assert!(
+        accounts
+            .complete_idempotency_key(takeover, &answer, at(bound + 3))
+            .await
+            .unwrap()
+    );
+    match claim(accounts, user, "key-1", fingerprint, at(bound + 4)).await {
+        Ok(IdempotencyClaim::Replay(stored)) => assert_eq!(stored, answer),
+        other => panic!("expected the second holder's answer, got {other:?}"),
+    }
+
+    // Abandoned claims are pruned like expired answers; the answer stays.
+    let grace = chartlog_access::PRUNE_GRACE.as_secs() as i64;
+    assert_eq!(accounts.prune(at(2 * bound + 1 + grace)).await.unwrap(), 1);
+    assert_eq!(
+        scalar_count(
+            &fixture.db,
+            "SELECT COUNT(*) FROM chartlog_access_idempotency_records WHERE status IS NULL",
+            vec![]
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar_count(
+            &fixture.db,
+            "SELECT COUNT(*) FROM chartlog_access_idempotency_records",
+            vec![]
+        )
+        .await,
+        1
+    );
+}
+
+/// Bug this catches: a lookup-then-insert claim that two simultaneous requests both win.
+async fn simultaneous_idempotency_claims_have_one_winner(fixture: Fixture) {
+    const RACERS: usize = 16;
+    let accounts = &fixture.accounts;
+    let user = active_user(accounts, "dr.race", Role::Physician, "all at once", at(0)).await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(RACERS));
+    let mut racers = tokio::task::JoinSet::new();
+    for _ in 0..RACERS {
+        let (accounts, start) = (accounts.clone(), start.clone());
+        racers.spawn(async move {
+            start.wait().await;
+            accounts
+                .reserve_idempotency_key(user, "key-1", [7u8; 32], at(1))
+                .await
+                .unwrap()
+        });
+    }
+    let (mut won, mut waiting) = (0, 0);
+    while let Some(outcome) = racers.join_next().await {
+        match outcome.expect("racer") {
+            IdempotencyClaim::Reserved(_) => won += 1,
+            IdempotencyClaim::InProgress => waiting += 1,
+            IdempotencyClaim::Replay(_) => panic!("nothing was answered"),
+        }
+    }
+    assert_eq!((won, waiting), (1, RACERS - 1));
 }

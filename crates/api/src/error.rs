@@ -77,6 +77,14 @@ pub enum ApiError {
         /// When the client may try again.
         retry_after_seconds: u64,
     },
+    /// The client sent more requests than its rate limit allows (see `crate::limits`).
+    #[error(
+        "too many requests from this client: over its rate limit; try again in {retry_after_seconds} seconds"
+    )]
+    RateLimited {
+        /// When the client may send again.
+        retry_after_seconds: u64,
+    },
     /// The session is not yet allowed to do this (the password must be changed, or a second
     /// factor enrolled, first).
     #[error("{reason}")]
@@ -114,6 +122,12 @@ pub enum ApiError {
         /// What conflicts.
         message: String,
     },
+    /// Another request with the same Idempotency-Key and body is still running: its answer
+    /// will be replayed to a retry.
+    #[error(
+        "a request with this Idempotency-Key is still in progress; retry after a second to get its answer (a claim left by a failed server expires after 60 seconds, and the request may then run again: check the record's version or history first)"
+    )]
+    IdempotencyKeyInProgress,
     /// `If-Match` names another version than the record's.
     #[error("the record is at version {current}, not the version {expected} named by If-Match")]
     PreconditionFailed {
@@ -157,10 +171,12 @@ impl ApiError {
             ApiError::InvalidCredentials => "invalid_credentials",
             ApiError::SecondFactorRequired => "second_factor_required",
             ApiError::Throttled { .. } => "throttled",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::SessionRestricted { .. } => "session_restricted",
             ApiError::Forbidden { .. } => "forbidden",
             ApiError::NoAccessToRecord { .. } => "no_access_to_record",
             ApiError::Unprocessable { code, .. } | ApiError::Conflict { code, .. } => code,
+            ApiError::IdempotencyKeyInProgress => "idempotency_key_in_progress",
             ApiError::PreconditionFailed { .. } => "precondition_failed",
             ApiError::Erased => "erased",
             ApiError::InvalidHeader { .. } => "invalid_header",
@@ -241,12 +257,14 @@ impl ResponseError for ApiError {
             | ApiError::SessionExpired
             | ApiError::InvalidCredentials
             | ApiError::SecondFactorRequired => StatusCode::UNAUTHORIZED,
-            ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Throttled { .. } | ApiError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::SessionRestricted { .. }
             | ApiError::Forbidden { .. }
             | ApiError::NoAccessToRecord { .. } => StatusCode::FORBIDDEN,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Conflict { .. } | ApiError::IdempotencyKeyInProgress => StatusCode::CONFLICT,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::Erased => StatusCode::GONE,
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
@@ -259,9 +277,15 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if let ApiError::Throttled {
             retry_after_seconds,
+        }
+        | ApiError::RateLimited {
+            retry_after_seconds,
         } = self
         {
             response.insert_header(("Retry-After", retry_after_seconds.to_string()));
+        }
+        if matches!(self, ApiError::IdempotencyKeyInProgress) {
+            response.insert_header(("Retry-After", "1"));
         }
         if matches!(
             self,

@@ -37,6 +37,16 @@ pub struct Caller {
 struct SessionTokenText(String);
 
 impl Caller {
+    /// A caller with this session and no token or address, for [`crate::fuzzing`], which
+    /// turns bodies into commands without a request.
+    pub(crate) fn without_request(session: Session) -> Caller {
+        Caller {
+            session,
+            client_address: None,
+            token: SessionTokenText(String::new()),
+        }
+    }
+
     /// The session's token as the client sent it.
     pub(crate) fn token(&self) -> &str {
         &self.token.0
@@ -168,6 +178,10 @@ async fn authorize(
             return Err(ApiError::SessionExpired);
         }
         Err(SessionError::Unknown | SessionError::Revoked { .. }) => {
+            // Tokens are the client's choice: one it invented is charged to its address too,
+            // before the denial is audited, so inventing tokens neither escapes the address's
+            // limit nor floods the audit trail (see `crate::limits`).
+            config.rate_limiter.check_address(client_address)?;
             audit::record(config, vec![denial(None, audit::action_of_route(route))]).await?;
             return Err(ApiError::Unauthenticated);
         }
@@ -228,7 +242,7 @@ async fn authorize(
 }
 
 /// The session token from the bearer header, or else from the session cookie.
-fn session_token(request: &ServiceRequest) -> Option<String> {
+pub(crate) fn session_token(request: &ServiceRequest) -> Option<String> {
     let bearer = request
         .headers()
         .get(AUTHORIZATION)

@@ -23,15 +23,23 @@
 //! neither the message nor any log line carries PHI: request bodies are never logged, and
 //! request logs name the matched route pattern, never the raw path or query.
 //!
-//! **Invariant:** request bodies are bounded by [`REQUEST_BODY_BYTES_MAX`].
+//! **Invariant:** request bodies are bounded by [`REQUEST_BODY_BYTES_MAX`], with or without a
+//! `Content-Length`; a larger one gets 413 in the error shape above.
+//!
+//! **Invariant:** every client (its session, else its address) is held to one rate limit
+//! ([`limits`]); a client over it gets 429 with `Retry-After`, and other clients do not notice.
+//! The health probes are exempt.
 //!
 //! The crate assumes a Unix host: private key files are created with mode 0600.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
 mod handlers;
+pub mod limits;
 mod middleware;
 pub mod notify;
 pub mod openapi;
@@ -87,6 +95,8 @@ pub struct ApiConfig {
     pub read_models: chartlog_projections::db::ProjectionDb,
     /// How clients reach this server, e.g. `https://127.0.0.1:8443`: links in notifications.
     pub public_base_url: String,
+    /// The per-client rate limit, shared by all workers (one `Arc` for the whole server).
+    pub rate_limiter: Arc<limits::ClientRateLimiter>,
 }
 
 /// The current time, as the domain counts it (the domain itself never reads the clock).
@@ -115,11 +125,17 @@ pub fn app(
     >,
 > {
     let transport = config.transport;
+    let rate_limiter = Arc::clone(&config.rate_limiter);
     App::new()
         .app_data(web::Data::from(config.readiness.clone()))
         .app_data(web::Data::new(config))
         .configure(configure)
         .default_service(web::to(handlers::meta::not_found))
+        // Inside the security headers, so a 429 carries them too; outside everything else,
+        // so a refused request costs no routing, session lookup or body read.
+        .wrap(actix_web::middleware::from_fn(move |request, next| {
+            limits::limit_rate(Arc::clone(&rate_limiter), request, next)
+        }))
         .wrap(actix_web::middleware::from_fn(move |request, next| {
             middleware::security_headers(transport, request, next)
         }))

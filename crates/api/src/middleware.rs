@@ -2,15 +2,17 @@
 
 use std::time::Instant;
 
+use actix_web::ResponseError;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::error::PayloadError;
 use actix_web::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, HeaderName, HeaderValue, REFERRER_POLICY,
     STRICT_TRANSPORT_SECURITY, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
 };
 use actix_web::middleware::Next;
 
-use crate::Transport;
+use crate::{ApiError, REQUEST_BODY_BYTES_MAX, Transport};
 
 /// Headers sent on every response. The API serves JSON to programs, never pages, so the
 /// strictest values cost nothing: no caching of PHI by browsers or proxies, no framing, no
@@ -44,7 +46,7 @@ pub(crate) async fn security_headers(
     // Inner middleware must turn its errors into responses (`ServiceResponse::from_err`), as
     // handlers and extractors already do: an `Err` here has no request left to answer with,
     // so actix would render it without these headers. Nothing inside returns one today.
-    let mut response = next.call(request).await?.map_into_boxed_body();
+    let mut response = in_error_shape(next.call(request).await?.map_into_boxed_body());
 
     let headers = response.headers_mut();
     for (name, value) in SECURITY_HEADERS {
@@ -62,4 +64,25 @@ pub(crate) async fn security_headers(
         "request served"
     );
     Ok(response)
+}
+
+/// Renders body-reading failures in our error shape. Handlers read bodies with `web::Bytes`,
+/// whose extractor (unlike `web::Json`'s) takes no error handler: actix would answer an
+/// oversized body with its own plain-text 413.
+fn in_error_shape(response: ServiceResponse<BoxBody>) -> ServiceResponse<BoxBody> {
+    let payload_error = response
+        .response()
+        .error()
+        .and_then(|error| error.as_error::<PayloadError>());
+    let replacement = match payload_error {
+        None => return response,
+        // Raised before reading when Content-Length says too much, and while reading when
+        // a chunked body grows past the limit.
+        Some(PayloadError::Overflow) => ApiError::PayloadTooLarge {
+            limit_bytes: REQUEST_BODY_BYTES_MAX,
+        },
+        Some(_) => ApiError::BodyUnreadable,
+    };
+    let (request, _) = response.into_parts();
+    ServiceResponse::new(request, replacement.error_response())
 }

@@ -20,6 +20,8 @@ pub mod checkpoints;
 pub mod conformance;
 mod error;
 mod event_store;
+#[doc(hidden)]
+pub mod fuzzing;
 mod keys;
 pub mod ledger;
 mod row;

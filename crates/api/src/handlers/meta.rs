@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use actix_web::{HttpResponse, web};
+use actix_web::http::header::{ALLOW, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::Serialize;
 
 use crate::{ApiError, ReadinessProbe};
@@ -54,6 +55,19 @@ pub(crate) async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound)
 }
 
-pub(crate) async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+/// 405 with the `Allow` header RFC 9110 requires: the methods the route table mounts on the
+/// matched path.
+pub(crate) async fn method_not_allowed(request: HttpRequest) -> HttpResponse {
+    let pattern = request.match_pattern();
+    let allow = crate::routes::ROUTES
+        .iter()
+        .filter(|route| pattern.as_deref() == Some(route.path))
+        .map(|route| route.verb.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut response = ApiError::MethodNotAllowed.error_response();
+    if let Ok(value) = HeaderValue::from_str(&allow) {
+        response.headers_mut().insert(ALLOW, value);
+    }
+    response
 }

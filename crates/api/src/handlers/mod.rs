@@ -7,10 +7,12 @@ pub(crate) mod meta;
 pub(crate) mod oversight;
 pub(crate) mod patients;
 
+use std::time::Duration;
+
 use actix_web::http::StatusCode;
 use actix_web::http::header::HeaderMap;
 use actix_web::{HttpResponse, web};
-use chartlog_access::{IdempotencyError, StoredResponse};
+use chartlog_access::{IdempotencyClaim, IdempotencyError, StoredResponse};
 use chartlog_domain::{Actor, PatientId};
 use chartlog_projections::audit::{AuditAction, AuditOutcome, AuditRow};
 use chartlog_store::{LedgerError, LoadedPatient};
@@ -170,9 +172,22 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
     Ok(Some(key.to_owned()))
 }
 
+/// How long a request waits for another request with its key and body to answer, before it
+/// is told to retry: long enough for a command on a busy server, well inside a client's
+/// own timeout.
+const IDEMPOTENCY_WAIT: Duration = Duration::from_secs(5);
+/// The first pause between looks at a key in progress; it doubles up to the longest.
+const IDEMPOTENCY_POLL_FIRST: Duration = Duration::from_millis(10);
+const IDEMPOTENCY_POLL_LONGEST: Duration = Duration::from_millis(200);
+
 /// Runs `work` at most once per (user, Idempotency-Key): a retry with the same key and the
 /// same request gets the stored response; the same key on another request is refused.
 /// Without the header, `work` simply runs.
+///
+/// The key is claimed before `work` runs, so of simultaneous requests with one key only one
+/// acts; the others wait for its answer and replay it, or, if it takes longer than
+/// [`IDEMPOTENCY_WAIT`], are answered 409 `idempotency_key_in_progress`. A failure (any
+/// error `work` returns) is not kept: the claim is given up and a retry runs again.
 pub(crate) async fn idempotent<F>(
     config: &ApiConfig,
     caller: &Caller,
@@ -193,32 +208,55 @@ where
         hasher.update(part);
     }
     let fingerprint: [u8; 32] = hasher.finalize().into();
-    let now = crate::now();
-    match config
-        .accounts
-        .idempotent_replay(caller.session.user_id, &key, fingerprint, now)
-        .await
-    {
-        Ok(Some(stored)) => {
-            let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-            return Ok(HttpResponse::build(status)
-                .insert_header(("Idempotent-Replayed", "true"))
-                .content_type("application/json")
-                .body(stored.body));
+    let user = caller.session.user_id;
+    let deadline = tokio::time::Instant::now() + IDEMPOTENCY_WAIT;
+    let mut pause = IDEMPOTENCY_POLL_FIRST;
+    let reservation = loop {
+        match config
+            .accounts
+            .reserve_idempotency_key(user, &key, fingerprint, crate::now())
+            .await
+        {
+            Ok(IdempotencyClaim::Reserved(reservation)) => break reservation,
+            Ok(IdempotencyClaim::Replay(stored)) => {
+                let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+                return Ok(HttpResponse::build(status)
+                    .insert_header(("Idempotent-Replayed", "true"))
+                    .content_type("application/json")
+                    .body(stored.body));
+            }
+            Ok(IdempotencyClaim::InProgress) => {
+                if tokio::time::Instant::now() + pause > deadline {
+                    return Err(ApiError::IdempotencyKeyInProgress);
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(IDEMPOTENCY_POLL_LONGEST);
+            }
+            Err(IdempotencyError::KeyReusedForDifferentRequest) => {
+                return Err(ApiError::Conflict {
+                    code: "idempotency_key_reused",
+                    message: "this Idempotency-Key was used for a different request".to_owned(),
+                });
+            }
+            Err(other) => {
+                tracing::error!(error = %other, "idempotency lookup failed");
+                return Err(ApiError::Internal);
+            }
         }
-        Ok(None) => {}
-        Err(IdempotencyError::KeyReusedForDifferentRequest) => {
-            return Err(ApiError::Conflict {
-                code: "idempotency_key_reused",
-                message: "this Idempotency-Key was used for a different request".to_owned(),
-            });
+    };
+    // If this future is dropped while `work` runs (the client went away), the claim is
+    // neither completed nor released: whether the command committed is unknown, so the key
+    // stays locked until the claim expires rather than risk acting twice.
+    let (status, body) = match work.await {
+        Ok(answer) => answer,
+        Err(error) => {
+            if let Err(release_error) = config.accounts.release_idempotency_key(reservation).await {
+                // The claim expires on its own; until then a retry is told to wait.
+                tracing::error!(error = %release_error, "idempotency claim not released");
+            }
+            return Err(error);
         }
-        Err(other) => {
-            tracing::error!(error = %other, "idempotency lookup failed");
-            return Err(ApiError::Internal);
-        }
-    }
-    let (status, body) = work.await?;
+    };
     let bytes = serde_json::to_vec(&body).map_err(internal("response encoding"))?;
     let stored = StoredResponse {
         status: status.as_u16(),
@@ -226,12 +264,16 @@ where
     };
     // The command is committed: failing to remember the answer must not turn it into an
     // error the client would retry without the key's protection. Log and answer.
-    if let Err(error) = config
+    match config
         .accounts
-        .remember_response(caller.session.user_id, &key, fingerprint, &stored, now)
+        .complete_idempotency_key(reservation, &stored, crate::now())
         .await
     {
-        tracing::error!(error = %error, "idempotent response not stored");
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "idempotent response not stored: the claim on its key expired and was taken over"
+        ),
+        Err(error) => tracing::error!(error = %error, "idempotent response not stored"),
     }
     Ok(HttpResponse::build(status)
         .content_type("application/json")

@@ -1,0 +1,566 @@
+//! Attacks on authentication, against the real binary over HTTPS: password guessing is
+//! throttled per account and per client address, an attacker cannot tell unknown accounts from
+//! wrong passwords (by answer or by timing), and a session stolen before a logout, a disable, a
+//! password change or a second-factor reset is worth nothing afterwards.
+
+#[allow(dead_code)]
+#[path = "support/api_client.rs"]
+mod api_client;
+#[path = "support/fresh_postgres.rs"]
+mod fresh_postgres;
+#[allow(dead_code)]
+mod support;
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use api_client::{Api, first_administrator_password, https_client_from, passphrase};
+use fresh_postgres::FreshPostgresDatabase;
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+use support::{Server, TestDir};
+
+/// The server's limits (`chartlog_access::settings`): failed logins per account name, and per
+/// client address, within 15 minutes.
+const FAILURES_PER_ACCOUNT_MAX: usize = 5;
+const FAILURES_PER_ADDRESS_MAX: usize = 20;
+
+/// The tests of this file take turns: the timing comparison must not share the two cores
+/// with another test's password hashing, and the others lose nothing by waiting.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A client whose connections come from `127.a.b.c`: the loopback /8 gives a test as many
+/// client addresses as it needs, so per-address throttling can be exercised and avoided.
+fn client_from(dir: &TestDir, address: [u8; 3]) -> Client {
+    let certificate = fs::read(dir.certificate_path()).expect("certificate");
+    let ip = IpAddr::V4(Ipv4Addr::new(127, address[0], address[1], address[2]));
+    https_client_from(&certificate, ip)
+}
+
+async fn login(
+    client: &Client,
+    server: &Server,
+    username: &str,
+    password: &str,
+) -> reqwest::Response {
+    client
+        .post(server.url("/auth/login"))
+        .json(&json!({ "username": username, "password": password }))
+        .send()
+        .await
+        .expect("login request")
+}
+
+async fn status_and_code(response: reqwest::Response) -> (StatusCode, String) {
+    let status = response.status();
+    let body: Value = response.json().await.expect("JSON error body");
+    (
+        status,
+        body["error"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Starts a server, logs the administrator in, and creates `names` as auditors (a role with no
+/// second factor, so the password alone decides a login). With `set_passwords` each account
+/// logs in once to replace its one-time password with [`passphrase`].
+async fn setup<'a>(
+    server: &'a Server,
+    dir: &TestDir,
+    names: &[String],
+    set_passwords: bool,
+) -> (Api<'a>, String, Vec<String>) {
+    let api = Api::new(server, client_from(dir, [0, 0, 1]));
+    let admin_password = first_administrator_password(server, dir.data_dir());
+    let admin = api.first_login("admin", &admin_password).await.token;
+    let mut ids = Vec::new();
+    for name in names {
+        let (id, one_time) = api.create_user(&admin, name, "auditor", None).await;
+        if set_passwords {
+            api.first_login(name, &one_time).await;
+        }
+        ids.push(id);
+    }
+    (api, admin, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_guessing_is_throttled_per_account_and_per_address() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), &[]);
+    let names = ["victim.vera", "bystander.bo"].map(str::to_owned);
+    let (_api, _admin, _) = setup(&server, &dir, &names, true).await;
+    let attacker = client_from(&dir, [0, 0, 2]);
+
+    for attempt in 1..=FAILURES_PER_ACCOUNT_MAX {
+        let answer = status_and_code(login(&attacker, &server, "victim.vera", "guess").await).await;
+        assert_eq!(
+            answer,
+            (StatusCode::UNAUTHORIZED, "invalid_credentials".to_owned()),
+            "guess {attempt}"
+        );
+    }
+    let throttled = login(&attacker, &server, "victim.vera", "guess").await;
+    assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = throttled
+        .headers()
+        .get("retry-after")
+        .expect("Retry-After")
+        .to_str()
+        .expect("ASCII")
+        .parse()
+        .expect("seconds");
+    assert!((1..=15 * 60).contains(&retry_after), "{retry_after}");
+    assert_eq!(status_and_code(throttled).await.1, "throttled");
+
+    // The right password does not get through while the account is throttled, from the
+    // attacker's address or any other: the limit is on the account name.
+    for client in [&attacker, &client_from(&dir, [0, 0, 3])] {
+        let answer = login(client, &server, "victim.vera", &passphrase("victim.vera")).await;
+        assert_eq!(
+            status_and_code(answer).await,
+            (StatusCode::TOO_MANY_REQUESTS, "throttled".to_owned())
+        );
+    }
+    // Another account, even from the attacker's address (5 failures, under its limit), is
+    // not affected.
+    let answer = login(
+        &attacker,
+        &server,
+        "bystander.bo",
+        &passphrase("bystander.bo"),
+    )
+    .await;
+    assert_eq!(answer.status(), StatusCode::OK);
+
+    // Per address: guesses spread over many account names, each under its own limit, still
+    // run into the address's limit; then even a right password from that address waits,
+    // while the same account from another address logs in.
+    let sprayer = client_from(&dir, [0, 0, 4]);
+    for attempt in 1..=FAILURES_PER_ADDRESS_MAX {
+        let name = format!("spray.{attempt:03}");
+        let answer = status_and_code(login(&sprayer, &server, &name, "guess").await).await;
+        assert_eq!(
+            answer,
+            (StatusCode::UNAUTHORIZED, "invalid_credentials".to_owned()),
+            "spray {attempt}"
+        );
+    }
+    let answer = login(
+        &sprayer,
+        &server,
+        "bystander.bo",
+        &passphrase("bystander.bo"),
+    )
+    .await;
+    assert_eq!(
+        status_and_code(answer).await,
+        (StatusCode::TOO_MANY_REQUESTS, "throttled".to_owned())
+    );
+    let elsewhere = client_from(&dir, [0, 0, 5]);
+    let answer = login(
+        &elsewhere,
+        &server,
+        "bystander.bo",
+        &passphrase("bystander.bo"),
+    )
+    .await;
+    assert_eq!(answer.status(), StatusCode::OK);
+}
+
+/// One login attempt's answer, and how long the client waited for all of it.
+struct Trial {
+    status: StatusCode,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    elapsed: Duration,
+}
+
+async fn timed_login(client: &Client, server: &Server, username: &str, password: &str) -> Trial {
+    let started = Instant::now();
+    let response = login(client, server, username, password).await;
+    let status = response.status();
+    let mut headers: Vec<(String, Vec<u8>)> = response
+        .headers()
+        .iter()
+        // The only header allowed to differ: the time of the answer.
+        .filter(|(name, _)| name.as_str() != "date")
+        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+        .collect();
+    headers.sort();
+    let body = response.bytes().await.expect("body").to_vec();
+    Trial {
+        status,
+        headers,
+        body,
+        elapsed: started.elapsed(),
+    }
+}
+
+fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    let middle = samples.len() / 2;
+    if samples.len().is_multiple_of(2) {
+        (samples[middle - 1] + samples[middle]) / 2
+    } else {
+        samples[middle]
+    }
+}
+
+/// Trials of each kind per round.
+const ENUMERATION_TRIALS: usize = 200;
+/// Rounds at most: a round adds trials only when the medians so far differ by the limit or
+/// more, so noise from other work on a shared machine averages out while a real difference
+/// (a skipped password hash costs tens of milliseconds) fails every round.
+const ENUMERATION_ROUNDS_MAX: usize = 5;
+const TIMING_DIFFERENCE_MAX: Duration = Duration::from_millis(5);
+/// Failed logins per account name in the wrong-password trials: under the account limit.
+const TRIALS_PER_ACCOUNT: usize = FAILURES_PER_ACCOUNT_MAX - 1;
+/// Trial pairs per client address: two failures each, under the address limit.
+const PAIRS_PER_ADDRESS: usize = (FAILURES_PER_ADDRESS_MAX - 1) / 2;
+const WARM_UP_PAIRS: usize = PAIRS_PER_ADDRESS;
+
+/// Clients from fresh addresses `127.1.round.n`, each with its TLS connection already open,
+/// so no handshake lands inside a timed trial.
+async fn fresh_clients(dir: &TestDir, server: &Server, round: usize, count: usize) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for index in 0..count {
+        let client = client_from(
+            dir,
+            [
+                1,
+                u8::try_from(round).expect("few rounds"),
+                u8::try_from(index + 1).expect("few clients"),
+            ],
+        );
+        let health = client
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .expect("healthz");
+        assert_eq!(health.status(), StatusCode::OK);
+        clients.push(client);
+    }
+    clients
+}
+
+/// One unknown name and one existing name with a wrong password, in an order that alternates
+/// so a drift in load hits both alike; answers (unknown, wrong password).
+async fn trial_pair(
+    client: &Client,
+    server: &Server,
+    pair: usize,
+    ghost: &str,
+    existing: &str,
+) -> (Trial, Trial) {
+    if pair.is_multiple_of(2) {
+        let unknown = timed_login(client, server, ghost, "a wrong password").await;
+        let wrong = timed_login(client, server, existing, "a wrong password").await;
+        (unknown, wrong)
+    } else {
+        let wrong = timed_login(client, server, existing, "a wrong password").await;
+        let unknown = timed_login(client, server, ghost, "a wrong password").await;
+        (unknown, wrong)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_accounts_and_wrong_passwords_look_the_same() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), &[]);
+    let (api, admin, _) = setup(&server, &dir, &[], false).await;
+
+    // Names of one length, existing or not, so nothing but existence differs. Accounts keep
+    // their one-time passwords, which a guess never matches, and none reaches the account
+    // limit; each client address stays under the address limit.
+    let accounts_per_round = ENUMERATION_TRIALS.div_ceil(TRIALS_PER_ACCOUNT);
+    let mut unknown: Vec<Trial> = Vec::new();
+    let mut wrong: Vec<Trial> = Vec::new();
+    let mut disabled_id = None;
+    let mut last_account = String::new();
+    for round in 0..ENUMERATION_ROUNDS_MAX {
+        let mut names = Vec::new();
+        for index in 0..accounts_per_round {
+            let name = format!("usr{round}.{index:03}");
+            let (id, _) = api.create_user(&admin, &name, "auditor", None).await;
+            disabled_id = Some(id);
+            last_account.clone_from(&name);
+            names.push(name);
+        }
+        let warm_up_pairs = if round == 0 { WARM_UP_PAIRS } else { 0 };
+        let mut warm_up_accounts = Vec::new();
+        for index in 0..warm_up_pairs.div_ceil(TRIALS_PER_ACCOUNT) {
+            let name = format!("wrm{round}.{index:03}");
+            api.create_user(&admin, &name, "auditor", None).await;
+            warm_up_accounts.push(name);
+        }
+        let clients = fresh_clients(
+            &dir,
+            &server,
+            round,
+            (ENUMERATION_TRIALS + warm_up_pairs).div_ceil(PAIRS_PER_ADDRESS),
+        )
+        .await;
+        // The warm-up pairs go first and are dropped: the first unknown name builds the
+        // server's dummy hash, and caches fill.
+        for pair in 0..warm_up_pairs + ENUMERATION_TRIALS {
+            let client = &clients[pair / PAIRS_PER_ADDRESS];
+            let ghost = format!("gst{round}.{pair:03}");
+            if pair < warm_up_pairs {
+                let existing = &warm_up_accounts[pair / TRIALS_PER_ACCOUNT];
+                trial_pair(client, &server, pair, &ghost, existing).await;
+                continue;
+            }
+            let timed = pair - warm_up_pairs;
+            let existing = &names[timed / TRIALS_PER_ACCOUNT];
+            let (a, b) = trial_pair(client, &server, pair, &ghost, existing).await;
+            unknown.push(a);
+            wrong.push(b);
+        }
+        let (unknown_median, wrong_median) = medians(&unknown, &wrong);
+        // Reported, not asserted: the median of the differences within each pair, which a
+        // change of load between pairs does not move.
+        let mut paired: Vec<f64> = unknown
+            .iter()
+            .zip(&wrong)
+            .map(|(u, w)| u.elapsed.as_secs_f64() - w.elapsed.as_secs_f64())
+            .collect();
+        paired.sort_by(f64::total_cmp);
+        eprintln!(
+            "round {round}: median login answer over {} trials each: unknown account \
+             {unknown_median:?}, wrong password {wrong_median:?}; median paired difference \
+             {:.2} ms",
+            unknown.len(),
+            paired[paired.len() / 2] * 1000.0
+        );
+        if unknown_median.abs_diff(wrong_median) < TIMING_DIFFERENCE_MAX {
+            break;
+        }
+    }
+
+    let reference = &unknown[0];
+    assert_eq!(reference.status, StatusCode::UNAUTHORIZED);
+    let body: Value = serde_json::from_slice(&reference.body).expect("JSON");
+    assert_eq!(body["error"], "invalid_credentials");
+    // A disabled account answers like an unknown one.
+    api.post(
+        &format!("/users/{}/disable", disabled_id.expect("an account")),
+        &admin,
+        json!({}),
+    )
+    .await
+    .expect(StatusCode::NO_CONTENT);
+    let from_disabled = timed_login(
+        &client_from(&dir, [2, 0, 1]),
+        &server,
+        &last_account,
+        "a wrong password",
+    )
+    .await;
+    for (index, trial) in unknown
+        .iter()
+        .chain(&wrong)
+        .chain([&from_disabled])
+        .enumerate()
+    {
+        assert_eq!(trial.status, reference.status, "trial {index}");
+        assert_eq!(
+            trial.body,
+            reference.body,
+            "trial {index}: {}",
+            String::from_utf8_lossy(&trial.body)
+        );
+        assert_eq!(trial.headers, reference.headers, "trial {index}");
+    }
+
+    // The control that shows the measurement can see a skipped password hash: a malformed
+    // second-factor code is refused before any account is looked up or any hash computed
+    // (for every name alike, so it tells nothing), with the same body.
+    let control_client = client_from(&dir, [2, 0, 2]);
+    let mut skipped_hash = Vec::new();
+    for _ in 0..40 {
+        let started = Instant::now();
+        let response = control_client
+            .post(server.url("/auth/login"))
+            .json(&json!({
+                "username": last_account,
+                "password": "a wrong password",
+                "second_factor": "not a code",
+            }))
+            .send()
+            .await
+            .expect("login request");
+        let status = response.status();
+        let body = response.bytes().await.expect("body");
+        skipped_hash.push(started.elapsed());
+        assert_eq!(status, reference.status);
+        assert_eq!(body.as_ref(), reference.body.as_slice());
+    }
+    let skipped_median = median(&mut skipped_hash);
+    let (unknown_median, wrong_median) = medians(&unknown, &wrong);
+    eprintln!("control: an answer with no password hash, median {skipped_median:?}");
+    assert!(
+        wrong_median.saturating_sub(skipped_median) > TIMING_DIFFERENCE_MAX,
+        "the control: a hash costs more than the limit ({skipped_median:?} without one, \
+         {wrong_median:?} with), or the timing assertion could not fail"
+    );
+    assert!(
+        unknown_median.abs_diff(wrong_median) < TIMING_DIFFERENCE_MAX,
+        "over {} trials each, an unknown account answers in {unknown_median:?} (median), a \
+         wrong password in {wrong_median:?}: the timing tells them apart",
+        unknown.len()
+    );
+}
+
+fn medians(unknown: &[Trial], wrong: &[Trial]) -> (Duration, Duration) {
+    let mut unknown: Vec<Duration> = unknown.iter().map(|t| t.elapsed).collect();
+    let mut wrong: Vec<Duration> = wrong.iter().map(|t| t.elapsed).collect();
+    (median(&mut unknown), median(&mut wrong))
+}
+
+/// `GET /auth/session` with `token` as a bearer token and, separately, as the session cookie.
+async fn session_statuses(api: &Api<'_>, token: &str) -> (StatusCode, StatusCode) {
+    let bearer = api.get("/auth/session", token).await.status;
+    let cookie = api
+        .call(
+            Method::GET,
+            "/auth/session",
+            None,
+            None,
+            &[("cookie", format!("chartlog_session={token}"))],
+        )
+        .await
+        .status;
+    (bearer, cookie)
+}
+
+#[track_caller]
+fn assert_ended(statuses: (StatusCode, StatusCode), after: &str) {
+    assert_eq!(
+        statuses,
+        (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED),
+        "a session kept from before {after} still works (bearer, cookie)"
+    );
+}
+
+async fn fresh_session(api: &Api<'_>, username: &str) -> String {
+    api.login(username, &passphrase(username), None)
+        .await
+        .expect(StatusCode::OK)
+        .json()["token"]
+        .as_str()
+        .expect("token")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_session_stays_ended_on_sqlite() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    an_ended_session_stays_ended(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_session_stays_ended_on_postgres() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let database = FreshPostgresDatabase::create().await;
+    an_ended_session_stays_ended(&["--database-url", &database.url]).await;
+    database.drop().await;
+}
+
+async fn an_ended_session_stays_ended(extra_args: &[&str]) {
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), extra_args);
+    let names = ["aud.logout", "aud.disabled", "aud.changes", "aud.reset"].map(str::to_owned);
+    let (api, admin, ids) = setup(&server, &dir, &names, true).await;
+
+    // Logout: the session and a copy of its token (a cookie kept by another tab) both end.
+    let token = fresh_session(&api, "aud.logout").await;
+    assert_eq!(
+        session_statuses(&api, &token).await,
+        (StatusCode::OK, StatusCode::OK)
+    );
+    api.post("/auth/logout", &token, json!({}))
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    assert_ended(session_statuses(&api, &token).await, "logout");
+    api.get("/audit-trail", &token)
+        .await
+        .expect(StatusCode::UNAUTHORIZED);
+
+    // Disable: every session of the account ends at once, and no new one opens.
+    let token = fresh_session(&api, "aud.disabled").await;
+    api.get("/audit-trail", &token).await.expect(StatusCode::OK);
+    api.post(&format!("/users/{}/disable", ids[1]), &admin, json!({}))
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    assert_ended(
+        session_statuses(&api, &token).await,
+        "the account was disabled",
+    );
+    api.get("/audit-trail", &token)
+        .await
+        .expect(StatusCode::UNAUTHORIZED);
+    api.login("aud.disabled", &passphrase("aud.disabled"), None)
+        .await
+        .expect(StatusCode::UNAUTHORIZED);
+
+    // Password change: the session that changed it and any other (a stolen one) both end.
+    let stolen = fresh_session(&api, "aud.changes").await;
+    let own = fresh_session(&api, "aud.changes").await;
+    api.post(
+        "/auth/password",
+        &own,
+        json!({
+            "current_password": passphrase("aud.changes"),
+            "new_password": "an entirely different passphrase 4417",
+        }),
+    )
+    .await
+    .expect(StatusCode::NO_CONTENT);
+    assert_ended(session_statuses(&api, &stolen).await, "a password change");
+    assert_ended(session_statuses(&api, &own).await, "a password change");
+    api.get("/audit-trail", &stolen)
+        .await
+        .expect(StatusCode::UNAUTHORIZED);
+
+    // An administrator's password reset ends the account's sessions too.
+    let token = fresh_session(&api, "aud.reset").await;
+    api.post(
+        &format!("/users/{}/password-reset", ids[3]),
+        &admin,
+        json!({}),
+    )
+    .await
+    .expect(StatusCode::OK);
+    assert_ended(session_statuses(&api, &token).await, "a password reset");
+
+    // Second-factor reset: a physician's full session, opened with TOTP, ends.
+    let (physician_id, one_time) = api
+        .create_user(&admin, "dr.second", "physician", None)
+        .await;
+    let physician = api.first_login("dr.second", &one_time).await;
+    assert!(physician.totp_secret.is_some(), "physicians enroll TOTP");
+    assert_eq!(
+        session_statuses(&api, &physician.token).await,
+        (StatusCode::OK, StatusCode::OK)
+    );
+    api.post(
+        &format!("/users/{physician_id}/second-factor-reset"),
+        &admin,
+        json!({}),
+    )
+    .await
+    .expect(StatusCode::NO_CONTENT);
+    assert_ended(
+        session_statuses(&api, &physician.token).await,
+        "a second-factor reset",
+    );
+    api.get(
+        "/patients/00000000-0000-7000-8000-000000000000/chart",
+        &physician.token,
+    )
+    .await
+    .expect(StatusCode::UNAUTHORIZED);
+}
