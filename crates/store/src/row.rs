@@ -10,8 +10,8 @@ use uuid::Uuid;
 use crate::{RecordedEvent, StoreError, StreamHead};
 
 /// One row of `chartlog_events`, as both dialects return it.
-#[derive(sqlx::FromRow)]
-pub(crate) struct EventRow {
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
     pub position: i64,
     pub stream_id: String,
     pub stream_version: i64,
