@@ -34,7 +34,7 @@ use chartlog_crypto::{
     DataKeys, INDEX_KEY_FILE_NAME, KeyRing, KeyStore, SignatureVerifier, load_or_create_key_files,
     load_or_create_mac_key,
 };
-use chartlog_projections::audit::AuditTrailProjection;
+use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome, AuditTrailProjection};
 use chartlog_projections::chart::ChartProjection;
 use chartlog_projections::db::{ProjectionDb, SqlArg};
 use chartlog_projections::deid::{DEID_KEY_FILE_NAME, DeidentifiedProjection, Pseudonymizer};
@@ -86,7 +86,8 @@ enum Command {
     Serve(ServeArgs),
     /// Apply database migrations, then exit.
     Migrate(StorageArgs),
-    /// Rebuild read models from the event log (position 0), then exit.
+    /// Rebuild read models from the event log (position 0), then exit. Recorded on the audit
+    /// trail, with the command-line operator as the actor.
     Rebuild(RebuildArgs),
     /// Manage user accounts (the administrator's endpoints do the same over HTTP).
     #[command(subcommand)]
@@ -800,7 +801,8 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     let location = args.storage.database_location();
     tracing::info!(database = location.describe(), "rebuild");
     create_data_dir(&args.storage.data_dir)?;
-    let mut keys = projection_keys(&args.storage.data_dir.join(KEY_DIR_NAME))?;
+    let key_dir = args.storage.data_dir.join(KEY_DIR_NAME);
+    let mut keys = projection_keys(&key_dir)?;
     // Checked before the database is opened: a typo should cost nothing.
     if let Some(name) = &args.name {
         let known: Vec<&str> = keys.projections.iter().map(|p| p.name()).collect();
@@ -828,9 +830,26 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
             rebuild_with(Arc::new(store.clone()), key_store, db, keys).await
         }
     };
+    let seconds = started.elapsed().as_secs_f64();
+    // A rebuild decrypts every patient's events, so it is on the audit trail, failed attempts
+    // too. As for a backup or a de-identified export, the row is written after the work, when
+    // its outcome is known; it is therefore not among the events the summary counts.
+    let outcome = if rebuilt.is_ok() {
+        AuditOutcome::Success
+    } else {
+        AuditOutcome::Failure
+    };
+    let audited = wiring::audit_operator_action(
+        &database,
+        &key_dir,
+        AuditEntity::ReadModels,
+        AuditAction::Create,
+        outcome,
+    )
+    .await;
     database.close().await;
     let events = rebuilt?;
-    let seconds = started.elapsed().as_secs_f64();
+    audited?;
     tracing::info!(projection = label, events, seconds, "rebuilt");
     let mut stdout = std::io::stdout().lock();
     if args.json {

@@ -124,8 +124,8 @@ pub fn records(database: &Database, key_dir: &Path) -> anyhow::Result<Arc<dyn Re
     records_and_audit(database, key_dir).map(|(records, _audit)| records)
 }
 
-/// Records one operator action (a backup, a restore, an export) in the signed audit log, with
-/// the command-line operator as the actor, and returns once it is durable.
+/// Records one operator action (a backup, a restore, an export, a rebuild) in the signed audit
+/// log, with the command-line operator as the actor, and returns once it is durable.
 pub async fn audit_operator_action(
     database: &Database,
     key_dir: &Path,

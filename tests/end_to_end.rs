@@ -344,10 +344,13 @@ fn rebuild_runs_every_projection_on_an_empty_log() {
         "{summary}"
     );
 
+    // The summary counts the events of the log the rebuild went through. Each rebuild records
+    // itself on an audit stream after its work: the first one's record is not among the events
+    // it counted, and is the one event the second goes through.
     let output = run_chartlog("rebuild", dir.data_dir(), &["deidentified"]);
     assert!(output.status.success(), "rebuild one: {output:?}");
     assert!(
-        String::from_utf8_lossy(&output.stdout).starts_with("rebuilt deidentified: 0 events"),
+        String::from_utf8_lossy(&output.stdout).starts_with("rebuilt deidentified: 1 events"),
         "{output:?}"
     );
     let keys = dir.data_dir().join("keys");

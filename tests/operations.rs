@@ -342,8 +342,15 @@ async fn rotate_kek_rewraps_every_data_key_and_finishes_an_interrupted_rotation(
     // The projections open every event through the rotated keys.
     let rebuilt = succeeds_json(&["rebuild"], data_dir, &[]);
     assert_eq!(rebuilt["events"], 3 * EVENTS_PER_PATIENT);
+    // The rebuild recorded itself on an audit stream sealed under a data key of its own,
+    // wrapped under the active KEK: from here on the rotations re-wrap it with the patients'.
+    let data_keys = 3 + 1;
+    assert_eq!(
+        wrapping_keks(data_dir).await,
+        vec![second_kek.clone(); data_keys]
+    );
 
-    // An interrupted rotation: the new KEK was saved active and one data key of three was
+    // An interrupted rotation: the new KEK was saved active and one data key of four was
     // re-wrapped under it when the process died.
     let third_kek = KekId::generate();
     {
@@ -376,26 +383,29 @@ async fn rotate_kek_rewraps_every_data_key_and_finishes_an_interrupted_rotation(
     let resumed = succeeds_json(&["keys", "rotate-kek"], data_dir, &[]);
     assert_eq!(resumed["resumed"], true, "{resumed}");
     assert_eq!(resumed["active_kek_id"], third_kek.as_str());
-    assert_eq!(resumed["rewrapped_data_keys"], 2);
+    assert_eq!(resumed["rewrapped_data_keys"], data_keys - 1);
     let (active, keks) = kek_ids(data_dir);
     assert_eq!(active, third_kek.as_str());
     assert_eq!(keks.len(), 3, "resuming makes no new KEK");
     assert_eq!(
         wrapping_keks(data_dir).await,
-        vec![third_kek.as_str().to_owned(); 3]
+        vec![third_kek.as_str().to_owned(); data_keys]
     );
     assert_patients_open(data_dir, &patients).await;
 
     // A new rotation that retires the older KEKs.
     let retired = succeeds_json(&["keys", "rotate-kek"], data_dir, &["--retire-old"]);
     assert_eq!(retired["resumed"], false);
-    assert_eq!(retired["rewrapped_data_keys"], 3);
+    assert_eq!(retired["rewrapped_data_keys"], data_keys);
     assert_eq!(retired["retired_kek_ids"].as_array().map(Vec::len), Some(3));
     let (active, keks) = kek_ids(data_dir);
     assert_eq!(keks, vec![active.clone()]);
-    assert_eq!(wrapping_keks(data_dir).await, vec![active; 3]);
+    assert_eq!(wrapping_keks(data_dir).await, vec![active; data_keys]);
     assert_patients_open(data_dir, &patients).await;
-    assert!(succeeds(&["keys", "show"], data_dir, &[]).contains("wraps 3 data keys"));
+    assert!(
+        succeeds(&["keys", "show"], data_dir, &[])
+            .contains(&format!("wraps {data_keys} data keys"))
+    );
     succeeds(&["verify"], data_dir, &[]);
 }
 
@@ -1019,6 +1029,113 @@ async fn deid_export_writes_the_analysts_tables_without_identifiers() {
         "{}",
         stderr(&unknown)
     );
+}
+
+/// Flips one bit of the ciphertext of `stream`'s third event; flipping it again puts it back.
+/// The append-only trigger must have been dropped.
+async fn flip_a_ciphertext_bit(data_dir: &Path, stream: &StreamId) {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", sqlite_path(data_dir).display()))
+        .await
+        .expect("open");
+    let mut ciphertext: Vec<u8> = sqlx::query_scalar(
+        "SELECT ciphertext FROM chartlog_events WHERE stream_id = ?1 AND stream_version = 3",
+    )
+    .bind(stream.as_str())
+    .fetch_one(&pool)
+    .await
+    .expect("ciphertext");
+    ciphertext[20] ^= 0x01;
+    sqlx::query(
+        "UPDATE chartlog_events SET ciphertext = ?1 WHERE stream_id = ?2 AND stream_version = 3",
+    )
+    .bind(ciphertext)
+    .bind(stream.as_str())
+    .execute(&pool)
+    .await
+    .expect("flip a bit");
+    pool.close().await;
+}
+
+/// An audit row of an operator command: actor id (hex), role, purpose of use, break-glass,
+/// action, outcome, and whether the patient id and the record id are empty.
+type OperatorAuditRow = (String, String, String, i64, String, String, bool, bool);
+
+#[tokio::test]
+async fn rebuild_is_on_the_audit_trail_with_the_operator_as_actor_and_its_outcome() {
+    let (dir, patients) = sqlite_clinic(&[51, 52]).await;
+    let data_dir = dir.data_dir();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", sqlite_path(data_dir).display()))
+        .await
+        .expect("open");
+
+    // A rebuild decrypts every patient's events. It counts the events of the log it went
+    // through; its audit record is written after the work, so it is not one of them.
+    let rebuilt = succeeds_json(&["rebuild"], data_dir, &[]);
+    assert_eq!(rebuilt["events"], 2 * EVENTS_PER_PATIENT);
+    let audit_events: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM chartlog_events WHERE stream_id LIKE 'audit-%'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(audit_events, 1, "the rebuild's record, on an audit stream");
+
+    // A rebuild that fails (on a forged event) is on the trail too, as a failure.
+    sqlx::query("DROP TRIGGER chartlog_events_no_update")
+        .execute(&pool)
+        .await
+        .expect("drop trigger");
+    let forged = StreamId::patient(patients[0]);
+    flip_a_ciphertext_bit(data_dir, &forged).await;
+    let failed = chartlog(&["rebuild"], data_dir, &["chart"]);
+    assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
+    assert!(
+        stdout(&failed).is_empty(),
+        "no summary: {}",
+        stdout(&failed)
+    );
+    flip_a_ciphertext_bit(data_dir, &forged).await;
+
+    // Folded by the next rebuild of the audit trail, which goes through both records (its own
+    // comes after, and is not in the trail yet).
+    let rebuilt = succeeds_json(&["rebuild"], data_dir, &["audit_trail"]);
+    assert_eq!(rebuilt["events"], 2 * EVENTS_PER_PATIENT + 2);
+    let rows: Vec<OperatorAuditRow> = sqlx::query_as(
+        "SELECT lower(hex(user_id)), role, purpose_of_use, break_glass, action, outcome, \
+                patient_id IS NULL, record_id IS NULL \
+         FROM chartlog_audit_trail WHERE entity = 'read_models' \
+         ORDER BY occurred_at_us, audit_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("the rebuilds' audit rows");
+    let operator = CLI_OPERATOR_USER_ID.replace('-', "");
+    let row = |outcome: &str| {
+        (
+            operator.clone(),
+            "system".to_owned(),
+            "system_administration".to_owned(),
+            0,
+            "create".to_owned(),
+            outcome.to_owned(),
+            true,
+            true,
+        )
+    };
+    assert_eq!(rows, vec![row("success"), row("failure")]);
+    let all: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chartlog_audit_trail")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(
+        all,
+        2 * EVENTS_PER_PATIENT as i64 + 2,
+        "a row per patient event, and the two rebuilds' rows"
+    );
+    pool.close().await;
+
+    // The records are signed events like any other: the log verifies.
+    let report = succeeds_json(&["verify"], data_dir, &[]);
+    assert_eq!(report["intact"], true, "{report}");
 }
 
 #[test]

@@ -49,10 +49,13 @@ pub enum AuditEntity {
     BreakGlassReview,
     /// A backup or a restore of the whole store, by an operator.
     Backup,
+    /// The read models (chart, history, audit trail, de-identified views), rebuilt from the
+    /// log by an operator: every patient's events are decrypted to re-create them.
+    ReadModels,
 }
 
 impl AuditEntity {
-    pub const ALL: [AuditEntity; 16] = [
+    pub const ALL: [AuditEntity; 17] = [
         AuditEntity::Patient,
         AuditEntity::Observation,
         AuditEntity::Condition,
@@ -69,6 +72,7 @@ impl AuditEntity {
         AuditEntity::DeidentifiedData,
         AuditEntity::BreakGlassReview,
         AuditEntity::Backup,
+        AuditEntity::ReadModels,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -89,6 +93,7 @@ impl AuditEntity {
             AuditEntity::DeidentifiedData => "deidentified_data",
             AuditEntity::BreakGlassReview => "break_glass_review",
             AuditEntity::Backup => "backup",
+            AuditEntity::ReadModels => "read_models",
         }
     }
 
