@@ -16,7 +16,7 @@
 //!   primary key (patient id first: no scan); what stays is the patient id, the last stream
 //!   version and the erasure time, none of them PHI, so a read answers "erased at ...".
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -37,7 +37,9 @@ use serde::Deserialize;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
-use crate::db::{ProjectionDb, ProjectionTx, SqlArg, to_i64, values_placeholders};
+use crate::db::{
+    EntryKey, ProjectionDb, ProjectionTx, SqlArg, fetch_sealed_entries, to_i64, values_placeholders,
+};
 use crate::entries::{EntryKind, Fields, evolve_entry, touched};
 use crate::error::ProjectionError;
 use crate::runner::{EventBody, ProjectedEvent, Projection};
@@ -180,6 +182,7 @@ impl Projection for ChartProjection {
         let mut pending: BTreeMap<Slot, Pending> = BTreeMap::new();
         let mut patients: BTreeMap<PatientId, (u64, Option<i64>)> = BTreeMap::new();
         let mut erased: BTreeSet<PatientId> = BTreeSet::new();
+        let mut stored = self.stored_entries(tx, events).await?;
         for event in events {
             let version = event.header.stream_version;
             match &event.body {
@@ -196,7 +199,7 @@ impl Projection for ChartProjection {
                         );
                         let before = match pending.remove(&slot) {
                             Some(entry) => Some(entry),
-                            None => load_entry(tx, key, &slot).await?.map(|fields| Pending {
+                            None => stored.remove(&slot).map(|fields| Pending {
                                 fields,
                                 stream_version: version,
                                 key: key.clone(),
@@ -216,7 +219,7 @@ impl Projection for ChartProjection {
                     let before = match pending.remove(&slot) {
                         Some(entry) => Some(entry.fields),
                         None if touch.creates => None,
-                        None => load_entry(tx, key, &slot).await?,
+                        None => stored.remove(&slot),
                     };
                     let fields = evolve_entry(before, patient_event);
                     pending.insert(
@@ -346,31 +349,63 @@ fn erase(
     erased.insert(patient_id);
 }
 
-async fn load_entry(
-    tx: &mut ProjectionTx,
-    key: &DataKey,
-    slot: &Slot,
-) -> Result<Option<Fields>, ProjectionError> {
-    let row = tx
-        .fetch_optional(
-            "SELECT sealed FROM chartlog_chart_entries \
-             WHERE patient_id = $1 AND kind = $2 AND entry_id = $3",
-            vec![
-                SqlArg::Uuid(slot.0.as_uuid()),
-                SqlArg::Text(slot.1.as_str().to_owned()),
-                SqlArg::Uuid(slot.2),
-            ],
-        )
-        .await?;
-    match row {
-        Some(row) => Ok(Some(open_fields(
-            key,
-            slot.0,
-            slot.1,
-            slot.2,
-            &row.bytes(0)?,
-        )?)),
-        None => Ok(None),
+impl ChartProjection {
+    /// The stored value of every entry whose first change in `events` needs its value before
+    /// (everything but a creation), read in one go before the fold: the fold then reads what a
+    /// look-up at each change would have read, since nothing is written until it ends.
+    async fn stored_entries(
+        &self,
+        tx: &mut ProjectionTx,
+        events: &[ProjectedEvent],
+    ) -> Result<HashMap<Slot, Fields>, ProjectionError> {
+        let mut touched_before: HashSet<Slot> = HashSet::new();
+        let mut wanted: HashMap<Slot, Arc<DataKey>> = HashMap::new();
+        for event in events {
+            let EventBody::Patient {
+                patient_id,
+                event: patient_event,
+                key,
+            } = &event.body
+            else {
+                continue;
+            };
+            let (slot, needs_stored) =
+                if let PatientEvent::ObservationRecorded { code, .. } = patient_event {
+                    let slot = (
+                        *patient_id,
+                        EntryKind::Observation,
+                        self.observation_slot(code),
+                    );
+                    (slot, true)
+                } else if let Some(touch) = touched(*patient_id, patient_event) {
+                    ((*patient_id, touch.kind, touch.id), !touch.creates)
+                } else {
+                    continue;
+                };
+            if touched_before.insert(slot) && needs_stored {
+                wanted.insert(slot, key.clone());
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys: Vec<EntryKey> = wanted
+            .keys()
+            .map(|slot| (slot.0.as_uuid(), slot.1.as_str(), slot.2))
+            .collect();
+        let mut stored = HashMap::with_capacity(wanted.len());
+        for ((patient, kind, entry_id), sealed) in
+            fetch_sealed_entries(tx, "chartlog_chart_entries", &keys).await?
+        {
+            let patient_id = PatientId::from_uuid(patient);
+            let slot = EntryKind::parse(&kind).map(|kind| (patient_id, kind, entry_id));
+            let Some((slot, key)) = slot.and_then(|slot| Some((slot, wanted.get(&slot)?))) else {
+                continue; // Not a row asked for: the key's columns compare exactly.
+            };
+            let fields = open_fields(key, slot.0, slot.1, slot.2, &sealed)?;
+            stored.insert(slot, fields);
+        }
+        Ok(stored)
     }
 }
 

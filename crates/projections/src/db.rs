@@ -11,7 +11,7 @@
 
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
-use sqlx::{Postgres, Row as _, SqlSafeStr, Sqlite, Transaction};
+use sqlx::{AssertSqlSafe, Postgres, Row as _, SqlSafeStr, SqlStr, Sqlite, Transaction};
 use uuid::Uuid;
 
 /// Which backend a [`ProjectionDb`] talks to.
@@ -135,7 +135,7 @@ impl ProjectionTx {
         args: Vec<SqlArg>,
     ) -> Result<u64, sqlx::Error> {
         Ok(match self {
-            ProjectionTx::Sqlite(tx) => bind_all!(sqlx::query(sql), args)
+            ProjectionTx::Sqlite(tx) => bind_all!(sqlx::query(for_sqlite(sql)), args)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
@@ -152,7 +152,7 @@ impl ProjectionTx {
         args: Vec<SqlArg>,
     ) -> Result<Vec<DbRow>, sqlx::Error> {
         Ok(match self {
-            ProjectionTx::Sqlite(tx) => bind_all!(sqlx::query(sql), args)
+            ProjectionTx::Sqlite(tx) => bind_all!(sqlx::query(for_sqlite(sql)), args)
                 .fetch_all(&mut **tx)
                 .await?
                 .into_iter()
@@ -173,7 +173,7 @@ impl ProjectionTx {
         args: Vec<SqlArg>,
     ) -> Result<Option<DbRow>, sqlx::Error> {
         Ok(match self {
-            ProjectionTx::Sqlite(tx) => bind_all!(sqlx::query(sql), args)
+            ProjectionTx::Sqlite(tx) => bind_all!(sqlx::query(for_sqlite(sql)), args)
                 .fetch_optional(&mut **tx)
                 .await?
                 .map(DbRow::Sqlite),
@@ -218,7 +218,7 @@ impl ProjectionDb {
         args: Vec<SqlArg>,
     ) -> Result<u64, sqlx::Error> {
         Ok(match self {
-            ProjectionDb::Sqlite(pool) => bind_all!(sqlx::query(sql), args)
+            ProjectionDb::Sqlite(pool) => bind_all!(sqlx::query(for_sqlite(sql)), args)
                 .execute(pool)
                 .await?
                 .rows_affected(),
@@ -235,7 +235,7 @@ impl ProjectionDb {
         args: Vec<SqlArg>,
     ) -> Result<Vec<DbRow>, sqlx::Error> {
         Ok(match self {
-            ProjectionDb::Sqlite(pool) => bind_all!(sqlx::query(sql), args)
+            ProjectionDb::Sqlite(pool) => bind_all!(sqlx::query(for_sqlite(sql)), args)
                 .fetch_all(pool)
                 .await?
                 .into_iter()
@@ -256,7 +256,7 @@ impl ProjectionDb {
         args: Vec<SqlArg>,
     ) -> Result<Option<DbRow>, sqlx::Error> {
         Ok(match self {
-            ProjectionDb::Sqlite(pool) => bind_all!(sqlx::query(sql), args)
+            ProjectionDb::Sqlite(pool) => bind_all!(sqlx::query(for_sqlite(sql)), args)
                 .fetch_optional(pool)
                 .await?
                 .map(DbRow::Sqlite),
@@ -282,6 +282,38 @@ impl ProjectionDb {
         };
         Ok(u64::try_from(head).unwrap_or(0))
     }
+}
+
+/// The key of a chart-like entry row: patient id, entry kind, entry id.
+pub(crate) type EntryKey = (Uuid, &'static str, Uuid);
+
+/// The `sealed` column of each row of `table` (keyed by `patient_id, kind, entry_id`) that one
+/// of `keys` names; keys with no row are left out. One statement per chunk of keys, where a
+/// look-up per entry cost a round trip to the database each: a batch touching a few hundred
+/// stored entries spent most of its time waiting on them.
+pub(crate) async fn fetch_sealed_entries(
+    tx: &mut ProjectionTx,
+    table: &'static str,
+    keys: &[EntryKey],
+) -> Result<Vec<((Uuid, String, Uuid), Vec<u8>)>, sqlx::Error> {
+    let mut found = Vec::new();
+    for chunk in keys.chunks(tx.rows_per_statement(3)) {
+        let sql = format!(
+            "SELECT patient_id, kind, entry_id, sealed FROM {table} \
+             WHERE (patient_id, kind, entry_id) IN (VALUES {})",
+            values_placeholders(chunk.len(), 3, 1)
+        );
+        let mut args = Vec::with_capacity(chunk.len() * 3);
+        for (patient_id, kind, entry_id) in chunk {
+            args.push(SqlArg::Uuid(*patient_id));
+            args.push(SqlArg::Text((*kind).to_owned()));
+            args.push(SqlArg::Uuid(*entry_id));
+        }
+        for row in tx.fetch_all(AssertSqlSafe(sql), args).await? {
+            found.push(((row.uuid(0)?, row.text(1)?, row.uuid(2)?), row.bytes(3)?));
+        }
+    }
+    Ok(found)
 }
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `columns` placeholders, numbered from
@@ -312,10 +344,75 @@ pub fn values_placeholders(rows: usize, columns: usize, first_placeholder: usize
 /// widest row a read model writes (under 16 columns).
 pub const ROWS_PER_STATEMENT_MAX: usize = 500;
 const _: () = assert!(ROWS_PER_STATEMENT_MAX * 16 <= 65_535);
-/// Bound parameters per statement on SQLite. sqlx's SQLite driver looks each parameter up by
-/// name among all of the statement's parameters, so binding costs grow with the square of the
-/// count: measured, 4,500 parameters spent a fifth of a rebuild in `sqlite3_bind_parameter_name`.
+/// Bound parameters per statement on SQLite. SQLite caps them (32,766), and a statement's
+/// text and plan grow with them; 256 keeps both small while a batch of rows still costs a few
+/// statements.
 pub const SQLITE_PARAMETERS_PER_STATEMENT_MAX: usize = 256;
+
+/// The statement as SQLite should get it: `$1, $2, ... $n`, each used once and in order, become
+/// anonymous `?` placeholders. sqlx's SQLite driver asks SQLite for every parameter's name to
+/// place its argument, and SQLite finds a name by walking the statement's list of names, so
+/// binding a statement with named (or numbered) parameters costs the square of their count:
+/// measured, 256-parameter inserts spent 6% of a rebuild in `sqlite3_bind_parameter_name`.
+/// Anonymous parameters have no name to look up. Any other use of `$n` (a repeat, a gap, out of
+/// order) keeps the text as written, which SQLite numbers by first appearance.
+fn for_sqlite(sql: impl SqlSafeStr) -> SqlStr {
+    let sql = sql.into_sql_str();
+    match anonymous_placeholders(sql.as_str()) {
+        Some(rewritten) => AssertSqlSafe(rewritten).into_sql_str(),
+        None => sql,
+    }
+}
+
+/// `sql` with `$1..$n` replaced by `?`, when they appear exactly once each, in order, outside
+/// quoted text; `None` when there is nothing to replace or they do not.
+fn anonymous_placeholders(sql: &str) -> Option<String> {
+    let bytes = sql.as_bytes();
+    let mut rewritten = String::with_capacity(sql.len());
+    let mut next_expected = 1usize;
+    let mut quote: Option<u8> = None;
+    let mut copied_up_to = 0;
+    let mut at = 0;
+    while at < bytes.len() {
+        let byte = bytes[at];
+        if let Some(open) = quote {
+            if byte == open {
+                quote = None;
+            }
+            at += 1;
+            continue;
+        }
+        match byte {
+            b'\'' | b'"' => quote = Some(byte),
+            b'$' => {
+                let digits = bytes[at + 1..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
+                if digits == 0 {
+                    return None;
+                }
+                let number: usize = sql[at + 1..at + 1 + digits].parse().ok()?;
+                if number != next_expected {
+                    return None;
+                }
+                next_expected += 1;
+                rewritten.push_str(&sql[copied_up_to..at]);
+                rewritten.push('?');
+                at += 1 + digits;
+                copied_up_to = at;
+                continue;
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    if next_expected == 1 {
+        return None;
+    }
+    rewritten.push_str(&sql[copied_up_to..]);
+    Some(rewritten)
+}
 
 /// Positions and versions are stored as SQL bigints; they stay far below 2^63.
 pub(crate) fn to_i64(value: u64) -> i64 {
@@ -331,5 +428,27 @@ mod tests {
         assert_eq!(values_placeholders(2, 2, 1), "($1, $2), ($3, $4)");
         assert_eq!(values_placeholders(1, 3, 4), "($4, $5, $6)");
         assert_eq!(values_placeholders(0, 3, 1), "");
+    }
+
+    #[test]
+    fn sqlite_gets_anonymous_placeholders_only_when_they_mean_the_same() {
+        let rewrite = |sql: &str| anonymous_placeholders(sql);
+        assert_eq!(
+            rewrite("INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4)").as_deref(),
+            Some("INSERT INTO t (a, b) VALUES (?, ?), (?, ?)")
+        );
+        assert_eq!(
+            rewrite("SELECT x FROM t WHERE k = 'a$1' AND v = $1 AND \"c$\" = $2").as_deref(),
+            Some("SELECT x FROM t WHERE k = 'a$1' AND v = ? AND \"c$\" = ?")
+        );
+        // $10 is one placeholder, not $1 followed by 0.
+        let ten: String = (1..=10).map(|n| format!("${n},")).collect();
+        assert_eq!(rewrite(&ten).as_deref(), Some("?,?,?,?,?,?,?,?,?,?,"));
+        // Repeated, out of order, skipped, or none: SQLite's own numbering must decide.
+        assert_eq!(rewrite("UPDATE t SET a = $1 WHERE b = $1"), None);
+        assert_eq!(rewrite("SELECT $2, $1"), None);
+        assert_eq!(rewrite("SELECT $1, $3"), None);
+        assert_eq!(rewrite("SELECT 1"), None);
+        assert_eq!(rewrite("SELECT $"), None);
     }
 }

@@ -135,7 +135,9 @@ pub struct RunnerOptions {
     pub read_page_events: u32,
     /// Events verified and opened per blocking task.
     pub chunk_events: usize,
-    /// Chunks queued between the reader and the applier.
+    /// Chunks queued between the reader and the applier: at least two apply batches' worth,
+    /// so the cores verify and open the next batch while the applier writes this one (with
+    /// fewer, each batch is cut to what was queued, and commits multiply).
     pub chunks_in_flight: usize,
     /// Most events applied in one transaction.
     pub apply_batch_events: usize,
@@ -146,7 +148,7 @@ impl Default for RunnerOptions {
         Self {
             read_page_events: 1_024,
             chunk_events: VERIFY_BATCH_EVENTS_MAX,
-            chunks_in_flight: 8,
+            chunks_in_flight: 64,
             apply_batch_events: 2_048,
         }
     }
@@ -583,6 +585,12 @@ async fn read_and_open<S: EventStore + ?Sized, K: KeyStore + 'static>(
         .then(|| Subscription::new(store.clone(), start, options.read_page_events));
     let mut after = start;
     let mut settle_deadline = None;
+    // Chunks queued for the applier may be many (so verification runs ahead while a batch is
+    // written), but only one per core is verified at a time: more threads would only take
+    // turns on the same cores.
+    let cores = Arc::new(tokio::sync::Semaphore::new(
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    ));
     loop {
         let page = match &mut subscription {
             Some(subscription) => subscription.next_batch().await,
@@ -629,8 +637,14 @@ async fn read_and_open<S: EventStore + ?Sized, K: KeyStore + 'static>(
             }
             let verifier = verifier.clone();
             let page_keys = page_keys.clone();
-            let task =
-                tokio::task::spawn_blocking(move || open_chunk(&verifier, chunk, &page_keys));
+            let Ok(running) = cores.clone().acquire_owned().await else {
+                return; // Never closed; nothing to do if it were.
+            };
+            let task = tokio::task::spawn_blocking(move || {
+                let opened = open_chunk(&verifier, chunk, &page_keys);
+                drop(running);
+                opened
+            });
             if chunks.send(Ok(task)).await.is_err() {
                 return; // The applier is gone.
             }

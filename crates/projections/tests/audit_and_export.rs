@@ -165,7 +165,9 @@ fn generated_row(i: u64) -> AuditRow {
         patient_id: (i % 5 != 4).then(|| {
             PatientId::from_uuid(Uuid::from_u128(PATIENTS[((i / 5 + i / 23) % 4) as usize]))
         }),
-        entity: AuditEntity::ALL.get((i % (AuditEntity::ALL.len() as u64 + 1)) as usize).copied(),
+        entity: AuditEntity::ALL
+            .get((i % (AuditEntity::ALL.len() as u64 + 1)) as usize)
+            .copied(),
         record_id: i
             .is_multiple_of(2)
             .then(|| Uuid::from_u128(0xc000 + u128::from(i))),

@@ -39,6 +39,10 @@ pub enum StoreError {
     #[error("database error")]
     Database(#[from] sqlx::Error),
 
+    /// A read of the event log on the embedded backend's own read connections failed.
+    #[error("reading the event log failed: {reason}")]
+    ReadLog { reason: String },
+
     #[error("database migration failed")]
     Migration(#[from] sqlx::migrate::MigrateError),
 }

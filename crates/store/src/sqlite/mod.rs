@@ -30,6 +30,10 @@ crate::snapshots::snapshot_store_backend!(
     "[`crate::SnapshotStore`] over the SQLite snapshot table."
 );
 
+mod log_reader;
+
+use log_reader::{LogRead, LogReader};
+
 use crate::row::{
     EVENT_COLUMNS, EventRow, conflict_error, head_from_row, idempotent_outcome, to_i64, to_u64,
 };
@@ -76,6 +80,9 @@ pub struct SqliteEventStore {
     pool: SqlitePool,
     write_lock: Arc<Mutex<()>>,
     appended: Arc<watch::Sender<u64>>,
+    /// Reads of the log, off sqlx (see [`log_reader`]); `None` for a database that is not a
+    /// file another connection can open, which sqlx reads instead.
+    log_reader: Option<Arc<LogReader>>,
 }
 
 impl SqliteEventStore {
@@ -87,10 +94,14 @@ impl SqliteEventStore {
     /// Wraps a pool opened with [`connect_options`] and migrated with [`MIGRATOR`].
     pub fn from_pool(pool: SqlitePool) -> Self {
         let (appended, _) = watch::channel(0);
+        let options = pool.connect_options();
+        let file = options.get_filename();
+        let log_reader = (file.is_file()).then(|| Arc::new(LogReader::new(file)));
         Self {
             pool,
             write_lock: Arc::new(Mutex::new(())),
             appended: Arc::new(appended),
+            log_reader,
         }
     }
 
@@ -252,13 +263,23 @@ impl EventStore for SqliteEventStore {
         from_version: u64,
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = i64::from(limit.min(crate::READ_BATCH_MAX));
+        if let Some(reader) = &self.log_reader {
+            return reader
+                .read(LogRead::Stream {
+                    stream_id: stream.as_str().to_owned(),
+                    from_version: to_i64(from_version),
+                    limit,
+                })
+                .await;
+        }
         let rows: Vec<EventRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM chartlog_events \
              WHERE stream_id = ?1 AND stream_version >= ?2 ORDER BY stream_version LIMIT ?3"
         )))
         .bind(stream.as_str())
         .bind(to_i64(from_version))
-        .bind(i64::from(limit.min(crate::READ_BATCH_MAX)))
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(EventRow::into_recorded).collect()
@@ -269,12 +290,21 @@ impl EventStore for SqliteEventStore {
         after_position: u64,
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = i64::from(limit.min(crate::READ_BATCH_MAX));
+        if let Some(reader) = &self.log_reader {
+            return reader
+                .read(LogRead::All {
+                    after_position: to_i64(after_position),
+                    limit,
+                })
+                .await;
+        }
         let rows: Vec<EventRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM chartlog_events \
              WHERE position > ?1 ORDER BY position LIMIT ?2"
         )))
         .bind(to_i64(after_position))
-        .bind(i64::from(limit.min(crate::READ_BATCH_MAX)))
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(EventRow::into_recorded).collect()
