@@ -16,7 +16,7 @@
 //!   primary key (patient id first: no scan); what stays is the patient id, the last stream
 //!   version and the erasure time, none of them PHI, so a read answers "erased at ...".
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -38,7 +38,7 @@ use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
 use crate::db::{
-    EntryKey, ProjectionDb, ProjectionTx, SqlArg, fetch_sealed_entries, to_i64, values_placeholders,
+    ProjectionDb, ProjectionTx, SqlArg, stored_entries_for_batch, to_i64, values_placeholders,
 };
 use crate::entries::{EntryKind, Fields, evolve_entry, touched};
 use crate::error::ProjectionError;
@@ -77,7 +77,7 @@ struct Pending {
     key: Arc<DataKey>,
 }
 
-type Slot = (PatientId, EntryKind, Uuid);
+type Slot = crate::entries::EntrySlot;
 
 fn associated_data<'a>(patient_id: &'a Uuid, kind: EntryKind, entry_id: &'a Uuid) -> [&'a [u8]; 4] {
     [
@@ -350,60 +350,30 @@ fn erase(
 }
 
 impl ChartProjection {
-    /// The stored value of every entry whose first change in `events` needs its value before
-    /// (everything but a creation), read in one go before the fold: the fold then reads what a
-    /// look-up at each change would have read, since nothing is written until it ends.
+    /// The stored value of every entry a batch changes and needs the value before of, opened
+    /// ([`stored_entries_for_batch`]).
     async fn stored_entries(
         &self,
         tx: &mut ProjectionTx,
         events: &[ProjectedEvent],
     ) -> Result<HashMap<Slot, Fields>, ProjectionError> {
-        let mut touched_before: HashSet<Slot> = HashSet::new();
-        let mut wanted: HashMap<Slot, Arc<DataKey>> = HashMap::new();
-        for event in events {
-            let EventBody::Patient {
-                patient_id,
-                event: patient_event,
-                key,
-            } = &event.body
-            else {
-                continue;
-            };
-            let (slot, needs_stored) =
-                if let PatientEvent::ObservationRecorded { code, .. } = patient_event {
-                    let slot = (
-                        *patient_id,
-                        EntryKind::Observation,
-                        self.observation_slot(code),
-                    );
-                    (slot, true)
-                } else if let Some(touch) = touched(*patient_id, patient_event) {
-                    ((*patient_id, touch.kind, touch.id), !touch.creates)
-                } else {
-                    continue;
-                };
-            if touched_before.insert(slot) && needs_stored {
-                wanted.insert(slot, key.clone());
+        let entry_of = |patient_id: PatientId, event: &PatientEvent| {
+            if let PatientEvent::ObservationRecorded { code, .. } = event {
+                let slot = (
+                    patient_id,
+                    EntryKind::Observation,
+                    self.observation_slot(code),
+                );
+                return Some((slot, true));
             }
-        }
-        if wanted.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let keys: Vec<EntryKey> = wanted
-            .keys()
-            .map(|slot| (slot.0.as_uuid(), slot.1.as_str(), slot.2))
-            .collect();
-        let mut stored = HashMap::with_capacity(wanted.len());
-        for ((patient, kind, entry_id), sealed) in
-            fetch_sealed_entries(tx, "chartlog_chart_entries", &keys).await?
+            let touch = touched(patient_id, event)?;
+            Some(((patient_id, touch.kind, touch.id), !touch.creates))
+        };
+        let mut stored = HashMap::new();
+        for (slot, key, sealed) in
+            stored_entries_for_batch(tx, "chartlog_chart_entries", events, entry_of).await?
         {
-            let patient_id = PatientId::from_uuid(patient);
-            let slot = EntryKind::parse(&kind).map(|kind| (patient_id, kind, entry_id));
-            let Some((slot, key)) = slot.and_then(|slot| Some((slot, wanted.get(&slot)?))) else {
-                continue; // Not a row asked for: the key's columns compare exactly.
-            };
-            let fields = open_fields(key, slot.0, slot.1, slot.2, &sealed)?;
-            stored.insert(slot, fields);
+            stored.insert(slot, open_fields(&key, slot.0, slot.1, slot.2, &sealed)?);
         }
         Ok(stored)
     }

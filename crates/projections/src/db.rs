@@ -9,10 +9,18 @@
 //! Never format a value into SQL text: bind it. Dynamic SQL (multi-row inserts) is built only
 //! from placeholders, through [`values_placeholders`].
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chartlog_crypto::DataKey;
+use chartlog_domain::{PatientEvent, PatientId};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{AssertSqlSafe, Postgres, Row as _, SqlSafeStr, SqlStr, Sqlite, Transaction};
 use uuid::Uuid;
+
+use crate::entries::{EntryKind, EntrySlot};
+use crate::runner::{EventBody, ProjectedEvent};
 
 /// Which backend a [`ProjectionDb`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,20 +292,39 @@ impl ProjectionDb {
     }
 }
 
-/// The key of a chart-like entry row: patient id, entry kind, entry id.
-pub(crate) type EntryKey = (Uuid, &'static str, Uuid);
-
-/// The `sealed` column of each row of `table` (keyed by `patient_id, kind, entry_id`) that one
-/// of `keys` names; keys with no row are left out. One statement per chunk of keys, where a
-/// look-up per entry cost a round trip to the database each: a batch touching a few hundred
-/// stored entries spent most of its time waiting on them.
-pub(crate) async fn fetch_sealed_entries(
+/// The sealed stored value of each entry a batch changes whose value before it needs: for the
+/// first change of each entry in `events`, `entry_of` names the entry and says whether the
+/// change needs the stored value (a creation does not). Read in one statement per chunk of
+/// entries, before the fold: a look-up per change cost a round trip each, and since a
+/// projection writes nothing until its fold ends, this is what those look-ups would have read.
+/// Entries with no row are left out; each found one comes with the key to open it under.
+pub(crate) async fn stored_entries_for_batch(
     tx: &mut ProjectionTx,
     table: &'static str,
-    keys: &[EntryKey],
-) -> Result<Vec<((Uuid, String, Uuid), Vec<u8>)>, sqlx::Error> {
+    events: &[ProjectedEvent],
+    entry_of: impl Fn(PatientId, &PatientEvent) -> Option<(EntrySlot, bool)>,
+) -> Result<Vec<(EntrySlot, Arc<DataKey>, Vec<u8>)>, sqlx::Error> {
+    let mut changed_before: HashSet<EntrySlot> = HashSet::new();
+    let mut wanted: HashMap<EntrySlot, Arc<DataKey>> = HashMap::new();
+    for event in events {
+        let EventBody::Patient {
+            patient_id,
+            event: patient_event,
+            key,
+        } = &event.body
+        else {
+            continue;
+        };
+        let Some((slot, needs_stored)) = entry_of(*patient_id, patient_event) else {
+            continue;
+        };
+        if changed_before.insert(slot) && needs_stored {
+            wanted.insert(slot, key.clone());
+        }
+    }
+    let slots: Vec<EntrySlot> = wanted.keys().copied().collect();
     let mut found = Vec::new();
-    for chunk in keys.chunks(tx.rows_per_statement(3)) {
+    for chunk in slots.chunks(tx.rows_per_statement(3)) {
         let sql = format!(
             "SELECT patient_id, kind, entry_id, sealed FROM {table} \
              WHERE (patient_id, kind, entry_id) IN (VALUES {})",
@@ -305,12 +332,17 @@ pub(crate) async fn fetch_sealed_entries(
         );
         let mut args = Vec::with_capacity(chunk.len() * 3);
         for (patient_id, kind, entry_id) in chunk {
-            args.push(SqlArg::Uuid(*patient_id));
-            args.push(SqlArg::Text((*kind).to_owned()));
+            args.push(SqlArg::Uuid(patient_id.as_uuid()));
+            args.push(SqlArg::Text(kind.as_str().to_owned()));
             args.push(SqlArg::Uuid(*entry_id));
         }
         for row in tx.fetch_all(AssertSqlSafe(sql), args).await? {
-            found.push(((row.uuid(0)?, row.text(1)?, row.uuid(2)?), row.bytes(3)?));
+            let (patient, entry_id) = (PatientId::from_uuid(row.uuid(0)?), row.uuid(2)?);
+            let slot = EntryKind::parse(&row.text(1)?).map(|kind| (patient, kind, entry_id));
+            // The key columns compare exactly, so every row is one asked for.
+            if let Some((slot, key)) = slot.and_then(|slot| Some((slot, wanted.get(&slot)?))) {
+                found.push((slot, key.clone(), row.bytes(3)?));
+            }
         }
     }
     Ok(found)

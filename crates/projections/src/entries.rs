@@ -67,6 +67,9 @@ impl EntryKind {
     }
 }
 
+/// Where an entry is kept: patient, kind, entry id.
+pub(crate) type EntrySlot = (PatientId, EntryKind, Uuid);
+
 /// The entry an event changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct Touch {

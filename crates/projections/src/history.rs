@@ -13,20 +13,20 @@
 //!   model, so it rebuilds on its own;
 //! - on the erasure tombstone every row of the patient is deleted through the primary key.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chartlog_crypto::{DataKey, DataKeys, KeyError, KeyStore, open_record, seal_record};
-use chartlog_domain::{Actor, PatientId, StreamId, Timestamp, UserId};
+use chartlog_domain::{Actor, PatientEvent, PatientId, StreamId, Timestamp, UserId};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
 use crate::db::{
-    EntryKey, ProjectionDb, ProjectionTx, SqlArg, fetch_sealed_entries, to_i64, values_placeholders,
+    ProjectionDb, ProjectionTx, SqlArg, stored_entries_for_batch, to_i64, values_placeholders,
 };
 use crate::entries::{Change, EntryKind, Fields, diff, evolve_entry, touched};
 use crate::error::ProjectionError;
@@ -47,7 +47,7 @@ const ENTRY_AD: &[u8] = b"history-entry";
 #[derive(Debug, Default)]
 pub struct HistoryProjection;
 
-type Slot = (PatientId, EntryKind, Uuid);
+type Slot = crate::entries::EntrySlot;
 
 struct Row<'a> {
     patient_id: PatientId,
@@ -244,49 +244,21 @@ fn erase(
     erased.insert(patient_id);
 }
 
-/// The stored value of every entry whose first change in `events` is not its creation, read in
-/// one go before the fold (nothing is written until the fold ends, so this is what a look-up
-/// at each change would read).
+/// The stored value of every entry a batch changes and needs the value before of, opened
+/// ([`stored_entries_for_batch`]).
 async fn stored_entries(
     tx: &mut ProjectionTx,
     events: &[ProjectedEvent],
 ) -> Result<HashMap<Slot, Fields>, ProjectionError> {
-    let mut touched_before: HashSet<Slot> = HashSet::new();
-    let mut wanted: HashMap<Slot, Arc<DataKey>> = HashMap::new();
-    for event in events {
-        let EventBody::Patient {
-            patient_id,
-            event: patient_event,
-            key,
-        } = &event.body
-        else {
-            continue;
-        };
-        let Some(touch) = touched(*patient_id, patient_event) else {
-            continue;
-        };
-        let slot = (*patient_id, touch.kind, touch.id);
-        if touched_before.insert(slot) && !touch.creates && touch.kind.is_mutable() {
-            wanted.insert(slot, key.clone());
-        }
-    }
-    if wanted.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let keys: Vec<EntryKey> = wanted
-        .keys()
-        .map(|slot| (slot.0.as_uuid(), slot.1.as_str(), slot.2))
-        .collect();
-    let mut stored = HashMap::with_capacity(wanted.len());
-    for ((patient, kind, entry_id), sealed) in
-        fetch_sealed_entries(tx, "chartlog_history_entries", &keys).await?
+    let entry_of = |patient_id: PatientId, event: &PatientEvent| {
+        let touch = touched(patient_id, event)?;
+        Some(((patient_id, touch.kind, touch.id), !touch.creates))
+    };
+    let mut stored = HashMap::new();
+    for (slot, key, sealed) in
+        stored_entries_for_batch(tx, "chartlog_history_entries", events, entry_of).await?
     {
-        let slot =
-            EntryKind::parse(&kind).map(|kind| (PatientId::from_uuid(patient), kind, entry_id));
-        let Some((slot, key)) = slot.and_then(|slot| Some((slot, wanted.get(&slot)?))) else {
-            continue; // Not a row asked for: the key's columns compare exactly.
-        };
-        stored.insert(slot, open_entry(key, &slot, &sealed)?);
+        stored.insert(slot, open_entry(&key, &slot, &sealed)?);
     }
     Ok(stored)
 }
