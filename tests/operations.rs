@@ -768,25 +768,10 @@ async fn verify_finds_each_kind_of_tampering_and_names_the_first_broken_version(
                 "{tampering:?}: {statement} changed nothing"
             );
         }
-        if let Tampering::FlipCiphertextByte = tampering {
-            let mut ciphertext: Vec<u8> = sqlx::query_scalar(
-                "SELECT ciphertext FROM chartlog_events WHERE stream_id = ?1 AND stream_version = 3",
-            )
-            .bind(stream.as_str())
-            .fetch_one(store.pool())
-            .await
-            .expect("ciphertext");
-            ciphertext[20] ^= 0x01;
-            sqlx::query(
-                "UPDATE chartlog_events SET ciphertext = ?1 WHERE stream_id = ?2 AND stream_version = 3",
-            )
-            .bind(ciphertext)
-            .bind(stream.as_str())
-            .execute(store.pool())
-            .await
-            .expect("flip a bit");
-        }
         store.pool().close().await;
+        if let Tampering::FlipCiphertextByte = tampering {
+            flip_a_ciphertext_bit(data_dir, &stream).await;
+        }
 
         let output = chartlog(&["verify"], data_dir, &["--json"]);
         assert_eq!(
