@@ -64,6 +64,10 @@ impl CodeSystem {
 
     /// `code` is already trimmed and upper-cased.
     fn accepts(self, code: &str) -> bool {
+        // Every system's codes are ASCII; the checks below may then count bytes as characters.
+        if !code.is_ascii() {
+            return false;
+        }
         let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
         let no_leading_zero = !code.starts_with('0');
         match self {
@@ -88,8 +92,10 @@ fn icd10cm_accepts(code: &str) -> bool {
     let (category, subcategory) = match code.split_once('.') {
         Some((category, subcategory)) if !subcategory.is_empty() => (category, subcategory),
         Some(_) => return false,
-        None if code.len() >= 3 => code.split_at(3),
-        None => return false,
+        None => match code.split_at_checked(3) {
+            Some(parts) => parts,
+            None => return false,
+        },
     };
     let bytes = category.as_bytes();
     let category_ok = bytes.len() == 3
@@ -290,6 +296,46 @@ mod tests {
                 .expose_phi(),
             "E11.9"
         );
+    }
+
+    /// A multi-byte character where a byte count would split it was a panic, not a refusal
+    /// (found by the `command_json` fuzz target: `I0\u{96}r/sid` as an ICD-10-CM code).
+    #[test]
+    fn non_ascii_codes_are_refused_in_every_system() {
+        for system in [
+            CodeSystem::Loinc,
+            CodeSystem::Icd10Cm,
+            CodeSystem::SnomedCt,
+            CodeSystem::RxNorm,
+        ] {
+            for bad in [
+                "I0\u{96}r/sid",
+                "E1\u{e9}",
+                "\u{e9}11",
+                "E11.\u{e9}",
+                "\u{1f600}",
+                "838\u{0663}-5",
+            ] {
+                assert_eq!(
+                    Code::parse(system, bad, None),
+                    Err(CodeError::Malformed { system }),
+                    "{system}: {bad:?}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_any_code_in_any_system_never_panics(code in "\\PC{0,12}", system in 0usize..4) {
+            let system = [
+                CodeSystem::Loinc,
+                CodeSystem::Icd10Cm,
+                CodeSystem::SnomedCt,
+                CodeSystem::RxNorm,
+            ][system];
+            let _ = Code::parse(system, &code, None);
+        }
     }
 
     #[test]
