@@ -22,6 +22,8 @@ mod error;
 mod event_store;
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "postgres")]
+mod group_commit;
 mod keys;
 pub mod ledger;
 mod row;
