@@ -542,7 +542,7 @@ async fn snapshot(
     let backend = db.backend();
     let mut tx = match &db {
         // A deferred BEGIN: the snapshot starts at the first read and never blocks appends.
-        ProjectionDb::Sqlite(pool) => ProjectionTx::Sqlite(pool.begin().await?),
+        ProjectionDb::Sqlite(pool) => ProjectionTx::Sqlite(pool.begin().await?, None),
         ProjectionDb::Postgres(pool) => {
             let mut tx = ProjectionTx::Postgres(pool.begin().await?);
             tx.execute(

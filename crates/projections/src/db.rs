@@ -17,6 +17,7 @@ use chartlog_domain::{PatientEvent, PatientId};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{AssertSqlSafe, Postgres, Row as _, SqlSafeStr, SqlStr, Sqlite, Transaction};
+use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
 use crate::entries::{EntryKind, EntrySlot};
@@ -114,15 +115,19 @@ impl DbRow {
 }
 
 /// A transaction on either backend. Dropped without [`ProjectionTx::commit`], it rolls back.
+///
+/// On SQLite a write transaction from [`ProjectionDb::begin`] holds the database's in-process
+/// write lock ([`chartlog_store::sqlite::write_lock`]) until it ends; declared after the
+/// transaction, so it is released only once the transaction is done with.
 pub enum ProjectionTx {
-    Sqlite(Transaction<'static, Sqlite>),
+    Sqlite(Transaction<'static, Sqlite>, Option<OwnedMutexGuard<()>>),
     Postgres(Transaction<'static, Postgres>),
 }
 
 impl ProjectionTx {
     pub fn backend(&self) -> Backend {
         match self {
-            ProjectionTx::Sqlite(_) => Backend::Sqlite,
+            ProjectionTx::Sqlite(..) => Backend::Sqlite,
             ProjectionTx::Postgres(_) => Backend::Postgres,
         }
     }
@@ -131,7 +136,7 @@ impl ProjectionTx {
     pub fn rows_per_statement(&self, columns: usize) -> usize {
         assert!(columns > 0, "a row has at least one column");
         match self {
-            ProjectionTx::Sqlite(_) => (SQLITE_PARAMETERS_PER_STATEMENT_MAX / columns).max(1),
+            ProjectionTx::Sqlite(..) => (SQLITE_PARAMETERS_PER_STATEMENT_MAX / columns).max(1),
             ProjectionTx::Postgres(_) => ROWS_PER_STATEMENT_MAX,
         }
     }
@@ -143,7 +148,7 @@ impl ProjectionTx {
         args: Vec<SqlArg>,
     ) -> Result<u64, sqlx::Error> {
         Ok(match self {
-            ProjectionTx::Sqlite(tx) => bind_all!(sqlx::query(for_sqlite(sql)), args)
+            ProjectionTx::Sqlite(tx, _) => bind_all!(sqlx::query(for_sqlite(sql)), args)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
@@ -160,7 +165,7 @@ impl ProjectionTx {
         args: Vec<SqlArg>,
     ) -> Result<Vec<DbRow>, sqlx::Error> {
         Ok(match self {
-            ProjectionTx::Sqlite(tx) => bind_all!(sqlx::query(for_sqlite(sql)), args)
+            ProjectionTx::Sqlite(tx, _) => bind_all!(sqlx::query(for_sqlite(sql)), args)
                 .fetch_all(&mut **tx)
                 .await?
                 .into_iter()
@@ -181,7 +186,7 @@ impl ProjectionTx {
         args: Vec<SqlArg>,
     ) -> Result<Option<DbRow>, sqlx::Error> {
         Ok(match self {
-            ProjectionTx::Sqlite(tx) => bind_all!(sqlx::query(for_sqlite(sql)), args)
+            ProjectionTx::Sqlite(tx, _) => bind_all!(sqlx::query(for_sqlite(sql)), args)
                 .fetch_optional(&mut **tx)
                 .await?
                 .map(DbRow::Sqlite),
@@ -194,7 +199,7 @@ impl ProjectionTx {
 
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
-            ProjectionTx::Sqlite(tx) => tx.commit().await,
+            ProjectionTx::Sqlite(tx, _) => tx.commit().await,
             ProjectionTx::Postgres(tx) => tx.commit().await,
         }
     }
@@ -214,7 +219,15 @@ impl ProjectionDb {
     pub async fn begin(&self) -> Result<ProjectionTx, sqlx::Error> {
         Ok(match self {
             ProjectionDb::Sqlite(pool) => {
-                ProjectionTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?)
+                // Bounded like SQLite's own wait for the lock, so a writer stuck in this
+                // process fails as clearly as one in another process would.
+                let writer = tokio::time::timeout(
+                    chartlog_store::sqlite::BUSY_TIMEOUT,
+                    chartlog_store::sqlite::write_lock(pool).lock_owned(),
+                )
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)?;
+                ProjectionTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?, Some(writer))
             }
             ProjectionDb::Postgres(pool) => ProjectionTx::Postgres(pool.begin().await?),
         })

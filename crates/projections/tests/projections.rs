@@ -114,6 +114,54 @@ async fn sqlite() -> (Fixture<SqliteEventStore, SqliteKeyStore>, tempfile::TempD
     (Fixture::new(store, keys, db), dir)
 }
 
+/// On SQLite, appends and the projections' write transactions of one process queue on one
+/// in-process lock per database file, so a writer starts the moment the previous one commits
+/// instead of sleeping in SQLite's busy handler.
+#[tokio::test]
+async fn sqlite_appends_and_projection_transactions_share_one_write_lock() {
+    let (fixture, dir) = sqlite().await;
+    let store = fixture.ledger.store().clone();
+    let lock = chartlog_store::sqlite::write_lock(store.pool());
+    let other_pool = chartlog_store::sqlite::open_pool(&dir.path().join("chartlog.db"))
+        .await
+        .expect("a second pool on the same file");
+    assert!(
+        Arc::ptr_eq(&lock, &chartlog_store::sqlite::write_lock(&other_pool)),
+        "one lock per database file, whichever pool asks"
+    );
+
+    let tx = fixture.db.begin().await.expect("begin");
+    assert!(lock.try_lock().is_err(), "a projection transaction holds it");
+    tx.commit().await.expect("commit");
+    assert!(lock.try_lock().is_ok(), "and releases it on commit");
+    let tx = fixture.db.begin().await.expect("begin");
+    drop(tx);
+    assert!(lock.try_lock().is_ok(), "or when dropped");
+
+    // An append waits for the lock while someone else holds it, and goes once it is free.
+    let held = lock.clone().lock_owned().await;
+    let factory = chartlog_store::conformance::EventFactory::new();
+    let stream = StreamId::parse(&format!("patient-{}", Uuid::new_v4())).expect("stream id");
+    let batch = factory.batch(&stream, None, 1);
+    let append = {
+        let (store, stream) = (store.clone(), stream.clone());
+        tokio::spawn(async move { store.append(&stream, 0, &batch).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!append.is_finished(), "the append waits for the lock");
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(10), append)
+        .await
+        .expect("the append goes once the lock is free")
+        .expect("append task")
+        .expect("append");
+    assert_eq!(
+        store.stream_head(&stream).await.expect("head").map(|h| h.version),
+        Some(1)
+    );
+    other_pool.close().await;
+}
+
 async fn postgres(pool: PgPool) -> Fixture<PostgresEventStore, PostgresKeyStore> {
     let store = PostgresEventStore::from_pool(pool.clone())
         .await

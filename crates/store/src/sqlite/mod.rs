@@ -3,10 +3,12 @@
 //!
 //! SQLite has one writer at a time. Appends take an in-process lock and `BEGIN IMMEDIATE`, so
 //! they never fail on a read-to-write upgrade, and positions commit in order: the global log
-//! cannot have a late commit below a position already read.
+//! cannot have a late commit below a position already read. The lock is the database's
+//! ([`write_lock`]), shared with the projections' write transactions in this process, so
+//! writers queue in order here instead of in SQLite's busy handler.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -74,6 +76,45 @@ pub async fn open_pool(path: &Path) -> Result<SqlitePool, StoreError> {
     Ok(pool)
 }
 
+/// The in-process write lock of the SQLite database behind `pool`: one per database file in
+/// this process, taken by appends and by the projections' write transactions
+/// (`chartlog_projections::ProjectionDb::begin`) before `BEGIN IMMEDIATE`.
+///
+/// Why not leave the queueing to SQLite: a connection that finds the write lock taken waits in
+/// SQLite's busy handler, which sleeps with growing back-off (1, 2, 5, 10, ... up to 100 ms a
+/// try) and does not wake when the lock comes free. An append that arrived while a projection
+/// batch was being written could sleep tens of milliseconds past its commit, and every append
+/// queued behind it on this lock with it: the tail of the HTTP command latency on SQLite.
+/// Behind one lock a writer starts the moment the previous one commits. Another process
+/// writing the same file still meets the busy handler, as before.
+///
+/// A database that is not a file (in memory) gets a lock of its own on each call.
+pub fn write_lock(pool: &SqlitePool) -> Arc<Mutex<()>> {
+    static LOCKS: std::sync::Mutex<Vec<(PathBuf, Weak<Mutex<()>>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let options = pool.connect_options();
+    let file = options.get_filename();
+    let Ok(file) = file.canonicalize() else {
+        return Arc::new(Mutex::new(()));
+    };
+    // A poisoned registry only means another thread panicked while holding it; the list
+    // itself is always whole.
+    let mut locks = LOCKS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    locks.retain(|(_, lock)| lock.strong_count() > 0);
+    if let Some(lock) = locks
+        .iter()
+        .find(|(path, _)| *path == file)
+        .and_then(|(_, lock)| lock.upgrade())
+    {
+        return lock;
+    }
+    let lock = Arc::new(Mutex::new(()));
+    locks.push((file, Arc::downgrade(&lock)));
+    lock
+}
+
 /// [`EventStore`] over SQLite.
 #[derive(Clone)]
 pub struct SqliteEventStore {
@@ -97,9 +138,10 @@ impl SqliteEventStore {
         let options = pool.connect_options();
         let file = options.get_filename();
         let log_reader = (file.is_file()).then(|| Arc::new(LogReader::new(file)));
+        let write_lock = write_lock(&pool);
         Self {
             pool,
-            write_lock: Arc::new(Mutex::new(())),
+            write_lock,
             appended: Arc::new(appended),
             log_reader,
         }
