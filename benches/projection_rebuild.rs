@@ -210,16 +210,20 @@ async fn run() -> anyhow::Result<()> {
         .max(1);
     let mut seconds: [Vec<f64>; 4] = Default::default();
     for round in 1..=rounds {
+        let c0 = cpu_seconds();
         let started = Instant::now();
         assert_eq!(open_verify_alone(&log, &key_of, &verifier).await?, events);
         seconds[0].push(started.elapsed().as_secs_f64());
 
+        let c1 = cpu_seconds();
         let started = Instant::now();
         assert_eq!(read_log(store.as_ref()).await?, events);
         seconds[3].push(started.elapsed().as_secs_f64());
 
+        let c2 = cpu_seconds();
         let started = Instant::now();
         runner(vec![Arc::new(Discard)]).rebuild().await?;
+        let c3 = cpu_seconds();
         seconds[1].push(started.elapsed().as_secs_f64());
 
         let started = Instant::now();
@@ -230,6 +234,14 @@ async fn run() -> anyhow::Result<()> {
         .rebuild()
         .await?;
         seconds[2].push(started.elapsed().as_secs_f64());
+        let c4 = cpu_seconds();
+        eprintln!(
+            "CPU open+verify {:.2} read {:.2} runner {:.2} rebuild {:.2}",
+            c1 - c0,
+            c2 - c1,
+            c3 - c2,
+            c4 - c3
+        );
         eprintln!(
             "round {round}: open+verify {:.2} s, read {:.2} s, runner {:.2} s, rebuild {:.2} s",
             seconds[0][round - 1],
@@ -279,6 +291,15 @@ async fn read_log(store: &SqliteEventStore) -> anyhow::Result<usize> {
         after = last.position;
         read += page.len();
     }
+}
+
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    let utime: f64 = fields[11].parse().unwrap();
+    let stime: f64 = fields[12].parse().unwrap();
+    (utime + stime) / 100.0
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -131,7 +131,10 @@ async fn sqlite_appends_and_projection_transactions_share_one_write_lock() {
     );
 
     let tx = fixture.db.begin().await.expect("begin");
-    assert!(lock.try_lock().is_err(), "a projection transaction holds it");
+    assert!(
+        lock.try_lock().is_err(),
+        "a projection transaction holds it"
+    );
     tx.commit().await.expect("commit");
     assert!(lock.try_lock().is_ok(), "and releases it on commit");
     let tx = fixture.db.begin().await.expect("begin");
@@ -156,7 +159,11 @@ async fn sqlite_appends_and_projection_transactions_share_one_write_lock() {
         .expect("append task")
         .expect("append");
     assert_eq!(
-        store.stream_head(&stream).await.expect("head").map(|h| h.version),
+        store
+            .stream_head(&stream)
+            .await
+            .expect("head")
+            .map(|h| h.version),
         Some(1)
     );
     other_pool.close().await;
