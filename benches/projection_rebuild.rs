@@ -208,40 +208,40 @@ async fn run() -> anyhow::Result<()> {
         .and_then(|raw| raw.parse().ok())
         .unwrap_or(3)
         .max(1);
+    // Per measurement, each round's wall-clock seconds and the process's CPU seconds: CPU over
+    // wall is how many of the cores a phase kept busy.
     let mut seconds: [Vec<f64>; 4] = Default::default();
+    let mut cpu: [Vec<f64>; 4] = Default::default();
+    let measure = |index: usize| {
+        let started = (Instant::now(), process_cpu_seconds());
+        move |seconds: &mut [Vec<f64>; 4], cpu: &mut [Vec<f64>; 4]| {
+            seconds[index].push(started.0.elapsed().as_secs_f64());
+            if let (Some(before), Some(after)) = (started.1, process_cpu_seconds()) {
+                cpu[index].push(after - before);
+            }
+        }
+    };
     for round in 1..=rounds {
-        let c0 = cpu_seconds();
-        let started = Instant::now();
+        let done = measure(0);
         assert_eq!(open_verify_alone(&log, &key_of, &verifier).await?, events);
-        seconds[0].push(started.elapsed().as_secs_f64());
+        done(&mut seconds, &mut cpu);
 
-        let c1 = cpu_seconds();
-        let started = Instant::now();
+        let done = measure(3);
         assert_eq!(read_log(store.as_ref()).await?, events);
-        seconds[3].push(started.elapsed().as_secs_f64());
+        done(&mut seconds, &mut cpu);
 
-        let c2 = cpu_seconds();
-        let started = Instant::now();
+        let done = measure(1);
         runner(vec![Arc::new(Discard)]).rebuild().await?;
-        let c3 = cpu_seconds();
-        seconds[1].push(started.elapsed().as_secs_f64());
+        done(&mut seconds, &mut cpu);
 
-        let started = Instant::now();
+        let done = measure(2);
         runner(vec![
             Arc::new(ChartProjection::new(index_key.clone())),
             Arc::new(HistoryProjection),
         ])
         .rebuild()
         .await?;
-        seconds[2].push(started.elapsed().as_secs_f64());
-        let c4 = cpu_seconds();
-        eprintln!(
-            "CPU open+verify {:.2} read {:.2} runner {:.2} rebuild {:.2}",
-            c1 - c0,
-            c2 - c1,
-            c3 - c2,
-            c4 - c3
-        );
+        done(&mut seconds, &mut cpu);
         eprintln!(
             "round {round}: open+verify {:.2} s, read {:.2} s, runner {:.2} s, rebuild {:.2} s",
             seconds[0][round - 1],
@@ -256,8 +256,11 @@ async fn run() -> anyhow::Result<()> {
         "Projection rebuild, SQLite, {events} events, {patients} patients, {WORKERS} worker \
          threads, median of {rounds} rounds\n"
     );
-    println!("| measurement | seconds | events/s | vs open+verify (median of per-round ratios) |");
-    println!("| --- | ---: | ---: | ---: |");
+    println!(
+        "| measurement | seconds | events/s | vs open+verify (median of per-round ratios) | \
+         CPU seconds | cores busy |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (index, name) in [
         (0, "open+verify alone (in memory)"),
         (3, "reading the log alone (SQLite pages, rows decoded)"),
@@ -268,8 +271,19 @@ async fn run() -> anyhow::Result<()> {
             .map(|round| seconds[0][round] / seconds[index][round])
             .collect();
         let median_seconds = median(seconds[index].clone());
+        let (cpu_seconds, cores_busy) = if cpu[index].len() == rounds {
+            let busy: Vec<f64> = (0..rounds)
+                .map(|round| cpu[index][round] / seconds[index][round])
+                .collect();
+            (
+                format!("{:.2}", median(cpu[index].clone())),
+                format!("{:.2}", median(busy)),
+            )
+        } else {
+            ("n/a".to_owned(), "n/a".to_owned())
+        };
         println!(
-            "| {name} | {median_seconds:.2} | {:.0} | {:.2}x |",
+            "| {name} | {median_seconds:.2} | {:.0} | {:.2}x | {cpu_seconds} | {cores_busy} |",
             rate(median_seconds),
             median(ratios)
         );
@@ -293,13 +307,17 @@ async fn read_log(store: &SqliteEventStore) -> anyhow::Result<usize> {
     }
 }
 
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split(' ').collect();
-    let utime: f64 = fields[11].parse().unwrap();
-    let stime: f64 = fields[12].parse().unwrap();
-    (utime + stime) / 100.0
+/// User plus system CPU time of this process so far, from /proc (Linux); `None` elsewhere.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces:
+    // utime and stime are the 14th and 15th fields of the line, in clock ticks.
+    let after_name = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = after_name.split(' ').skip(11);
+    let user: f64 = fields.next()?.parse().ok()?;
+    let system: f64 = fields.next()?.parse().ok()?;
+    // Linux reports in USER_HZ, 100 on every architecture chartlog runs on.
+    Some((user + system) / 100.0)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
