@@ -41,7 +41,7 @@ use chartlog_store::{EventStore, PatientLedger, StreamHead};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
-use support::{Server, TestDir, https_client};
+use support::{Server, TestDir, https_client, passphrase, totp};
 use uuid::Uuid;
 
 const CLIENTS: usize = 32;
@@ -252,26 +252,6 @@ fn rand_seed() -> u64 {
 }
 
 // ---------------------------------------------------------------- HTTP
-
-fn passphrase(user: &str) -> String {
-    format!("correct horse battery staple {}", user.len() * 7919)
-}
-
-fn totp(secret_base32: &str, offset_seconds: u64) -> String {
-    let secret = totp_rs::Secret::try_from_base32(secret_base32).expect("base32 secret");
-    let totp = totp_rs::Builder::new()
-        .with_algorithm(totp_rs::Algorithm::SHA1)
-        .with_digits(6)
-        .with_step_duration(30)
-        .with_secret(secret)
-        .build()
-        .expect("totp");
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
-    totp.generate(now + offset_seconds).to_string()
-}
 
 async fn post(
     client: &Client,

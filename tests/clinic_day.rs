@@ -9,17 +9,12 @@ mod support;
 use fresh_postgres::FreshPostgresDatabase;
 
 use std::fs;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use chartlog_domain::{PatientCommand, synthetic};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Server, TestDir, https_client};
-
-/// A strong passphrase per user: long, not common, not containing the user name.
-fn passphrase(user: &str) -> String {
-    format!("correct horse battery staple {}", user.len() * 7919)
-}
+use support::{Server, TestDir, https_client, passphrase, totp};
 
 struct Api<'a> {
     server: &'a Server,
@@ -182,23 +177,6 @@ impl Api<'_> {
             Some(secret),
         )
     }
-}
-
-/// The TOTP code for now plus `offset_seconds`.
-fn totp(secret_base32: &str, offset_seconds: u64) -> String {
-    let secret = totp_rs::Secret::try_from_base32(secret_base32).expect("base32 secret");
-    let totp = totp_rs::Builder::new()
-        .with_algorithm(totp_rs::Algorithm::SHA1)
-        .with_digits(6)
-        .with_step_duration(30)
-        .with_secret(secret)
-        .build()
-        .expect("totp");
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
-    totp.generate(now + offset_seconds).to_string()
 }
 
 fn demographics(seed: u64) -> (Value, String, String) {

@@ -1,6 +1,8 @@
 //! End-to-end tests of the `chartlog` binary: each test starts the real server on a free
 //! port in a fresh data directory and talks to it over HTTPS (or HTTP) only.
 
+// Shared with the other binary tests; this one uses part of it.
+#[allow(dead_code)]
 mod support;
 
 use std::fs;

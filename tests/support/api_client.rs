@@ -3,36 +3,14 @@
 
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::support::{STEP_TIMEOUT, Server};
 
-/// A strong passphrase per user: long, not common, not containing the user name. The
-/// "quartz lantern" prefix lets the scans find a password wherever it lands.
-pub fn passphrase(user: &str) -> String {
-    let salt: u64 = user.bytes().map(u64::from).sum();
-    format!("quartz lantern meadow {}", salt * 7919 + user.len() as u64)
-}
-
-/// The TOTP code for now plus `offset_seconds` (steps of 30 s).
-pub fn totp(secret_base32: &str, offset_seconds: u64) -> String {
-    let secret = totp_rs::Secret::try_from_base32(secret_base32).expect("base32 secret");
-    let totp = totp_rs::Builder::new()
-        .with_algorithm(totp_rs::Algorithm::SHA1)
-        .with_digits(6)
-        .with_step_duration(30)
-        .with_secret(secret)
-        .build()
-        .expect("totp");
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
-    totp.generate(now + offset_seconds).to_string()
-}
+pub use crate::support::{passphrase, totp};
 
 /// One request and its answer, as the client saw them.
 #[derive(Clone, Debug)]

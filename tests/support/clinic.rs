@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use chartlog_domain::{PatientCommand, synthetic};
 use reqwest::{Client, StatusCode};
@@ -46,27 +46,8 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// A strong passphrase per user: long, not common, not containing the user name.
-pub fn passphrase(user: &str) -> String {
-    format!("correct horse battery staple {}", user.len() * 7919)
-}
-
-/// The TOTP code for now plus `offset_seconds`.
-fn totp(secret_base32: &str, offset_seconds: u64) -> String {
-    let secret = totp_rs::Secret::try_from_base32(secret_base32).expect("base32 secret");
-    let totp = totp_rs::Builder::new()
-        .with_algorithm(totp_rs::Algorithm::SHA1)
-        .with_digits(6)
-        .with_step_duration(30)
-        .with_secret(secret)
-        .build()
-        .expect("totp");
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
-    totp.generate(now + offset_seconds).to_string()
-}
+pub use crate::support::passphrase;
+use crate::support::totp;
 
 /// A client of one server; `base_url` changes when the server restarts on a new port.
 #[derive(Clone)]
