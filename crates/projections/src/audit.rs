@@ -420,51 +420,52 @@ pub const AUDIT_PROJECTION_NAME: &str = "audit_trail";
 /// never removes a row: the trail is append-only and outlives erasures.
 pub const AUDIT_PROJECTION_VERSION: u32 = 1;
 
-/// Appends [`AuditRow`]s to `chartlog_audit_trail`, ignoring a row whose `audit_id` is already
-/// there (a replay or a rebuild).
-pub async fn append_audit_row(
+/// Columns of one `chartlog_audit_trail` row as [`insert_audit_rows`] binds them.
+const AUDIT_COLUMNS: usize = 14;
+/// `client_address`, which PostgreSQL stores as `inet` and receives as text.
+const AUDIT_CLIENT_ADDRESS_COLUMN: usize = 12;
+
+/// Inserts [`AuditRow`]s (each with the log position it was folded from, if any) into
+/// `chartlog_audit_trail`, many rows per statement, ignoring a row whose `audit_id` is already
+/// there (a replay or a rebuild). One statement per row cost the projection runner a round
+/// trip per audited event, which on PostgreSQL left it trailing the writers it follows.
+pub async fn insert_audit_rows(
     tx: &mut crate::db::ProjectionTx,
-    row: &AuditRow,
-    source_position: Option<u64>,
+    rows: &[(AuditRow, Option<u64>)],
 ) -> Result<(), sqlx::Error> {
     use crate::db::{Backend, SqlArg};
-    let sql = match tx.backend() {
-        Backend::Sqlite => {
-            "INSERT INTO chartlog_audit_trail (audit_id, source_position, occurred_at_us, user_id, \
-             role, purpose_of_use, break_glass, patient_id, entity, record_id, action, outcome, \
-             client_address, event_type) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+    let backend = tx.backend();
+    for chunk in rows.chunks(tx.rows_per_statement(AUDIT_COLUMNS)) {
+        let cast = (backend == Backend::Postgres).then_some((AUDIT_CLIENT_ADDRESS_COLUMN, "inet"));
+        let values = crate::db::values_placeholders_cast(chunk.len(), AUDIT_COLUMNS, 1, cast);
+        let sql = format!(
+            "INSERT INTO chartlog_audit_trail (audit_id, source_position, occurred_at_us, \
+             user_id, role, purpose_of_use, break_glass, patient_id, entity, record_id, action, \
+             outcome, client_address, event_type) VALUES {values} \
              ON CONFLICT (audit_id) DO NOTHING"
+        );
+        let mut args = Vec::with_capacity(chunk.len() * AUDIT_COLUMNS);
+        for (row, source_position) in chunk {
+            let position = source_position.map(|p| i64::try_from(p).unwrap_or(i64::MAX));
+            args.extend([
+                SqlArg::Uuid(row.audit_id),
+                SqlArg::OptI64(position),
+                SqlArg::I64(row.occurred_at.unix_micros()),
+                SqlArg::OptUuid(row.actor.map(|a| a.user_id.as_uuid())),
+                SqlArg::OptText(row.actor.map(|a| a.role.as_str().to_owned())),
+                SqlArg::OptText(row.actor.map(|a| a.purpose_of_use.as_str().to_owned())),
+                SqlArg::Bool(row.actor.is_some_and(|a| a.break_glass)),
+                SqlArg::OptUuid(row.patient_id.map(|p| p.as_uuid())),
+                SqlArg::OptText(row.entity.map(|e| e.as_str().to_owned())),
+                SqlArg::OptUuid(row.record_id),
+                SqlArg::Text(row.action.as_str().to_owned()),
+                SqlArg::Text(row.outcome.as_str().to_owned()),
+                SqlArg::OptText(row.client_address.map(|a| a.to_string())),
+                SqlArg::OptText(row.event_type.map(str::to_owned)),
+            ]);
         }
-        Backend::Postgres => {
-            "INSERT INTO chartlog_audit_trail (audit_id, source_position, occurred_at_us, user_id, \
-             role, purpose_of_use, break_glass, patient_id, entity, record_id, action, outcome, \
-             client_address, event_type) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::inet, $14) \
-             ON CONFLICT (audit_id) DO NOTHING"
-        }
-    };
-    let position = source_position.map(|p| i64::try_from(p).unwrap_or(i64::MAX));
-    tx.execute(
-        sql,
-        vec![
-            SqlArg::Uuid(row.audit_id),
-            SqlArg::OptI64(position),
-            SqlArg::I64(row.occurred_at.unix_micros()),
-            SqlArg::OptUuid(row.actor.map(|a| a.user_id.as_uuid())),
-            SqlArg::OptText(row.actor.map(|a| a.role.as_str().to_owned())),
-            SqlArg::OptText(row.actor.map(|a| a.purpose_of_use.as_str().to_owned())),
-            SqlArg::Bool(row.actor.is_some_and(|a| a.break_glass)),
-            SqlArg::OptUuid(row.patient_id.map(|p| p.as_uuid())),
-            SqlArg::OptText(row.entity.map(|e| e.as_str().to_owned())),
-            SqlArg::OptUuid(row.record_id),
-            SqlArg::Text(row.action.as_str().to_owned()),
-            SqlArg::Text(row.outcome.as_str().to_owned()),
-            SqlArg::OptText(row.client_address.map(|a| a.to_string())),
-            SqlArg::OptText(row.event_type.map(str::to_owned)),
-        ],
-    )
-    .await?;
+        tx.execute(sqlx::AssertSqlSafe(sql), args).await?;
+    }
     Ok(())
 }
 
@@ -489,9 +490,8 @@ pub async fn append_audit_rows(
         tx.execute("SET LOCAL synchronous_commit = on", vec![])
             .await?;
     }
-    for row in rows {
-        append_audit_row(&mut tx, row, None).await?;
-    }
+    let rows: Vec<_> = rows.iter().map(|row| (row.clone(), None)).collect();
+    insert_audit_rows(&mut tx, &rows).await?;
     tx.commit().await
 }
 
@@ -523,14 +523,13 @@ impl crate::runner::Projection for AuditTrailProjection {
         events: &[crate::runner::ProjectedEvent],
     ) -> Result<(), crate::ProjectionError> {
         use crate::runner::EventBody;
+        let mut trail: Vec<(AuditRow, Option<u64>)> = Vec::new();
         for projected in events {
             let row = match &projected.body {
                 // Reads, logins, denials and the rest, as the API recorded them. Several rows
                 // share one event, so none claims its position; audit ids keep replays single.
                 EventBody::Audit { rows } => {
-                    for row in rows {
-                        append_audit_row(tx, row, None).await?;
-                    }
+                    trail.extend(rows.iter().map(|row| (row.clone(), None)));
                     continue;
                 }
                 // Other streams holding no PHI have no audit meaning yet.
@@ -551,8 +550,9 @@ impl crate::runner::Projection for AuditTrailProjection {
                 EventBody::Patient { event, .. } => row.with_record_of(event),
                 _ => row,
             };
-            append_audit_row(tx, &row, Some(projected.position)).await?;
+            trail.push((row, Some(projected.position)));
         }
+        insert_audit_rows(tx, &trail).await?;
         Ok(())
     }
 

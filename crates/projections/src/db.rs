@@ -364,6 +364,18 @@ pub(crate) async fn stored_entries_for_batch(
 /// `($1, $2), ($3, $4)` for `rows` rows of `columns` placeholders, numbered from
 /// `first_placeholder`: the VALUES list of a multi-row insert, built from placeholders only.
 pub fn values_placeholders(rows: usize, columns: usize, first_placeholder: usize) -> String {
+    values_placeholders_cast(rows, columns, first_placeholder, None)
+}
+
+/// [`values_placeholders`], with `cast` (a column index and a type, e.g. `(12, "inet")`)
+/// appended to that column's placeholder in every row: `$13::inet`. For PostgreSQL columns
+/// whose values are bound as text.
+pub fn values_placeholders_cast(
+    rows: usize,
+    columns: usize,
+    first_placeholder: usize,
+    cast: Option<(usize, &'static str)>,
+) -> String {
     assert!(columns > 0, "a row has at least one column");
     let mut sql = String::with_capacity(rows * columns * 5);
     let mut next = first_placeholder;
@@ -378,6 +390,12 @@ pub fn values_placeholders(rows: usize, columns: usize, first_placeholder: usize
             }
             sql.push('$');
             sql.push_str(&next.to_string());
+            if let Some((cast_column, type_name)) = cast
+                && cast_column == column
+            {
+                sql.push_str("::");
+                sql.push_str(type_name);
+            }
             next += 1;
         }
         sql.push(')');
@@ -473,6 +491,15 @@ mod tests {
         assert_eq!(values_placeholders(2, 2, 1), "($1, $2), ($3, $4)");
         assert_eq!(values_placeholders(1, 3, 4), "($4, $5, $6)");
         assert_eq!(values_placeholders(0, 3, 1), "");
+    }
+
+    #[test]
+    fn a_cast_applies_to_its_column_in_every_row() {
+        assert_eq!(
+            values_placeholders_cast(2, 3, 1, Some((1, "inet"))),
+            "($1, $2::inet, $3), ($4, $5::inet, $6)"
+        );
+        assert_eq!(values_placeholders_cast(1, 2, 1, None), "($1, $2)");
     }
 
     #[test]

@@ -5,12 +5,13 @@ use async_trait::async_trait;
 
 use super::export::vocabulary;
 use super::safe_harbor::{
-    AGE_YEARS_GROUPED_MIN, DeidChange, DeidValue, EventContext, Geography, PatientRow,
-    Pseudonymizer, deidentify_event,
+    AGE_YEARS_GROUPED_MIN, DeidChange, DeidValue, EventContext, Geography, ObservationRow,
+    PatientRow, Pseudonymizer, deidentify_event,
 };
-use crate::db::{Backend, ProjectionTx, SqlArg};
+use crate::db::{Backend, ProjectionTx, SqlArg, values_placeholders_cast};
 use crate::error::ProjectionError;
 use crate::runner::{EventBody, ProjectedEvent, Projection};
+use sqlx::AssertSqlSafe;
 
 /// The projection's name: its checkpoint key.
 pub const DEIDENTIFIED_PROJECTION_NAME: &str = "deidentified";
@@ -140,47 +141,7 @@ async fn apply_change(tx: &mut ProjectionTx, change: DeidChange) -> Result<(), s
             )
             .await?;
         }
-        DeidChange::InsertObservation(row) => {
-            let (value, unit, value_system, value_code) = match &row.value {
-                DeidValue::Quantity(q) => (
-                    Some(q.value().to_owned()),
-                    Some(q.unit().to_owned()),
-                    None,
-                    None,
-                ),
-                DeidValue::Coded(c) => (
-                    None,
-                    None,
-                    Some(c.system().as_str().to_owned()),
-                    Some(c.code().to_owned()),
-                ),
-                DeidValue::TextRemoved => (None, None, None, None),
-            };
-            tx.execute(
-                pick(
-                    backend,
-                    "INSERT INTO deid_observations (row_key, pseudonym, year, code_system, code, \
-                     value_kind, value, unit, value_code_system, value_code) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (row_key) DO NOTHING",
-                    "INSERT INTO deidentified.observations (row_key, pseudonym, year, code_system, code, \
-                     value_kind, value, unit, value_code_system, value_code) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7::numeric, $8, $9, $10) ON CONFLICT (row_key) DO NOTHING",
-                ),
-                vec![
-                    SqlArg::Text(row.row_key.as_str().to_owned()),
-                    SqlArg::Text(row.pseudonym.as_str().to_owned()),
-                    year(row.year),
-                    SqlArg::Text(row.code.system().as_str().to_owned()),
-                    SqlArg::Text(row.code.code().to_owned()),
-                    SqlArg::Text(row.value.kind().to_owned()),
-                    SqlArg::OptText(value),
-                    SqlArg::OptText(unit),
-                    SqlArg::OptText(value_system),
-                    SqlArg::OptText(value_code),
-                ],
-            )
-            .await?;
-        }
+        DeidChange::InsertObservation(row) => insert_observations(tx, &[row]).await?,
         DeidChange::InsertCondition(row) => {
             tx.execute(
                 pick(
@@ -302,6 +263,61 @@ async fn apply_change(tx: &mut ProjectionTx, change: DeidChange) -> Result<(), s
     Ok(())
 }
 
+/// Columns of one de-identified observation row as [`insert_observations`] binds them.
+const OBSERVATION_COLUMNS: usize = 10;
+/// `value`, which PostgreSQL stores as `numeric` and receives as text.
+const OBSERVATION_VALUE_COLUMN: usize = 6;
+
+/// Inserts observation rows, many per statement: observations are most of a clinic's events,
+/// and a statement each cost the projection runner a round trip each.
+async fn insert_observations(
+    tx: &mut ProjectionTx,
+    rows: &[ObservationRow],
+) -> Result<(), sqlx::Error> {
+    let backend = tx.backend();
+    for chunk in rows.chunks(tx.rows_per_statement(OBSERVATION_COLUMNS)) {
+        let cast = (backend == Backend::Postgres).then_some((OBSERVATION_VALUE_COLUMN, "numeric"));
+        let sql = format!(
+            "INSERT INTO {} (row_key, pseudonym, year, code_system, code, value_kind, value, unit, \
+             value_code_system, value_code) VALUES {} ON CONFLICT (row_key) DO NOTHING",
+            pick(backend, "deid_observations", "deidentified.observations"),
+            values_placeholders_cast(chunk.len(), OBSERVATION_COLUMNS, 1, cast),
+        );
+        let mut args = Vec::with_capacity(chunk.len() * OBSERVATION_COLUMNS);
+        for row in chunk {
+            let (value, unit, value_system, value_code) = match &row.value {
+                DeidValue::Quantity(q) => (
+                    Some(q.value().to_owned()),
+                    Some(q.unit().to_owned()),
+                    None,
+                    None,
+                ),
+                DeidValue::Coded(c) => (
+                    None,
+                    None,
+                    Some(c.system().as_str().to_owned()),
+                    Some(c.code().to_owned()),
+                ),
+                DeidValue::TextRemoved => (None, None, None, None),
+            };
+            args.extend([
+                SqlArg::Text(row.row_key.as_str().to_owned()),
+                SqlArg::Text(row.pseudonym.as_str().to_owned()),
+                year(row.year),
+                SqlArg::Text(row.code.system().as_str().to_owned()),
+                SqlArg::Text(row.code.code().to_owned()),
+                SqlArg::Text(row.value.kind().to_owned()),
+                SqlArg::OptText(value),
+                SqlArg::OptText(unit),
+                SqlArg::OptText(value_system),
+                SqlArg::OptText(value_code),
+            ]);
+        }
+        tx.execute(AssertSqlSafe(sql), args).await?;
+    }
+    Ok(())
+}
+
 /// Every table's rows of one patient, through the pseudonym indexes.
 const ERASE_STATEMENTS: [(&str, &str); 5] = [
     (
@@ -364,6 +380,7 @@ impl Projection for DeidentifiedProjection {
         tx: &mut ProjectionTx,
         events: &[ProjectedEvent],
     ) -> Result<(), ProjectionError> {
+        let mut observations = Vec::new();
         for projected in events {
             let changes = match &projected.body {
                 EventBody::Patient {
@@ -388,9 +405,19 @@ impl Projection for DeidentifiedProjection {
                 }
             };
             for change in changes {
-                apply_change(tx, change).await?;
+                match change {
+                    // Held back and inserted together; only an erasure touches the
+                    // observations table otherwise, so it goes after the ones held back.
+                    DeidChange::InsertObservation(row) => observations.push(row),
+                    DeidChange::ErasePatient { .. } => {
+                        insert_observations(tx, &std::mem::take(&mut observations)).await?;
+                        apply_change(tx, change).await?;
+                    }
+                    other => apply_change(tx, other).await?,
+                }
             }
         }
+        insert_observations(tx, &observations).await?;
         Ok(())
     }
 
