@@ -16,6 +16,7 @@
 //!   primary key (patient id first: no scan); what stays is the patient id, the last stream
 //!   version and the erasure time, none of them PHI, so a read answers "erased at ...".
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -23,7 +24,7 @@ use async_trait::async_trait;
 use chartlog_crypto::{
     DataKey, DataKeys, KeyError, KeyStore, MacKey, hmac_sha256, open_record, seal_record,
 };
-use chartlog_domain::codes::Code;
+use chartlog_domain::codes::{Code, CodeSystem};
 use chartlog_domain::patient::{
     AllergyCriticality, AllergyReaction, Demographics, DiscontinuationReason, DosingFrequency,
     MedicationRoute, ObservationValue,
@@ -71,10 +72,87 @@ impl ChartProjection {
 }
 
 /// An entry waiting to be written at the end of a batch.
-struct Pending {
-    fields: Fields,
+struct Pending<'a> {
+    value: EntryValue<'a>,
     stream_version: u64,
     key: Arc<DataKey>,
+}
+
+enum EntryValue<'a> {
+    Fields(Fields),
+    /// A code's latest observation, kept as the event that recorded it until the batch is
+    /// written: a batch of a device's readings supersedes most of them, and only the one
+    /// written needs its JSON built.
+    Observation(&'a PatientEvent),
+}
+
+impl Pending<'_> {
+    fn into_fields(self) -> Fields {
+        match self.value {
+            EntryValue::Fields(fields) => fields,
+            EntryValue::Observation(event) => observation_fields(event),
+        }
+    }
+
+    fn fields(&self) -> Cow<'_, Fields> {
+        match &self.value {
+            EntryValue::Fields(fields) => Cow::Borrowed(fields),
+            EntryValue::Observation(event) => Cow::Owned(observation_fields(event)),
+        }
+    }
+
+    /// When the observation this entry holds took effect; `None` if it holds none, or a
+    /// stored entry whose time does not decode (the new reading then replaces it).
+    fn observation_effective_at(&self) -> Option<Timestamp> {
+        match &self.value {
+            EntryValue::Observation(PatientEvent::ObservationRecorded { effective_at, .. }) => {
+                Some(*effective_at)
+            }
+            EntryValue::Observation(_) => None,
+            EntryValue::Fields(fields) => fields
+                .get("effective_at")
+                .and_then(|value| Timestamp::deserialize(value).ok()),
+        }
+    }
+}
+
+/// The stored value of a code's latest observation.
+fn observation_fields(event: &PatientEvent) -> Fields {
+    let mut fields = evolve_entry(None, event);
+    if let PatientEvent::ObservationRecorded { observation_id, .. } = event {
+        fields.insert(
+            "observation_id".to_owned(),
+            serde_json::Value::String(observation_id.as_uuid().to_string()),
+        );
+    }
+    fields
+}
+
+/// The entry id of each code a batch records an observation of ([`ChartProjection::
+/// observation_slot`]), worked out once per code: the keyed hash is the costliest step of
+/// folding an observation into the chart.
+struct ObservationSlots<'a>(HashMap<(CodeSystem, &'a str), Uuid>);
+
+impl<'a> ObservationSlots<'a> {
+    fn for_batch(projection: &ChartProjection, events: &'a [ProjectedEvent]) -> Self {
+        let mut slots = HashMap::new();
+        for event in events {
+            if let EventBody::Patient {
+                event: PatientEvent::ObservationRecorded { code, .. },
+                ..
+            } = &event.body
+            {
+                slots
+                    .entry((code.system(), code.expose_phi()))
+                    .or_insert_with(|| projection.observation_slot(code));
+            }
+        }
+        Self(slots)
+    }
+
+    fn of(&self, code: &Code) -> Uuid {
+        self.0[&(code.system(), code.expose_phi())]
+    }
 }
 
 type Slot = crate::entries::EntrySlot;
@@ -182,7 +260,8 @@ impl Projection for ChartProjection {
         let mut pending: BTreeMap<Slot, Pending> = BTreeMap::new();
         let mut patients: BTreeMap<PatientId, (u64, Option<i64>)> = BTreeMap::new();
         let mut erased: BTreeSet<PatientId> = BTreeSet::new();
-        let mut stored = self.stored_entries(tx, events).await?;
+        let observation_slots = ObservationSlots::for_batch(self, events);
+        let mut stored = stored_entries(tx, events, &observation_slots).await?;
         for event in events {
             let version = event.header.stream_version;
             match &event.body {
@@ -195,12 +274,12 @@ impl Projection for ChartProjection {
                         let slot = (
                             *patient_id,
                             EntryKind::Observation,
-                            self.observation_slot(code),
+                            observation_slots.of(code),
                         );
                         let before = match pending.remove(&slot) {
                             Some(entry) => Some(entry),
                             None => stored.remove(&slot).map(|fields| Pending {
-                                fields,
+                                value: EntryValue::Fields(fields),
                                 stream_version: version,
                                 key: key.clone(),
                             }),
@@ -217,7 +296,7 @@ impl Projection for ChartProjection {
                     };
                     let slot = (*patient_id, touch.kind, touch.id);
                     let before = match pending.remove(&slot) {
-                        Some(entry) => Some(entry.fields),
+                        Some(entry) => Some(entry.into_fields()),
                         None if touch.creates => None,
                         None => stored.remove(&slot),
                     };
@@ -225,7 +304,7 @@ impl Projection for ChartProjection {
                     pending.insert(
                         slot,
                         Pending {
-                            fields,
+                            value: EntryValue::Fields(fields),
                             stream_version: version,
                             key: key.clone(),
                         },
@@ -292,43 +371,31 @@ impl ChartProjection {
 
 /// The code's latest observation after `event`: the one recorded now, unless the entry holds
 /// one effective later (a device uploading old readings must not hide the current value).
-fn latest_observation(
-    before: Option<Pending>,
-    event: &PatientEvent,
+fn latest_observation<'a>(
+    before: Option<Pending<'a>>,
+    event: &'a PatientEvent,
     version: u64,
     key: &Arc<DataKey>,
-) -> Pending {
-    let PatientEvent::ObservationRecorded {
-        observation_id,
-        effective_at,
-        ..
-    } = event
-    else {
+) -> Pending<'a> {
+    let PatientEvent::ObservationRecorded { effective_at, .. } = event else {
         unreachable!("called for observations only");
     };
-    if let Some(before) = before {
-        let kept_effective_at = before
-            .fields
-            .get("effective_at")
-            .and_then(|value| serde_json::from_value::<Timestamp>(value.clone()).ok());
-        if kept_effective_at.is_some_and(|kept| kept > *effective_at) {
-            return before;
-        }
+    if let Some(before) = before
+        && before
+            .observation_effective_at()
+            .is_some_and(|kept| kept > *effective_at)
+    {
+        return before;
     }
-    let mut fields = evolve_entry(None, event);
-    fields.insert(
-        "observation_id".to_owned(),
-        serde_json::Value::String(observation_id.as_uuid().to_string()),
-    );
     Pending {
-        fields,
+        value: EntryValue::Observation(event),
         stream_version: version,
         key: key.clone(),
     }
 }
 
 fn erase(
-    pending: &mut BTreeMap<Slot, Pending>,
+    pending: &mut BTreeMap<Slot, Pending<'_>>,
     patients: &mut BTreeMap<PatientId, (u64, Option<i64>)>,
     erased: &mut BTreeSet<PatientId>,
     event: &ProjectedEvent,
@@ -349,39 +416,37 @@ fn erase(
     erased.insert(patient_id);
 }
 
-impl ChartProjection {
-    /// The stored value of every entry a batch changes and needs the value before of, opened
-    /// ([`stored_entries_for_batch`]).
-    async fn stored_entries(
-        &self,
-        tx: &mut ProjectionTx,
-        events: &[ProjectedEvent],
-    ) -> Result<HashMap<Slot, Fields>, ProjectionError> {
-        let entry_of = |patient_id: PatientId, event: &PatientEvent| {
-            if let PatientEvent::ObservationRecorded { code, .. } = event {
-                let slot = (
-                    patient_id,
-                    EntryKind::Observation,
-                    self.observation_slot(code),
-                );
-                return Some((slot, true));
-            }
-            let touch = touched(patient_id, event)?;
-            Some(((patient_id, touch.kind, touch.id), !touch.creates))
-        };
-        let mut stored = HashMap::new();
-        for (slot, key, sealed) in
-            stored_entries_for_batch(tx, "chartlog_chart_entries", events, entry_of).await?
-        {
-            stored.insert(slot, open_fields(&key, slot.0, slot.1, slot.2, &sealed)?);
+/// The stored value of every entry a batch changes and needs the value before of, opened
+/// ([`stored_entries_for_batch`]).
+async fn stored_entries(
+    tx: &mut ProjectionTx,
+    events: &[ProjectedEvent],
+    observation_slots: &ObservationSlots<'_>,
+) -> Result<HashMap<Slot, Fields>, ProjectionError> {
+    let entry_of = |patient_id: PatientId, event: &PatientEvent| {
+        if let PatientEvent::ObservationRecorded { code, .. } = event {
+            let slot = (
+                patient_id,
+                EntryKind::Observation,
+                observation_slots.of(code),
+            );
+            return Some((slot, true));
         }
-        Ok(stored)
+        let touch = touched(patient_id, event)?;
+        Some(((patient_id, touch.kind, touch.id), !touch.creates))
+    };
+    let mut stored = HashMap::new();
+    for (slot, key, sealed) in
+        stored_entries_for_batch(tx, "chartlog_chart_entries", events, entry_of).await?
+    {
+        stored.insert(slot, open_fields(&key, slot.0, slot.1, slot.2, &sealed)?);
     }
+    Ok(stored)
 }
 
 async fn write_entries(
     tx: &mut ProjectionTx,
-    pending: &BTreeMap<Slot, Pending>,
+    pending: &BTreeMap<Slot, Pending<'_>>,
 ) -> Result<(), ProjectionError> {
     let entries: Vec<(&Slot, &Pending)> = pending.iter().collect();
     for rows in entries.chunks(tx.rows_per_statement(5)) {
@@ -397,7 +462,11 @@ async fn write_entries(
             args.push(SqlArg::Text(slot.1.as_str().to_owned()));
             args.push(SqlArg::Uuid(slot.2));
             args.push(SqlArg::I64(to_i64(entry.stream_version)));
-            args.push(SqlArg::Bytes(seal_fields(&entry.key, slot, &entry.fields)));
+            args.push(SqlArg::Bytes(seal_fields(
+                &entry.key,
+                slot,
+                &entry.fields(),
+            )));
         }
         tx.execute(AssertSqlSafe(sql), args).await?;
     }
@@ -408,21 +477,20 @@ impl ChartProjection {
     async fn write_lookups(
         &self,
         tx: &mut ProjectionTx,
-        pending: &BTreeMap<Slot, Pending>,
+        pending: &BTreeMap<Slot, Pending<'_>>,
     ) -> Result<(), ProjectionError> {
         let mut rows: Vec<(PatientId, &'static str, [u8; 32])> = Vec::new();
         for (slot, entry) in pending {
             if slot.1 != EntryKind::Demographics {
                 continue;
             }
-            let demographics: Demographics = serde_json::from_value(serde_json::Value::Object(
-                entry.fields.clone(),
-            ))
-            .map_err(|_| ProjectionError::MalformedRow {
-                table: "chartlog_chart_entries",
-                patient_id: slot.0.as_uuid(),
-                reason: "demographics do not decode",
-            })?;
+            let demographics: Demographics =
+                serde_json::from_value(serde_json::Value::Object(entry.fields().into_owned()))
+                    .map_err(|_| ProjectionError::MalformedRow {
+                        table: "chartlog_chart_entries",
+                        patient_id: slot.0.as_uuid(),
+                        reason: "demographics do not decode",
+                    })?;
             rows.push((
                 slot.0,
                 LOOKUP_MRN,

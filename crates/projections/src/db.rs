@@ -10,6 +10,7 @@
 //! from placeholders, through [`values_placeholders`].
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use chartlog_crypto::DataKey;
@@ -388,8 +389,9 @@ pub fn values_placeholders_cast(
             if column > 0 {
                 sql.push_str(", ");
             }
-            sql.push('$');
-            sql.push_str(&next.to_string());
+            // Written in place: a `to_string` per placeholder was an allocation for each of
+            // the millions of values a rebuild binds.
+            let _ = write!(sql, "${next}");
             if let Some((cast_column, type_name)) = cast
                 && cast_column == column
             {

@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chartlog_crypto::{DataKey, DataKeys, KeyError, KeyStore, open_record, seal_record};
+use chartlog_domain::codes::Code;
+use chartlog_domain::patient::ObservationValue;
 use chartlog_domain::{Actor, PatientEvent, PatientId, StreamId, Timestamp, UserId};
 use serde::Serialize;
 use serde_json::Value;
@@ -28,7 +30,7 @@ use uuid::Uuid;
 use crate::db::{
     ProjectionDb, ProjectionTx, SqlArg, stored_entries_for_batch, to_i64, values_placeholders,
 };
-use crate::entries::{Change, EntryKind, Fields, diff, evolve_entry, touched};
+use crate::entries::{EntryKind, Fields, diff, evolve_entry, touched};
 use crate::error::ProjectionError;
 use crate::runner::{EventBody, ProjectedEvent, Projection};
 
@@ -59,22 +61,63 @@ fn row_ad(patient_id: &Uuid, stream_version: u64) -> ([u8; 16], [u8; 8]) {
     (*patient_id.as_bytes(), stream_version.to_be_bytes())
 }
 
+/// One field's change as sealed: a field absent before (or after) is left out rather than
+/// written as null, which the reader takes to mean the same.
+#[derive(Serialize)]
+struct SealedChange<'a> {
+    field: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    before: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    after: Option<SealedValue<'a>>,
+}
+
+/// A value as sealed: a JSON tree, or a recorded observation's field serialized straight
+/// from the event (the same JSON its tree would give), since building the tree of each new
+/// observation only to serialize it was a large part of a rebuild's history fold.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum SealedValue<'a> {
+    Json(&'a Value),
+    Code(&'a Code),
+    Result(&'a ObservationValue),
+    Time(&'a Timestamp),
+}
+
+/// The changes of a newly recorded observation, field by field in name order (as
+/// [`crate::entries::evolve_entry`] and [`diff`] would give them); `None` for any other event.
+fn observation_changes(event: &PatientEvent) -> Option<Vec<SealedChange<'_>>> {
+    let PatientEvent::ObservationRecorded {
+        code,
+        value,
+        effective_at,
+        ..
+    } = event
+    else {
+        return None;
+    };
+    let new = |field, after| SealedChange {
+        field,
+        before: None,
+        after: Some(after),
+    };
+    Some(vec![
+        new("code", SealedValue::Code(code)),
+        new("effective_at", SealedValue::Time(effective_at)),
+        new("value", SealedValue::Result(value)),
+    ])
+}
+
 fn seal_changes(
     key: &DataKey,
     patient_id: PatientId,
     stream_version: u64,
     kind: EntryKind,
     entry_id: Uuid,
-    changes: Vec<Change>,
+    changes: Vec<SealedChange<'_>>,
 ) -> Vec<u8> {
     // Serialized straight from borrowed values: building a `json!` tree first copied every
     // changed value once more, which showed in a rebuild's profile.
-    #[derive(Serialize)]
-    struct SealedChange<'a> {
-        field: &'a str,
-        before: &'a Option<Value>,
-        after: &'a Option<Value>,
-    }
     #[derive(Serialize)]
     struct SealedChanges<'a> {
         entry_kind: &'static str,
@@ -84,14 +127,7 @@ fn seal_changes(
     let body = SealedChanges {
         entry_kind: kind.as_str(),
         entry_id,
-        changes: changes
-            .iter()
-            .map(|change| SealedChange {
-                field: &change.field,
-                before: &change.before,
-                after: &change.after,
-            })
-            .collect(),
+        changes,
     };
     let plaintext = serde_json::to_vec(&body).expect("JSON serializes");
     let (patient, version) = row_ad(&patient_id.as_uuid(), stream_version);
@@ -128,25 +164,76 @@ impl Projection for HistoryProjection {
                         erase(&mut entries, &mut rows, &mut erased, *patient_id);
                         continue;
                     };
-                    let slot = (*patient_id, touch.kind, touch.id);
-                    let before = match entries.remove(&slot) {
-                        Some((fields, _)) => Some(fields),
-                        None if touch.creates => None,
-                        None => stored.remove(&slot),
-                    };
-                    let after = evolve_entry(before.clone(), patient_event);
-                    let changes = diff(before.as_ref(), &after);
-                    rows.push(Row {
-                        patient_id: *patient_id,
-                        event,
-                        sealed: seal_changes(
+                    if !touch.kind.is_mutable()
+                        && let Some(changes) = observation_changes(patient_event)
+                    {
+                        let sealed = seal_changes(
                             key,
                             *patient_id,
                             event.header.stream_version,
                             touch.kind,
                             touch.id,
                             changes,
-                        ),
+                        );
+                        rows.push(Row {
+                            patient_id: *patient_id,
+                            event,
+                            sealed,
+                        });
+                        continue;
+                    }
+                    let slot = (*patient_id, touch.kind, touch.id);
+                    let before = match entries.remove(&slot) {
+                        Some((fields, _)) => Some(fields),
+                        None if touch.creates => None,
+                        None => stored.remove(&slot),
+                    };
+                    let seal = |changes| {
+                        seal_changes(
+                            key,
+                            *patient_id,
+                            event.header.stream_version,
+                            touch.kind,
+                            touch.id,
+                            changes,
+                        )
+                    };
+                    // A new entry's change is every field it has: no copy of the entry to diff
+                    // against (most of a rebuild's changes are new observations).
+                    let (after, sealed) = match before {
+                        None => {
+                            let after = evolve_entry(None, patient_event);
+                            let changes = after
+                                .iter()
+                                .map(|(field, value)| SealedChange {
+                                    field,
+                                    before: None,
+                                    after: Some(SealedValue::Json(value)),
+                                })
+                                .collect();
+                            let sealed = seal(changes);
+                            (after, sealed)
+                        }
+                        Some(before) => {
+                            let after = evolve_entry(Some(before.clone()), patient_event);
+                            let changes = diff(Some(&before), &after);
+                            let sealed = seal(
+                                changes
+                                    .iter()
+                                    .map(|change| SealedChange {
+                                        field: &change.field,
+                                        before: change.before.as_ref(),
+                                        after: change.after.as_ref().map(SealedValue::Json),
+                                    })
+                                    .collect(),
+                            );
+                            (after, sealed)
+                        }
+                    };
+                    rows.push(Row {
+                        patient_id: *patient_id,
+                        event,
+                        sealed,
                     });
                     if touch.kind.is_mutable() {
                         entries.insert(slot, (after, key.clone()));
@@ -449,4 +536,51 @@ pub async fn read_history<K: KeyStore>(
         entries,
         next_before_version,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use chartlog_domain::{Timestamp, synthetic};
+
+    use super::*;
+
+    /// A new observation's changes serialized straight from the event read back as the same
+    /// JSON as the changes of the entry it makes, diffed against nothing.
+    #[test]
+    fn an_observation_seals_what_its_entry_diff_would() {
+        let at = Timestamp::from_unix_micros(1_763_000_000_000_000).unwrap();
+        let patient_id = synthetic::patient_id(3);
+        let state = chartlog_domain::Patient::default();
+        let state = chartlog_domain::evolve(
+            state,
+            &chartlog_domain::decide(
+                &chartlog_domain::Patient::default(),
+                synthetic::registration(3),
+                at,
+            )
+            .unwrap()[0],
+        );
+        let command = synthetic::clinical_command(3, 1, at);
+        let events = chartlog_domain::decide(&state, command, at).unwrap();
+        let event = &events[0];
+        assert!(matches!(event, PatientEvent::ObservationRecorded { .. }));
+        assert_eq!(
+            touched(patient_id, event).map(|t| t.kind),
+            Some(EntryKind::Observation)
+        );
+
+        let direct = serde_json::to_value(observation_changes(event).unwrap()).unwrap();
+        let entry = evolve_entry(None, event);
+        let changes = diff(None, &entry);
+        let diffed: Vec<SealedChange> = changes
+            .iter()
+            .map(|change| SealedChange {
+                field: &change.field,
+                before: change.before.as_ref(),
+                after: change.after.as_ref().map(SealedValue::Json),
+            })
+            .collect();
+        assert_eq!(direct, serde_json::to_value(diffed).unwrap());
+        assert!(direct[0].get("before").is_none(), "absent, not null");
+    }
 }
