@@ -11,6 +11,7 @@
 //! client address; there is no field that could carry clinical content or an identifier of
 //! the patient other than the random patient id.
 
+use std::borrow::{Borrow, Cow};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -429,14 +430,13 @@ const AUDIT_CLIENT_ADDRESS_COLUMN: usize = 12;
 /// `chartlog_audit_trail`, many rows per statement, ignoring a row whose `audit_id` is already
 /// there (a replay or a rebuild). One statement per row cost the projection runner a round
 /// trip per audited event, which on PostgreSQL left it trailing the writers it follows.
-pub async fn insert_audit_rows(
+pub async fn insert_audit_rows<R: Borrow<AuditRow> + Sync>(
     tx: &mut crate::db::ProjectionTx,
-    rows: &[(AuditRow, Option<u64>)],
+    rows: &[(R, Option<u64>)],
 ) -> Result<(), sqlx::Error> {
     use crate::db::{Backend, SqlArg};
-    let backend = tx.backend();
+    let cast = (tx.backend() == Backend::Postgres).then_some((AUDIT_CLIENT_ADDRESS_COLUMN, "inet"));
     for chunk in rows.chunks(tx.rows_per_statement(AUDIT_COLUMNS)) {
-        let cast = (backend == Backend::Postgres).then_some((AUDIT_CLIENT_ADDRESS_COLUMN, "inet"));
         let values = crate::db::values_placeholders_cast(chunk.len(), AUDIT_COLUMNS, 1, cast);
         let sql = format!(
             "INSERT INTO chartlog_audit_trail (audit_id, source_position, occurred_at_us, \
@@ -446,6 +446,7 @@ pub async fn insert_audit_rows(
         );
         let mut args = Vec::with_capacity(chunk.len() * AUDIT_COLUMNS);
         for (row, source_position) in chunk {
+            let row: &AuditRow = row.borrow();
             let position = source_position.map(|p| i64::try_from(p).unwrap_or(i64::MAX));
             args.extend([
                 SqlArg::Uuid(row.audit_id),
@@ -490,7 +491,7 @@ pub async fn append_audit_rows(
         tx.execute("SET LOCAL synchronous_commit = on", vec![])
             .await?;
     }
-    let rows: Vec<_> = rows.iter().map(|row| (row.clone(), None)).collect();
+    let rows: Vec<_> = rows.iter().map(|row| (row, None)).collect();
     insert_audit_rows(&mut tx, &rows).await?;
     tx.commit().await
 }
@@ -523,13 +524,13 @@ impl crate::runner::Projection for AuditTrailProjection {
         events: &[crate::runner::ProjectedEvent],
     ) -> Result<(), crate::ProjectionError> {
         use crate::runner::EventBody;
-        let mut trail: Vec<(AuditRow, Option<u64>)> = Vec::new();
+        let mut trail: Vec<(Cow<AuditRow>, Option<u64>)> = Vec::new();
         for projected in events {
             let row = match &projected.body {
                 // Reads, logins, denials and the rest, as the API recorded them. Several rows
                 // share one event, so none claims its position; audit ids keep replays single.
                 EventBody::Audit { rows } => {
-                    trail.extend(rows.iter().map(|row| (row.clone(), None)));
+                    trail.extend(rows.iter().map(|row| (Cow::Borrowed(row), None)));
                     continue;
                 }
                 // Other streams holding no PHI have no audit meaning yet.
@@ -550,7 +551,7 @@ impl crate::runner::Projection for AuditTrailProjection {
                 EventBody::Patient { event, .. } => row.with_record_of(event),
                 _ => row,
             };
-            trail.push((row, Some(projected.position)));
+            trail.push((Cow::Owned(row), Some(projected.position)));
         }
         insert_audit_rows(tx, &trail).await?;
         Ok(())

@@ -275,8 +275,8 @@ async fn insert_observations(
     rows: &[ObservationRow],
 ) -> Result<(), sqlx::Error> {
     let backend = tx.backend();
+    let cast = (backend == Backend::Postgres).then_some((OBSERVATION_VALUE_COLUMN, "numeric"));
     for chunk in rows.chunks(tx.rows_per_statement(OBSERVATION_COLUMNS)) {
-        let cast = (backend == Backend::Postgres).then_some((OBSERVATION_VALUE_COLUMN, "numeric"));
         let sql = format!(
             "INSERT INTO {} (row_key, pseudonym, year, code_system, code, value_kind, value, unit, \
              value_code_system, value_code) VALUES {} ON CONFLICT (row_key) DO NOTHING",
