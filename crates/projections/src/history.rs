@@ -164,31 +164,7 @@ impl Projection for HistoryProjection {
                         erase(&mut entries, &mut rows, &mut erased, *patient_id);
                         continue;
                     };
-                    if !touch.kind.is_mutable()
-                        && let Some(changes) = observation_changes(patient_event)
-                    {
-                        let sealed = seal_changes(
-                            key,
-                            *patient_id,
-                            event.header.stream_version,
-                            touch.kind,
-                            touch.id,
-                            changes,
-                        );
-                        rows.push(Row {
-                            patient_id: *patient_id,
-                            event,
-                            sealed,
-                        });
-                        continue;
-                    }
-                    let slot = (*patient_id, touch.kind, touch.id);
-                    let before = match entries.remove(&slot) {
-                        Some((fields, _)) => Some(fields),
-                        None if touch.creates => None,
-                        None => stored.remove(&slot),
-                    };
-                    let seal = |changes| {
+                    let seal = |changes: Vec<SealedChange<'_>>| {
                         seal_changes(
                             key,
                             *patient_id,
@@ -198,36 +174,21 @@ impl Projection for HistoryProjection {
                             changes,
                         )
                     };
-                    // A new entry's change is every field it has: no copy of the entry to diff
-                    // against (most of a rebuild's changes are new observations).
-                    let (after, sealed) = match before {
+                    let sealed = match observation_changes(patient_event) {
+                        // Recorded once and never changed: nothing to diff against or keep.
+                        Some(changes) => seal(changes),
                         None => {
-                            let after = evolve_entry(None, patient_event);
-                            let changes = after
-                                .iter()
-                                .map(|(field, value)| SealedChange {
-                                    field,
-                                    before: None,
-                                    after: Some(SealedValue::Json(value)),
-                                })
-                                .collect();
-                            let sealed = seal(changes);
-                            (after, sealed)
-                        }
-                        Some(before) => {
-                            let after = evolve_entry(Some(before.clone()), patient_event);
-                            let changes = diff(Some(&before), &after);
-                            let sealed = seal(
-                                changes
-                                    .iter()
-                                    .map(|change| SealedChange {
-                                        field: &change.field,
-                                        before: change.before.as_ref(),
-                                        after: change.after.as_ref().map(SealedValue::Json),
-                                    })
-                                    .collect(),
-                            );
-                            (after, sealed)
+                            let slot = (*patient_id, touch.kind, touch.id);
+                            let before = match entries.remove(&slot) {
+                                Some((fields, _)) => Some(fields),
+                                None if touch.creates => None,
+                                None => stored.remove(&slot),
+                            };
+                            let (after, sealed) = changed_entry(before, patient_event, seal);
+                            if touch.kind.is_mutable() {
+                                entries.insert(slot, (after, key.clone()));
+                            }
+                            sealed
                         }
                     };
                     rows.push(Row {
@@ -235,9 +196,6 @@ impl Projection for HistoryProjection {
                         event,
                         sealed,
                     });
-                    if touch.kind.is_mutable() {
-                        entries.insert(slot, (after, key.clone()));
-                    }
                 }
                 EventBody::Erased { patient_id } if event.is_erasure() => {
                     erase(&mut entries, &mut rows, &mut erased, *patient_id);
@@ -318,6 +276,41 @@ impl Projection for HistoryProjection {
             .await?;
         Ok(())
     }
+}
+
+/// The entry after `event` and the sealed changes from `before`. A new entry's change is
+/// every field it has: no empty entry to diff against.
+fn changed_entry(
+    before: Option<Fields>,
+    event: &PatientEvent,
+    seal: impl FnOnce(Vec<SealedChange<'_>>) -> Vec<u8>,
+) -> (Fields, Vec<u8>) {
+    let Some(before) = before else {
+        let after = evolve_entry(None, event);
+        let changes = after
+            .iter()
+            .map(|(field, value)| SealedChange {
+                field,
+                before: None,
+                after: Some(SealedValue::Json(value)),
+            })
+            .collect();
+        let sealed = seal(changes);
+        return (after, sealed);
+    };
+    let after = evolve_entry(Some(before.clone()), event);
+    let changes = diff(Some(&before), &after);
+    let sealed = seal(
+        changes
+            .iter()
+            .map(|change| SealedChange {
+                field: &change.field,
+                before: change.before.as_ref(),
+                after: change.after.as_ref().map(SealedValue::Json),
+            })
+            .collect(),
+    );
+    (after, sealed)
 }
 
 fn erase(
