@@ -555,17 +555,8 @@ const READ_MODEL_TABLES: &[(&str, &[&str], &str)] = &[
     ),
     (
         "chartlog_history",
-        &[
-            "patient_id",
-            "stream_version",
-            "recorded_at_us",
-            "actor_user_id",
-            "actor_role",
-            "purpose_of_use",
-            "break_glass",
-            "event_type",
-        ],
-        "patient_id, stream_version",
+        &["patient_id", "first_version", "last_version", "headers"],
+        "patient_id, first_version",
     ),
     (
         "chartlog_history_entries",

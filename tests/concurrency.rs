@@ -490,7 +490,7 @@ async fn the_checker_has_teeth(
             "folded to another version",
         ),
         (
-            "DELETE FROM chartlog_history WHERE stream_version = 3",
+            "DELETE FROM chartlog_history WHERE first_version = 1",
             "record history of",
         ),
     ] {

@@ -475,17 +475,30 @@ impl Database {
         .collect()
     }
 
-    /// (patient, stream version, event type) of every record-history row.
+    /// (patient, stream version, event type) of every change in the record history, from the
+    /// clear headers of its segments (`chartlog_projections::history`).
     async fn history_rows(&self) -> Vec<(Uuid, u64, String)> {
-        fetch!(
+        let segments = fetch!(
             self,
-            "SELECT patient_id, stream_version, event_type FROM chartlog_history",
-            |row| (
-                row.get::<Uuid, _>(0),
-                u64_of(row.get::<i64, _>(1)),
-                row.get::<String, _>(2)
-            )
-        )
+            "SELECT patient_id, headers FROM chartlog_history",
+            |row| (row.get::<Uuid, _>(0), row.get::<String, _>(1))
+        );
+        let mut changes = Vec::new();
+        for (patient, headers) in segments {
+            let headers: Vec<Value> =
+                serde_json::from_str(&headers).expect("a segment's headers are a JSON array");
+            for header in headers {
+                changes.push((
+                    patient,
+                    header["stream_version"].as_u64().expect("a version"),
+                    header["event_type"]
+                        .as_str()
+                        .expect("an event type")
+                        .to_owned(),
+                ));
+            }
+        }
+        changes
     }
 
     async fn chart_patients(&self) -> BTreeMap<Uuid, u64> {
@@ -600,8 +613,9 @@ pub async fn check_log(database: &Database, acks: &[Ack]) -> LogSummary {
 }
 
 /// Waits until every projection's checkpoint is at or past `position`. A runner that applied
-/// an event twice fails on the history's primary key and never gets there; one that skipped an
-/// event gets there with rows missing, which [`check_read_models`] catches.
+/// an event twice fails the history's batch (a change that does not follow its segment's last
+/// one, or a segment that is already there) and never gets there; one that skipped an event
+/// may get there with a change missing, which [`check_read_models`] catches.
 pub async fn wait_for_projections(database: &Database, position: u64) -> BTreeMap<String, u64> {
     let deadline = Instant::now() + CONVERGENCE_WAIT;
     loop {
@@ -624,9 +638,9 @@ pub async fn wait_for_projections(database: &Database, position: u64) -> BTreeMa
 
 /// The read models' half, once every projection has passed the log's end (server running):
 /// for every patient stream in the log,
-/// - the record history holds exactly the stream's events: one row per version, 1..=head, each
-///   with the stored event's type (a skipped event is a missing row, a re-applied one a
-///   primary-key failure that stalls the checkpoint);
+/// - the record history holds exactly the stream's events: one change per version, 1..=head,
+///   each with the stored event's type (a skipped event is a missing change, a re-applied one
+///   a refused batch that stalls the checkpoint);
 /// - the chart's folded version is the head (an event applied out of order leaves it behind);
 /// - the chart holds the latest observation of the one code the tests record, and the
 ///   de-identified view one row per observation event;

@@ -546,6 +546,78 @@ async fn the_chart_lists_the_latest_observation_per_code<S: EventStore, K: KeySt
     );
 }
 
+/// The record history's segments (16 versions each) hold consecutive changes: replaying
+/// events the history already holds is refused, within a segment and at a segment's start, and
+/// the history still reads each change once; a header edited in the clear no longer opens.
+async fn the_history_refuses_replays_and_forged_headers<S: EventStore, K: KeyStore + 'static>(
+    fixture: Fixture<S, K>,
+) {
+    let patient = PatientId::from_uuid(Uuid::from_u128(0x5e9));
+    let last = register_marker_patient(&fixture, patient).await;
+    fixture.runner().catch_up().await.expect("catch up");
+    let read_versions = || async {
+        let HistoryAnswer::Found(page) =
+            read_history(&fixture.db, fixture.ledger.keys(), patient, None, 100)
+                .await
+                .expect("history")
+        else {
+            panic!("the history is there");
+        };
+        page.entries
+            .iter()
+            .map(|entry| entry.stream_version)
+            .collect::<Vec<_>>()
+    };
+    let all: Vec<u64> = (1..=27).rev().collect();
+    assert_eq!(read_versions().await, all);
+
+    // Versions 25..=27 again (within the segment 17..=32), then 17..=27 (from its start).
+    for replayed in [3, 11] {
+        fixture
+            .db
+            .execute(
+                "UPDATE chartlog_projection_checkpoints SET position = $1 WHERE name = 'history'",
+                vec![SqlArg::I64(i64::try_from(last - replayed).unwrap())],
+            )
+            .await
+            .expect("move the checkpoint back");
+        assert!(
+            fixture.runner().catch_up().await.is_err(),
+            "replaying {replayed} events the history holds is refused"
+        );
+        assert_eq!(read_versions().await, all, "and changes nothing");
+    }
+
+    fixture
+        .db
+        .execute(
+            "UPDATE chartlog_history SET headers = replace(headers, 'physician', 'nurse') \
+             WHERE first_version = 1",
+            vec![],
+        )
+        .await
+        .expect("forge a header");
+    let forged = read_history(&fixture.db, fixture.ledger.keys(), patient, None, 100).await;
+    assert!(
+        matches!(
+            forged,
+            Err(chartlog_projections::ProjectionError::MalformedRow { .. })
+        ),
+        "a forged header does not open: {forged:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_the_history_refuses_replays_and_forged_headers() {
+    let (fixture, _dir) = sqlite().await;
+    the_history_refuses_replays_and_forged_headers(fixture).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_the_history_refuses_replays_and_forged_headers(pool: PgPool) {
+    the_history_refuses_replays_and_forged_headers(postgres(pool).await).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_the_chart_lists_the_latest_observation_per_code() {
     let (fixture, _dir) = sqlite().await;
