@@ -71,8 +71,12 @@ fn segment_start(stream_version: u64) -> u64 {
     stream_version.saturating_sub(1) / HISTORY_SEGMENT_CHANGES * HISTORY_SEGMENT_CHANGES + 1
 }
 
-/// Seals a segment's change bodies, bound to whose they are, where the segment starts and
-/// its clear headers.
+/// The associated data of a segment's sealed bodies: whose they are, where the segment starts
+/// (`start`, big-endian) and its clear headers.
+fn segment_ad<'a>(patient_id: &'a Uuid, start: &'a [u8; 8], headers: &'a str) -> [&'a [u8]; 4] {
+    [SEGMENT_AD, patient_id.as_bytes(), start, headers.as_bytes()]
+}
+
 fn seal_segment(
     key: &DataKey,
     patient_id: &Uuid,
@@ -80,14 +84,11 @@ fn seal_segment(
     headers: &str,
     bodies: &[u8],
 ) -> Vec<u8> {
-    let start = start.to_be_bytes();
-    let ad: [&[u8]; 4] = [
-        SEGMENT_AD,
-        patient_id.as_bytes(),
-        &start,
-        headers.as_bytes(),
-    ];
-    seal_record(key, &ad, bodies)
+    seal_record(
+        key,
+        &segment_ad(patient_id, &start.to_be_bytes(), headers),
+        bodies,
+    )
 }
 
 /// Opens what [`seal_segment`] sealed; `None` when it does not open.
@@ -98,14 +99,12 @@ fn open_segment(
     headers: &str,
     sealed: &[u8],
 ) -> Option<Vec<u8>> {
-    let start = start.to_be_bytes();
-    let ad: [&[u8]; 4] = [
-        SEGMENT_AD,
-        patient_id.as_bytes(),
-        &start,
-        headers.as_bytes(),
-    ];
-    open_record(key, &ad, sealed).ok()
+    open_record(
+        key,
+        &segment_ad(patient_id, &start.to_be_bytes(), headers),
+        sealed,
+    )
+    .ok()
 }
 
 /// Who and when of one change, from the clear event header: stored in the clear.
@@ -752,8 +751,9 @@ pub async fn read_history<K: KeyStore>(
     let wanted = limit + 1;
     let segments_per_read = wanted.div_ceil(HISTORY_SEGMENT_CHANGES as usize) + 1;
     let mut entries = Vec::with_capacity(wanted);
-    // A segment that starts below `before` holds a version below it.
-    let mut below = before_version.map_or(i64::MAX, to_i64);
+    // A segment that starts below `before` holds a version below it. A `before_version`
+    // past any version (it comes from a query string) reads from the newest.
+    let mut below = i64::try_from(before).unwrap_or(i64::MAX);
     'segments: loop {
         let rows = db
             .fetch_all(
@@ -781,7 +781,7 @@ pub async fn read_history<K: KeyStore>(
                 return Err(malformed("as many headers as changes"));
             }
             for (offset, (header, body)) in headers.into_iter().zip(bodies).enumerate().rev() {
-                if header.stream_version != start + offset as u64 {
+                if start.checked_add(offset as u64) != Some(header.stream_version) {
                     return Err(malformed("versions of a segment"));
                 }
                 if header.stream_version >= before {

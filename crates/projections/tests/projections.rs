@@ -570,6 +570,18 @@ async fn the_history_refuses_replays_and_forged_headers<S: EventStore, K: KeySto
     };
     let all: Vec<u64> = (1..=27).rev().collect();
     assert_eq!(read_versions().await, all);
+    let HistoryAnswer::Found(past_the_end) = read_history(
+        &fixture.db,
+        fixture.ledger.keys(),
+        patient,
+        Some(u64::MAX),
+        100,
+    )
+    .await
+    .expect("a before_version past any version reads from the newest") else {
+        panic!("the history is there");
+    };
+    assert_eq!(past_the_end.entries.len(), 27);
 
     // Versions 25..=27 again (within the segment 17..=32), then 17..=27 (from its start).
     for replayed in [3, 11] {
