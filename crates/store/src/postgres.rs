@@ -402,18 +402,20 @@ impl PostgresEventStore {
         self.inner.pool.close().await;
     }
 
-    /// Appends with a `chartlog_append` call of its own, and announces it if it was appended.
     async fn append_alone(
         &self,
         stream: &StreamId,
         expected_version: u64,
         events: &[SealedEvent],
     ) -> Result<Answer, StoreError> {
-        let answer = append_alone(&self.inner.pool, stream, expected_version, events).await;
-        if matches!(answer, Ok(Ok(_))) {
-            self.inner.ticks.announce();
-        }
-        answer
+        append_announced(
+            &self.inner.pool,
+            &self.inner.ticks,
+            stream,
+            expected_version,
+            events,
+        )
+        .await
     }
 
     async fn events_by_id(&self, events: &[SealedEvent]) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -561,21 +563,34 @@ async fn run_committer(
     }
 }
 
+/// Appends with a `chartlog_append` call of its own, and announces it if it was appended.
+async fn append_announced(
+    pool: &PgPool,
+    ticks: &Ticks,
+    stream: &StreamId,
+    expected_version: u64,
+    events: &[SealedEvent],
+) -> Result<Answer, StoreError> {
+    let answer = append_alone(pool, stream, expected_version, events).await;
+    if matches!(answer, Ok(Ok(_))) {
+        ticks.announce();
+    }
+    answer
+}
+
 /// Commits a group in one statement and answers each member. A lone append goes as a plain
 /// `chartlog_append` call, so a single writer runs the very statement it ran before groups.
 async fn commit_group(pool: &PgPool, ticks: &Ticks, mut group: Vec<AppendRequest>) {
     if group.len() == 1 {
         let Some(request) = group.pop() else { return };
-        let answer = append_alone(
+        let answer = append_announced(
             pool,
+            ticks,
             &request.stream,
             request.expected_version,
             &request.events,
         )
         .await;
-        if matches!(answer, Ok(Ok(_))) {
-            ticks.announce();
-        }
         // The caller may have given up meanwhile; then nobody needs the answer.
         let _ = request.reply.send(Committed::Answer(answer));
         return;
