@@ -15,7 +15,8 @@
 //!   start and the headers' bytes as associated data (a header edited in the clear no longer
 //!   opens);
 //! - a segment holds consecutive versions: a change that does not follow the segment's last
-//!   one (an event applied twice, or one skipped) fails the batch instead of being written;
+//!   one (an event applied twice, or one skipped within the segment) fails the batch instead
+//!   of being written;
 //! - the projection keeps its own sealed copy of each mutable entry's current value
 //!   (`chartlog_history_entries`) to derive the next "before": it never reads another read
 //!   model, so it rebuilds on its own;
@@ -674,8 +675,8 @@ pub enum HistoryAnswer {
     NotFound,
 }
 
-/// The change body as stored: which entry, and each field's before and after (absent or
-/// null when there was none).
+/// The change body as stored: which entry, and each field's before and after (absent or null
+/// when there was none: serde reads both as `None`).
 #[derive(Deserialize)]
 struct StoredChange {
     entry_kind: String,
@@ -686,9 +687,7 @@ struct StoredChange {
 #[derive(Deserialize)]
 struct StoredField {
     field: String,
-    #[serde(default)]
     before: Option<Value>,
-    #[serde(default)]
     after: Option<Value>,
 }
 
@@ -710,8 +709,8 @@ fn history_entry(header: ChangeHeader<'_>, body: StoredChange) -> Option<History
             .into_iter()
             .map(|change| FieldChange {
                 field: change.field,
-                before: change.before.filter(|v| !v.is_null()).map(PhiValue),
-                after: change.after.filter(|v| !v.is_null()).map(PhiValue),
+                before: change.before.map(PhiValue),
+                after: change.after.map(PhiValue),
             })
             .collect(),
     })
@@ -826,6 +825,13 @@ mod tests {
             .map(segment_start)
             .collect();
         assert_eq!(starts, [1, 1, 1, 17, 17, 33, 145, 161]);
+    }
+
+    #[test]
+    fn an_absent_or_null_before_reads_as_none() {
+        let field: StoredField =
+            serde_json::from_str(r#"{"field":"status","before":null}"#).unwrap();
+        assert_eq!((field.before, field.after), (None, None));
     }
 
     /// Appending a batch's items to a stored segment gives the bytes the segment written at
