@@ -145,7 +145,7 @@ struct SegmentChanges {
     /// The version of the first change this batch adds.
     first: u64,
     last: u64,
-    headers: String,
+    headers: Vec<u8>,
     bodies: Vec<u8>,
 }
 
@@ -155,7 +155,7 @@ impl SegmentChanges {
             key,
             first,
             last: first.saturating_sub(1),
-            headers: String::new(),
+            headers: Vec::new(),
             bodies: Vec::new(),
         }
     }
@@ -166,11 +166,12 @@ impl SegmentChanges {
             return false;
         }
         if !self.bodies.is_empty() {
-            self.headers.push(',');
+            self.headers.push(b',');
             self.bodies.push(b',');
         }
-        self.headers
-            .push_str(&serde_json::to_string(&ChangeHeader::of(header)).expect("JSON serializes"));
+        // Written in place: no string of its own per change.
+        serde_json::to_writer(&mut self.headers, &ChangeHeader::of(header))
+            .expect("JSON serializes into memory");
         self.bodies.extend_from_slice(body);
         self.last = header.stream_version;
         true
@@ -423,7 +424,7 @@ fn segment_row(
     };
     let headers = json_array_with(
         stored.map(|(headers, _)| headers.as_bytes()),
-        changes.headers.as_bytes(),
+        &changes.headers,
     )
     .and_then(|headers| String::from_utf8(headers).ok())
     .ok_or_else(|| malformed("headers are not a JSON array"))?;
