@@ -40,7 +40,8 @@ use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
 use crate::db::{
-    ProjectionDb, ProjectionTx, SqlArg, stored_entries_for_batch, to_i64, values_placeholders,
+    Backend, ProjectionDb, ProjectionTx, SqlArg, stored_entries_for_batch, to_i64,
+    values_placeholders,
 };
 use crate::entries::{EntryKind, Fields, diff, evolve_entry, touched};
 use crate::error::ProjectionError;
@@ -393,10 +394,34 @@ impl Projection for HistoryProjection {
         Ok(())
     }
 
+    /// On SQLite, the reset frees the tables' pages without zeroing them (`secure_delete`
+    /// FAST for these two statements only). Zeroing is how the store makes a destroyed key's
+    /// bytes unrecoverable; here it bought nothing: the field values are sealed under the
+    /// patients' keys, and the clear headers repeat what the log's own headers keep by design.
+    /// It cost a tenth of a rebuild (0.4 s of 4.3 s for 200,000 events: every page of the
+    /// history written as zeros into the WAL, then fsynced). Erasure still deletes a patient's
+    /// rows with zeroing.
     async fn reset(&self, tx: &mut ProjectionTx) -> Result<(), ProjectionError> {
-        tx.execute("DELETE FROM chartlog_history", vec![]).await?;
-        tx.execute("DELETE FROM chartlog_history_entries", vec![])
-            .await?;
+        let sqlite = tx.backend() == Backend::Sqlite;
+        if sqlite {
+            tx.execute("PRAGMA secure_delete = FAST", vec![]).await?;
+        }
+        let mut deleted = Ok(0);
+        for table in [
+            "DELETE FROM chartlog_history",
+            "DELETE FROM chartlog_history_entries",
+        ] {
+            deleted = tx.execute(table, vec![]).await;
+            if deleted.is_err() {
+                break;
+            }
+        }
+        // Restored whether or not the deletes went through: the connection goes back to the
+        // pool, and everything else relies on zeroing.
+        if sqlite {
+            tx.execute("PRAGMA secure_delete = ON", vec![]).await?;
+        }
+        deleted?;
         Ok(())
     }
 }

@@ -169,6 +169,43 @@ async fn sqlite_appends_and_projection_transactions_share_one_write_lock() {
     other_pool.close().await;
 }
 
+/// The history's reset frees its pages without zeroing them, and hands its connection back
+/// zeroing again: everything else on that connection (an erasure, a destroyed key) relies on
+/// it.
+#[tokio::test]
+async fn sqlite_history_reset_leaves_secure_delete_on() {
+    let (fixture, _dir) = sqlite().await;
+    let patient = PatientId::from_uuid(Uuid::from_u128(0x5ec));
+    register_marker_patient(&fixture, patient).await;
+    fixture.runner().catch_up().await.expect("catch up");
+    let mut tx = fixture.db.begin().await.expect("begin");
+    let secure_delete = |row: chartlog_projections::db::DbRow| row.i64(0).expect("a number");
+    let before = tx
+        .fetch_optional("PRAGMA secure_delete", vec![])
+        .await
+        .expect("pragma")
+        .map(secure_delete);
+    assert_eq!(
+        before,
+        Some(1),
+        "the store's connections zero what they delete"
+    );
+    HistoryProjection.reset(&mut tx).await.expect("reset");
+    let after = tx
+        .fetch_optional("PRAGMA secure_delete", vec![])
+        .await
+        .expect("pragma")
+        .map(secure_delete);
+    assert_eq!(after, Some(1), "restored after the reset");
+    let rows = tx
+        .fetch_optional("SELECT COUNT(*) FROM chartlog_history", vec![])
+        .await
+        .expect("count")
+        .map(secure_delete);
+    assert_eq!(rows, Some(0), "and the reset did empty the history");
+    tx.commit().await.expect("commit");
+}
+
 async fn postgres(pool: PgPool) -> Fixture<PostgresEventStore, PostgresKeyStore> {
     let store = PostgresEventStore::from_pool(pool.clone())
         .await
