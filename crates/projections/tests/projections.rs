@@ -179,31 +179,33 @@ async fn sqlite_history_reset_leaves_secure_delete_on() {
     register_marker_patient(&fixture, patient).await;
     fixture.runner().catch_up().await.expect("catch up");
     let mut tx = fixture.db.begin().await.expect("begin");
-    let secure_delete = |row: chartlog_projections::db::DbRow| row.i64(0).expect("a number");
-    let before = tx
-        .fetch_optional("PRAGMA secure_delete", vec![])
-        .await
-        .expect("pragma")
-        .map(secure_delete);
     assert_eq!(
-        before,
-        Some(1),
+        first_number(&mut tx, "PRAGMA secure_delete").await,
+        1,
         "the store's connections zero what they delete"
     );
     HistoryProjection.reset(&mut tx).await.expect("reset");
-    let after = tx
-        .fetch_optional("PRAGMA secure_delete", vec![])
-        .await
-        .expect("pragma")
-        .map(secure_delete);
-    assert_eq!(after, Some(1), "restored after the reset");
-    let rows = tx
-        .fetch_optional("SELECT COUNT(*) FROM chartlog_history", vec![])
-        .await
-        .expect("count")
-        .map(secure_delete);
-    assert_eq!(rows, Some(0), "and the reset did empty the history");
+    assert_eq!(
+        first_number(&mut tx, "PRAGMA secure_delete").await,
+        1,
+        "restored after the reset"
+    );
+    assert_eq!(
+        first_number(&mut tx, "SELECT COUNT(*) FROM chartlog_history").await,
+        0,
+        "and the reset did empty the history"
+    );
     tx.commit().await.expect("commit");
+}
+
+/// The first column of the first row `sql` returns, as a number.
+async fn first_number(tx: &mut chartlog_projections::db::ProjectionTx, sql: &'static str) -> i64 {
+    tx.fetch_optional(sql, vec![])
+        .await
+        .expect("query")
+        .expect("a row")
+        .i64(0)
+        .expect("a number")
 }
 
 async fn postgres(pool: PgPool) -> Fixture<PostgresEventStore, PostgresKeyStore> {
