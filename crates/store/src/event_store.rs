@@ -58,6 +58,8 @@ pub trait EventStore: Send + Sync + 'static {
     async fn stream_head(&self, stream: &StreamId) -> Result<Option<StreamHead>, StoreError>;
 
     /// Up to `limit` events of `stream` with versions from `from_version` on, in version order.
+    /// Fewer than `limit` (capped at [`READ_BATCH_MAX`]) only when the stream ends there:
+    /// loaders stop at a short page.
     async fn read_stream(
         &self,
         stream: &StreamId,

@@ -385,6 +385,9 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                 version: last.event.header.stream_version,
                 hash: last.event.hash,
             };
+            // A short page is the end of the stream as read: asking again would be one more
+            // round trip per load (most loads bring a cached record up by an event or two).
+            let at_end = page.len() < LOAD_PAGE_EVENTS as usize;
             let events: Vec<SealedEvent> = page.into_iter().map(|r| r.event).collect();
             let prev = head.map_or(EventHash::GENESIS, |h| h.hash);
             verify_chain(prev, from, &events)?;
@@ -411,6 +414,9 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                 state = evolve(state, &decoded);
             }
             head = Some(last);
+            if at_end {
+                break;
+            }
         }
         if head.is_none() {
             return Err(LedgerError::NotFound { patient });

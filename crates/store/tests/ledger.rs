@@ -403,6 +403,58 @@ async fn sqlite_catching_up_equals_a_full_load() {
     catching_up_equals_a_full_load(fixture).await;
 }
 
+/// A load reads the stream a page (1,000 events) at a time and stops at the first short page:
+/// a stream of exactly one full page, and one just past it, both load to their head.
+#[tokio::test]
+async fn sqlite_a_load_reads_past_a_full_page() {
+    let (fixture, _dir) = sqlite().await;
+    let patient = synthetic::patient_id(11);
+    let stream = StreamId::patient(patient);
+    let actor = physician();
+    fixture
+        .ledger
+        .execute(patient, synthetic::registration(11), actor, now())
+        .await
+        .expect("register");
+    // Each command is decided on the record caught up by one event, not folded afresh.
+    let mut loaded = fixture.ledger.load(patient).await.expect("load");
+    let mut n = 0;
+    for page_end in [1_000, 1_001] {
+        while loaded.head.map_or(0, |head| head.version) < page_end {
+            fixture
+                .ledger
+                .execute_with(
+                    patient,
+                    synthetic::clinical_command(11, n, now()),
+                    actor,
+                    now(),
+                    ExecuteOptions {
+                        expected_version: None,
+                        loaded: Some(loaded.clone()),
+                    },
+                )
+                .await
+                .expect("clinical command");
+            n += 1;
+            loaded = fixture
+                .ledger
+                .catch_up(patient, Some(loaded))
+                .await
+                .expect("catch up");
+        }
+        let head = fixture
+            .ledger
+            .store()
+            .stream_head(&stream)
+            .await
+            .expect("head");
+        let full = fixture.ledger.load(patient).await.expect("full load");
+        assert_eq!(head.map(|head| head.version), Some(page_end));
+        assert_eq!(full.head, head, "a load reaches the stream's head");
+        assert_eq!(full.patient, loaded.patient);
+    }
+}
+
 #[tokio::test]
 async fn sqlite_tampering_is_found() {
     let (fixture, _dir) = sqlite().await;
