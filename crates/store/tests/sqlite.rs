@@ -94,3 +94,172 @@ async fn database_runs_in_wal_mode_with_full_sync() {
         .expect("synchronous");
     assert_eq!(synchronous, 2);
 }
+
+/// Appends queued behind the write lock are committed together (group commit), and each gets
+/// the answer it would have got alone, in the order they queued: new streams are created, an
+/// append continuing another member of the same group follows it, a racer at a version the
+/// group has already moved past is refused, and every stored event is where its answer says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_queued_behind_the_lock_are_answered_as_if_alone() {
+    use chartlog_domain::StreamId;
+    use chartlog_store::conformance::EventFactory;
+    use chartlog_store::{EventStore, StoreError, StreamHead};
+
+    let database = database().await;
+    let store = database.store.clone();
+    let factory = Arc::new(EventFactory::new());
+    let stream = |n: usize| StreamId::parse(&format!("group-{n}")).expect("a valid stream id");
+
+    // The first batch of stream 0, and a second one chained to it, both queued in one group.
+    let opening = factory.batch(&stream(0), None, 2);
+    let continuation = factory.batch(
+        &stream(0),
+        Some(StreamHead {
+            version: 2,
+            hash: opening[1].hash,
+        }),
+        3,
+    );
+    // A rival to the opening batch, queued after it: the group has moved the stream on.
+    let rival = factory.batch(&stream(0), None, 1);
+
+    let writer = chartlog_store::sqlite::write_lock(store.pool());
+    let held = writer.lock().await;
+    let mut queued = Vec::new();
+    let spawn_append = |stream: StreamId, expected: u64, events: Vec<_>| {
+        let store = store.clone();
+        tokio::spawn(async move { store.append(&stream, expected, &events).await })
+    };
+    // One at a time, so that they queue in this order.
+    let settle = || tokio::time::sleep(std::time::Duration::from_millis(20));
+    queued.push(spawn_append(stream(0), 0, opening.clone()));
+    settle().await;
+    queued.push(spawn_append(stream(0), 2, continuation.clone()));
+    settle().await;
+    queued.push(spawn_append(stream(0), 0, rival));
+    settle().await;
+    let mut others = Vec::new();
+    for n in 1..=20 {
+        let events = factory.batch(&stream(n), None, 1 + n % 3);
+        others.push(events.clone());
+        queued.push(spawn_append(stream(n), 0, events));
+    }
+    settle().await;
+    drop(held);
+
+    let mut answers = Vec::new();
+    for task in queued {
+        answers.push(task.await.expect("append task"));
+    }
+    let opened = answers[0].as_ref().expect("the opening batch is stored");
+    assert_eq!(opened.stream_version, 2);
+    let continued = answers[1].as_ref().expect("the continuation is stored");
+    assert_eq!(continued.stream_version, 5);
+    assert_eq!(continued.first_position, opened.last_position + 1);
+    match &answers[2] {
+        Err(StoreError::Conflict {
+            expected, actual, ..
+        }) => assert_eq!((*expected, *actual), (0, 5)),
+        other => panic!("the rival must meet a conflict, got {other:?}"),
+    }
+
+    // Every answer names the positions its events hold in the global log.
+    let log = store.read_all(0, 1_000).await.expect("read the log");
+    let stored_at = |position: u64| {
+        log.iter()
+            .find(|recorded| recorded.position == position)
+            .map(|recorded| recorded.event.header.event_id)
+    };
+    let mut expected_batches = vec![opening, continuation];
+    expected_batches.extend(others);
+    let stored_answers = answers
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| *index != 2)
+        .map(|(_, answer)| answer.as_ref().expect("stored"));
+    let mut events_stored = 0;
+    for (batch, answer) in expected_batches.iter().zip(stored_answers) {
+        assert_eq!(
+            answer.last_position - answer.first_position + 1,
+            batch.len() as u64,
+            "an append's events sit together in the log"
+        );
+        for (offset, event) in batch.iter().enumerate() {
+            assert_eq!(
+                stored_at(answer.first_position + offset as u64),
+                Some(event.header.event_id),
+                "each event is where its answer says"
+            );
+        }
+        events_stored += batch.len();
+    }
+    assert_eq!(log.len(), events_stored, "the rival stored nothing");
+    for n in 1..=20 {
+        let head = store
+            .stream_head(&stream(n))
+            .await
+            .expect("read a head")
+            .expect("the stream exists");
+        assert_eq!(head.version, (1 + n % 3) as u64);
+    }
+}
+
+/// An event id reused on another stream fails its group's insert as a whole (a unique
+/// violation): every member then goes again alone, so the reuse is refused as it would be alone
+/// and the others are stored, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_group_falls_back_to_appending_each_member_alone() {
+    use chartlog_crypto::{DataKey, seal_event};
+    use chartlog_domain::StreamId;
+    use chartlog_store::conformance::EventFactory;
+    use chartlog_store::{EventStore, StoreError};
+
+    let database = database().await;
+    let store = database.store.clone();
+    let factory = EventFactory::new();
+    let stream = |n: usize| StreamId::parse(&format!("fallback-{n}")).expect("a valid stream id");
+    let stored = factory.batch(&stream(0), None, 1);
+    store
+        .append(&stream(0), 0, &stored)
+        .await
+        .expect("the first event is stored");
+    // The stored event's id, in a valid first event of another stream.
+    let mut reused = factory.batch(&stream(1), None, 1);
+    let mut header = reused[0].header.clone();
+    header.event_id = stored[0].header.event_id;
+    reused[0] = seal_event(factory.signer(), &DataKey::generate(), header, b"reused id");
+
+    let writer = chartlog_store::sqlite::write_lock(store.pool());
+    let held = writer.lock().await;
+    let mut queued = Vec::new();
+    for n in 1..=8 {
+        let events = if n == 1 {
+            reused.clone()
+        } else {
+            factory.batch(&stream(n), None, 1)
+        };
+        let store = store.clone();
+        queued.push(tokio::spawn(async move {
+            store.append(&stream(n), 0, &events).await
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    drop(held);
+
+    let mut answers = Vec::new();
+    for task in queued {
+        answers.push(task.await.expect("append task"));
+    }
+    match &answers[0] {
+        Err(StoreError::IdempotencyConflict { event_id }) => {
+            assert_eq!(*event_id, stored[0].header.event_id);
+        }
+        other => panic!("the reused id must be refused, got {other:?}"),
+    }
+    for answer in &answers[1..] {
+        assert_eq!(answer.as_ref().expect("stored alone").stream_version, 1);
+    }
+    assert_eq!(store.stream_head(&stream(1)).await.expect("head"), None);
+    let log = store.read_all(0, 100).await.expect("read the log");
+    assert_eq!(log.len(), 1 + 7, "nothing stored twice, nothing lost");
+}

@@ -6,7 +6,15 @@
 //! cannot have a late commit below a position already read. The lock is the database's
 //! ([`write_lock`]), shared with the projections' write transactions in this process, so
 //! writers queue in order here instead of in SQLite's busy handler.
+//!
+//! Appends that queue behind the lock share a transaction (group commit): the one that gets
+//! the lock commits every append queued by then, up to [`GROUP_APPENDS_MAX`] appends and
+//! [`GROUP_EVENTS_MAX`] events, with one `BEGIN IMMEDIATE` and one fsync, and answers each as
+//! it would have been answered alone. Each append used to be a transaction and an fsync of its
+//! own, and under HTTP load that kept the lock busy while a core stood idle (README, "HTTP
+//! load").
 
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -14,11 +22,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chartlog_crypto::SealedEvent;
 use chartlog_domain::StreamId;
-use sqlx::AssertSqlSafe;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use tokio::sync::{Mutex, watch};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::{Mutex, OwnedMutexGuard, oneshot, watch};
+use uuid::Uuid;
 
 crate::keys::key_store_backend!(
     SqliteKeyStore,
@@ -51,6 +60,11 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const INSERT_ROWS_PER_STATEMENT: usize = 16;
 /// Connections in the pool: readers run in parallel under WAL; writers queue on one lock.
 pub const CONNECTIONS_MAX: u32 = 8;
+/// The most appends one group commits.
+pub const GROUP_APPENDS_MAX: usize = 64;
+/// The most events one group commits, summed over its appends (an append carrying more still
+/// goes, alone): a group holds the write lock for as long as its statements take.
+pub const GROUP_EVENTS_MAX: usize = 1_024;
 
 /// Connection settings chartlog relies on: WAL, full fsync on commit, foreign keys, and
 /// `secure_delete` so a destroyed data key's bytes are overwritten in the file, not just
@@ -124,6 +138,26 @@ pub struct SqliteEventStore {
     /// Reads of the log, off sqlx (see [`log_reader`]); `None` for a database that is not a
     /// file another connection can open, which sqlx reads instead.
     log_reader: Option<Arc<LogReader>>,
+    /// Appends waiting for the next group, in arrival order.
+    queued: Arc<std::sync::Mutex<VecDeque<QueuedAppend>>>,
+}
+
+/// An append waiting to be committed with the next group.
+struct QueuedAppend {
+    stream: StreamId,
+    expected_version: u64,
+    events: Vec<SealedEvent>,
+    reply: oneshot::Sender<GroupAnswer>,
+}
+
+/// A stored event's place, or the stream's version when the append was refused.
+type Attempt = Result<AppendOutcome, Option<u64>>;
+
+enum GroupAnswer {
+    /// What the append got, committed in its group or alone (a group of one).
+    Attempted(Result<Attempt, StoreError>),
+    /// Its group failed as a whole: the caller appends alone, as if no group had formed.
+    AppendAlone,
 }
 
 impl SqliteEventStore {
@@ -144,6 +178,7 @@ impl SqliteEventStore {
             write_lock,
             appended: Arc::new(appended),
             log_reader,
+            queued: Arc::default(),
         }
     }
 
@@ -165,6 +200,226 @@ impl SqliteEventStore {
             }
         }
         Ok(stored)
+    }
+
+    /// Queues the append and waits until a group has answered it, committing the group itself
+    /// if it gets the write lock first.
+    async fn append_in_group(
+        &self,
+        stream: &StreamId,
+        expected_version: u64,
+        events: &[SealedEvent],
+    ) -> GroupAnswer {
+        let (reply, mut answer) = oneshot::channel();
+        self.lock_queue().push_back(QueuedAppend {
+            stream: stream.clone(),
+            expected_version,
+            events: events.to_vec(),
+            reply,
+        });
+        let answer = tokio::select! {
+            // An answer that is ready wins over a lock that came free at the same moment.
+            biased;
+            answer = &mut answer => answer,
+            writer = Arc::clone(&self.write_lock).lock_owned() => {
+                // The group answers other callers too, so it runs as a task of its own that
+                // finishes even if this caller goes away (an HTTP client hanging up).
+                let store = self.clone();
+                let _ = tokio::spawn(async move { store.commit_queued(writer).await }).await;
+                answer.await
+            }
+        };
+        // No answer means the committing task died (a panic, or the runtime shutting down)
+        // before it answered: whether the group committed is unknown, and appending alone
+        // finds out (a stored batch is recognised by its event ids).
+        answer.unwrap_or(GroupAnswer::AppendAlone)
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<QueuedAppend>> {
+        // A poisoned queue only means a thread panicked while pushing or draining; the
+        // deque itself is whole.
+        self.queued
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes the queued appends, up to the group limits, and commits them, with the write
+    /// lock held.
+    async fn commit_queued(&self, _writer: OwnedMutexGuard<()>) {
+        let group = {
+            let mut queued = self.lock_queue();
+            let mut group: Vec<QueuedAppend> = Vec::new();
+            let mut events = 0;
+            while let Some(next) = queued.front() {
+                if next.reply.is_closed() {
+                    // Its caller gave up before it was committed: as a cancelled append
+                    // that never reached the database.
+                    queued.pop_front();
+                    continue;
+                }
+                if !group.is_empty()
+                    && (group.len() == GROUP_APPENDS_MAX
+                        || events + next.events.len() > GROUP_EVENTS_MAX)
+                {
+                    break;
+                }
+                events += next.events.len();
+                group.extend(queued.pop_front());
+            }
+            group
+        };
+        match group.len() {
+            0 => {}
+            1 => {
+                let Some(only) = group.into_iter().next() else {
+                    return;
+                };
+                let attempt = self
+                    .append_locked(&only.stream, only.expected_version, &only.events)
+                    .await;
+                if matches!(attempt, Ok(Ok(_))) {
+                    self.appended.send_modify(|tick| *tick += 1);
+                }
+                let _ = only.reply.send(GroupAnswer::Attempted(attempt));
+            }
+            _ => match self.commit_group(&group).await {
+                Ok(attempts) => {
+                    if attempts.iter().any(Result::is_ok) {
+                        self.appended.send_modify(|tick| *tick += 1);
+                    }
+                    for (member, attempt) in group.into_iter().zip(attempts) {
+                        let _ = member.reply.send(GroupAnswer::Attempted(Ok(attempt)));
+                    }
+                }
+                Err(error) => {
+                    // A reused event id (a unique violation) or a database fault fails the
+                    // whole statement: each member goes again alone, where a retry of a
+                    // stored batch is recognised and a fault is reported to its own caller.
+                    tracing::debug!(%error, members = group.len(), "group failed; appending alone");
+                    for member in group {
+                        let _ = member.reply.send(GroupAnswer::AppendAlone);
+                    }
+                }
+            },
+        }
+    }
+
+    /// Commits a group in one transaction: each member is checked against its stream's head
+    /// as the members before it in the group left it, exactly as if it had come alone in that
+    /// order; the heads move in one statement and the events go in a few.
+    async fn commit_group(&self, group: &[QueuedAppend]) -> Result<Vec<Attempt>, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+
+        let mut select = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "SELECT stream_id, version, head_hash FROM chartlog_streams WHERE stream_id IN (",
+        );
+        let mut streams = select.separated(", ");
+        for member in group {
+            streams.push_bind(member.stream.as_str());
+        }
+        select.push(")");
+        let mut heads: HashMap<&str, StreamHead> = HashMap::new();
+        for row in select.build().fetch_all(&mut *tx).await? {
+            let stream_id: String = row.try_get("stream_id")?;
+            if let Some(member) = group.iter().find(|m| m.stream.as_str() == stream_id) {
+                heads.insert(member.stream.as_str(), head_from_row(&member.stream, &row)?);
+            }
+        }
+
+        // Decided in arrival order; `moved` keeps each stream's final head, once.
+        let mut attempts: Vec<Option<Attempt>> = Vec::with_capacity(group.len());
+        let mut moved: Vec<(&StreamId, StreamHead)> = Vec::new();
+        for member in group {
+            let head = heads.get(member.stream.as_str()).copied();
+            let matches = match head {
+                None => member.expected_version == 0,
+                Some(head) => {
+                    head.version == member.expected_version
+                        && head.hash == member.events[0].header.prev_hash
+                }
+            };
+            if !matches {
+                attempts.push(Some(Err(head.map(|h| h.version))));
+                continue;
+            }
+            let new_head = StreamHead {
+                version: member.expected_version + member.events.len() as u64,
+                hash: member.events[member.events.len() - 1].hash,
+            };
+            heads.insert(member.stream.as_str(), new_head);
+            match moved
+                .iter_mut()
+                .find(|(stream, _)| *stream == &member.stream)
+            {
+                Some((_, head)) => *head = new_head,
+                None => moved.push((&member.stream, new_head)),
+            }
+            attempts.push(None);
+        }
+
+        if !moved.is_empty() {
+            let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO chartlog_streams (stream_id, version, head_hash) ",
+            );
+            upsert.push_values(&moved, |mut row, (stream, head)| {
+                row.push_bind(stream.as_str())
+                    .push_bind(to_i64(head.version))
+                    .push_bind(head.hash.as_bytes().as_slice());
+            });
+            upsert.push(
+                " ON CONFLICT (stream_id) DO UPDATE \
+                 SET version = excluded.version, head_hash = excluded.head_hash",
+            );
+            upsert.build().execute(&mut *tx).await?;
+        }
+
+        let accepted: Vec<(&StreamId, &SealedEvent)> = group
+            .iter()
+            .zip(&attempts)
+            .filter(|(_, attempt)| attempt.is_none())
+            .flat_map(|(member, _)| member.events.iter().map(move |e| (&member.stream, e)))
+            .collect();
+        let mut positions: HashMap<Uuid, u64> = HashMap::with_capacity(accepted.len());
+        for chunk in accepted.chunks(INSERT_ROWS_PER_STATEMENT) {
+            let mut insert = insert_events_statement();
+            insert.push_values(chunk, |mut row, (stream, event)| {
+                bind_event(&mut row, stream, event);
+            });
+            insert.push(" RETURNING position, event_id");
+            let inserted: Vec<(i64, Uuid)> = insert.build_query_as().fetch_all(&mut *tx).await?;
+            for (position, event_id) in inserted {
+                positions.insert(event_id, to_u64(position, "position", 0)?);
+            }
+        }
+        tx.commit().await?;
+
+        group
+            .iter()
+            .zip(attempts)
+            .map(|(member, attempt)| match attempt {
+                Some(refused) => Ok(refused),
+                None => {
+                    let position_of = |event: &SealedEvent| {
+                        positions
+                            .get(&event.header.event_id.as_uuid())
+                            .copied()
+                            .ok_or_else(|| StoreError::Corrupt {
+                                position: 0,
+                                reason: "an appended event got no position".to_owned(),
+                            })
+                    };
+                    let first = position_of(&member.events[0])?;
+                    let last = position_of(&member.events[member.events.len() - 1])?;
+                    // One writer, rows inserted in order: a member's events sit together.
+                    debug_assert_eq!(last + 1 - first, member.events.len() as u64);
+                    Ok(Ok(AppendOutcome {
+                        stream_version: member.expected_version + member.events.len() as u64,
+                        first_position: first,
+                        last_position: last,
+                    }))
+                }
+            })
+            .collect()
     }
 
     async fn append_locked(
@@ -205,30 +460,8 @@ impl SqliteEventStore {
         // enough parameters per statement that binding stays cheap.
         let mut positions = Vec::with_capacity(events.len());
         for chunk in events.chunks(INSERT_ROWS_PER_STATEMENT) {
-            let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO chartlog_events (stream_id, stream_version, event_id, event_type, \
-                 schema_version, recorded_at_us, actor_user_id, actor_role, purpose_of_use, \
-                 break_glass, data_key_id, signer_key_id, prev_hash, hash, signature, ciphertext) ",
-            );
-            insert.push_values(chunk, |mut row, event| {
-                let h = &event.header;
-                row.push_bind(stream.as_str())
-                    .push_bind(to_i64(h.stream_version))
-                    .push_bind(h.event_id.as_uuid())
-                    .push_bind(h.event_type.as_str())
-                    .push_bind(i64::from(h.schema_version))
-                    .push_bind(h.recorded_at.unix_micros())
-                    .push_bind(h.actor.user_id.as_uuid())
-                    .push_bind(h.actor.role.as_str())
-                    .push_bind(h.actor.purpose_of_use.as_str())
-                    .push_bind(h.actor.break_glass)
-                    .push_bind(h.key_id.as_uuid())
-                    .push_bind(h.signer_key_id.as_str())
-                    .push_bind(h.prev_hash.as_bytes().as_slice())
-                    .push_bind(event.hash.as_bytes().as_slice())
-                    .push_bind(event.signature.as_bytes().as_slice())
-                    .push_bind(event.ciphertext.as_slice());
-            });
+            let mut insert = insert_events_statement();
+            insert.push_values(chunk, |mut row, event| bind_event(&mut row, stream, event));
             insert.push(" RETURNING position");
             let inserted: Vec<i64> = insert.build_query_scalar().fetch_all(&mut *tx).await?;
             assert_eq!(
@@ -256,6 +489,40 @@ impl SqliteEventStore {
     }
 }
 
+/// `INSERT INTO chartlog_events (...) `, for `push_values` with [`bind_event`].
+fn insert_events_statement() -> sqlx::QueryBuilder<sqlx::Sqlite> {
+    sqlx::QueryBuilder::new(
+        "INSERT INTO chartlog_events (stream_id, stream_version, event_id, event_type, \
+         schema_version, recorded_at_us, actor_user_id, actor_role, purpose_of_use, \
+         break_glass, data_key_id, signer_key_id, prev_hash, hash, signature, ciphertext) ",
+    )
+}
+
+/// One row of [`insert_events_statement`].
+fn bind_event(
+    row: &mut sqlx::query_builder::Separated<'_, sqlx::Sqlite, &'static str>,
+    stream: &StreamId,
+    event: &SealedEvent,
+) {
+    let h = &event.header;
+    row.push_bind(stream.as_str())
+        .push_bind(to_i64(h.stream_version))
+        .push_bind(h.event_id.as_uuid())
+        .push_bind(h.event_type.as_str())
+        .push_bind(i64::from(h.schema_version))
+        .push_bind(h.recorded_at.unix_micros())
+        .push_bind(h.actor.user_id.as_uuid())
+        .push_bind(h.actor.role.as_str())
+        .push_bind(h.actor.purpose_of_use.as_str())
+        .push_bind(h.actor.break_glass)
+        .push_bind(h.key_id.as_uuid())
+        .push_bind(h.signer_key_id.as_str())
+        .push_bind(h.prev_hash.as_bytes().as_slice())
+        .push_bind(event.hash.as_bytes().as_slice())
+        .push_bind(event.signature.as_bytes().as_slice())
+        .push_bind(event.ciphertext.as_slice());
+}
+
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
@@ -269,15 +536,19 @@ impl EventStore for SqliteEventStore {
         events: &[SealedEvent],
     ) -> Result<AppendOutcome, StoreError> {
         check_append_batch(stream, expected_version, events)?;
-        let attempt = {
-            let _writer = self.write_lock.lock().await;
-            self.append_locked(stream, expected_version, events).await
+        let attempt = match self.append_in_group(stream, expected_version, events).await {
+            GroupAnswer::Attempted(attempt) => attempt,
+            GroupAnswer::AppendAlone => {
+                let _writer = self.write_lock.lock().await;
+                let attempt = self.append_locked(stream, expected_version, events).await;
+                if matches!(attempt, Ok(Ok(_))) {
+                    self.appended.send_modify(|tick| *tick += 1);
+                }
+                attempt
+            }
         };
         let actual = match attempt {
-            Ok(Ok(outcome)) => {
-                self.appended.send_modify(|tick| *tick += 1);
-                return Ok(outcome);
-            }
+            Ok(Ok(outcome)) => return Ok(outcome),
             Ok(Err(actual)) => actual,
             Err(StoreError::Database(error)) if is_unique_violation(&error) => {
                 self.stream_head(stream).await?.map(|h| h.version)
