@@ -79,7 +79,9 @@ fn found_in(bytes: &[u8], markers: &[Marker], kinds: &[Kind]) -> Vec<String> {
             }
         }
     }
-    // Every free-text marker starts with one of these: a partial copy still shows.
+    // Every free-text marker starts with one of these: a partial copy still shows. The
+    // `zqx?` ones count only as a marker starts, at the beginning of a word and followed by
+    // its hyphen: four letters alone turned up inside a random recovery code ("...-zqxbu-...").
     let prefixes: &[(&str, Kind)] = &[
         ("zqxm", Kind::Phi),
         ("zqxr", Kind::Reason),
@@ -87,11 +89,28 @@ fn found_in(bytes: &[u8], markers: &[Marker], kinds: &[Kind]) -> Vec<String> {
         ("quartz lantern", Kind::Secret),
     ];
     for (prefix, kind) in prefixes {
-        if kinds.contains(kind) && contains(&lowercase, prefix) {
+        let hit = if prefix.starts_with("zqx") {
+            starts_a_marker(&lowercase, prefix)
+        } else {
+            contains(&lowercase, prefix)
+        };
+        if kinds.contains(kind) && hit {
             found.push(format!("marker prefix {prefix:?}"));
         }
     }
     found
+}
+
+/// Whether `prefix` followed by `-` starts a word somewhere in `haystack_lowercase`.
+fn starts_a_marker(haystack_lowercase: &[u8], prefix: &str) -> bool {
+    let needle = format!("{prefix}-");
+    let needle = needle.as_bytes();
+    haystack_lowercase
+        .windows(needle.len())
+        .enumerate()
+        .any(|(at, window)| {
+            window == needle && (at == 0 || !haystack_lowercase[at - 1].is_ascii_alphanumeric())
+        })
 }
 
 /// About 200 bytes either side of the first hit, for the failure message.
@@ -234,6 +253,8 @@ fn the_scan_finds_what_it_looks_for() {
         vec!["marker prefix \"zqxm\"".to_owned()]
     );
     assert!(!found_in(b"...271836402...", &markers, &[Kind::Phi]).is_empty());
+    // Random secrets may hold the letters of a prefix; only a marker's start counts.
+    assert!(found_in(b"xkcrm-spfqm-zqxbu-6vp4q azqxm-1", &markers, &ALL_KINDS).is_empty());
     assert!(found_in(b"ZQXM-FAMILY-01", &markers, &[Kind::Refused]).is_empty());
     assert!(found_in(b"nothing to see", &markers, &ALL_KINDS).is_empty());
 }
