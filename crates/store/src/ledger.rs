@@ -105,11 +105,16 @@ pub fn open_patient_event(
 
 /// Where a command's events landed: the new stream version (for If-Match) and the global
 /// position of the last event (for read-your-writes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandOutcome {
     pub stream_version: u64,
     pub position: u64,
     pub events: usize,
+    /// The record as the command left it: the state it decided on, folded with the events it
+    /// stored, at their head. A caller that keeps records between commands keeps this one, so
+    /// the next load need not read back, verify and open what was just written. `None` after
+    /// an erasure, which leaves nothing to keep.
+    pub record: Option<LoadedPatient>,
 }
 
 /// What a caller may add to a command.
@@ -123,7 +128,7 @@ pub struct ExecuteOptions {
 }
 
 /// A patient's decision state with the head it was folded up to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedPatient {
     pub patient: Patient,
     pub head: Option<StreamHead>,
@@ -262,26 +267,33 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             let expected_version = loaded.head.map_or(0, |h| h.version);
             match self.store.append(&stream, expected_version, &sealed).await {
                 Ok(outcome) => {
-                    if erases {
+                    let record = if erases {
                         // The tombstone is stored; destroying the key is what makes the
                         // erasure real. A crash before this line is finished by the next load.
                         self.destroy_key(&stream, now).await?;
-                    } else if let (Some(snapshots), Some(last)) = (&self.snapshots, sealed.last())
-                        && outcome.stream_version / snapshots.every_events
-                            != current_version / snapshots.every_events
-                    {
-                        let state = events.iter().fold(loaded.patient, evolve);
-                        let head = StreamHead {
-                            version: last.header.stream_version,
-                            hash: last.hash,
+                        None
+                    } else {
+                        let record = LoadedPatient {
+                            patient: events.iter().fold(loaded.patient, evolve),
+                            head: sealed.last().map(|last| StreamHead {
+                                version: last.header.stream_version,
+                                hash: last.hash,
+                            }),
                         };
-                        self.save_snapshot(&stream, &state, head, key_id, &key)
-                            .await;
-                    }
+                        if let (Some(snapshots), Some(head)) = (&self.snapshots, record.head)
+                            && outcome.stream_version / snapshots.every_events
+                                != current_version / snapshots.every_events
+                        {
+                            self.save_snapshot(&stream, &record.patient, head, key_id, &key)
+                                .await;
+                        }
+                        Some(record)
+                    };
                     return Ok(CommandOutcome {
                         stream_version: outcome.stream_version,
                         position: outcome.last_position,
                         events: sealed.len(),
+                        record,
                     });
                 }
                 // A caller who named the version it decided on must see the race, not a

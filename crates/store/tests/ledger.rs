@@ -204,11 +204,12 @@ async fn erasure_leaves_a_verifiable_log_nobody_can_read<S: EventStore, K: KeySt
     let erase = PatientCommand::ErasePatient {
         reason: ErasureReason::PatientRequest,
     };
-    fixture
+    let erased = fixture
         .ledger
         .execute(patient, erase, physician(), now())
         .await
         .expect("erase");
+    assert!(erased.record.is_none(), "an erasure leaves no record to keep");
 
     match fixture.ledger.load(patient).await {
         Err(LedgerError::Erased {
@@ -250,8 +251,9 @@ async fn erasure_leaves_a_verifiable_log_nobody_can_read<S: EventStore, K: KeySt
 async fn catching_up_equals_a_full_load<S: EventStore, K: KeyStore>(fixture: Fixture<S, K>) {
     let patient = register_with_history(&fixture, 7, 3).await;
     let earlier = fixture.ledger.load(patient).await.expect("load");
+    let mut left_by_command = None;
     for n in 10..14 {
-        fixture
+        left_by_command = fixture
             .ledger
             .execute(
                 patient,
@@ -260,7 +262,8 @@ async fn catching_up_equals_a_full_load<S: EventStore, K: KeyStore>(fixture: Fix
                 now(),
             )
             .await
-            .expect("clinical command");
+            .expect("clinical command")
+            .record;
     }
     let caught_up = fixture
         .ledger
@@ -271,6 +274,10 @@ async fn catching_up_equals_a_full_load<S: EventStore, K: KeyStore>(fixture: Fix
     assert_eq!(caught_up.patient, full.patient);
     assert_eq!(caught_up.head, full.head);
     assert_eq!(full.head.map(|h| h.version), Some(8));
+    // What a command hands back to be kept is what reading its events back would give.
+    let left_by_command = left_by_command.expect("a clinical command leaves a record");
+    assert_eq!(left_by_command.patient, full.patient);
+    assert_eq!(left_by_command.head, full.head);
     assert_ne!(
         earlier.patient, full.patient,
         "the earlier state was behind"

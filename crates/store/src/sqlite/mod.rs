@@ -275,11 +275,8 @@ impl SqliteEventStore {
                     return;
                 };
                 let attempt = self
-                    .append_locked(&only.stream, only.expected_version, &only.events)
+                    .append_alone_and_announce(&only.stream, only.expected_version, &only.events)
                     .await;
-                if matches!(attempt, Ok(Ok(_))) {
-                    self.appended.send_modify(|tick| *tick += 1);
-                }
                 let _ = only.reply.send(GroupAnswer::Attempted(attempt));
             }
             _ => match self.commit_group(&group).await {
@@ -422,12 +419,26 @@ impl SqliteEventStore {
             .collect()
     }
 
+    /// [`Self::append_locked`], then wakes the subscribers if the events were stored.
+    async fn append_alone_and_announce(
+        &self,
+        stream: &StreamId,
+        expected_version: u64,
+        events: &[SealedEvent],
+    ) -> Result<Attempt, StoreError> {
+        let attempt = self.append_locked(stream, expected_version, events).await;
+        if matches!(attempt, Ok(Ok(_))) {
+            self.appended.send_modify(|tick| *tick += 1);
+        }
+        attempt
+    }
+
     async fn append_locked(
         &self,
         stream: &StreamId,
         expected_version: u64,
         events: &[SealedEvent],
-    ) -> Result<Result<AppendOutcome, Option<u64>>, StoreError> {
+    ) -> Result<Attempt, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let head =
             sqlx::query("SELECT version, head_hash FROM chartlog_streams WHERE stream_id = ?1")
@@ -540,11 +551,8 @@ impl EventStore for SqliteEventStore {
             GroupAnswer::Attempted(attempt) => attempt,
             GroupAnswer::AppendAlone => {
                 let _writer = self.write_lock.lock().await;
-                let attempt = self.append_locked(stream, expected_version, events).await;
-                if matches!(attempt, Ok(Ok(_))) {
-                    self.appended.send_modify(|tick| *tick += 1);
-                }
-                attempt
+                self.append_alone_and_announce(stream, expected_version, events)
+                    .await
             }
         };
         let actual = match attempt {
