@@ -209,7 +209,10 @@ async fn erasure_leaves_a_verifiable_log_nobody_can_read<S: EventStore, K: KeySt
         .execute(patient, erase, physician(), now())
         .await
         .expect("erase");
-    assert!(erased.record.is_none(), "an erasure leaves no record to keep");
+    assert!(
+        erased.record.is_none(),
+        "an erasure leaves no record to keep"
+    );
 
     match fixture.ledger.load(patient).await {
         Err(LedgerError::Erased {
