@@ -77,10 +77,10 @@ pub const RECORD_CACHE_PATIENTS_MAX: usize = 4_096;
 ///
 /// Decision states are cached per patient and brought up to the stream's head on every load
 /// (`PatientLedger::catch_up`): a command verifies and folds only the events it has not seen,
-/// instead of the whole stream. A command's own result is cached too (`CommandOutcome::record`),
-/// so the next command on the record usually finds nothing new to read back. The head is always read from the store, so the cache never
-/// answers with a stale record, and a catch-up checks that the new events continue the cached
-/// head's hash chain.
+/// instead of the whole stream. The state a command leaves is cached too
+/// (`CommandOutcome::record`), so the next command on the record usually finds nothing new to
+/// read back. The head is always read from the store, so the cache never answers with a stale
+/// record, and a catch-up checks that the new events continue the cached head's hash chain.
 pub struct LedgerRecords<S: EventStore + ?Sized, K: KeyStore> {
     ledger: PatientLedger<S, K>,
     keys: Arc<DataKeys<K>>,
