@@ -239,14 +239,14 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                 },
                 Err(other) => return Err(other),
             };
-            let current_version = loaded.head.map_or(0, |h| h.version);
+            let loaded_version = loaded.head.map_or(0, |h| h.version);
             if let Some(expected) = options.expected_version
-                && expected != current_version
+                && expected != loaded_version
             {
                 return Err(LedgerError::VersionMismatch {
                     patient,
                     expected,
-                    current: current_version,
+                    current: loaded_version,
                 });
             }
             let events = decide(&loaded.patient, command.clone(), now)?;
@@ -264,8 +264,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                 .await
                 .map_err(|e| self.key_error(patient, e))?;
             let sealed = self.seal(&stream, loaded.head, &events, actor, now, key_id, &key)?;
-            let expected_version = loaded.head.map_or(0, |h| h.version);
-            match self.store.append(&stream, expected_version, &sealed).await {
+            match self.store.append(&stream, loaded_version, &sealed).await {
                 Ok(outcome) => {
                     let record = if erases {
                         // The tombstone is stored; destroying the key is what makes the
@@ -282,7 +281,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                         };
                         if let (Some(snapshots), Some(head)) = (&self.snapshots, record.head)
                             && outcome.stream_version / snapshots.every_events
-                                != current_version / snapshots.every_events
+                                != loaded_version / snapshots.every_events
                         {
                             self.save_snapshot(&stream, &record.patient, head, key_id, &key)
                                 .await;
@@ -306,7 +305,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                         .map_or(0, |h| h.version);
                     return Err(LedgerError::VersionMismatch {
                         patient,
-                        expected: expected_version,
+                        expected: loaded_version,
                         current,
                     });
                 }
