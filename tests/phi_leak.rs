@@ -81,20 +81,24 @@ fn found_in(bytes: &[u8], markers: &[Marker], kinds: &[Kind]) -> Vec<String> {
     }
     // Every free-text marker starts with one of these: a partial copy still shows. The
     // `zqx?` ones count only as a marker starts, at the beginning of a word and followed by
-    // its hyphen: four letters alone turned up inside a random recovery code ("...-zqxbu-...").
-    let prefixes: &[(&str, Kind)] = &[
-        ("zqxm", Kind::Phi),
-        ("zqxr", Kind::Reason),
-        ("zqxb", Kind::Refused),
-        ("quartz lantern", Kind::Secret),
+    // its hyphen (`true` below): four letters alone turned up inside a random recovery code
+    // ("...-zqxbu-...").
+    let prefixes: &[(&str, Kind, bool)] = &[
+        ("zqxm", Kind::Phi, true),
+        ("zqxr", Kind::Reason, true),
+        ("zqxb", Kind::Refused, true),
+        ("quartz lantern", Kind::Secret, false),
     ];
-    for (prefix, kind) in prefixes {
-        let hit = if prefix.starts_with("zqx") {
+    for &(prefix, kind, only_where_a_marker_starts) in prefixes {
+        if !kinds.contains(&kind) {
+            continue;
+        }
+        let hit = if only_where_a_marker_starts {
             starts_a_marker(&lowercase, prefix)
         } else {
             contains(&lowercase, prefix)
         };
-        if kinds.contains(kind) && hit {
+        if hit {
             found.push(format!("marker prefix {prefix:?}"));
         }
     }
