@@ -17,7 +17,11 @@
 //!
 //! Everything is read in one snapshot (one read transaction on SQLite, one repeatable-read,
 //! read-only transaction on PostgreSQL). Read models are not in the backup: `chartlog rebuild`
-//! derives them from the restored log. Key files are not in it either, by design: a backup
+//! derives them from the restored log. (On SQLite the audit-trail table backed up is the log
+//! file's. Since the read models moved to a file of their own
+//! (`chartlog_store::sqlite::read_models_path`) it holds only rows written before that; the
+//! trail the server serves is folded from the signed audit streams, and a rebuild derives it
+//! again.) Key files are not in it either, by design: a backup
 //! must not carry what decrypts it. `<data-dir>/keys` is restored from the key backup.
 //!
 //! A restore decrypts and checks everything inside one transaction on an empty target and
@@ -295,7 +299,7 @@ fn backend_name(backend: Backend) -> &'static str {
 
 fn projection_db(database: &Database) -> ProjectionDb {
     match database {
-        Database::Sqlite(store) => ProjectionDb::Sqlite(store.pool().clone()),
+        Database::Sqlite(store, _) => ProjectionDb::Sqlite(store.pool().clone()),
         Database::Postgres(store) => ProjectionDb::Postgres(store.pool().clone()),
     }
 }
@@ -1215,7 +1219,7 @@ async fn check_restored(
     let started = Instant::now();
     let outcome = loop {
         let report = match database {
-            Database::Sqlite(store) => verify_log(store, verifier).await,
+            Database::Sqlite(store, _) => verify_log(store, verifier).await,
             Database::Postgres(store) => verify_log(store, verifier).await,
         }
         .context("cannot verify the restored log")?;

@@ -54,7 +54,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()> {
-    let read_models = wiring::read_models(database);
+    let read_models = wiring::log_db(database);
     let existing = read_models
         .fetch_all(
             "SELECT COUNT(*) FROM chartlog_streams WHERE stream_id LIKE $1",

@@ -155,7 +155,7 @@ async fn erase_on(
     let signer = Arc::clone(signing.active());
     let verifier = Arc::new(signing.verifier());
     match database {
-        Database::Sqlite(store) => {
+        Database::Sqlite(store, _) => {
             let keys = DataKeys::new(ring, SqliteKeyStore::new(store.pool().clone()));
             let snapshots = Arc::new(SqliteSnapshotStore::new(store.pool().clone()));
             let ledger =

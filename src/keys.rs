@@ -235,7 +235,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
     let ring = load_ring(&args.storage.data_dir)?;
     let signing = load_signing_keys(&args.storage.data_dir)?;
     let database = open_database(&args.storage.database_location()).await?;
-    let counts = data_key_counts(&wiring::read_models(&database)).await;
+    let counts = data_key_counts(&wiring::log_db(&database)).await;
     database.close().await;
     let (mut by_kek, destroyed) = counts?;
 
@@ -406,7 +406,7 @@ async fn rotate_kek_on(
     kek_path: &Path,
     retire_old: bool,
 ) -> anyhow::Result<KekRotation> {
-    let db = wiring::read_models(database);
+    let db = wiring::log_db(database);
     let resumed = keys_to_rewrap(&db, ring.active_kek_id()).await? > 0;
     let previous_kek_id = if resumed {
         None
@@ -430,7 +430,7 @@ async fn rotate_kek_on(
     let active = ring.active_kek_id().clone();
     let pending = keys_to_rewrap(&db, &active).await?;
     let rewrapped = match database {
-        Database::Sqlite(store) => {
+        Database::Sqlite(store, _) => {
             let keys = DataKeys::new(ring.clone(), SqliteKeyStore::new(store.pool().clone()));
             rewrap_with_progress(&db, &keys, ring.clone(), pending).await?
         }

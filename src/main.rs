@@ -45,6 +45,7 @@ use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
 use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use sqlx::sqlite::SqlitePool;
 use tracing_subscriber::EnvFilter;
 
 /// Seconds in-flight requests get to finish after SIGINT or SIGTERM before workers are
@@ -599,16 +600,28 @@ impl Backend {
 impl Database {
     async fn close(&self) {
         match self {
-            Database::Sqlite(store) => store.pool().close().await,
+            Database::Sqlite(store, read_models) => {
+                read_models.close().await;
+                store.pool().close().await;
+            }
             Database::Postgres(store) => store.close().await,
+        }
+    }
+
+    /// The highest position in the global log (0 for an empty log).
+    async fn log_head_position(&self) -> Result<u64, chartlog_store::StoreError> {
+        match self {
+            Database::Sqlite(store, _) => store.log_head_position().await,
+            Database::Postgres(store) => store.log_head_position().await,
         }
     }
 }
 
-/// The opened, migrated event store.
+/// The opened, migrated event store; on SQLite, with the pool of its read-model file
+/// ([`chartlog_store::sqlite::read_models_path`]).
 #[derive(Clone)]
 pub(crate) enum Database {
-    Sqlite(SqliteEventStore),
+    Sqlite(SqliteEventStore, SqlitePool),
     Postgres(PostgresEventStore),
 }
 
@@ -627,10 +640,10 @@ pub(crate) async fn open_database(database: &DatabaseLocation) -> anyhow::Result
     };
     match (sqlite_path, database) {
         (Some(path), _) => {
-            let store = SqliteEventStore::open(&path)
+            let (store, read_models) = chartlog_store::sqlite::open_log_and_read_models(&path)
                 .await
                 .with_context(|| format!("cannot open the SQLite database {}", path.display()))?;
-            Ok(Database::Sqlite(store))
+            Ok(Database::Sqlite(store, read_models))
         }
         (None, DatabaseLocation::Url(url)) => {
             let store = PostgresEventStore::connect(url.expose())
@@ -673,18 +686,22 @@ struct DatabaseReadiness(Database);
 impl ReadinessProbe for DatabaseReadiness {
     async fn check(&self) -> Result<(), NotReady> {
         let read_models = wiring::read_models(&self.0);
-        let unreachable = |error: sqlx::Error| {
+        let unreachable = |error: &dyn std::fmt::Display| {
             tracing::warn!(%error, "readiness: database did not answer");
             NotReady::new("database unreachable")
         };
-        let head = read_models.log_head_position().await.map_err(unreachable)?;
+        let head = self
+            .0
+            .log_head_position()
+            .await
+            .map_err(|error| unreachable(&error))?;
         let slowest = read_models
             .fetch_optional(
                 "SELECT MIN(position) FROM chartlog_projection_checkpoints",
                 Vec::new(),
             )
             .await
-            .map_err(unreachable)?
+            .map_err(|error| unreachable(&error))?
             .and_then(|row| row.opt_i64(0).ok().flatten())
             .map_or(0, |position| u64::try_from(position).unwrap_or(0));
         let lag = head.saturating_sub(slowest);
@@ -750,7 +767,7 @@ fn spawn_projection_runner(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     match database {
-        Database::Sqlite(store) => {
+        Database::Sqlite(store, read_models) => {
             let runner = ProjectionRunner::new(
                 Arc::new(store.clone()),
                 Arc::new(DataKeys::new(
@@ -758,7 +775,7 @@ fn spawn_projection_runner(
                     SqliteKeyStore::new(store.pool().clone()),
                 )),
                 keys.verifier,
-                ProjectionDb::Sqlite(store.pool().clone()),
+                ProjectionDb::Sqlite(read_models.clone()),
                 keys.projections,
             );
             tokio::spawn(run_projections(runner, shutdown))
@@ -819,15 +836,16 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     let database = open_database(&location).await?;
     let started = Instant::now();
     let rebuilt = match &database {
-        Database::Sqlite(store) => {
+        Database::Sqlite(store, read_models) => {
             let key_store = SqliteKeyStore::new(store.pool().clone());
-            let db = ProjectionDb::Sqlite(store.pool().clone());
-            rebuild_with(Arc::new(store.clone()), key_store, db, keys).await
+            let log = ProjectionDb::Sqlite(store.pool().clone());
+            let db = ProjectionDb::Sqlite(read_models.clone());
+            rebuild_with(Arc::new(store.clone()), key_store, log, db, keys).await
         }
         Database::Postgres(store) => {
             let key_store = PostgresKeyStore::new(store.pool().clone());
             let db = ProjectionDb::Postgres(store.pool().clone());
-            rebuild_with(Arc::new(store.clone()), key_store, db, keys).await
+            rebuild_with(Arc::new(store.clone()), key_store, db.clone(), db, keys).await
         }
     };
     let seconds = started.elapsed().as_secs_f64();
@@ -869,21 +887,23 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
 
 /// Rebuilds `keys.projections` over one backend with a progress bar on stderr (drawn only
 /// at a terminal); returns the number of events in the log up to the position reached.
+/// `log` is the database holding the events table, `read_models` the one the runner writes.
 #[tracing::instrument(skip_all)]
 async fn rebuild_with<S: EventStore, K: KeyStore + 'static>(
     store: Arc<S>,
     key_store: K,
-    db: ProjectionDb,
+    log: ProjectionDb,
+    read_models: ProjectionDb,
     keys: ProjectionKeys,
 ) -> anyhow::Result<u64> {
     let runner = ProjectionRunner::new(
-        store,
+        store.clone(),
         Arc::new(DataKeys::new(keys.ring, key_store)),
         keys.verifier,
-        db.clone(),
+        read_models,
         keys.projections,
     );
-    let head = db
+    let head = store
         .log_head_position()
         .await
         .context("cannot read the head of the log")?;
@@ -896,7 +916,7 @@ async fn rebuild_with<S: EventStore, K: KeyStore + 'static>(
     );
     let progress = tokio::spawn({
         let bar = bar.clone();
-        let db = db.clone();
+        let store = store.clone();
         let mut applied = runner.applied();
         async move {
             let mut refresh = tokio::time::interval(PROGRESS_HEAD_REFRESH);
@@ -911,7 +931,7 @@ async fn rebuild_with<S: EventStore, K: KeyStore + 'static>(
                     }
                     _ = refresh.tick() => {
                         // A failed read only leaves the goal where it was.
-                        if let Ok(head) = db.log_head_position().await {
+                        if let Ok(head) = store.log_head_position().await {
                             bar.set_length(head.max(bar.position()));
                         }
                     }
@@ -923,7 +943,7 @@ async fn rebuild_with<S: EventStore, K: KeyStore + 'static>(
     progress.abort();
     bar.finish_and_clear();
     let reached = rebuilt.context("the rebuild failed")?;
-    let row = db
+    let row = log
         .fetch_optional(
             "SELECT COUNT(*) FROM chartlog_events WHERE position <= $1",
             vec![SqlArg::I64(i64::try_from(reached).unwrap_or(i64::MAX))],

@@ -100,19 +100,19 @@ pub(crate) async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         );
     }
     let database = open_database(&location).await?;
-    let db = wiring::read_models(&database);
+    let db = wiring::log_db(&database);
     let mut report = Report::default();
     let patient = args
         .patient
         .map(|id| StreamId::patient(PatientId::from_uuid(id)));
     let verified = match (&database, &patient) {
-        (Database::Sqlite(store), Some(stream)) => {
+        (Database::Sqlite(store, _), Some(stream)) => {
             verify_patient(store, &verifier, stream, args.json, &mut report).await
         }
         (Database::Postgres(store), Some(stream)) => {
             verify_patient(store, &verifier, stream, args.json, &mut report).await
         }
-        (Database::Sqlite(store), None) => {
+        (Database::Sqlite(store, _), None) => {
             verify_all(store, &db, &verifier, args.json, &mut report).await?;
             verify_global_order(store, &verifier, args.json, &mut report).await
         }

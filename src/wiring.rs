@@ -36,10 +36,18 @@ pub const FIRST_ADMINISTRATOR_PASSWORD_FILE: &str = "first-administrator-passwor
 /// How often accounts unused for the configured period are looked for and disabled.
 const INACTIVITY_SWEEP_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
-/// The read-model database on the store's own pool.
+/// The database the read models live in: on SQLite their own file, on PostgreSQL the store's.
 pub fn read_models(database: &Database) -> ProjectionDb {
     match database {
-        Database::Sqlite(store) => ProjectionDb::Sqlite(store.pool().clone()),
+        Database::Sqlite(_, read_models) => ProjectionDb::Sqlite(read_models.clone()),
+        Database::Postgres(store) => ProjectionDb::Postgres(store.pool().clone()),
+    }
+}
+
+/// The store's own database, on its pool: the log, the data keys and the access tables.
+pub fn log_db(database: &Database) -> ProjectionDb {
+    match database {
+        Database::Sqlite(store, _) => ProjectionDb::Sqlite(store.pool().clone()),
         Database::Postgres(store) => ProjectionDb::Postgres(store.pool().clone()),
     }
 }
@@ -56,7 +64,7 @@ pub fn accounts(
             key_dir.display()
         )
     })?;
-    Ok(Accounts::new(read_models(database), secrets, settings))
+    Ok(Accounts::new(log_db(database), secrets, settings))
 }
 
 /// Commands and reads over the backend, and the signed audit log, both signing with the
@@ -74,7 +82,7 @@ pub fn records_and_audit(
     let index_key = Arc::new(index_key);
     let read_models = read_models(database);
     let parts: (Arc<dyn Records>, Arc<dyn AuditSink>) = match database {
-        Database::Sqlite(store) => {
+        Database::Sqlite(store, _) => {
             let store = Arc::new(store.clone());
             let keys = Arc::new(DataKeys::new(
                 ring,
@@ -137,7 +145,7 @@ pub async fn audit_operator_action(
     let ring = Arc::new(ring);
     let signer = Arc::clone(signing.active());
     let log = match database {
-        Database::Sqlite(store) => AuditLog::spawn(
+        Database::Sqlite(store, _) => AuditLog::spawn(
             Arc::new(store.clone()),
             Arc::new(DataKeys::new(
                 ring,
@@ -207,7 +215,7 @@ pub async fn checkpoint_log(
     let signer = Arc::clone(signer);
     let now = chartlog_api::now();
     let written = match database {
-        Database::Sqlite(store) => {
+        Database::Sqlite(store, _) => {
             LogCheckpointer::resume(Arc::new(store.clone()), signer)
                 .await?
                 .checkpoint(now)

@@ -174,6 +174,18 @@ impl Site {
             .expect("open the SQLite database")
     }
 
+    /// The file the read models live in, next to the log.
+    async fn read_models(&self) -> ProjectionDb {
+        let file = chartlog_store::sqlite::read_models_path(&self.database());
+        ProjectionDb::Sqlite(
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(SqliteConnectOptions::new().filename(file))
+                .await
+                .expect("open the SQLite read models"),
+        )
+    }
+
     fn add_user(&self, username: &str, role: &str) {
         succeeds(&[
             "users",
@@ -710,15 +722,20 @@ async fn assert_identical_sites(source: &Site, copy: &Site, patients: &[PatientI
         "the global log's hashes differ"
     );
     assert_same_tables(&expected, &actual, LOG_TABLES).await;
-    assert_same_tables(&expected, &actual, READ_MODEL_TABLES).await;
+    let (ProjectionDb::Sqlite(expected_models), ProjectionDb::Sqlite(actual_models)) =
+        (source.read_models().await, copy.read_models().await)
+    else {
+        unreachable!("a site's read models are SQLite")
+    };
+    assert_same_tables(&expected_models, &actual_models, READ_MODEL_TABLES).await;
     let want = read_models(
-        &ProjectionDb::Sqlite(expected.clone()),
+        &ProjectionDb::Sqlite(expected_models.clone()),
         &sqlite_keys(source, &expected),
         patients,
     )
     .await;
     let got = read_models(
-        &ProjectionDb::Sqlite(actual.clone()),
+        &ProjectionDb::Sqlite(actual_models.clone()),
         &sqlite_keys(copy, &actual),
         patients,
     )
@@ -731,6 +748,8 @@ async fn assert_identical_sites(source: &Site, copy: &Site, patients: &[PatientI
     assert!(want == got, "the opened charts and histories differ");
     expected.close().await;
     actual.close().await;
+    expected_models.close().await;
+    actual_models.close().await;
 }
 
 async fn count(pool: &SqlitePool, table: &str) -> i64 {
@@ -865,7 +884,7 @@ async fn a_sqlite_backup_restores_into_postgres_and_back() {
     let pg_keys = DataKeys::new(Arc::new(ring), PostgresKeyStore::new(pool.clone()));
     let on_postgres = read_models(&ProjectionDb::Postgres(pool.clone()), &pg_keys, &patients).await;
     let on_sqlite = read_models(
-        &ProjectionDb::Sqlite(sqlite_pool.clone()),
+        &source.read_models().await,
         &sqlite_keys(&source, &sqlite_pool),
         &patients,
     )
@@ -923,7 +942,7 @@ async fn assert_erased(site: &Site, erased: PatientId, kept: PatientId) {
     );
     site.rebuild(&[]);
     let keys = sqlite_keys(site, &pool);
-    let db = ProjectionDb::Sqlite(pool.clone());
+    let db = site.read_models().await;
     assert!(
         matches!(
             keys.key_for_read(&StreamId::patient(erased)).await,
@@ -949,10 +968,13 @@ async fn assert_erased(site: &Site, erased: PatientId, kept: PatientId) {
         ),
         "the erased patient's history reads as erased"
     );
+    let ProjectionDb::Sqlite(models) = &db else {
+        unreachable!("a site's read models are SQLite")
+    };
     let entries: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM chartlog_chart_entries WHERE patient_id = ?1")
             .bind(erased.as_uuid())
-            .fetch_one(&pool)
+            .fetch_one(models)
             .await
             .expect("count");
     assert_eq!(entries, 0, "no chart entry of the erased patient");

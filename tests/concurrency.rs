@@ -476,7 +476,7 @@ async fn the_checker_has_teeth(
     .await;
 
     let deidentified = match database {
-        Database::Sqlite(_) => "DELETE FROM deid_observations",
+        Database::Sqlite(..) => "DELETE FROM deid_observations",
         Database::Postgres(_) => "DELETE FROM deidentified.observations",
     };
     for (corruption, complaint) in [

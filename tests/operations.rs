@@ -55,6 +55,14 @@ fn sqlite_path(data_dir: &Path) -> PathBuf {
     data_dir.join("chartlog.db")
 }
 
+/// The read models' file next to the SQLite log.
+async fn sqlite_read_models(data_dir: &Path) -> sqlx::SqlitePool {
+    let file = chartlog_store::sqlite::read_models_path(&sqlite_path(data_dir));
+    sqlx::SqlitePool::connect(&format!("sqlite:{}", file.display()))
+        .await
+        .expect("open the read models")
+}
+
 /// `chartlog <args> --data-dir <data_dir> <extra>`, stdin not a terminal.
 fn chartlog(args: &[&str], data_dir: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_chartlog"))
@@ -993,10 +1001,7 @@ async fn deid_export_writes_the_analysts_tables_without_identifiers() {
 
     // Each export is on the audit trail, the command-line operator as the actor.
     succeeds(&["rebuild"], dir.data_dir(), &["audit_trail"]);
-    let pool =
-        sqlx::SqlitePool::connect(&format!("sqlite:{}", sqlite_path(dir.data_dir()).display()))
-            .await
-            .expect("open");
+    let pool = sqlite_read_models(dir.data_dir()).await;
     let exports: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM chartlog_audit_trail \
          WHERE entity = 'deidentified_data' AND action = 'export' AND role = 'system'",
@@ -1084,13 +1089,14 @@ async fn rebuild_is_on_the_audit_trail_with_the_operator_as_actor_and_its_outcom
     // comes after, and is not in the trail yet).
     let rebuilt = succeeds_json(&["rebuild"], data_dir, &["audit_trail"]);
     assert_eq!(rebuilt["events"], 2 * EVENTS_PER_PATIENT + 2);
+    let read_models = sqlite_read_models(data_dir).await;
     let rows: Vec<OperatorAuditRow> = sqlx::query_as(
         "SELECT lower(hex(user_id)), role, purpose_of_use, break_glass, action, outcome, \
                 patient_id IS NULL, record_id IS NULL \
          FROM chartlog_audit_trail WHERE entity = 'read_models' \
          ORDER BY occurred_at_us, audit_id",
     )
-    .fetch_all(&pool)
+    .fetch_all(&read_models)
     .await
     .expect("the rebuilds' audit rows");
     let operator = CLI_OPERATOR_USER_ID.replace('-', "");
@@ -1108,7 +1114,7 @@ async fn rebuild_is_on_the_audit_trail_with_the_operator_as_actor_and_its_outcom
     };
     assert_eq!(rows, vec![row("success"), row("failure")]);
     let all: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chartlog_audit_trail")
-        .fetch_one(&pool)
+        .fetch_one(&read_models)
         .await
         .expect("count");
     assert_eq!(
@@ -1117,6 +1123,7 @@ async fn rebuild_is_on_the_audit_trail_with_the_operator_as_actor_and_its_outcom
         "a row per patient event, and the two rebuilds' rows"
     );
     pool.close().await;
+    read_models.close().await;
 
     // The records are signed events like any other: the log verifies.
     let report = succeeds_json(&["verify"], data_dir, &[]);

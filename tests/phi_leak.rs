@@ -896,16 +896,24 @@ async fn refused_requests(api: &Api<'_>, p: &str, patient: &str, note_id: &str) 
 /// Text dumps of every table's rows, one string per table.
 type Dump = Vec<(String, String)>;
 
-/// Every row of every table of the SQLite database, each column cast to bytes (so blobs and
-/// text both show), read beside the running server (WAL readers do not block it).
+/// Every row of every table of the SQLite log and of its read models' file, each column cast
+/// to bytes (so blobs and text both show), read beside the running server (WAL readers do not
+/// block it). A read model's table is named with the file's name in front.
 async fn sqlite_dump(data_dir: &Path) -> Dump {
-    let path = data_dir.join("chartlog.db");
+    let log = data_dir.join("chartlog.db");
+    let read_models = chartlog_store::sqlite::read_models_path(&log);
+    let mut dump = sqlite_file_dump(&log, "").await;
+    dump.extend(sqlite_file_dump(&read_models, "chartlog.read-models.db:").await);
+    dump
+}
+
+async fn sqlite_file_dump(path: &Path, table_prefix: &str) -> Dump {
     // Not read-only: a read-only connection cannot open a WAL database whose -shm is gone,
     // as after the server's clean stop.
-    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
     let pool = sqlx::SqlitePool::connect_with(options)
         .await
-        .expect("open the SQLite database");
+        .unwrap_or_else(|error| panic!("open {}: {error}", path.display()));
     let tables: Vec<String> =
         sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
             .fetch_all(&pool)
@@ -935,7 +943,7 @@ async fn sqlite_dump(data_dir: &Path) -> Dump {
                 text.push('\n');
             }
         }
-        dump.push((table, text));
+        dump.push((format!("{table_prefix}{table}"), text));
     }
     pool.close().await;
     dump

@@ -363,10 +363,18 @@ fn current_version_in(text: &str) -> u64 {
         .unwrap_or_else(|| panic!("a 412 that does not name the current version: {text}"))
 }
 
-/// Direct, read-only access to the server's database, for the checker.
+/// Direct, read-only access to the server's database, for the checker. On SQLite, the log's
+/// file and the read models' file next to it.
 pub enum Database {
-    Sqlite(sqlx::SqlitePool),
+    Sqlite(sqlx::SqlitePool, sqlx::SqlitePool),
     Postgres(sqlx::PgPool),
+}
+
+/// Which SQLite file a query reads; on PostgreSQL both are the one database.
+#[derive(Clone, Copy)]
+enum File {
+    Log,
+    ReadModels,
 }
 
 /// One row of the global log, in the clear (no PHI: ids, versions, types).
@@ -379,10 +387,14 @@ pub struct LogRow {
 }
 
 macro_rules! fetch {
-    ($db:expr, $sql:expr, |$row:ident| $map:expr) => {
+    ($db:expr, $file:expr, $sql:expr, |$row:ident| $map:expr) => {
         match $db {
-            Database::Sqlite(pool) => {
+            Database::Sqlite(log, read_models) => {
                 use sqlx::Row as _;
+                let pool = match $file {
+                    File::Log => log,
+                    File::ReadModels => read_models,
+                };
                 sqlx::query($sql)
                     .fetch_all(pool)
                     .await
@@ -405,6 +417,18 @@ macro_rules! fetch {
     };
 }
 
+async fn sqlite_pool(file: &Path) -> sqlx::SqlitePool {
+    sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(file)
+                .busy_timeout(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("open the server's SQLite file {}: {error}", file.display()))
+}
+
 fn u64_of(value: i64) -> u64 {
     u64::try_from(value).expect("non-negative")
 }
@@ -420,23 +444,20 @@ impl Database {
                     .await
                     .expect("connect to the server's PostgreSQL database"),
             ),
-            None => Database::Sqlite(
-                sqlx::sqlite::SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .connect_with(
-                        sqlx::sqlite::SqliteConnectOptions::new()
-                            .filename(data_dir.join("chartlog.db"))
-                            .busy_timeout(Duration::from_secs(30)),
-                    )
-                    .await
-                    .expect("open the server's SQLite database"),
-            ),
+            None => {
+                let log = data_dir.join("chartlog.db");
+                let read_models = chartlog_store::sqlite::read_models_path(&log);
+                Database::Sqlite(sqlite_pool(&log).await, sqlite_pool(&read_models).await)
+            }
         }
     }
 
     pub async fn close(self) {
         match self {
-            Database::Sqlite(pool) => pool.close().await,
+            Database::Sqlite(log, read_models) => {
+                log.close().await;
+                read_models.close().await;
+            }
             Database::Postgres(pool) => pool.close().await,
         }
     }
@@ -444,7 +465,9 @@ impl Database {
     /// Runs one statement that damages a read model, for tests of the checker itself.
     pub async fn corrupt(&self, sql: &'static str) {
         match self {
-            Database::Sqlite(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
+            Database::Sqlite(_, read_models) => {
+                sqlx::query(sql).execute(read_models).await.map(|_| ())
+            }
             Database::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
         }
         .unwrap_or_else(|error| panic!("{sql}: {error}"));
@@ -454,6 +477,7 @@ impl Database {
     pub async fn log(&self) -> Vec<LogRow> {
         fetch!(
             self,
+            File::Log,
             "SELECT position, stream_id, stream_version, event_type FROM chartlog_events \
              ORDER BY position",
             |row| LogRow {
@@ -468,6 +492,7 @@ impl Database {
     pub async fn checkpoints(&self) -> BTreeMap<String, u64> {
         fetch!(
             self,
+            File::ReadModels,
             "SELECT name, position FROM chartlog_projection_checkpoints",
             |row| (row.get::<String, _>(0), u64_of(row.get::<i64, _>(1)))
         )
@@ -480,6 +505,7 @@ impl Database {
     async fn history_rows(&self) -> Vec<(Uuid, u64, String)> {
         let segments = fetch!(
             self,
+            File::ReadModels,
             "SELECT patient_id, headers FROM chartlog_history",
             |row| (row.get::<Uuid, _>(0), row.get::<String, _>(1))
         );
@@ -504,6 +530,7 @@ impl Database {
     async fn chart_patients(&self) -> BTreeMap<Uuid, u64> {
         fetch!(
             self,
+            File::ReadModels,
             "SELECT patient_id, stream_version FROM chartlog_chart_patients",
             |row| (row.get::<Uuid, _>(0), u64_of(row.get::<i64, _>(1)))
         )
@@ -514,6 +541,7 @@ impl Database {
     async fn chart_observations(&self) -> Vec<(Uuid, Uuid)> {
         fetch!(
             self,
+            File::ReadModels,
             "SELECT patient_id, entry_id FROM chartlog_chart_entries WHERE kind = 'observation'",
             |row| (row.get::<Uuid, _>(0), row.get::<Uuid, _>(1))
         )
@@ -521,15 +549,18 @@ impl Database {
 
     async fn deidentified_observations(&self) -> u64 {
         let sql = match self {
-            Database::Sqlite(_) => "SELECT COUNT(*) FROM deid_observations",
+            Database::Sqlite(..) => "SELECT COUNT(*) FROM deid_observations",
             Database::Postgres(_) => "SELECT COUNT(*) FROM deidentified.observations",
         };
-        fetch!(self, sql, |row| u64_of(row.get::<i64, _>(0)))[0]
+        fetch!(self, File::ReadModels, sql, |row| u64_of(
+            row.get::<i64, _>(0)
+        ))[0]
     }
 
     async fn audit_source_positions(&self) -> Vec<u64> {
         fetch!(
             self,
+            File::ReadModels,
             "SELECT source_position FROM chartlog_audit_trail WHERE source_position IS NOT NULL",
             |row| u64_of(row.get::<i64, _>(0))
         )

@@ -471,9 +471,10 @@ pub async fn insert_audit_rows<R: Borrow<AuditRow> + Sync>(
 }
 
 /// Appends the HTTP layer's [`AuditRow`]s (reads, searches, logins, denials, exports, ...) in
-/// one transaction, and returns once it is committed and durable: SQLite runs with
-/// `synchronous=FULL`, and on PostgreSQL the transaction asks for a synchronous commit even
-/// where the server's default is off. Call it before a PHI response leaves (HIPAA 164.312(b)).
+/// one transaction, and returns once it is committed and durable: on SQLite when `db` is the
+/// log's file, which runs with `synchronous=FULL` (the read models' own file does not), and on
+/// PostgreSQL the transaction asks for a synchronous commit even where the server's default
+/// is off. Call it before a PHI response leaves (HIPAA 164.312(b)).
 ///
 /// The rows carry no log position (`source_position` NULL): no projection reset or rebuild
 /// touches them (the audit projection deletes nothing, and the table refuses DELETE). A row

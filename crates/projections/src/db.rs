@@ -1,7 +1,7 @@
 //! One database abstraction for both backends, so each projection's SQL is written once.
 //!
-//! [`ProjectionDb`] and [`ProjectionTx`] are enums over the SQLite and PostgreSQL pools and
-//! transactions the store already opened (no second pool, no `Any` driver). SQL is written
+//! [`ProjectionDb`] and [`ProjectionTx`] are enums over SQLite and PostgreSQL pools and
+//! transactions (no `Any` driver). SQL is written
 //! with `$n` placeholders numbered in first-use order: PostgreSQL reads them natively and
 //! SQLite numbers `$n` parameters by first appearance, so one text serves both (the same rule
 //! as `chartlog_store`'s key table). Arguments are [`SqlArg`]s; rows come back as [`DbRow`].
@@ -31,7 +31,10 @@ pub enum Backend {
     Postgres,
 }
 
-/// The read-model database: the same database as the event store.
+/// A database the read models or the access tables live in. On PostgreSQL both are in the
+/// event store's database. On SQLite the read models have a file of their own next to the log
+/// (`chartlog_store::sqlite::read_models_path`), with a write lock of its own; the access
+/// tables stay in the log's file.
 #[derive(Clone, Debug)]
 pub enum ProjectionDb {
     Sqlite(SqlitePool),
@@ -287,22 +290,6 @@ impl ProjectionDb {
                 .await?
                 .map(DbRow::Postgres),
         })
-    }
-
-    /// The highest position in the global log (0 for an empty log): what a rebuild's
-    /// progress is measured against. Events appended meanwhile move it on.
-    pub async fn log_head_position(&self) -> Result<u64, sqlx::Error> {
-        let row = self
-            .fetch_optional(
-                "SELECT COALESCE(MAX(position), 0) FROM chartlog_events",
-                vec![],
-            )
-            .await?;
-        let head = match row {
-            Some(row) => row.i64(0)?,
-            None => 0,
-        };
-        Ok(u64::try_from(head).unwrap_or(0))
     }
 }
 

@@ -439,7 +439,7 @@ impl<S: EventStore + ?Sized, K: KeyStore + 'static> ProjectionRunner<S, K> {
         // event once every older transaction has finished, so an empty read alone does not
         // mean the end has been reached.
         let catch_up_target = match mode {
-            Mode::CatchUp => self.db.log_head_position().await?,
+            Mode::CatchUp => self.store.log_head_position().await?,
             Mode::Follow => 0,
         };
         let (chunks, mut ready) = mpsc::channel::<Chunk>(self.options.chunks_in_flight);

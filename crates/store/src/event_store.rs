@@ -75,6 +75,10 @@ pub trait EventStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// The highest position in the global log, 0 for an empty log: what a reader starting now
+    /// must reach to have seen every event committed so far (appends meanwhile move it on).
+    async fn log_head_position(&self) -> Result<u64, StoreError>;
+
     /// Ticks after appends (in this process, and on PostgreSQL in any process), so subscribers
     /// wake without polling.
     fn append_notifications(&self) -> watch::Receiver<u64>;

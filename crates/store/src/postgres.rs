@@ -489,6 +489,14 @@ impl EventStore for PostgresEventStore {
         row.map(|row| head_from_row(stream, &row)).transpose()
     }
 
+    async fn log_head_position(&self) -> Result<u64, StoreError> {
+        let head: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM chartlog_events")
+                .fetch_one(&self.inner.pool)
+                .await?;
+        to_u64(head, "log position", 0)
+    }
+
     async fn read_stream(
         &self,
         stream: &StreamId,

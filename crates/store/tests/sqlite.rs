@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use chartlog_store::conformance;
-use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
+use chartlog_store::sqlite::{self, SqliteEventStore, SqliteKeyStore};
+use chartlog_store::{EventStore, conformance};
 
 struct Database {
     store: SqliteEventStore,
@@ -262,4 +262,121 @@ async fn a_failed_group_falls_back_to_appending_each_member_alone() {
     assert_eq!(store.stream_head(&stream(1)).await.expect("head"), None);
     let log = store.read_all(0, 100).await.expect("read the log");
     assert_eq!(log.len(), 1 + 7, "nothing stored twice, nothing lost");
+}
+
+#[tokio::test]
+async fn the_log_head_is_the_last_position_appended() {
+    let database = database().await;
+    let store = &database.store;
+    assert_eq!(store.log_head_position().await.expect("head"), 0, "empty");
+    let factory = conformance::EventFactory::new();
+    let mut last = 0;
+    for name in ["first", "second"] {
+        let stream = chartlog_domain::StreamId::parse(&format!("patient-{}", uuid::Uuid::new_v4()))
+            .unwrap_or_else(|_| panic!("{name} stream id"));
+        let outcome = store
+            .append(&stream, 0, &factory.batch(&stream, None, 3))
+            .await
+            .expect("append");
+        assert!(outcome.last_position > last);
+        last = outcome.last_position;
+        assert_eq!(store.log_head_position().await.expect("head"), last);
+    }
+}
+
+/// The read models have a file of their own next to the log, with a write lock of their own:
+/// the projection runner writes them while an append holds the log's lock, and the reverse.
+/// Derived, that file commits without an fsync; the log's keeps its full one.
+#[tokio::test]
+async fn the_read_models_have_a_file_and_a_write_lock_of_their_own() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("chartlog.db");
+    let (store, read_models) = sqlite::open_log_and_read_models(&log).await.expect("open");
+    assert_eq!(
+        sqlite::read_models_path(&log),
+        dir.path().join("chartlog.read-models.db")
+    );
+    assert!(sqlite::read_models_path(&log).is_file());
+
+    let log_lock = sqlite::write_lock(store.pool());
+    let read_model_lock = sqlite::write_lock(&read_models);
+    assert!(!Arc::ptr_eq(&log_lock, &read_model_lock), "two locks");
+    let _appends_wait = log_lock.lock().await;
+    let _writer = read_model_lock.lock().await;
+    let mut tx = read_models
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .expect("a write transaction on the read models while the log's lock is held");
+    sqlx::query(
+        "INSERT INTO chartlog_projection_checkpoints (name, version, position, updated_at_us) \
+         VALUES ('chart', 1, 7, 0)",
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("write a checkpoint");
+    tx.commit().await.expect("commit");
+
+    let synchronous = |pool: sqlx::SqlitePool| async move {
+        sqlx::query_scalar::<_, i64>("PRAGMA synchronous")
+            .fetch_one(&pool)
+            .await
+            .expect("synchronous")
+    };
+    assert_eq!(
+        synchronous(store.pool().clone()).await,
+        2,
+        "FULL on the log"
+    );
+    assert_eq!(
+        synchronous(read_models.clone()).await,
+        1,
+        "NORMAL on the read models"
+    );
+    store.pool().close().await;
+    read_models.close().await;
+}
+
+/// Read models next to a log that is not there were folded from another log: opening a new
+/// log removes them, while reopening the same log keeps them.
+#[tokio::test]
+async fn read_models_go_with_their_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("chartlog.db");
+    let checkpoints = |pool: sqlx::SqlitePool| async move {
+        let count =
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM chartlog_projection_checkpoints")
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+        pool.close().await;
+        count
+    };
+
+    let (store, read_models) = sqlite::open_log_and_read_models(&log).await.expect("open");
+    sqlx::query(
+        "INSERT INTO chartlog_projection_checkpoints (name, version, position, updated_at_us) \
+         VALUES ('chart', 1, 7, 0)",
+    )
+    .execute(&read_models)
+    .await
+    .expect("write a checkpoint");
+    store.pool().close().await;
+    assert_eq!(checkpoints(read_models).await, 1);
+
+    let (store, read_models) = sqlite::open_log_and_read_models(&log)
+        .await
+        .expect("reopen");
+    store.pool().close().await;
+    assert_eq!(checkpoints(read_models).await, 1, "kept with their log");
+
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = log.clone().into_os_string();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
+    let (store, read_models) = sqlite::open_log_and_read_models(&log)
+        .await
+        .expect("new log");
+    store.pool().close().await;
+    assert_eq!(checkpoints(read_models).await, 0, "removed with a new log");
 }

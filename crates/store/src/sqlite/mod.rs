@@ -90,6 +90,50 @@ pub async fn open_pool(path: &Path) -> Result<SqlitePool, StoreError> {
     Ok(pool)
 }
 
+/// The file the SQLite read models live in, next to the log at `log`: `chartlog.db` keeps its
+/// read models in `chartlog.read-models.db`.
+///
+/// Why a file of their own: SQLite has one writer per file, and the projection runner's
+/// transactions held the log's write lock about two thirds of the time under HTTP load, so
+/// appends waited for projections (README, "HTTP load"). In a file of their own they have a
+/// write lock of their own, and their commits need no fsync (`synchronous=NORMAL`): they are
+/// derived, so a crash that loses the last of them loses nothing the runner does not fold again
+/// from the checkpoint committed with them.
+pub fn read_models_path(log: &Path) -> PathBuf {
+    log.with_extension("read-models.db")
+}
+
+/// Opens the log at `path` and its read models ([`read_models_path`]), creating and migrating
+/// both as needed. The read-model file carries the same schema as the log (one migrator serves
+/// both); only its read-model tables are written, as only the log file's other tables are.
+///
+/// Read models found next to a log that did not exist yet were folded from another log (one
+/// deleted, or one a restore is about to replace): they are removed, so the runner folds this
+/// log from its start rather than trusting checkpoints from elsewhere.
+pub async fn open_log_and_read_models(
+    path: &Path,
+) -> Result<(SqliteEventStore, SqlitePool), StoreError> {
+    let read_models = read_models_path(path);
+    if !path.exists() {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = read_models.clone().into_os_string();
+            file.push(suffix);
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(sqlx::Error::Io(error).into()),
+            }
+        }
+    }
+    let store = SqliteEventStore::open(path).await?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(CONNECTIONS_MAX)
+        .connect_with(connect_options(&read_models).synchronous(SqliteSynchronous::Normal))
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    Ok((store, pool))
+}
+
 /// The in-process write lock of the SQLite database behind `pool`: one per database file in
 /// this process, taken by appends and by the projections' write transactions
 /// (`chartlog_projections::ProjectionDb::begin`) before `BEGIN IMMEDIATE`.
@@ -576,6 +620,14 @@ impl EventStore for SqliteEventStore {
                 .fetch_optional(&self.pool)
                 .await?;
         row.map(|row| head_from_row(stream, &row)).transpose()
+    }
+
+    async fn log_head_position(&self) -> Result<u64, StoreError> {
+        let head: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM chartlog_events")
+                .fetch_one(&self.pool)
+                .await?;
+        to_u64(head, "log position", 0)
     }
 
     async fn read_stream(
