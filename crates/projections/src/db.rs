@@ -223,30 +223,31 @@ impl ProjectionDb {
     pub async fn begin(&self) -> Result<ProjectionTx, sqlx::Error> {
         Ok(match self {
             ProjectionDb::Sqlite(pool) => {
-                // Bounded like SQLite's own wait for the lock, so a writer stuck in this
-                // process fails as clearly as one in another process would.
-                let writer = tokio::time::timeout(
-                    chartlog_store::sqlite::BUSY_TIMEOUT,
-                    chartlog_store::sqlite::write_lock(pool).lock_owned(),
-                )
-                .await
-                .map_err(|_| sqlx::Error::PoolTimedOut)?;
+                let writer = sqlite_writer(pool).await?;
                 ProjectionTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?, Some(writer))
             }
             ProjectionDb::Postgres(pool) => ProjectionTx::Postgres(pool.begin().await?),
         })
     }
 
+    /// Runs one statement in a transaction of its own. On SQLite, a write, it waits its turn
+    /// on the file's in-process write lock as [`ProjectionDb::begin`] does (a session's
+    /// activity, a login failure, an idempotency record), so it never meets SQLite's busy
+    /// handler while an append group holds the file. Never call it while holding a
+    /// [`ProjectionTx`] of the same database: the lock is not re-entrant.
     pub async fn execute(
         &self,
         sql: impl SqlSafeStr,
         args: Vec<SqlArg>,
     ) -> Result<u64, sqlx::Error> {
         Ok(match self {
-            ProjectionDb::Sqlite(pool) => bind_all!(sqlx::query(for_sqlite(sql)), args)
-                .execute(pool)
-                .await?
-                .rows_affected(),
+            ProjectionDb::Sqlite(pool) => {
+                let _writer = sqlite_writer(pool).await?;
+                bind_all!(sqlx::query(for_sqlite(sql)), args)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
             ProjectionDb::Postgres(pool) => bind_all!(sqlx::query(sql), args)
                 .execute(pool)
                 .await?
@@ -291,6 +292,18 @@ impl ProjectionDb {
                 .map(DbRow::Postgres),
         })
     }
+}
+
+/// The write lock of the SQLite file behind `pool`, waited for no longer than SQLite's own
+/// wait for a lock, so a writer stuck in this process fails as clearly as one in another
+/// process would.
+async fn sqlite_writer(pool: &SqlitePool) -> Result<OwnedMutexGuard<()>, sqlx::Error> {
+    tokio::time::timeout(
+        chartlog_store::sqlite::BUSY_TIMEOUT,
+        chartlog_store::sqlite::write_lock(pool).lock_owned(),
+    )
+    .await
+    .map_err(|_| sqlx::Error::PoolTimedOut)
 }
 
 /// The sealed stored value of each entry a batch changes whose value before it needs: for the

@@ -141,6 +141,28 @@ async fn sqlite_appends_and_projection_transactions_share_one_write_lock() {
     drop(tx);
     assert!(lock.try_lock().is_ok(), "or when dropped");
 
+    // So does a statement outside a transaction (a session's activity, a login failure).
+    let held = lock.clone().lock_owned().await;
+    let statement = {
+        let db = fixture.db.clone();
+        tokio::spawn(async move {
+            db.execute(
+                "INSERT INTO chartlog_projection_checkpoints (name, version, position, \
+                 updated_at_us) VALUES ('lock-test', 1, 0, 0)",
+                vec![],
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!statement.is_finished(), "the statement waits for the lock");
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(10), statement)
+        .await
+        .expect("the statement goes once the lock is free")
+        .expect("statement task")
+        .expect("statement");
+
     // An append waits for the lock while someone else holds it, and goes once it is free.
     let held = lock.clone().lock_owned().await;
     let factory = chartlog_store::conformance::EventFactory::new();
