@@ -135,8 +135,9 @@ pub async fn open_log_and_read_models(
 }
 
 /// The in-process write lock of the SQLite database behind `pool`: one per database file in
-/// this process, taken by appends and by the projections' write transactions
-/// (`chartlog_projections::ProjectionDb::begin`) before `BEGIN IMMEDIATE`.
+/// this process, taken by appends and by the projections' and access control's writes
+/// (`chartlog_projections::ProjectionDb::begin` before `BEGIN IMMEDIATE`, and
+/// `ProjectionDb::execute`).
 ///
 /// Why not leave the queueing to SQLite: a connection that finds the write lock taken waits in
 /// SQLite's busy handler, which sleeps with growing back-off (1, 2, 5, 10, ... up to 100 ms a
