@@ -54,8 +54,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()> {
-    let read_models = wiring::log_db(database);
-    let existing = read_models
+    let log = wiring::log_db(database);
+    let existing = log
         .fetch_all(
             "SELECT COUNT(*) FROM chartlog_streams WHERE stream_id LIKE $1",
             vec![SqlArg::Text("patient-%".to_owned())],
