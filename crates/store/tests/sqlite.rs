@@ -285,7 +285,7 @@ async fn the_log_head_is_the_last_position_appended() {
 }
 
 /// The read models have a file of their own next to the log, with a write lock of their own:
-/// the projection runner writes them while an append holds the log's lock, and the reverse.
+/// a write to them goes while the log's lock is held, as the runner's do while appends commit.
 /// Derived, that file commits without an fsync; the log's keeps its full one.
 #[tokio::test]
 async fn the_read_models_have_a_file_and_a_write_lock_of_their_own() {
