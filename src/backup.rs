@@ -297,13 +297,6 @@ fn backend_name(backend: Backend) -> &'static str {
     }
 }
 
-fn projection_db(database: &Database) -> ProjectionDb {
-    match database {
-        Database::Sqlite(store, _) => ProjectionDb::Sqlite(store.pool().clone()),
-        Database::Postgres(store) => ProjectionDb::Postgres(store.pool().clone()),
-    }
-}
-
 fn progress_bar(length: u64, template: &str) -> ProgressBar {
     let bar = ProgressBar::new(length);
     bar.set_style(
@@ -542,7 +535,7 @@ async fn snapshot(
     recipients: &[age::x25519::Recipient],
     output: File,
 ) -> anyhow::Result<Manifest> {
-    let db = projection_db(database);
+    let db = crate::wiring::log_db(database);
     let backend = db.backend();
     let mut tx = match &db {
         // A deferred BEGIN: the snapshot starts at the first read and never blocks appends.
@@ -907,7 +900,7 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         let other = open_database(&location)
             .await
             .with_context(|| format!("--erasures-from: cannot open the {}", location.describe()))?;
-        let ledger = read_ledger(&projection_db(&other)).await;
+        let ledger = read_ledger(&crate::wiring::log_db(&other)).await;
         other.close().await;
         for (owner, tombstone) in ledger? {
             ledgers.entry(owner).or_insert(tombstone);
@@ -1007,7 +1000,7 @@ async fn restore_into<R: Read + Send + 'static>(
     ledgers: BTreeMap<String, Tombstone>,
     bar: &ProgressBar,
 ) -> anyhow::Result<(Restored, Verified)> {
-    let db = projection_db(database);
+    let db = crate::wiring::log_db(database);
     let backend = db.backend();
     let mut tx = db.begin().await.context("cannot begin the restore")?;
     if backend == Backend::Postgres {
