@@ -82,9 +82,13 @@ pub fn connect_options(path: &Path) -> SqliteConnectOptions {
 
 /// Opens (creating if needed) and migrates a chartlog SQLite database.
 pub async fn open_pool(path: &Path) -> Result<SqlitePool, StoreError> {
+    open_migrated(connect_options(path)).await
+}
+
+async fn open_migrated(options: SqliteConnectOptions) -> Result<SqlitePool, StoreError> {
     let pool = SqlitePoolOptions::new()
         .max_connections(CONNECTIONS_MAX)
-        .connect_with(connect_options(path))
+        .connect_with(options)
         .await?;
     MIGRATOR.run(&pool).await?;
     Ok(pool)
@@ -126,11 +130,8 @@ pub async fn open_log_and_read_models(
         }
     }
     let store = SqliteEventStore::open(path).await?;
-    let pool = SqlitePoolOptions::new()
-        .max_connections(CONNECTIONS_MAX)
-        .connect_with(connect_options(&read_models).synchronous(SqliteSynchronous::Normal))
-        .await?;
-    MIGRATOR.run(&pool).await?;
+    let pool =
+        open_migrated(connect_options(&read_models).synchronous(SqliteSynchronous::Normal)).await?;
     Ok((store, pool))
 }
 
