@@ -3,7 +3,8 @@
 //! [`ProjectionDb`] and [`ProjectionTx`] are enums over SQLite and PostgreSQL pools and
 //! transactions (no `Any` driver). SQL is written with `$n` placeholders numbered in first-use
 //! order: PostgreSQL reads them natively and SQLite numbers `$n` parameters by first
-//! appearance, so one text serves both (the same rule as `chartlog_store`'s key table). Arguments are [`SqlArg`]s; rows come back as [`DbRow`].
+//! appearance, so one text serves both (the same rule as `chartlog_store`'s key table).
+//! Arguments are [`SqlArg`]s; rows come back as [`DbRow`].
 //!
 //! Never format a value into SQL text: bind it. Dynamic SQL (multi-row inserts) is built only
 //! from placeholders, through [`values_placeholders`].
