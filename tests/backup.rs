@@ -167,23 +167,12 @@ impl Site {
     }
 
     async fn pool(&self) -> SqlitePool {
-        SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(SqliteConnectOptions::new().filename(self.database()))
-            .await
-            .expect("open the SQLite database")
+        open_sqlite(&self.database()).await
     }
 
     /// The file the read models live in, next to the log.
-    async fn read_models(&self) -> ProjectionDb {
-        let file = chartlog_store::sqlite::read_models_path(&self.database());
-        ProjectionDb::Sqlite(
-            SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(SqliteConnectOptions::new().filename(file))
-                .await
-                .expect("open the SQLite read models"),
-        )
+    async fn read_models(&self) -> SqlitePool {
+        open_sqlite(&chartlog_store::sqlite::read_models_path(&self.database())).await
     }
 
     fn add_user(&self, username: &str, role: &str) {
@@ -689,6 +678,14 @@ async fn sqlite_log_hashes(pool: &SqlitePool) -> Vec<(i64, String)> {
     .expect("hashes")
 }
 
+async fn open_sqlite(file: &Path) -> SqlitePool {
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(SqliteConnectOptions::new().filename(file))
+        .await
+        .unwrap_or_else(|error| panic!("open {}: {error}", file.display()))
+}
+
 fn sqlite_keys(site: &Site, pool: &SqlitePool) -> DataKeys<SqliteKeyStore> {
     let (ring, _) = load_or_create_key_files(&site.key_dir()).expect("key files");
     DataKeys::new(Arc::new(ring), SqliteKeyStore::new(pool.clone()))
@@ -722,11 +719,8 @@ async fn assert_identical_sites(source: &Site, copy: &Site, patients: &[PatientI
         "the global log's hashes differ"
     );
     assert_same_tables(&expected, &actual, LOG_TABLES).await;
-    let (ProjectionDb::Sqlite(expected_models), ProjectionDb::Sqlite(actual_models)) =
-        (source.read_models().await, copy.read_models().await)
-    else {
-        unreachable!("a site's read models are SQLite")
-    };
+    let expected_models = source.read_models().await;
+    let actual_models = copy.read_models().await;
     assert_same_tables(&expected_models, &actual_models, READ_MODEL_TABLES).await;
     let want = read_models(
         &ProjectionDb::Sqlite(expected_models.clone()),
@@ -884,7 +878,7 @@ async fn a_sqlite_backup_restores_into_postgres_and_back() {
     let pg_keys = DataKeys::new(Arc::new(ring), PostgresKeyStore::new(pool.clone()));
     let on_postgres = read_models(&ProjectionDb::Postgres(pool.clone()), &pg_keys, &patients).await;
     let on_sqlite = read_models(
-        &source.read_models().await,
+        &ProjectionDb::Sqlite(source.read_models().await),
         &sqlite_keys(&source, &sqlite_pool),
         &patients,
     )
@@ -942,7 +936,8 @@ async fn assert_erased(site: &Site, erased: PatientId, kept: PatientId) {
     );
     site.rebuild(&[]);
     let keys = sqlite_keys(site, &pool);
-    let db = site.read_models().await;
+    let models = site.read_models().await;
+    let db = ProjectionDb::Sqlite(models.clone());
     assert!(
         matches!(
             keys.key_for_read(&StreamId::patient(erased)).await,
@@ -968,13 +963,10 @@ async fn assert_erased(site: &Site, erased: PatientId, kept: PatientId) {
         ),
         "the erased patient's history reads as erased"
     );
-    let ProjectionDb::Sqlite(models) = &db else {
-        unreachable!("a site's read models are SQLite")
-    };
     let entries: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM chartlog_chart_entries WHERE patient_id = ?1")
             .bind(erased.as_uuid())
-            .fetch_one(models)
+            .fetch_one(&models)
             .await
             .expect("count");
     assert_eq!(entries, 0, "no chart entry of the erased patient");
@@ -983,6 +975,7 @@ async fn assert_erased(site: &Site, erased: PatientId, kept: PatientId) {
         ChartAnswer::Found(_)
     ));
     pool.close().await;
+    models.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
