@@ -85,9 +85,12 @@ pub async fn open_pool(path: &Path) -> Result<SqlitePool, StoreError> {
     open_migrated(connect_options(path)).await
 }
 
+// No ping before each acquire: an embedded connection cannot be dropped by a server, and the
+// ping is a round trip to the connection's worker thread for every statement run on the pool.
 async fn open_migrated(options: SqliteConnectOptions) -> Result<SqlitePool, StoreError> {
     let pool = SqlitePoolOptions::new()
         .max_connections(CONNECTIONS_MAX)
+        .test_before_acquire(false)
         .connect_with(options)
         .await?;
     MIGRATOR.run(&pool).await?;
