@@ -8,7 +8,9 @@
 //!   PostgreSQL); a history checker then confirms that the global log and every projection
 //!   (chart, record history, audit trail, de-identified views) hold every acknowledged event
 //!   exactly once and in order, and then that the checker itself refuses damaged read models;
-//! - concurrent requests with one Idempotency-Key record once, and all get its answer.
+//! - concurrent requests with one Idempotency-Key record once, and all get its answer;
+//! - two servers on one PostgreSQL database: a command is checked and decided on the fresh
+//!   record when the other server moved it on since this one last saw it.
 //!
 //! Full mode: `CHARTLOG_CONCURRENCY_SECONDS` sets how long the 32 clients write (default 3;
 //! full 60), `CHARTLOG_RACE_VERSIONS` how many versions the 64 store writers fight over
@@ -294,6 +296,141 @@ async fn sixty_four_clients_racing_with_if_match_over_https_have_one_winner_per_
     check_read_models(&database, &clinic, &token, &acks, &[patient]).await;
     database.close().await;
     eprintln!("{RACING_WRITERS} HTTPS clients, {versions} versions: {stale} answered 412");
+}
+
+/// Two servers on one PostgreSQL database, sharing a data directory (keys, certificate). A
+/// server decides a command without If-Match on the record as it last left it and lets the
+/// append's version check confirm it (crates/api/src/handlers/commands.rs, `execute`), so when
+/// the other server has moved the record on, the command must be checked and decided again on
+/// the fresh record. Bugs this catches: a plain command answered 412 or 409 because the cached
+/// record was behind; one refused because the record it names (a condition) was recorded
+/// through the other server; and one let in on a care relationship the other server ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_decided_on_the_fresh_record_when_another_server_moved_it_on() {
+    let database = FreshPostgresDatabase::create().await;
+    let dir = TestDir::new();
+    let args = ["--database-url", database.url.as_str()];
+    let first = Server::start(dir.data_dir(), &args);
+    let at_first = Clinic::new(&dir, &first);
+    let token = at_first.physician_session(&dir, &first).await;
+    let patient = at_first.register_patient(&token, 11).await.patient;
+    let acknowledged = |outcome: Outcome| match outcome {
+        Outcome::Acknowledged(ack) => ack.stream_version,
+        other => panic!("a plain observation was not recorded: {other:?}"),
+    };
+    assert_eq!(
+        acknowledged(
+            at_first
+                .record_observation(&token, patient, None, 1, "first")
+                .await
+        ),
+        3
+    );
+
+    let second = Server::start(dir.data_dir(), &args);
+    let at_second = Clinic::new(&dir, &second);
+    assert_eq!(
+        acknowledged(
+            at_second
+                .record_observation(&token, patient, None, 2, "second")
+                .await
+        ),
+        4
+    );
+    // The first server last saw version 3.
+    assert_eq!(
+        acknowledged(
+            at_first
+                .record_observation(&token, patient, None, 3, "first")
+                .await
+        ),
+        5,
+        "decided again on version 4"
+    );
+
+    let certificate = std::fs::read(dir.certificate_path()).expect("certificate");
+    let client = support::https_client(&certificate);
+    let post = |server: &Server, command: &str, body: serde_json::Value| {
+        client
+            .post(server.url(&format!("/patients/{patient}/{command}")))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let recorded: serde_json::Value = post(
+        &second,
+        "record-condition",
+        serde_json::json!({
+            "code": { "system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I10" },
+            "onset_at": "2026-01-05T00:00:00Z",
+        }),
+    )
+    .await
+    .expect("record a condition")
+    .json()
+    .await
+    .expect("JSON answer");
+    let resolved = post(
+        &first,
+        "resolve-condition",
+        serde_json::json!({
+            "condition_id": recorded["record_id"],
+            "resolved_at": "2026-11-27T09:00:00Z",
+        }),
+    )
+    .await
+    .expect("resolve the condition");
+    assert_eq!(
+        resolved.status(),
+        reqwest::StatusCode::OK,
+        "a condition recorded through the other server: {}",
+        resolved.text().await.unwrap_or_default()
+    );
+
+    let session: serde_json::Value = client
+        .get(second.url("/auth/session"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("session")
+        .json()
+        .await
+        .expect("JSON session");
+    let ended = post(
+        &second,
+        "end-care-relationship",
+        serde_json::json!({ "clinician": session["user_id"] }),
+    )
+    .await
+    .expect("end the care relationship");
+    assert_eq!(ended.status(), reqwest::StatusCode::OK);
+    // The first server still keeps the record from before the physician left the care team.
+    match at_first
+        .record_observation(&token, patient, None, 4, "first")
+        .await
+    {
+        Outcome::Failed(reason) => assert!(reason.starts_with("403"), "{reason}"),
+        other => panic!("let in on a care relationship that ended: {other:?}"),
+    }
+
+    let log = Database::open(dir.data_dir(), Some(&database.url)).await;
+    let stream = StreamId::patient(chartlog_domain::PatientId::from_uuid(patient)).to_string();
+    let versions: Vec<u64> = log
+        .log()
+        .await
+        .iter()
+        .filter(|row| row.stream_id == stream)
+        .map(|row| row.stream_version)
+        .collect();
+    log.close().await;
+    assert_eq!(
+        versions,
+        (1..=8).collect::<Vec<_>>(),
+        "registration and care team, three observations, the condition recorded and resolved, \
+         the relationship ended; nothing after the refusal"
+    );
+    drop((first, second));
+    database.drop().await;
 }
 
 /// Sixteen identical requests with one Idempotency-Key, sent at once (a client retrying

@@ -30,6 +30,11 @@ pub trait Records: Send + Sync + 'static {
     /// The decision state, folded from the verified stream (authoritative, never stale).
     async fn load(&self, patient: PatientId) -> Result<LoadedPatient, LedgerError>;
 
+    /// The decision state as this server last loaded or left it, without reading the store,
+    /// so possibly behind the stream. Only for a decision whose append names this state's
+    /// version, which the store refuses if the stream has moved on.
+    fn last_known(&self, patient: PatientId) -> Option<LoadedPatient>;
+
     /// Decides and appends a command.
     async fn execute(
         &self,
@@ -79,8 +84,10 @@ pub const RECORD_CACHE_PATIENTS_MAX: usize = 4_096;
 /// (`PatientLedger::catch_up`): a command verifies and folds only the events it has not seen,
 /// instead of the whole stream. The state a command leaves is cached too
 /// (`CommandOutcome::record`), so the next command on the record usually finds nothing new to
-/// read back. The head is always read from the store, so the cache never answers with a stale
-/// record, and a catch-up checks that the new events continue the cached head's hash chain.
+/// read back. [`Records::load`] always reads the head from the store, so it never answers with
+/// a stale record, and a catch-up checks that the new events continue the cached head's hash
+/// chain; [`Records::last_known`] answers from the cache alone, for a command that lets its
+/// append's version check confirm the state it was decided on.
 pub struct LedgerRecords<S: EventStore + ?Sized, K: KeyStore> {
     ledger: PatientLedger<S, K>,
     keys: Arc<DataKeys<K>>,
@@ -149,6 +156,10 @@ impl<S: EventStore + ?Sized, K: KeyStore + 'static> Records for LedgerRecords<S,
                 Err(error)
             }
         }
+    }
+
+    fn last_known(&self, patient: PatientId) -> Option<LoadedPatient> {
+        self.cached(patient)
     }
 
     async fn execute(

@@ -16,15 +16,18 @@ use chartlog_domain::phi::NoteText;
 use chartlog_domain::quantity::Quantity;
 use chartlog_domain::{
     AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
-    PatientCommand, Timestamp, UserId,
+    PatientCommand, PatientId, Timestamp, UserId,
 };
 use chartlog_projections::audit::AuditAction;
-use chartlog_store::ExecuteOptions;
+use chartlog_store::{CommandOutcome, ExecuteOptions, LedgerError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use super::patients::CommandAnswer;
-use super::{PatientPath, idempotent, internal, ledger_error, parse_body, reach, require_json};
+use super::{
+    PatientPath, Reach, idempotent, internal, ledger_error, parse_body, reach,
+    reach_on_last_known_record, require_json,
+};
 use crate::guard::Caller;
 use crate::policy::Entity;
 use crate::routes::Route;
@@ -49,6 +52,14 @@ pub(crate) trait CommandBody: DeserializeOwned + 'static {
 }
 
 /// Executes any [`CommandBody`] on the patient of the path.
+///
+/// Without `If-Match`, a command on a record this server has seen is first checked and decided
+/// on the record as the server last left it, and its append names that record's version: if
+/// the stream has moved on (another writer, another server), the store refuses the append and
+/// the command is checked and decided again on the fresh record, as one with no record cached
+/// is. Either way the access check and the decision saw the state the append landed on, and
+/// the common case costs no read of the stream (on PostgreSQL about a third more commands per
+/// second; README, "HTTP load").
 pub(crate) async fn execute<B: CommandBody>(
     config: web::Data<ApiConfig>,
     caller: Caller,
@@ -56,13 +67,21 @@ pub(crate) async fn execute<B: CommandBody>(
     request: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
+    let patient = path.patient_id;
     // The object-level check comes first: a caller who may not touch this record learns
     // nothing about what a valid body would be, and the refusal is audited.
-    let reach = reach(&config, &caller, path.patient_id, B::ENTITY, B::ACTION).await?;
+    let last_known = if request.headers().contains_key(IF_MATCH) {
+        None
+    } else {
+        reach_on_last_known_record(&config, &caller, patient, B::ENTITY).await?
+    };
+    let first_reach = match last_known {
+        Some(reach) => FirstReach::LastKnown(reach),
+        None => FirstReach::Fresh(reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?),
+    };
     require_json(request.headers())?;
     let expected_version = if_match(request.headers())?;
     let command: B = parse_body(&body)?;
-    let patient = path.patient_id;
     let patient_bytes = patient.as_uuid();
     let identity: [&[u8]; 3] = [B::ROUTE.path.as_bytes(), patient_bytes.as_bytes(), &body];
     idempotent(&config, &caller, request.headers(), &identity, async {
@@ -88,33 +107,75 @@ pub(crate) async fn execute<B: CommandBody>(
                 })?;
         }
         let (domain_command, record_id) = command.into_command(&caller);
-        let actor = reach.actor;
+        let fresh_reach = match first_reach {
+            FirstReach::Fresh(reach) => reach,
+            FirstReach::LastKnown(last_known) => {
+                let decided_on = last_known.version();
+                let attempt = config
+                    .records
+                    .execute(
+                        patient,
+                        domain_command.clone(),
+                        last_known.actor,
+                        crate::now(),
+                        ExecuteOptions {
+                            expected_version: Some(decided_on),
+                            loaded: last_known.loaded,
+                        },
+                    )
+                    .await;
+                match attempt {
+                    // Both were answered on a record that may be behind the stream; neither
+                    // stored anything.
+                    Err(LedgerError::VersionMismatch { .. } | LedgerError::Rejected(_)) => {
+                        reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?
+                    }
+                    attempt => return command_answer(attempt, patient, record_id),
+                }
+            }
+        };
         let outcome = config
             .records
             .execute(
                 patient,
                 domain_command,
-                actor,
+                fresh_reach.actor,
                 crate::now(),
                 ExecuteOptions {
                     expected_version,
-                    loaded: reach.loaded,
+                    loaded: fresh_reach.loaded,
                 },
             )
-            .await
-            .map_err(ledger_error)?;
-        let answer = CommandAnswer {
-            patient_id: patient,
-            stream_version: outcome.stream_version,
-            position: outcome.position,
-            record_id,
-        };
-        Ok((
-            StatusCode::OK,
-            serde_json::to_value(answer).map_err(internal("answer encoding"))?,
-        ))
+            .await;
+        command_answer(outcome, patient, record_id)
     })
     .await
+}
+
+/// The object-level check a command passed before its body was read.
+enum FirstReach {
+    /// On the record as this server last left it; the append confirms it.
+    LastKnown(Reach),
+    /// On the record as just read from the store.
+    Fresh(Reach),
+}
+
+fn command_answer(
+    outcome: Result<CommandOutcome, LedgerError>,
+    patient: PatientId,
+    record_id: Option<uuid::Uuid>,
+) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    let outcome = outcome.map_err(ledger_error)?;
+    let answer = CommandAnswer {
+        patient_id: patient,
+        stream_version: outcome.stream_version,
+        position: outcome.position,
+        record_id,
+    };
+    Ok((
+        StatusCode::OK,
+        serde_json::to_value(answer).map_err(internal("answer encoding"))?,
+    ))
 }
 
 /// `If-Match: "7"` (or `7`, or `W/"7"`) names the stream version the client decided on.

@@ -57,7 +57,6 @@ pub(crate) async fn reach(
     entity: Entity,
     action: AuditAction,
 ) -> Result<Reach, ApiError> {
-    let now = crate::now();
     let loaded = match load_for_policy(config.records.as_ref(), patient).await {
         Ok(loaded) => loaded,
         // An erased record has no state to check against; the roles that may still ask
@@ -65,45 +64,12 @@ pub(crate) async fn reach(
         Err(LedgerError::Erased { .. }) => None,
         Err(error) => return Err(ledger_error(error)),
     };
-    let role = caller.session.role;
-    let in_care = loaded
-        .as_ref()
-        .is_some_and(|loaded| loaded.patient.has_care_relationship(caller.session.user_id));
-    // Only a clinician the relationship (or a consent block) keeps out needs the lookup.
-    let blocked = loaded
-        .as_ref()
-        .is_some_and(|loaded| policy::blocks_user(&loaded.patient, caller.session.user_id));
-    let break_glass_open = if policy::is_clinician(role) && (!in_care || blocked) {
-        config
-            .accounts
-            .active_break_glass(caller.session.user_id, patient, now)
-            .await
-            .map_err(internal("break-glass lookup"))?
-            .is_some()
-    } else {
-        false
-    };
-    let requester = Requester {
-        user_id: caller.session.user_id,
-        role,
-        own_patient: caller.session.patient_id,
-        break_glass_open,
-    };
-    match policy::reach_record(
-        &requester,
-        patient,
-        loaded.as_ref().map(|loaded| &loaded.patient),
-        entity,
-    ) {
-        Ok(access) => Ok(Reach {
-            patient,
-            loaded,
-            actor: caller.actor(Some(access)),
-        }),
+    match check_reach(config, caller, patient, entity, loaded).await? {
+        Ok(reach) => Ok(reach),
         Err(denial) => {
             let row = AuditRow {
                 audit_id: uuid::Uuid::now_v7(),
-                occurred_at: now,
+                occurred_at: crate::now(),
                 actor: Some(caller.actor(None)),
                 patient_id: Some(patient),
                 entity: Some(audit::audit_entity(entity)),
@@ -124,6 +90,73 @@ pub(crate) async fn reach(
             })
         }
     }
+}
+
+/// The object-level check against the record as this server last left it, without reading
+/// the store: `Some` only when the check passes on that record. A command may be decided on
+/// it because the append it leads to names that record's version ([`Reach::version`]) and
+/// is refused if the stream has moved on; the command is then checked and decided again on
+/// the fresh record ([`reach`]). `None` (nothing cached, or refused on the cached record)
+/// sends the caller to [`reach`], which also audits a refusal.
+pub(crate) async fn reach_on_last_known_record(
+    config: &ApiConfig,
+    caller: &Caller,
+    patient: PatientId,
+    entity: Entity,
+) -> Result<Option<Reach>, ApiError> {
+    let Some(last_known) = config.records.last_known(patient) else {
+        return Ok(None);
+    };
+    Ok(
+        check_reach(config, caller, patient, entity, Some(last_known))
+            .await?
+            .ok(),
+    )
+}
+
+/// The access policy on `loaded` (`None`: no record, or an erased one).
+async fn check_reach(
+    config: &ApiConfig,
+    caller: &Caller,
+    patient: PatientId,
+    entity: Entity,
+    loaded: Option<LoadedPatient>,
+) -> Result<Result<Reach, RecordDenial>, ApiError> {
+    let role = caller.session.role;
+    let in_care = loaded
+        .as_ref()
+        .is_some_and(|loaded| loaded.patient.has_care_relationship(caller.session.user_id));
+    // Only a clinician the relationship (or a consent block) keeps out needs the lookup.
+    let blocked = loaded
+        .as_ref()
+        .is_some_and(|loaded| policy::blocks_user(&loaded.patient, caller.session.user_id));
+    let break_glass_open = if policy::is_clinician(role) && (!in_care || blocked) {
+        config
+            .accounts
+            .active_break_glass(caller.session.user_id, patient, crate::now())
+            .await
+            .map_err(internal("break-glass lookup"))?
+            .is_some()
+    } else {
+        false
+    };
+    let requester = Requester {
+        user_id: caller.session.user_id,
+        role,
+        own_patient: caller.session.patient_id,
+        break_glass_open,
+    };
+    Ok(policy::reach_record(
+        &requester,
+        patient,
+        loaded.as_ref().map(|loaded| &loaded.patient),
+        entity,
+    )
+    .map(|access| Reach {
+        patient,
+        loaded,
+        actor: caller.actor(Some(access)),
+    }))
 }
 
 /// Parses a JSON body without ever echoing it (see [`ApiError::from_serde_error`]).
