@@ -16,7 +16,7 @@ use chartlog_domain::phi::NoteText;
 use chartlog_domain::quantity::Quantity;
 use chartlog_domain::{
     AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
-    PatientCommand, PatientId, Timestamp, UserId,
+    PatientCommand, PatientId, StreamId, Timestamp, UserId,
 };
 use chartlog_projections::audit::AuditAction;
 use chartlog_store::{CommandOutcome, ExecuteOptions, LedgerError};
@@ -51,14 +51,18 @@ pub(crate) trait CommandBody: DeserializeOwned + 'static {
     }
 }
 
+/// How many times a command without If-Match is checked and decided, each time on a fresher
+/// record, before it is answered 409 `contended`.
+const COMMAND_ATTEMPTS_MAX: u32 = 5;
+
 /// Executes any [`CommandBody`] on the patient of the path.
 ///
-/// Without `If-Match`, a command on a record this server has seen is first checked and decided
-/// on the record as the server last left it, and its append names that record's version: if
-/// the stream has moved on (another writer, another server), the store refuses the append and
-/// the command is checked and decided again on the fresh record, as one with no record cached
-/// is. Either way the access check and the decision saw the state the append landed on, and
-/// the common case costs no read of the stream (on PostgreSQL about a third more commands per
+/// Every attempt's append names the stream version its access check and decision saw, so a
+/// command is stored only on the state it was checked against. Without `If-Match`, the first
+/// attempt is checked and decided on the record as this server last left it, without reading
+/// the stream; if the stream has moved on since (another request, another server), the store
+/// refuses the append and the command is checked and decided again on the fresh record. The
+/// common case costs no read of the stream (on PostgreSQL about a third more commands per
 /// second; README, "HTTP load").
 pub(crate) async fn execute<B: CommandBody>(
     config: web::Data<ApiConfig>,
@@ -75,9 +79,9 @@ pub(crate) async fn execute<B: CommandBody>(
     } else {
         reach_on_last_known_record(&config, &caller, patient, B::ENTITY).await?
     };
-    let first_reach = match last_known {
-        Some(reach) => FirstReach::LastKnown(reach),
-        None => FirstReach::Fresh(reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?),
+    let first_check = match last_known {
+        Some(reach) => CheckedOn::LastKnown(reach),
+        None => CheckedOn::Fresh(reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?),
     };
     require_json(request.headers())?;
     let expected_version = if_match(request.headers())?;
@@ -107,53 +111,57 @@ pub(crate) async fn execute<B: CommandBody>(
                 })?;
         }
         let (domain_command, record_id) = command.into_command(&caller);
-        let fresh_reach = match first_reach {
-            FirstReach::Fresh(reach) => reach,
-            FirstReach::LastKnown(last_known) => {
-                let decided_on = last_known.version();
-                let attempt = config
-                    .records
-                    .execute(
-                        patient,
-                        domain_command.clone(),
-                        last_known.actor,
-                        crate::now(),
-                        ExecuteOptions {
-                            expected_version: Some(decided_on),
-                            loaded: last_known.loaded,
-                        },
-                    )
-                    .await;
-                match attempt {
-                    // Both were answered on a record that may be behind the stream; neither
-                    // stored anything.
-                    Err(LedgerError::VersionMismatch { .. } | LedgerError::Rejected(_)) => {
-                        reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?
-                    }
-                    attempt => return command_answer(attempt, patient, record_id),
-                }
+        let mut checked = first_check;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (reach_seen, on_last_known) = match checked {
+                CheckedOn::LastKnown(reach) => (reach, true),
+                CheckedOn::Fresh(reach) => (reach, false),
+            };
+            let outcome = config
+                .records
+                .execute(
+                    patient,
+                    domain_command.clone(),
+                    reach_seen.actor,
+                    crate::now(),
+                    ExecuteOptions {
+                        expected_version: Some(expected_version.unwrap_or(reach_seen.version())),
+                        loaded: reach_seen.loaded,
+                    },
+                )
+                .await;
+            // Neither stored anything: the record moved on after the check (a client's own
+            // If-Match is answered, not retried), or a last-known record that may be behind
+            // the stream refused the command.
+            let check_again = match &outcome {
+                Err(LedgerError::VersionMismatch { .. }) => expected_version.is_none(),
+                Err(LedgerError::Rejected(_)) => on_last_known,
+                _ => false,
+            };
+            if !check_again {
+                return command_answer(outcome, patient, record_id);
             }
-        };
-        let outcome = config
-            .records
-            .execute(
-                patient,
-                domain_command,
-                fresh_reach.actor,
-                crate::now(),
-                ExecuteOptions {
-                    expected_version,
-                    loaded: fresh_reach.loaded,
-                },
-            )
-            .await;
-        command_answer(outcome, patient, record_id)
+            if attempt >= COMMAND_ATTEMPTS_MAX {
+                return command_answer(
+                    Err(LedgerError::Contended {
+                        stream: StreamId::patient(patient),
+                        retries: attempt,
+                    }),
+                    patient,
+                    record_id,
+                );
+            }
+            checked =
+                CheckedOn::Fresh(reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?);
+        }
     })
     .await
 }
 
-/// The object-level check a command passed before its body was read.
-enum FirstReach {
+/// The record an attempt's object-level check ran on.
+enum CheckedOn {
     /// On the record as this server last left it; the append confirms it.
     LastKnown(Reach),
     /// On the record as just read from the store.
