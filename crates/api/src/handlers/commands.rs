@@ -19,14 +19,15 @@ use chartlog_domain::{
     PatientCommand, PatientId, StreamId, Timestamp, UserId,
 };
 use chartlog_projections::audit::AuditAction;
+use chartlog_store::ledger::CONFLICT_RETRIES_MAX;
 use chartlog_store::{CommandOutcome, ExecuteOptions, LedgerError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use super::patients::CommandAnswer;
 use super::{
-    PatientPath, Reach, idempotent, internal, ledger_error, parse_body, reach,
-    reach_on_last_known_record, require_json,
+    PatientPath, idempotent, internal, ledger_error, parse_body, reach, reach_on_last_known_record,
+    require_json,
 };
 use crate::guard::Caller;
 use crate::policy::Entity;
@@ -51,19 +52,16 @@ pub(crate) trait CommandBody: DeserializeOwned + 'static {
     }
 }
 
-/// How many times a command without If-Match is checked and decided, each time on a fresher
-/// record, before it is answered 409 `contended`.
-const COMMAND_ATTEMPTS_MAX: u32 = 5;
-
 /// Executes any [`CommandBody`] on the patient of the path.
 ///
 /// Every attempt's append names the stream version its access check and decision saw, so a
 /// command is stored only on the state it was checked against. Without `If-Match`, the first
 /// attempt is checked and decided on the record as this server last left it, without reading
 /// the stream; if the stream has moved on since (another request, another server), the store
-/// refuses the append and the command is checked and decided again on the fresh record. The
-/// common case costs no read of the stream (on PostgreSQL about a third more commands per
-/// second; README, "HTTP load").
+/// refuses the append and the command is checked and decided again on the fresh record, up to
+/// the ledger's [`CONFLICT_RETRIES_MAX`] attempts before 409 `contended`. The common case
+/// costs no read of the stream (on PostgreSQL about a third more commands per second; README,
+/// "HTTP load").
 pub(crate) async fn execute<B: CommandBody>(
     config: web::Data<ApiConfig>,
     caller: Caller,
@@ -79,9 +77,14 @@ pub(crate) async fn execute<B: CommandBody>(
     } else {
         reach_on_last_known_record(&config, &caller, patient, B::ENTITY).await?
     };
-    let first_check = match last_known {
-        Some(reach) => CheckedOn::LastKnown(reach),
-        None => CheckedOn::Fresh(reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?),
+    // `on_last_known`: the check and decision ran on the record as last known, so a refusal
+    // may not be final.
+    let (mut checked, mut on_last_known) = match last_known {
+        Some(reach) => (reach, true),
+        None => (
+            reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?,
+            false,
+        ),
     };
     require_json(request.headers())?;
     let expected_version = if_match(request.headers())?;
@@ -111,24 +114,19 @@ pub(crate) async fn execute<B: CommandBody>(
                 })?;
         }
         let (domain_command, record_id) = command.into_command(&caller);
-        let mut checked = first_check;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (reach_seen, on_last_known) = match checked {
-                CheckedOn::LastKnown(reach) => (reach, true),
-                CheckedOn::Fresh(reach) => (reach, false),
-            };
             let outcome = config
                 .records
                 .execute(
                     patient,
                     domain_command.clone(),
-                    reach_seen.actor,
+                    checked.actor,
                     crate::now(),
                     ExecuteOptions {
-                        expected_version: Some(expected_version.unwrap_or(reach_seen.version())),
-                        loaded: reach_seen.loaded,
+                        expected_version: Some(expected_version.unwrap_or(checked.version())),
+                        loaded: checked.loaded,
                     },
                 )
                 .await;
@@ -143,7 +141,7 @@ pub(crate) async fn execute<B: CommandBody>(
             if !check_again {
                 return command_answer(outcome, patient, record_id);
             }
-            if attempt >= COMMAND_ATTEMPTS_MAX {
+            if attempt >= CONFLICT_RETRIES_MAX {
                 return command_answer(
                     Err(LedgerError::Contended {
                         stream: StreamId::patient(patient),
@@ -153,19 +151,11 @@ pub(crate) async fn execute<B: CommandBody>(
                     record_id,
                 );
             }
-            checked =
-                CheckedOn::Fresh(reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?);
+            checked = reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?;
+            on_last_known = false;
         }
     })
     .await
-}
-
-/// The record an attempt's object-level check ran on.
-enum CheckedOn {
-    /// On the record as this server last left it; the append confirms it.
-    LastKnown(Reach),
-    /// On the record as just read from the store.
-    Fresh(Reach),
 }
 
 fn command_answer(
