@@ -36,6 +36,8 @@ use chartlog_store::sqlite::SqliteEventStore;
 use chartlog_store::{EventStore, StoreError};
 use clinic::{Ack, Clinic, Database, Outcome, check_log, check_read_models};
 use fresh_postgres::FreshPostgresDatabase;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
 use support::{Server, TestDir};
 
 const RACING_WRITERS: usize = 64;
@@ -348,62 +350,51 @@ async fn a_command_is_decided_on_the_fresh_record_when_another_server_moved_it_o
         "decided again on version 4"
     );
 
-    let certificate = std::fs::read(dir.certificate_path()).expect("certificate");
-    let client = support::https_client(&certificate);
-    let post = |server: &Server, command: &str, body: serde_json::Value| {
-        client
-            .post(server.url(&format!("/patients/{patient}/{command}")))
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
-    };
-    let recorded: serde_json::Value = post(
-        &second,
-        "record-condition",
-        serde_json::json!({
-            "code": { "system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I10" },
-            "onset_at": "2026-01-05T00:00:00Z",
-        }),
-    )
-    .await
-    .expect("record a condition")
-    .json()
-    .await
-    .expect("JSON answer");
-    let resolved = post(
-        &first,
-        "resolve-condition",
-        serde_json::json!({
-            "condition_id": recorded["record_id"],
-            "resolved_at": "2026-11-27T09:00:00Z",
-        }),
-    )
-    .await
-    .expect("resolve the condition");
-    assert_eq!(
-        resolved.status(),
-        reqwest::StatusCode::OK,
-        "a condition recorded through the other server: {}",
-        resolved.text().await.unwrap_or_default()
-    );
+    let command = |command: &str| format!("/patients/{patient}/{command}");
+    let recorded = at_second
+        .expect(
+            Method::POST,
+            &command("record-condition"),
+            Some(&token),
+            Some(json!({
+                "code": { "system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I10" },
+                "onset_at": "2026-01-05T00:00:00Z",
+            })),
+            StatusCode::OK,
+        )
+        .await;
+    // Recorded through the other server: the first one's record does not hold it yet.
+    at_first
+        .expect(
+            Method::POST,
+            &command("resolve-condition"),
+            Some(&token),
+            Some(json!({
+                "condition_id": recorded["record_id"],
+                "resolved_at": "2026-11-27T09:00:00Z",
+            })),
+            StatusCode::OK,
+        )
+        .await;
 
-    let session: serde_json::Value = client
-        .get(second.url("/auth/session"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("session")
-        .json()
-        .await
-        .expect("JSON session");
-    let ended = post(
-        &second,
-        "end-care-relationship",
-        serde_json::json!({ "clinician": session["user_id"] }),
-    )
-    .await
-    .expect("end the care relationship");
-    assert_eq!(ended.status(), reqwest::StatusCode::OK);
+    let session = at_second
+        .expect(
+            Method::GET,
+            "/auth/session",
+            Some(&token),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    at_second
+        .expect(
+            Method::POST,
+            &command("end-care-relationship"),
+            Some(&token),
+            Some(json!({ "clinician": session["user_id"] })),
+            StatusCode::OK,
+        )
+        .await;
     // The first server still keeps the record from before the physician left the care team.
     match at_first
         .record_observation(&token, patient, None, 4, "first")

@@ -96,7 +96,7 @@ impl Clinic {
     }
 
     /// A request the test needs to succeed: panics on a transport error or another status.
-    async fn expect(
+    pub async fn expect(
         &self,
         method: reqwest::Method,
         path: &str,
