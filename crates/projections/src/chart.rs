@@ -659,13 +659,20 @@ pub async fn read_chart<K: KeyStore>(
     keys: &DataKeys<K>,
     patient_id: PatientId,
 ) -> Result<ChartAnswer, ProjectionError> {
-    let row = db
-        .fetch_optional(
-            "SELECT stream_version, erased_at_us FROM chartlog_chart_patients WHERE patient_id = $1",
+    // One statement, so the version and the entries come from one snapshot (two statements
+    // on PostgreSQL could straddle a projection commit), in one round trip. Every row carries
+    // the patient's columns; a patient with no entries has one row, with NULL entry columns.
+    let rows = db
+        .fetch_all(
+            "SELECT p.stream_version, p.erased_at_us, e.kind, e.entry_id, e.sealed \
+             FROM chartlog_chart_patients p \
+             LEFT JOIN chartlog_chart_entries e ON e.patient_id = p.patient_id \
+             WHERE p.patient_id = $1 \
+             ORDER BY e.kind, e.entry_id",
             vec![SqlArg::Uuid(patient_id.as_uuid())],
         )
         .await?;
-    let Some(row) = row else {
+    let Some(first) = rows.first() else {
         return Ok(ChartAnswer::NotFound);
     };
     let malformed = |reason| ProjectionError::MalformedRow {
@@ -673,8 +680,8 @@ pub async fn read_chart<K: KeyStore>(
         patient_id: patient_id.as_uuid(),
         reason,
     };
-    let stream_version = u64::try_from(row.i64(0)?).map_err(|_| malformed("negative version"))?;
-    if let Some(at) = row.opt_i64(1)? {
+    let stream_version = u64::try_from(first.i64(0)?).map_err(|_| malformed("negative version"))?;
+    if let Some(at) = first.opt_i64(1)? {
         let erased_at = Timestamp::from_unix_micros(at).map_err(|_| malformed("erasure time"))?;
         return Ok(ChartAnswer::Erased { erased_at });
     }
@@ -689,13 +696,6 @@ pub async fn read_chart<K: KeyStore>(
         }
         Err(source) => return Err(ProjectionError::Key { stream, source }),
     };
-    let rows = db
-        .fetch_all(
-            "SELECT kind, entry_id, sealed FROM chartlog_chart_entries \
-             WHERE patient_id = $1 ORDER BY kind, entry_id",
-            vec![SqlArg::Uuid(patient_id.as_uuid())],
-        )
-        .await?;
     let mut chart = Chart {
         patient_id,
         stream_version,
@@ -706,11 +706,14 @@ pub async fn read_chart<K: KeyStore>(
         observations: Vec::new(),
         notes: Vec::new(),
     };
-    for row in rows {
-        let kind =
-            EntryKind::parse(&row.text(0)?).ok_or_else(|| malformed("unknown entry kind"))?;
-        let entry_id = row.uuid(1)?;
-        let mut fields = open_fields(&key, patient_id, kind, entry_id, &row.bytes(2)?)?;
+    for row in &rows {
+        let (Some(kind), Some(entry_id), Some(sealed)) =
+            (row.opt_text(2)?, row.opt_uuid(3)?, row.opt_bytes(4)?)
+        else {
+            continue;
+        };
+        let kind = EntryKind::parse(&kind).ok_or_else(|| malformed("unknown entry kind"))?;
+        let mut fields = open_fields(&key, patient_id, kind, entry_id, &sealed)?;
         let id = serde_json::Value::String(entry_id.to_string());
         let mut typed = |id_field: &str| {
             fields.insert(id_field.to_owned(), id.clone());
