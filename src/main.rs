@@ -41,7 +41,7 @@ use chartlog_projections::deid::{DEID_KEY_FILE_NAME, DeidentifiedProjection, Pse
 use chartlog_projections::history::HistoryProjection;
 use chartlog_projections::{Projection, ProjectionRunner};
 use chartlog_store::EventStore;
-use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
+use chartlog_store::postgres::{self, PostgresEventStore, PostgresKeyStore};
 use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -181,6 +181,16 @@ struct ServeArgs {
     /// Requests one client may send at once, above the sustained rate, after a quiet spell.
     #[arg(long, default_value_t = RateLimit::DEFAULT_BURST, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     rate_limit_burst: u32,
+
+    /// Most connections this server opens to a PostgreSQL database (no effect on SQLite).
+    /// More than the cores can serve only makes queries wait on each other for the CPU.
+    #[arg(
+        long,
+        env = "CHARTLOG_DATABASE_CONNECTIONS",
+        default_value_t = postgres::CONNECTIONS_DEFAULT,
+        value_parser = clap::value_parser!(u32).range(i64::from(postgres::CONNECTIONS_MIN)..=1_000)
+    )]
+    database_connections: u32,
 }
 
 impl ServeArgs {
@@ -400,9 +410,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(tls::server_config(&files).context("cannot load the TLS certificate")?)
     };
 
-    let backend = open_backend(data_dir, &args.storage.database_location())
-        .await
-        .context("cannot open the backend")?;
+    let backend = open_backend(
+        data_dir,
+        &args.storage.database_location(),
+        args.database_connections,
+    )
+    .await
+    .context("cannot open the backend")?;
     let projection_keys = projection_keys(&data_dir.join(KEY_DIR_NAME))?;
 
     let listener = TcpListener::bind(args.listen)
@@ -627,6 +641,14 @@ pub(crate) enum Database {
 
 /// Opens (creating and migrating) the database the flags name.
 pub(crate) async fn open_database(database: &DatabaseLocation) -> anyhow::Result<Database> {
+    open_database_with(database, postgres::CONNECTIONS_DEFAULT).await
+}
+
+/// [`open_database`] with at most `postgres_connections` connections to PostgreSQL.
+async fn open_database_with(
+    database: &DatabaseLocation,
+    postgres_connections: u32,
+) -> anyhow::Result<Database> {
     let sqlite_path = match database {
         DatabaseLocation::SqliteFile(path) => Some(path.clone()),
         DatabaseLocation::Url(url) if url.scheme() == "sqlite" => {
@@ -646,7 +668,7 @@ pub(crate) async fn open_database(database: &DatabaseLocation) -> anyhow::Result
             Ok(Database::Sqlite(store, read_models))
         }
         (None, DatabaseLocation::Url(url)) => {
-            let store = PostgresEventStore::connect(url.expose())
+            let store = PostgresEventStore::connect_with(url.expose(), postgres_connections)
                 .await
                 .context("cannot open the PostgreSQL database")?;
             Ok(Database::Postgres(store))
@@ -655,7 +677,11 @@ pub(crate) async fn open_database(database: &DatabaseLocation) -> anyhow::Result
     }
 }
 
-async fn open_backend(data_dir: &Path, database: &DatabaseLocation) -> anyhow::Result<Backend> {
+async fn open_backend(
+    data_dir: &Path,
+    database: &DatabaseLocation,
+    postgres_connections: u32,
+) -> anyhow::Result<Backend> {
     tracing::info!(
         data_dir = %data_dir.display(),
         database = database.describe(),
@@ -668,7 +694,7 @@ async fn open_backend(data_dir: &Path, database: &DatabaseLocation) -> anyhow::R
             key_dir.display()
         )
     })?;
-    let database = open_database(database).await?;
+    let database = open_database_with(database, postgres_connections).await?;
     Ok(Backend {
         readiness: Arc::new(DatabaseReadiness(database.clone())),
         database,

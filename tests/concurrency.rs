@@ -5,7 +5,8 @@
 //!   events, gapless;
 //! - 64 HTTPS clients race on one patient with If-Match: one 2xx per version, 412 for the rest;
 //! - 32 clients write to 32 patients over HTTPS for a sustained period (SQLite and
-//!   PostgreSQL); a history checker then confirms that the global log and every projection
+//!   PostgreSQL, where the server gets the fewest connections it may have and keeps to
+//!   them); a history checker then confirms that the global log and every projection
 //!   (chart, record history, audit trail, de-identified views) hold every acknowledged event
 //!   exactly once and in order, and then that the checker itself refuses damaged read models;
 //! - concurrent requests with one Idempotency-Key record once, and all get its answer;
@@ -27,11 +28,12 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chartlog_domain::{EventId, StreamId};
 use chartlog_store::conformance::EventFactory;
-use chartlog_store::postgres::PostgresEventStore;
+use chartlog_store::postgres::{self, PostgresEventStore};
 use chartlog_store::sqlite::SqliteEventStore;
 use chartlog_store::{EventStore, StoreError};
 use clinic::{Ack, Clinic, Database, Outcome, check_log, check_read_models};
@@ -493,9 +495,16 @@ async fn every_projection_sees_every_event(database_url: Option<&str>) {
     if let Some(url) = database_url {
         args.extend(["--database-url", url]);
     }
+    // On PostgreSQL, the fewest connections a server may have, for 32 writers: requests wait
+    // for a connection, and none fails or is lost for it.
+    let connections = postgres::CONNECTIONS_MIN.to_string();
+    if database_url.is_some() {
+        args.extend(["--database-connections", connections.as_str()]);
+    }
     let server = Server::start(dir.data_dir(), &args);
     let clinic = Clinic::new(&dir, &server);
     let token = clinic.physician_session(&dir, &server).await;
+    let connection_count = database_url.map(ConnectionCount::start);
 
     let mut acks = Vec::new();
     let mut patients = Vec::new();
@@ -536,6 +545,15 @@ async fn every_projection_sees_every_event(database_url: Option<&str>) {
         acks.extend(task.await.expect("writer task"));
     }
     let observations = acks.len() - STREAM_WRITERS;
+    if let Some(count) = connection_count {
+        let most = count.stop().await;
+        // The pool's connections, and the projection runner's lock connection, which it keeps
+        // outside the pool.
+        assert!(
+            (1..=i64::from(postgres::CONNECTIONS_MIN) + 1).contains(&most),
+            "the server held {most} connections at once with --database-connections {connections}"
+        );
+    }
 
     let database = Database::open(dir.data_dir(), database_url).await;
     let summary = check_log(&database, &acks).await;
@@ -553,6 +571,46 @@ async fn every_projection_sees_every_event(database_url: Option<&str>) {
 
     the_checker_has_teeth(&database, &clinic, &token, &acks, &patients).await;
     database.close().await;
+}
+
+/// The most connections to one PostgreSQL database seen at once, sampled every few
+/// milliseconds from a connection of its own (not counted) until [`ConnectionCount::stop`].
+struct ConnectionCount {
+    stop: Arc<AtomicBool>,
+    sampler: tokio::task::JoinHandle<i64>,
+}
+
+impl ConnectionCount {
+    fn start(database_url: &str) -> ConnectionCount {
+        use sqlx::Connection as _;
+        let stop = Arc::new(AtomicBool::new(false));
+        let url = database_url.to_owned();
+        let stopped = stop.clone();
+        let sampler = tokio::spawn(async move {
+            let mut connection = sqlx::PgConnection::connect(&url)
+                .await
+                .expect("connect to count connections");
+            let mut most = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                let now: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                )
+                .fetch_one(&mut connection)
+                .await
+                .expect("count connections");
+                most = most.max(now);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            most
+        });
+        ConnectionCount { stop, sampler }
+    }
+
+    async fn stop(self) -> i64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sampler.await.expect("connection sampler")
+    }
 }
 
 /// A checker that never fails proves nothing. Each case below hands it what a specific bug

@@ -61,8 +61,20 @@ pub const APPEND_CHANNEL: &str = "chartlog_events";
 const ANNOUNCE_INTERVAL_MIN: Duration = Duration::from_millis(2);
 /// Pause before re-listening after the notification connection drops.
 const LISTEN_RETRY_DELAY: Duration = Duration::from_secs(1);
-/// Connections per API node by default.
-pub const CONNECTIONS_MAX: u32 = 32;
+/// Connections per process by default (`chartlog serve --database-connections`). Fewer than
+/// the HTTP load benchmark's 32 concurrent clients on purpose: on 2 cores shared with the
+/// server, 32 backends contend for the CPU with each other and with the server, while 16 let
+/// requests queue briefly for a connection instead, and the tail came in. Alternated scale-4
+/// runs of benches/http_load.rs (six at 32 and at 16, three at 8): command p99 22.5-28.6 ms at
+/// 32 connections, 19.8-24.0 at 16, 23.0-24.7 at 8; chart read p99 21.5-31.5, 17.8-22.4,
+/// 17.6-19.3. A
+/// database on its own host, or further away (connections then wait on the network, not the
+/// CPU), may want more.
+pub const CONNECTIONS_DEFAULT: u32 = 16;
+/// The fewest connections a process may be given: the notification listener keeps one, the
+/// committers and the projection runner take one each while they work, and requests need
+/// some left.
+pub const CONNECTIONS_MIN: u32 = 6;
 /// How long a caller waits for a connection (a new one, or a free one from the pool) before
 /// the request fails: long enough to ride out a busy moment, short enough to fail clearly.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,9 +128,11 @@ crate::snapshots::snapshot_store_backend!(
 /// connection the server dropped fails its next statement instead, that one request or
 /// append gets the error (no append is acknowledged that did not commit), and the ping on
 /// release closes the connection so the next acquire gets a fresh one.
-pub async fn open_pool(url: &str) -> Result<PgPool, StoreError> {
+///
+/// The pool holds at most `connections`, raised to [`CONNECTIONS_MIN`] if lower.
+pub async fn open_pool(url: &str, connections: u32) -> Result<PgPool, StoreError> {
     let pool = PgPoolOptions::new()
-        .max_connections(CONNECTIONS_MAX)
+        .max_connections(connections.max(CONNECTIONS_MIN))
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
         .connect(url)
@@ -388,9 +402,16 @@ impl PostgresEventStore {
         })
     }
 
-    /// Connects to `url`, migrates, and starts listening.
+    /// Connects to `url` with [`CONNECTIONS_DEFAULT`] connections at most, migrates, and
+    /// starts listening.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::from_pool(open_pool(url).await?).await
+        Self::connect_with(url, CONNECTIONS_DEFAULT).await
+    }
+
+    /// [`PostgresEventStore::connect`] with at most `connections` connections (see
+    /// [`open_pool`]).
+    pub async fn connect_with(url: &str, connections: u32) -> Result<Self, StoreError> {
+        Self::from_pool(open_pool(url, connections).await?).await
     }
 
     pub fn pool(&self) -> &PgPool {
