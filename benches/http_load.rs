@@ -441,19 +441,13 @@ async fn http_load(
                     "value": { "quantity": { "value": format!("{}", 60 + n % 40), "unit": "/min" } },
                     "effective_at": "2026-11-27T08:30:00Z",
                 });
-                match client
+                let sent = client
                     .post(&urls[index].0)
                     .bearer_auth(token.as_str())
                     .json(&body)
                     .send()
-                    .await
-                {
-                    Ok(response) => answered_ok(response, "command").await,
-                    Err(error) => {
-                        report_failure("command", &error.to_string());
-                        false
-                    }
-                }
+                    .await;
+                answered_ok(sent, "command").await
             }
         })
     };
@@ -464,18 +458,12 @@ async fn http_load(
     let reads = load(per_client, move |index, _| {
         let (client, urls, token) = (client.clone(), urls.clone(), token.clone());
         async move {
-            match client
+            let sent = client
                 .get(&urls[index].1)
                 .bearer_auth(token.as_str())
                 .send()
-                .await
-            {
-                Ok(response) => answered_ok(response, "chart read").await,
-                Err(error) => {
-                    report_failure("chart read", &error.to_string());
-                    false
-                }
-            }
+                .await;
+            answered_ok(sent, "chart read").await
         }
     })
     .await;
@@ -483,9 +471,16 @@ async fn http_load(
     HttpFigures { commands, reads }
 }
 
-/// Reads the whole answer; anything but 200 is an error, and the first few are printed (the
-/// API's errors name a code and never carry PHI).
-async fn answered_ok(response: reqwest::Response, what: &str) -> bool {
+/// Reads the whole answer; a lost request or anything but 200 is an error, and the first few
+/// are printed (the API's errors name a code and never carry PHI).
+async fn answered_ok(sent: reqwest::Result<reqwest::Response>, what: &str) -> bool {
+    let response = match sent {
+        Ok(response) => response,
+        Err(error) => {
+            report_failure(what, &error.to_string());
+            return false;
+        }
+    };
     let status = response.status();
     match response.bytes().await {
         Ok(_) if status == StatusCode::OK => true,

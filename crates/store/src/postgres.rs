@@ -67,9 +67,8 @@ const LISTEN_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// requests queue briefly for a connection instead, and the tail came in. Alternated scale-4
 /// runs of benches/http_load.rs (six at 32 and at 16, three at 8): command p99 22.5-28.6 ms at
 /// 32 connections, 19.8-24.0 at 16, 23.0-24.7 at 8; chart read p99 21.5-31.5, 17.8-22.4,
-/// 17.6-19.3. A
-/// database on its own host, or further away (connections then wait on the network, not the
-/// CPU), may want more.
+/// 17.6-19.3. A database on its own host, or further away (connections then wait on the
+/// network, not the CPU), may want more.
 pub const CONNECTIONS_DEFAULT: u32 = 16;
 /// The fewest connections a process may be given: the notification listener keeps one, the
 /// committers and the projection runner take one each while they work, and requests need
