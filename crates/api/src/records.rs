@@ -17,10 +17,12 @@ use chartlog_projections::db::ProjectionDb;
 use chartlog_projections::history::{self, HistoryAnswer};
 use chartlog_store::{
     CommandOutcome, EventStore, ExecuteOptions, LedgerError, LoadedPatient, PatientLedger,
+    StreamHead,
 };
 
-/// How long a chart or history read waits for the read model to catch up with the version
-/// the caller's own record is at, before answering with what the read model has.
+/// How long a history read (or a chart read whose read model is rebuilding) waits for the
+/// read model to catch up with the version the caller's own record is at, before answering
+/// with what the read model has.
 pub const READ_YOUR_WRITES_WAIT_MS_MAX: u64 = 2_000;
 const _: () = assert!(READ_YOUR_WRITES_WAIT_MS_MAX <= 10_000);
 
@@ -45,12 +47,14 @@ pub trait Records: Send + Sync + 'static {
         options: ExecuteOptions,
     ) -> Result<CommandOutcome, LedgerError>;
 
-    /// The chart read model, once it has caught up with `at_least_version` (or after
-    /// [`READ_YOUR_WRITES_WAIT_MS_MAX`], whichever is first).
+    /// The chart as of `head`, the stream head the caller's access check loaded: what the
+    /// read model has not applied yet is folded from the log ([`chart::ChartReader`]). Only a
+    /// read model far behind (rebuilding) is waited for, up to
+    /// [`READ_YOUR_WRITES_WAIT_MS_MAX`], and then answers as it is.
     async fn chart(
         &self,
         patient: PatientId,
-        at_least_version: u64,
+        head: Option<StreamHead>,
     ) -> Result<ChartAnswer, ProjectionError>;
 
     /// A page of the record history, newest first. The first page waits, as [`Records::chart`]
@@ -94,6 +98,7 @@ pub struct LedgerRecords<S: EventStore + ?Sized, K: KeyStore> {
     db: ProjectionDb,
     index_key: Arc<MacKey>,
     loaded: std::sync::Mutex<std::collections::HashMap<PatientId, LoadedPatient>>,
+    charts: chart::ChartReader,
 }
 
 impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
@@ -103,6 +108,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
             ledger,
             keys,
             db,
+            charts: chart::ChartReader::new(index_key.clone()),
             index_key,
             loaded: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
@@ -137,6 +143,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
         if let Ok(mut cache) = self.loaded.lock() {
             cache.remove(&patient);
         }
+        self.charts.forget(patient);
     }
 }
 
@@ -184,8 +191,17 @@ impl<S: EventStore + ?Sized, K: KeyStore + 'static> Records for LedgerRecords<S,
     async fn chart(
         &self,
         patient: PatientId,
-        at_least_version: u64,
+        head: Option<StreamHead>,
     ) -> Result<ChartAnswer, ProjectionError> {
+        if let Some(head) = head
+            && let Some(answer) = self
+                .charts
+                .read_at(&self.db, &self.ledger, patient, head)
+                .await?
+        {
+            return Ok(answer);
+        }
+        let at_least_version = head.map_or(0, |head| head.version);
         read_your_writes(
             || chart::read_chart(&self.db, &self.keys, patient),
             |answer| match answer {

@@ -34,6 +34,7 @@ use chartlog_domain::{
     AllergyId, ConditionId, MedicationOrderId, NoteId, ObservationId, PatientEvent, PatientId,
     Quantity, StreamId, Timestamp, UserId,
 };
+use chartlog_store::{EventStore, LedgerError, PatientLedger, StreamHead};
 use serde::Deserialize;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
@@ -109,11 +110,23 @@ impl Pending<'_> {
                 Some(*effective_at)
             }
             EntryValue::Observation(_) => None,
-            EntryValue::Fields(fields) => fields
-                .get("effective_at")
-                .and_then(|value| Timestamp::deserialize(value).ok()),
+            EntryValue::Fields(fields) => stored_effective_at(fields),
         }
     }
+}
+
+/// When the observation an entry holds took effect; `None` if its time does not decode.
+fn stored_effective_at(fields: &Fields) -> Option<Timestamp> {
+    fields
+        .get("effective_at")
+        .and_then(|value| Timestamp::deserialize(value).ok())
+}
+
+/// Whether a code's entry keeps the observation it holds (effective at `kept`) when one
+/// effective at `recorded` is recorded: only if it took effect later, so a device uploading
+/// old readings does not hide the current value, and on a tie the later recorded wins.
+fn keeps_held_observation(kept: Option<Timestamp>, recorded: Timestamp) -> bool {
+    kept.is_some_and(|kept| kept > recorded)
 }
 
 /// The stored value of a code's latest observation.
@@ -128,8 +141,8 @@ fn observation_fields(event: &PatientEvent) -> Fields {
     fields
 }
 
-/// The entry id of each code a batch records an observation of ([`ChartProjection::
-/// observation_slot`]), worked out once per code: the keyed hash is the costliest step of
+/// The entry id of each code a batch records an observation of ([`observation_slot`]),
+/// worked out once per code: the keyed hash is the costliest step of
 /// folding an observation into the chart.
 struct ObservationSlots<'a>(HashMap<(CodeSystem, &'a str), Uuid>);
 
@@ -144,7 +157,7 @@ impl<'a> ObservationSlots<'a> {
             {
                 slots
                     .entry((code.system(), code.expose_phi()))
-                    .or_insert_with(|| projection.observation_slot(code));
+                    .or_insert_with(|| observation_slot(&projection.index_key, code));
             }
         }
         Self(slots)
@@ -351,22 +364,20 @@ impl Projection for ChartProjection {
     }
 }
 
-impl ChartProjection {
-    /// The entry id that holds a code's latest observation for every patient: keyed, so the
-    /// id of an entry does not tell which test it is.
-    fn observation_slot(&self, code: &Code) -> Uuid {
-        let digest = hmac_sha256(
-            &self.index_key,
-            &[
-                OBSERVATION_CODE_SLOT_TAG,
-                code.system().as_str().as_bytes(),
-                code.expose_phi().as_bytes(),
-            ],
-        );
-        let mut id = [0; 16];
-        id.copy_from_slice(&digest[..16]);
-        Uuid::from_bytes(id)
-    }
+/// The entry id that holds a code's latest observation for every patient: keyed, so the id of
+/// an entry does not tell which test it is.
+fn observation_slot(index_key: &MacKey, code: &Code) -> Uuid {
+    let digest = hmac_sha256(
+        index_key,
+        &[
+            OBSERVATION_CODE_SLOT_TAG,
+            code.system().as_str().as_bytes(),
+            code.expose_phi().as_bytes(),
+        ],
+    );
+    let mut id = [0; 16];
+    id.copy_from_slice(&digest[..16]);
+    Uuid::from_bytes(id)
 }
 
 /// The code's latest observation after `event`: the one recorded now, unless the entry holds
@@ -381,9 +392,7 @@ fn latest_observation<'a>(
         unreachable!("called for observations only");
     };
     if let Some(before) = before
-        && before
-            .observation_effective_at()
-            .is_some_and(|kept| kept > *effective_at)
+        && keeps_held_observation(before.observation_effective_at(), *effective_at)
     {
         return before;
     }
@@ -659,6 +668,265 @@ pub async fn read_chart<K: KeyStore>(
     keys: &DataKeys<K>,
     patient_id: PatientId,
 ) -> Result<ChartAnswer, ProjectionError> {
+    match read_stored(db, keys, patient_id).await? {
+        Stored::Chart(stored) => stored.into_answer(),
+        Stored::Answer(answer) => Ok(answer),
+    }
+}
+
+/// Most events a chart read folds from the log itself when the read model trails the record
+/// ([`ChartReader::read_at`]): a read costs at most this many events more. A read model
+/// further behind is rebuilding or stalled, and the caller waits for it instead.
+pub const CHART_TAIL_FOLD_EVENTS_MAX: u64 = 256;
+
+/// Patients whose last folded chart a [`ChartReader`] keeps; beyond it the memory starts over
+/// (a miss costs one fold of the tail from the read model's copy).
+pub const FOLDED_CHARTS_MAX: usize = 1_024;
+
+/// Reads charts as of the stream head the caller's own load verified (its access check),
+/// without waiting for the projection runner.
+///
+/// Where the read model is at that head or past it, a read is [`read_chart`]. Where it trails
+/// by at most [`CHART_TAIL_FOLD_EVENTS_MAX`] events, the events it has not applied are read
+/// from the log ([`PatientLedger::events_between`]: hash-chained to the head, which the ledger
+/// verified) and folded onto its entries in memory, as the projection will fold them, so a
+/// clinician who has just written reads the chart with the write in it.
+///
+/// While the read model trails, the chart last folded for each patient is kept, so the next
+/// read folds only the events after it: after a burst of writes, every read until the runner
+/// catches up would otherwise fold the whole burst again. It is dropped once the read model
+/// has caught up, and on [`ChartReader::forget`] (erasure).
+pub struct ChartReader {
+    index_key: Arc<MacKey>,
+    folded: std::sync::Mutex<HashMap<PatientId, Folded>>,
+}
+
+/// A chart folded past the read model: the entries at `head`.
+struct Folded {
+    head: StreamHead,
+    chart: StoredChart,
+}
+
+impl ChartReader {
+    /// `index_key`: the chart projection's blind-index key (it names observation entries).
+    pub fn new(index_key: Arc<MacKey>) -> Self {
+        Self {
+            index_key,
+            folded: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The chart as of `head`; `None` where the read model trails it by more than
+    /// [`CHART_TAIL_FOLD_EVENTS_MAX`] events. `head` must come from `ledger` (a load or a
+    /// command), never from a request.
+    #[tracing::instrument(skip_all, fields(patient = %patient_id))]
+    pub async fn read_at<S: EventStore + ?Sized, K: KeyStore>(
+        &self,
+        db: &ProjectionDb,
+        ledger: &PatientLedger<S, K>,
+        patient_id: PatientId,
+        head: StreamHead,
+    ) -> Result<Option<ChartAnswer>, ProjectionError> {
+        let stored = match read_stored(db, ledger.keys(), patient_id).await? {
+            Stored::Chart(stored) => stored,
+            Stored::Answer(ChartAnswer::NotFound) => StoredChart::empty(patient_id),
+            Stored::Answer(answer) => {
+                self.forget(patient_id);
+                return Ok(Some(answer));
+            }
+        };
+        if stored.stream_version >= head.version {
+            self.forget(patient_id);
+            return stored.into_answer().map(Some);
+        }
+        // Fold onto the last folded chart where it is ahead of the read model's copy.
+        let (mut chart, after_hash) = match self.take_folded(patient_id) {
+            Some(folded)
+                if folded.head.version > stored.stream_version
+                    && folded.head.version <= head.version =>
+            {
+                (folded.chart, Some(folded.head.hash))
+            }
+            _ => (stored, None),
+        };
+        if head.version - chart.stream_version > CHART_TAIL_FOLD_EVENTS_MAX {
+            return Ok(None);
+        }
+        let tail = match ledger
+            .events_between(patient_id, chart.stream_version, after_hash, head)
+            .await
+        {
+            Ok(tail) => tail,
+            Err(LedgerError::Erased { erased_at, .. }) => {
+                return Ok(Some(ChartAnswer::Erased { erased_at }));
+            }
+            Err(source) => {
+                return Err(ProjectionError::Tail {
+                    patient_id: patient_id.as_uuid(),
+                    source: Box::new(source),
+                });
+            }
+        };
+        for event in &tail {
+            if let PatientEvent::PatientErased { erased_at, .. } = event {
+                return Ok(Some(ChartAnswer::Erased {
+                    erased_at: *erased_at,
+                }));
+            }
+            chart.fold(&self.index_key, event);
+        }
+        chart.stream_version = head.version;
+        self.keep_folded(
+            patient_id,
+            Folded {
+                head,
+                chart: chart.clone(),
+            },
+        );
+        chart.into_answer().map(Some)
+    }
+
+    /// Drops what is kept of a patient's chart (their record was erased).
+    pub fn forget(&self, patient_id: PatientId) {
+        // A poisoned lock only means another read panicked mid-insert: nothing to drop then.
+        if let Ok(mut folded) = self.folded.lock() {
+            folded.remove(&patient_id);
+        }
+    }
+
+    fn take_folded(&self, patient_id: PatientId) -> Option<Folded> {
+        self.folded.lock().ok()?.remove(&patient_id)
+    }
+
+    fn keep_folded(&self, patient_id: PatientId, chart: Folded) {
+        let Ok(mut folded) = self.folded.lock() else {
+            return;
+        };
+        // Two reads of one patient at once: keep the further one.
+        if folded
+            .get(&patient_id)
+            .is_some_and(|kept| kept.head.version >= chart.head.version)
+        {
+            return;
+        }
+        if folded.len() >= FOLDED_CHARTS_MAX {
+            folded.clear();
+        }
+        folded.insert(patient_id, chart);
+    }
+}
+
+/// What the read model holds of a patient: the chart's entries, or an answer already.
+enum Stored {
+    Chart(StoredChart),
+    Answer(ChartAnswer),
+}
+
+/// A chart's entries as the read model holds them, opened: PHI, so no `Debug`.
+#[derive(Clone)]
+struct StoredChart {
+    patient_id: PatientId,
+    stream_version: u64,
+    entries: BTreeMap<(EntryKind, Uuid), Fields>,
+}
+
+impl StoredChart {
+    fn empty(patient_id: PatientId) -> Self {
+        Self {
+            patient_id,
+            stream_version: 0,
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// Folds one event the read model has not applied yet, as [`ChartProjection::apply`]
+    /// does (not the erasure tombstone, which ends the chart).
+    fn fold(&mut self, index_key: &MacKey, event: &PatientEvent) {
+        if let PatientEvent::ObservationRecorded {
+            code, effective_at, ..
+        } = event
+        {
+            let slot = (EntryKind::Observation, observation_slot(index_key, code));
+            let kept = self.entries.get(&slot).and_then(stored_effective_at);
+            if !keeps_held_observation(kept, *effective_at) {
+                self.entries.insert(slot, observation_fields(event));
+            }
+            return;
+        }
+        let Some(touch) = touched(self.patient_id, event) else {
+            return;
+        };
+        let slot = (touch.kind, touch.id);
+        let before = self.entries.remove(&slot).filter(|_| !touch.creates);
+        self.entries.insert(slot, evolve_entry(before, event));
+    }
+
+    fn into_answer(self) -> Result<ChartAnswer, ProjectionError> {
+        let patient_id = self.patient_id;
+        let mut chart = Chart {
+            patient_id,
+            stream_version: self.stream_version,
+            demographics: None,
+            conditions: Vec::new(),
+            allergies: Vec::new(),
+            medication_orders: Vec::new(),
+            observations: Vec::new(),
+            notes: Vec::new(),
+        };
+        let undecodable = |_| ProjectionError::MalformedRow {
+            table: "chartlog_chart_entries",
+            patient_id: patient_id.as_uuid(),
+            reason: "entry does not decode",
+        };
+        for ((kind, entry_id), mut fields) in self.entries {
+            let id = serde_json::Value::String(entry_id.to_string());
+            let mut typed = |id_field: &str| {
+                fields.insert(id_field.to_owned(), id.clone());
+                serde_json::Value::Object(std::mem::take(&mut fields))
+            };
+            match kind {
+                EntryKind::Demographics => {
+                    chart.demographics = Some(
+                        serde_json::from_value(serde_json::Value::Object(fields))
+                            .map_err(undecodable)?,
+                    );
+                }
+                EntryKind::Condition => chart
+                    .conditions
+                    .push(serde_json::from_value(typed("condition_id")).map_err(undecodable)?),
+                EntryKind::Allergy => chart
+                    .allergies
+                    .push(serde_json::from_value(typed("allergy_id")).map_err(undecodable)?),
+                EntryKind::MedicationOrder => chart.medication_orders.push(
+                    serde_json::from_value(typed("medication_order_id")).map_err(undecodable)?,
+                ),
+                // The entry id names the code's slot; the observation's own id is in the fields.
+                EntryKind::Observation => chart.observations.push(
+                    serde_json::from_value(serde_json::Value::Object(fields))
+                        .map_err(undecodable)?,
+                ),
+                EntryKind::Note => chart
+                    .notes
+                    .push(serde_json::from_value(typed("note_id")).map_err(undecodable)?),
+                // Kept for the fold (and for the record history); the care team and consent live
+                // on the command side (`PatientLedger::load`), where access decisions are made.
+                EntryKind::ConsentRestriction | EntryKind::CareRelationship => {}
+            }
+        }
+        chart
+            .observations
+            .sort_by_key(|o| (o.effective_at, o.observation_id));
+        chart.notes.sort_by_key(|n| (n.written_at, n.note_id));
+        Ok(ChartAnswer::Found(Box::new(chart)))
+    }
+}
+
+/// The read model's copy of a patient's chart, its entries opened.
+async fn read_stored<K: KeyStore>(
+    db: &ProjectionDb,
+    keys: &DataKeys<K>,
+    patient_id: PatientId,
+) -> Result<Stored, ProjectionError> {
     // One statement, so the version and the entries come from one snapshot (two statements
     // on PostgreSQL could straddle a projection commit), in one round trip. Every row carries
     // the patient's columns; a patient with no entries has one row, with NULL entry columns.
@@ -667,13 +935,12 @@ pub async fn read_chart<K: KeyStore>(
             "SELECT p.stream_version, p.erased_at_us, e.kind, e.entry_id, e.sealed \
              FROM chartlog_chart_patients p \
              LEFT JOIN chartlog_chart_entries e ON e.patient_id = p.patient_id \
-             WHERE p.patient_id = $1 \
-             ORDER BY e.kind, e.entry_id",
+             WHERE p.patient_id = $1",
             vec![SqlArg::Uuid(patient_id.as_uuid())],
         )
         .await?;
     let Some(first) = rows.first() else {
-        return Ok(ChartAnswer::NotFound);
+        return Ok(Stored::Answer(ChartAnswer::NotFound));
     };
     let malformed = |reason| ProjectionError::MalformedRow {
         table: "chartlog_chart_patients",
@@ -683,28 +950,22 @@ pub async fn read_chart<K: KeyStore>(
     let stream_version = u64::try_from(first.i64(0)?).map_err(|_| malformed("negative version"))?;
     if let Some(at) = first.opt_i64(1)? {
         let erased_at = Timestamp::from_unix_micros(at).map_err(|_| malformed("erasure time"))?;
-        return Ok(ChartAnswer::Erased { erased_at });
+        return Ok(Stored::Answer(ChartAnswer::Erased { erased_at }));
     }
     let stream = StreamId::patient(patient_id);
     let key = match keys.key_for_read(&stream).await {
         Ok((_, key)) => key,
         // Erased, and the projection has not applied the tombstone yet.
         Err(KeyError::Erased { destroyed_at, .. }) => {
-            return Ok(ChartAnswer::Erased {
+            return Ok(Stored::Answer(ChartAnswer::Erased {
                 erased_at: destroyed_at,
-            });
+            }));
         }
         Err(source) => return Err(ProjectionError::Key { stream, source }),
     };
-    let mut chart = Chart {
-        patient_id,
+    let mut stored = StoredChart {
         stream_version,
-        demographics: None,
-        conditions: Vec::new(),
-        allergies: Vec::new(),
-        medication_orders: Vec::new(),
-        observations: Vec::new(),
-        notes: Vec::new(),
+        ..StoredChart::empty(patient_id)
     };
     for row in &rows {
         let (Some(kind), Some(entry_id), Some(sealed)) =
@@ -713,50 +974,10 @@ pub async fn read_chart<K: KeyStore>(
             continue;
         };
         let kind = EntryKind::parse(&kind).ok_or_else(|| malformed("unknown entry kind"))?;
-        let mut fields = open_fields(&key, patient_id, kind, entry_id, &sealed)?;
-        let id = serde_json::Value::String(entry_id.to_string());
-        let mut typed = |id_field: &str| {
-            fields.insert(id_field.to_owned(), id.clone());
-            serde_json::Value::Object(std::mem::take(&mut fields))
-        };
-        let undecodable = |_| ProjectionError::MalformedRow {
-            table: "chartlog_chart_entries",
-            patient_id: patient_id.as_uuid(),
-            reason: "entry does not decode",
-        };
-        match kind {
-            EntryKind::Demographics => {
-                chart.demographics = Some(
-                    serde_json::from_value(serde_json::Value::Object(fields))
-                        .map_err(undecodable)?,
-                );
-            }
-            EntryKind::Condition => chart
-                .conditions
-                .push(serde_json::from_value(typed("condition_id")).map_err(undecodable)?),
-            EntryKind::Allergy => chart
-                .allergies
-                .push(serde_json::from_value(typed("allergy_id")).map_err(undecodable)?),
-            EntryKind::MedicationOrder => chart
-                .medication_orders
-                .push(serde_json::from_value(typed("medication_order_id")).map_err(undecodable)?),
-            // The entry id names the code's slot; the observation's own id is in the fields.
-            EntryKind::Observation => chart.observations.push(
-                serde_json::from_value(serde_json::Value::Object(fields)).map_err(undecodable)?,
-            ),
-            EntryKind::Note => chart
-                .notes
-                .push(serde_json::from_value(typed("note_id")).map_err(undecodable)?),
-            // Kept for the fold (and for the record history); the care team and consent live
-            // on the command side (`PatientLedger::load`), where access decisions are made.
-            EntryKind::ConsentRestriction | EntryKind::CareRelationship => {}
-        }
+        let fields = open_fields(&key, patient_id, kind, entry_id, &sealed)?;
+        stored.entries.insert((kind, entry_id), fields);
     }
-    chart
-        .observations
-        .sort_by_key(|o| (o.effective_at, o.observation_id));
-    chart.notes.sort_by_key(|n| (n.written_at, n.note_id));
-    Ok(ChartAnswer::Found(Box::new(chart)))
+    Ok(Stored::Chart(stored))
 }
 
 /// Patients whose MRN is `mrn` (normally one), through the blind index. Erased patients are

@@ -56,6 +56,15 @@ pub enum ProjectionError {
         reason: &'static str,
     },
 
+    /// The events a chart read folds itself (the read model trails the record) could not be
+    /// read, verified or opened.
+    #[error("the newest events of patient {patient_id} could not be read")]
+    Tail {
+        patient_id: uuid::Uuid,
+        #[source]
+        source: Box<chartlog_store::LedgerError>,
+    },
+
     /// Another runner moved this projection's checkpoint: the batch is rolled back, so no
     /// event takes effect twice.
     #[error("checkpoint of projection {name} moved from {expected} under this runner")]

@@ -10,7 +10,8 @@ use chartlog_crypto::{
 };
 use chartlog_domain::codes::{Code, CodeSystem};
 use chartlog_domain::patient::{
-    Demographics, DemographicsCorrection, ErasureReason, ObservationValue,
+    ConsentRestrictionKind, Demographics, DemographicsCorrection, DiscontinuationReason,
+    ErasureReason, ObservationValue,
 };
 use chartlog_domain::phi::{
     AddressLine, BirthDate, City, ContactPoint, EmailAddress, FamilyName, FreeText, GivenName,
@@ -18,21 +19,24 @@ use chartlog_domain::phi::{
     PostalAddress, PostalCode, Sex, Ssn, UsState,
 };
 use chartlog_domain::{
-    Actor, ConditionId, NoteId, ObservationId, PatientCommand, PatientId, PurposeOfUse, Role,
-    StreamId, Timestamp, UserId, synthetic,
+    Actor, AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
+    PatientCommand, PatientId, PurposeOfUse, Role, StreamId, Timestamp, UserId, synthetic,
 };
 use chartlog_domain::{Decimal, Quantity, Unit};
 use chartlog_projections::audit::{AuditTrailProjection, entity_and_action};
-use chartlog_projections::chart::{ChartAnswer, ChartProjection, find_by_mrn, read_chart};
+use chartlog_projections::chart::{
+    CHART_TAIL_FOLD_EVENTS_MAX, Chart, ChartAnswer, ChartProjection, ChartReader, find_by_mrn,
+    read_chart,
+};
 use chartlog_projections::db::{Backend, ProjectionDb, SqlArg};
 use chartlog_projections::deid::{DeidentifiedProjection, Pseudonymizer};
 use chartlog_projections::history::{HistoryAnswer, HistoryProjection, read_history};
 use chartlog_projections::runner::STANDBY_RETRY_INTERVAL;
-use chartlog_projections::{Projection, ProjectionRunner, wait_for_position};
+use chartlog_projections::{Projection, ProjectionError, ProjectionRunner, wait_for_position};
 use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
 use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
 use chartlog_store::verify::verify_log;
-use chartlog_store::{EventStore, LedgerError, PatientLedger};
+use chartlog_store::{EventStore, LedgerError, PatientLedger, StreamHead};
 use sqlx::{PgPool, Row as _};
 use uuid::Uuid;
 
@@ -711,6 +715,241 @@ async fn sqlite_chart_and_history_follow_the_record() {
 #[sqlx::test(migrations = "../../migrations/postgres")]
 async fn postgres_chart_and_history_follow_the_record(pool: PgPool) {
     chart_and_history_follow_the_record(postgres(pool).await).await;
+}
+
+// ---- A chart read folds what the read model has not applied --------------------------------
+
+/// Every kind of chart change after registration, for synthetic patient `seed` (whose
+/// clinical commands 0..20 recorded the condition, order, allergy and note changed here).
+fn chart_changes(seed: u64) -> Vec<PatientCommand> {
+    let note_id = NoteId::from_uuid(synthetic::synthetic_uuid(seed, 6, 19));
+    let restriction_id = ConsentRestrictionId::from_uuid(Uuid::from_u128(0xc0de));
+    let colleague = UserId::from_uuid(Uuid::from_u128(0xc011));
+    let note = |text: &str| NoteText::parse(text).unwrap();
+    vec![
+        PatientCommand::ResolveCondition {
+            condition_id: ConditionId::from_uuid(synthetic::synthetic_uuid(seed, 3, 5)),
+            resolved_at: now(),
+        },
+        PatientCommand::RefuteAllergy {
+            allergy_id: AllergyId::from_uuid(synthetic::synthetic_uuid(seed, 5, 15)),
+        },
+        PatientCommand::DiscontinueMedication {
+            medication_order_id: MedicationOrderId::from_uuid(synthetic::synthetic_uuid(
+                seed, 4, 10,
+            )),
+            reason: DiscontinuationReason::AdverseReaction,
+        },
+        PatientCommand::AmendNote {
+            note_id,
+            text: note("Amended: vitals reviewed twice."),
+        },
+        PatientCommand::SignNote {
+            note_id,
+            signer: physician().user_id,
+        },
+        PatientCommand::AddNoteAddendum {
+            note_id,
+            text: note("Addendum: follow up in two weeks."),
+        },
+        PatientCommand::CorrectDemographics {
+            correction: DemographicsCorrection {
+                name: Some(
+                    PersonName::new(
+                        vec![GivenName::parse("Corrected").unwrap()],
+                        FamilyName::parse("Name").unwrap(),
+                    )
+                    .unwrap(),
+                ),
+                ..DemographicsCorrection::default()
+            },
+        },
+        PatientCommand::GrantConsentRestriction {
+            restriction_id,
+            kind: ConsentRestrictionKind::HideNotesFromRole(Role::Nurse),
+        },
+        PatientCommand::AssignCareRelationship {
+            clinician: colleague,
+        },
+        PatientCommand::EndCareRelationship {
+            clinician: colleague,
+        },
+        PatientCommand::RevokeConsentRestriction { restriction_id },
+    ]
+}
+
+async fn chart_at<S: EventStore, K: KeyStore + 'static>(
+    fixture: &Fixture<S, K>,
+    reader: &ChartReader,
+    patient: PatientId,
+    head: StreamHead,
+) -> Box<Chart> {
+    match reader
+        .read_at(&fixture.db, &fixture.ledger, patient, head)
+        .await
+        .expect("read chart at head")
+    {
+        Some(ChartAnswer::Found(chart)) => chart,
+        other => panic!("the chart at the head is there, not {other:?}"),
+    }
+}
+
+/// A chart read at the head its caller loaded folds the events the read model has not applied,
+/// and gives exactly the chart the projection gives once it has applied them: checked after
+/// tails of 1 to 9 events, starting from no chart at all, over every kind of change, with
+/// observations arriving out of order and tied. A head the log does not end at is refused; a
+/// read model that trails by more than the fold allows is left to the caller.
+async fn a_chart_read_folds_what_the_read_model_has_not_applied<
+    S: EventStore,
+    K: KeyStore + 'static,
+>(
+    fixture: Fixture<S, K>,
+) {
+    let seed = 11;
+    let patient = synthetic::patient_id(seed);
+    // Effective times out of order, with ties, so the latest reading per code is decided
+    // across the fold and the projection alike.
+    let minutes_ago = |n: u64| ((n * 37) % 11) as i64;
+    let at = |n: u64| {
+        Timestamp::from_unix_micros(now().unix_micros() - minutes_ago(n) * 60_000_000).unwrap()
+    };
+    let commands: Vec<PatientCommand> = std::iter::once(synthetic::registration(seed))
+        .chain((0..20).map(|n| synthetic::clinical_command(seed, n, at(n))))
+        .chain(chart_changes(seed))
+        .chain((20..32).map(|n| synthetic::clinical_command(seed, n, at(n))))
+        .collect();
+    let catch_up_after = [3, 4, 9, 10, 14, 22, 25, 27, 31, 40, 43];
+    // One reader across the run, which keeps what it folded while the read model trails, and
+    // a new one for each read, which folds from the read model's copy every time.
+    let kept = ChartReader::new(fixture.index_key.clone());
+    let fresh = || ChartReader::new(fixture.index_key.clone());
+    let mut head = None;
+    for (index, command) in commands.into_iter().enumerate() {
+        let kind = command.kind();
+        let outcome = fixture
+            .ledger
+            .execute(patient, command, physician(), now())
+            .await
+            .unwrap_or_else(|error| panic!("{kind} accepted: {error}"));
+        let now_head = outcome
+            .record
+            .and_then(|record| record.head)
+            .expect("a head");
+        head = Some(now_head);
+        let folded = chart_at(&fixture, &kept, patient, now_head).await;
+        assert_eq!(folded.stream_version, now_head.version, "after {kind}");
+        assert_eq!(
+            folded,
+            chart_at(&fixture, &fresh(), patient, now_head).await,
+            "a fold onto the kept chart is a fold onto the read model's copy (after {kind})"
+        );
+        if !catch_up_after.contains(&index) {
+            continue;
+        }
+        let stored_version = match read_chart(&fixture.db, fixture.ledger.keys(), patient)
+            .await
+            .expect("read chart")
+        {
+            ChartAnswer::Found(chart) => chart.stream_version,
+            ChartAnswer::NotFound => 0,
+            ChartAnswer::Erased { .. } => panic!("not erased"),
+        };
+        assert!(
+            stored_version < now_head.version,
+            "the read model trails before catch-up, so the fold ran (after {kind})"
+        );
+        fixture.runner().catch_up().await.expect("catch up");
+        let ChartAnswer::Found(projected) = read_chart(&fixture.db, fixture.ledger.keys(), patient)
+            .await
+            .expect("read chart")
+        else {
+            panic!("the chart is there");
+        };
+        assert_eq!(
+            projected,
+            folded,
+            "the fold of versions {}..={} onto the read model is the projection's chart",
+            stored_version + 1,
+            now_head.version
+        );
+    }
+    let head = head.expect("commands ran");
+    let chart = chart_at(&fixture, &kept, patient, head).await;
+    assert!(chart.demographics.is_some() && !chart.observations.is_empty());
+    assert!(
+        chart
+            .conditions
+            .iter()
+            .any(|condition| !condition.is_active())
+    );
+    assert!(chart.allergies.iter().any(|allergy| allergy.refuted));
+    assert!(
+        chart
+            .medication_orders
+            .iter()
+            .any(|order| !order.is_active())
+    );
+    assert!(
+        chart
+            .notes
+            .iter()
+            .any(|note| note.is_signed() && !note.addenda.is_empty())
+    );
+
+    // A head whose hash the log does not end at: nothing is folded.
+    let forged = StreamHead {
+        version: head.version + 1,
+        hash: head.hash,
+    };
+    fixture
+        .execute(patient, synthetic::clinical_command(seed, 32, now()))
+        .await;
+    let refused = fresh()
+        .read_at(&fixture.db, &fixture.ledger, patient, forged)
+        .await;
+    assert!(
+        matches!(refused, Err(ProjectionError::Tail { .. })),
+        "a head the log does not end at is refused: {refused:?}"
+    );
+
+    // Further behind than the fold reaches: the caller waits for the read model instead.
+    let mut record = fixture.ledger.load(patient).await.expect("load");
+    for n in 0..CHART_TAIL_FOLD_EVENTS_MAX {
+        // Each command decided on the record the last one left, not on a fold of the stream.
+        let options = chartlog_store::ExecuteOptions {
+            loaded: Some(record),
+            ..Default::default()
+        };
+        let command = synthetic::clinical_command(seed, 33 + n, now());
+        record = fixture
+            .ledger
+            .execute_with(patient, command, physician(), now(), options)
+            .await
+            .expect("command accepted")
+            .record
+            .expect("a record");
+    }
+    let far = record.head.expect("a head");
+    let answer = fresh()
+        .read_at(&fixture.db, &fixture.ledger, patient, far)
+        .await
+        .expect("read chart at head");
+    assert!(
+        answer.is_none(),
+        "no fold of {} events",
+        far.version - head.version
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_chart_read_folds_what_the_read_model_has_not_applied() {
+    let (fixture, _dir) = sqlite().await;
+    a_chart_read_folds_what_the_read_model_has_not_applied(fixture).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_a_chart_read_folds_what_the_read_model_has_not_applied(pool: PgPool) {
+    a_chart_read_folds_what_the_read_model_has_not_applied(postgres(pool).await).await;
 }
 
 // ---- Erasure end to end ------------------------------------------------------------------

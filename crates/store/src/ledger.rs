@@ -14,8 +14,8 @@ use chartlog_crypto::{
 };
 use chartlog_domain::patient::DECISION_STATE_SCHEMA_VERSION;
 use chartlog_domain::{
-    Actor, EventId, Patient, PatientCommand, PatientId, Rejection, StreamId, Timestamp, codec,
-    decide, evolve,
+    Actor, EventId, Patient, PatientCommand, PatientEvent, PatientId, Rejection, StreamId,
+    Timestamp, codec, decide, evolve,
 };
 use uuid::Uuid;
 
@@ -92,7 +92,7 @@ pub enum UnreadableEvent {
 pub fn open_patient_event(
     key: &chartlog_crypto::DataKey,
     event: &SealedEvent,
-) -> Result<chartlog_domain::PatientEvent, UnreadableEvent> {
+) -> Result<PatientEvent, UnreadableEvent> {
     let plaintext =
         open(key, &event.header, &event.ciphertext).map_err(UnreadableEvent::Unopenable)?;
     codec::decode(
@@ -256,7 +256,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             );
             let erases = events
                 .iter()
-                .any(|e| matches!(e, chartlog_domain::PatientEvent::PatientErased { .. }));
+                .any(|e| matches!(e, PatientEvent::PatientErased { .. }));
 
             let (key_id, key) = self
                 .keys
@@ -449,6 +449,72 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             patient: state,
             head,
         })
+    }
+
+    /// The patient's events after version `after`, up to and including `verified_head`,
+    /// opened, oldest first: for a reader whose read model trails the stream and folds the
+    /// rest itself. With `after_hash`, the first event must continue the event of that hash
+    /// (the reader's own copy is at a head it was given earlier).
+    ///
+    /// `verified_head` must be a head this ledger verified: a [`LoadedPatient`]'s from
+    /// [`PatientLedger::load`] or [`PatientLedger::catch_up`], or a command's outcome, never
+    /// one a caller sent. Its hash then authenticates every event before it: the events are
+    /// checked to chain one to the next (each hash recomputed) and to end at that hash exactly,
+    /// which is all a signature check would add, so the signatures are not checked again.
+    pub async fn events_between(
+        &self,
+        patient: PatientId,
+        after: u64,
+        after_hash: Option<EventHash>,
+        verified_head: StreamHead,
+    ) -> Result<Vec<PatientEvent>, LedgerError> {
+        let head = verified_head;
+        let stream = StreamId::patient(patient);
+        let mut events: Vec<SealedEvent> = Vec::new();
+        while after + (events.len() as u64) < head.version {
+            let from = after + events.len() as u64 + 1;
+            let wanted = u32::try_from(head.version - from + 1)
+                .unwrap_or(u32::MAX)
+                .min(LOAD_PAGE_EVENTS);
+            let page = self.store.read_stream(&stream, from, wanted).await?;
+            if page.is_empty() {
+                // The store holds less than a head this ledger verified: the log lost events.
+                return Err(IntegrityError::VersionGap {
+                    stream_id: stream,
+                    expected_version: from,
+                    found_version: from - 1,
+                }
+                .into());
+            }
+            events.extend(page.into_iter().map(|r| r.event));
+        }
+        let Some(first) = events.first() else {
+            return Ok(Vec::new());
+        };
+        let prev = after_hash.unwrap_or(first.header.prev_hash);
+        let last = verify_chain(prev, after + 1, &events)?;
+        if last != head.hash {
+            return Err(IntegrityError::ChainBroken {
+                stream_id: stream,
+                stream_version: head.version,
+            }
+            .into());
+        }
+        let (_, key) = self
+            .keys
+            .key_for_read(&stream)
+            .await
+            .map_err(|e| self.key_error(patient, e))?;
+        events
+            .iter()
+            .map(|event| {
+                open_patient_event(&key, event).map_err(|source| LedgerError::Unreadable {
+                    stream: stream.clone(),
+                    event_id: event.header.event_id,
+                    source,
+                })
+            })
+            .collect()
     }
 
     /// The patient's latest snapshot, if there is one this ledger can trust: of the current

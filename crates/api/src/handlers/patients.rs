@@ -226,7 +226,10 @@ pub(crate) async fn chart(
     .await?;
     let answer = config
         .records
-        .chart(reach.patient, reach.version())
+        .chart(
+            reach.patient,
+            reach.loaded.as_ref().and_then(|loaded| loaded.head),
+        )
         .await
         .map_err(internal("chart read"))?;
     let chart = match answer {
