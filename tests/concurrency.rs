@@ -11,7 +11,8 @@
 //!   exactly once and in order, and then that the checker itself refuses damaged read models;
 //! - concurrent requests with one Idempotency-Key record once, and all get its answer;
 //! - two servers on one PostgreSQL database: a command is checked and decided on the fresh
-//!   record when the other server moved it on since this one last saw it.
+//!   record when the other server moved it on since this one last saw it;
+//! - a chart read holds the writes before it while the projection runner is held back.
 //!
 //! Full mode: `CHARTLOG_CONCURRENCY_SECONDS` sets how long the 32 clients write (default 3;
 //! full 60), `CHARTLOG_RACE_VERSIONS` how many versions the 64 store writers fight over
@@ -479,6 +480,90 @@ async fn thirty_two_writers_on_sqlite_every_projection_sees_every_event_once_in_
 async fn thirty_two_writers_on_postgres_every_projection_sees_every_event_once_in_order() {
     let database = FreshPostgresDatabase::create().await;
     every_projection_sees_every_event(Some(&database.url)).await;
+    database.drop().await;
+}
+
+/// A chart read answers at the record's head even while the projection runner cannot move. An
+/// open transaction anywhere in the cluster holds every reader of the global log below it (the
+/// store's invariant on late commits), so the chart read model stays where it was; the
+/// observations the physician records next are in the chart read straight after, folded from
+/// the log by the read itself, and that chart is the one the projection gives once let go.
+/// Bugs this catches: a read that waits for the runner and answers the read model's stale copy
+/// (the version before the writes), a fold that differs from the projection's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chart_read_holds_the_writes_before_it_while_the_projections_are_held_back() {
+    use sqlx::Connection as _;
+    let database = FreshPostgresDatabase::create().await;
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), &["--database-url", &database.url]);
+    let clinic = Clinic::new(&dir, &server);
+    let token = clinic.physician_session(&dir, &server).await;
+    let registered = clinic.register_patient(&token, 7).await;
+    let patient = registered.patient;
+    // The read model holds the registration: the fold goes onto its copy.
+    clinic.chart(&token, patient, registered.position).await;
+
+    let mut holder = sqlx::PgConnection::connect(&database.url)
+        .await
+        .expect("connect");
+    sqlx::query("BEGIN")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    // A transaction id, so the snapshot's xmin stays at or below it until it ends.
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut holder)
+        .await
+        .expect("take a transaction id");
+    let mut last = None;
+    for value in 1..=3 {
+        match clinic
+            .record_observation(&token, patient, None, value, "physician")
+            .await
+        {
+            Outcome::Acknowledged(ack) => last = Some(ack),
+            other => panic!("observation {value}: {other:?}"),
+        }
+    }
+    let last = last.expect("three acknowledged");
+    let chart_path = format!("/patients/{patient}/chart");
+    let folded = clinic
+        .expect(Method::GET, &chart_path, Some(&token), None, StatusCode::OK)
+        .await;
+    let mut observer = sqlx::PgConnection::connect(&database.url)
+        .await
+        .expect("connect");
+    let applied: i64 = sqlx::query_scalar(
+        "SELECT position FROM chartlog_projection_checkpoints WHERE name = 'chart'",
+    )
+    .fetch_one(&mut observer)
+    .await
+    .expect("the chart's checkpoint");
+    assert!(
+        u64::try_from(applied).expect("a position") < last.position,
+        "the runner is held back (at {applied}, the last write at {})",
+        last.position
+    );
+    assert_eq!(
+        folded["stream_version"],
+        json!(last.stream_version),
+        "{folded}"
+    );
+    let observations = folded["observations"].as_array().expect("observations");
+    assert_eq!(observations.len(), 1, "the latest heart rate: {folded}");
+    assert_eq!(
+        observations[0]["value"]["quantity"]["value"],
+        json!("43"),
+        "the last one recorded: {folded}"
+    );
+
+    sqlx::query("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .expect("rollback");
+    let projected = clinic.chart(&token, patient, last.position).await;
+    assert_eq!(folded, projected, "the folded chart is the projection's");
+    drop((holder, observer));
     database.drop().await;
 }
 
