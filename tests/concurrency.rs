@@ -530,17 +530,10 @@ async fn a_chart_read_holds_the_writes_before_it_while_the_projections_are_held_
     let folded = clinic
         .expect(Method::GET, &chart_path, Some(&token), None, StatusCode::OK)
         .await;
-    let mut observer = sqlx::PgConnection::connect(&database.url)
-        .await
-        .expect("connect");
-    let applied: i64 = sqlx::query_scalar(
-        "SELECT position FROM chartlog_projection_checkpoints WHERE name = 'chart'",
-    )
-    .fetch_one(&mut observer)
-    .await
-    .expect("the chart's checkpoint");
+    let observer = Database::open(dir.data_dir(), Some(&database.url)).await;
+    let applied = observer.checkpoints().await["chart"];
     assert!(
-        u64::try_from(applied).expect("a position") < last.position,
+        applied < last.position,
         "the runner is held back (at {applied}, the last write at {})",
         last.position
     );
@@ -563,7 +556,8 @@ async fn a_chart_read_holds_the_writes_before_it_while_the_projections_are_held_
         .expect("rollback");
     let projected = clinic.chart(&token, patient, last.position).await;
     assert_eq!(folded, projected, "the folded chart is the projection's");
-    drop((holder, observer));
+    drop(holder);
+    observer.close().await;
     database.drop().await;
 }
 
