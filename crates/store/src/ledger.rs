@@ -103,6 +103,19 @@ pub fn open_patient_event(
     .map_err(UnreadableEvent::Undecodable)
 }
 
+/// [`open_patient_event`] for the ledger's readers: a failure names the event and its stream.
+fn open_in_stream(
+    stream: &StreamId,
+    key: &DataKey,
+    event: &SealedEvent,
+) -> Result<PatientEvent, LedgerError> {
+    open_patient_event(key, event).map_err(|source| LedgerError::Unreadable {
+        stream: stream.clone(),
+        event_id: event.header.event_id,
+        source,
+    })
+}
+
 /// Where a command's events landed: the new stream version (for If-Match) and the global
 /// position of the last event (for read-your-writes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -416,13 +429,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                 }
             };
             for event in &events {
-                let decoded =
-                    open_patient_event(&key, event).map_err(|source| LedgerError::Unreadable {
-                        stream: stream.clone(),
-                        event_id: event.header.event_id,
-                        source,
-                    })?;
-                state = evolve(state, &decoded);
+                state = evolve(state, &open_in_stream(&stream, &key, event)?);
             }
             head = Some(last);
             if at_end {
@@ -507,13 +514,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             .map_err(|e| self.key_error(patient, e))?;
         events
             .iter()
-            .map(|event| {
-                open_patient_event(&key, event).map_err(|source| LedgerError::Unreadable {
-                    stream: stream.clone(),
-                    event_id: event.header.event_id,
-                    source,
-                })
-            })
+            .map(|event| open_in_stream(&stream, &key, event))
             .collect()
     }
 
