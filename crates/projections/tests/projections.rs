@@ -1867,6 +1867,104 @@ async fn postgres_deidentified_views_and_audit_trail_follow_the_record(pool: PgP
     deidentified_and_audit_under_the_runner(&postgres(pool).await).await;
 }
 
+// ---- Turning 90 between events, for many patients in one batch --------------------------
+
+/// The 90+ rule (Safe Harbor groups ages of 90 and over) applied when a later event dates a
+/// patient's data in the year they turn 90, for patients in the same batch seen in different
+/// years, and for one whose later event comes in a batch of its own.
+async fn ninety_plus_is_grouped_by_the_year_each_patient_is_seen_in<
+    S: EventStore,
+    K: KeyStore + 'static,
+>(
+    fixture: &Fixture<S, K>,
+) {
+    const YEAR_MICROS: i64 = 365 * 24 * 3_600 * 1_000_000;
+    let years_after_now =
+        |years: i64| Timestamp::from_unix_micros(now().unix_micros() + years * YEAR_MICROS + 1);
+    let observe = |seed: u64, years: i64| async move {
+        let at = years_after_now(years).expect("in range");
+        let command = (0..)
+            .map(|n| synthetic::clinical_command(seed, n, at))
+            .find(|command| matches!(command, PatientCommand::RecordObservation { .. }))
+            .expect("an observation");
+        fixture
+            .ledger
+            .execute(synthetic::patient_id(seed), command, physician(), at)
+            .await
+            .expect("observation accepted")
+            .position
+    };
+    // Synthetic seed n is born in 1935 + n; `now()` is in 2025.
+    let seen_next_year_at_90 = 1; // 1936, seen in 2026
+    let seen_next_year_at_89 = 2; // 1937, seen in 2026
+    let seen_in_four_years_at_90 = 4; // 1939, seen in 2029
+    let seen_in_a_later_batch_at_90 = 86; // 1936 (1935 + 86 % 85), seen in 2026 in a batch of its own
+    for seed in [
+        seen_next_year_at_90,
+        seen_next_year_at_89,
+        seen_in_four_years_at_90,
+        seen_in_a_later_batch_at_90,
+    ] {
+        fixture
+            .execute(synthetic::patient_id(seed), synthetic::registration(seed))
+            .await;
+    }
+    observe(seen_next_year_at_90, 1).await;
+    observe(seen_next_year_at_89, 1).await;
+    let last = observe(seen_in_four_years_at_90, 4).await;
+    let runner = fixture.runner_with(vec![Arc::new(DeidentifiedProjection::new(pseudonymizer()))]);
+    assert_eq!(runner.catch_up().await.expect("catch up"), last);
+
+    let birth_year = |seed: u64| async move {
+        let row = fixture
+            .db
+            .fetch_optional(
+                sqlx::AssertSqlSafe(format!(
+                    "SELECT CAST(birth_year AS BIGINT), aged_90_or_over FROM {} \
+                     WHERE pseudonym = $1",
+                    deid_table(&fixture.db, 0)
+                )),
+                vec![SqlArg::Text(
+                    pseudonymizer()
+                        .patient(synthetic::patient_id(seed))
+                        .as_str()
+                        .to_owned(),
+                )],
+            )
+            .await
+            .expect("patient row")
+            .expect("the patient is in the views");
+        (
+            row.opt_i64(0).expect("birth year"),
+            row.bool(1).expect("90+"),
+        )
+    };
+    assert_eq!(birth_year(seen_next_year_at_90).await, (None, true));
+    assert_eq!(birth_year(seen_next_year_at_89).await, (Some(1937), false));
+    assert_eq!(birth_year(seen_in_four_years_at_90).await, (None, true));
+    assert_eq!(
+        birth_year(seen_in_a_later_batch_at_90).await,
+        (Some(1936), false),
+        "89 when registered"
+    );
+
+    let last = observe(seen_in_a_later_batch_at_90, 1).await;
+    assert_eq!(runner.catch_up().await.expect("catch up"), last);
+    assert_eq!(birth_year(seen_in_a_later_batch_at_90).await, (None, true));
+    assert_eq!(birth_year(seen_next_year_at_89).await, (Some(1937), false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_ninety_plus_is_grouped_by_the_year_each_patient_is_seen_in() {
+    let (fixture, _dir) = sqlite().await;
+    ninety_plus_is_grouped_by_the_year_each_patient_is_seen_in(&fixture).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_ninety_plus_is_grouped_by_the_year_each_patient_is_seen_in(pool: PgPool) {
+    ninety_plus_is_grouped_by_the_year_each_patient_is_seen_in(&postgres(pool).await).await;
+}
+
 // ---- The analyst role reads the de-identified schema and nothing else --------------------
 
 /// Runs `sql` as the current role; `Ok` when allowed, the SQLSTATE when refused.

@@ -1,12 +1,14 @@
 //! The de-identified projection: applies [`deidentify_event`]'s changes to the SQL tables
 //! (`deidentified.*` on PostgreSQL, `deid_*` on SQLite; see migrations 0003).
 
+use std::collections::{BTreeMap, HashMap};
+
 use async_trait::async_trait;
 
 use super::export::vocabulary;
 use super::safe_harbor::{
     AGE_YEARS_GROUPED_MIN, DeidChange, DeidValue, EventContext, Geography, ObservationRow,
-    PatientRow, Pseudonymizer, deidentify_event,
+    PatientRow, Pseudonym, Pseudonymizer, deidentify_event,
 };
 use crate::db::{Backend, ProjectionTx, SqlArg, values_placeholders_cast};
 use crate::error::ProjectionError;
@@ -125,21 +127,7 @@ async fn apply_change(tx: &mut ProjectionTx, change: DeidChange) -> Result<(), s
             }
         }
         DeidChange::AgeAsOf { pseudonym, year } => {
-            // Matches no row in the common case (an index probe); see BirthYear::as_of.
-            tx.execute(
-                pick(
-                    backend,
-                    "UPDATE deid_patients SET birth_year = NULL, aged_90_or_over = 1 \
-                     WHERE pseudonym = $1 AND birth_year IS NOT NULL AND birth_year <= $2",
-                    "UPDATE chartlog_deid_patients SET birth_year = NULL, aged_90_or_over = TRUE \
-                     WHERE pseudonym = $1 AND birth_year IS NOT NULL AND birth_year <= $2",
-                ),
-                vec![
-                    SqlArg::Text(pseudonym.as_str().to_owned()),
-                    SqlArg::I64(i64::from(year) - i64::from(AGE_YEARS_GROUPED_MIN)),
-                ],
-            )
-            .await?;
+            group_aged(tx, std::iter::once((pseudonym, year))).await?;
         }
         DeidChange::InsertObservation(row) => insert_observations(tx, &[row]).await?,
         DeidChange::InsertCondition(row) => {
@@ -270,6 +258,50 @@ const OBSERVATION_VALUE_COLUMN: usize = 6;
 
 /// Inserts observation rows, many per statement: observations are most of a clinic's events,
 /// and a statement each cost the projection runner a round trip each.
+/// Asks, for each `(patient, year)`, whether the patient's birth year reads as 90 or more by
+/// that year, and groups it as 90+ if so ([`DeidChange::AgeAsOf`]), in one statement per
+/// distinct year (and per chunk of patients) instead of one per patient: nearly every event
+/// asks, the answer is nearly always no (an index probe), and on SQLite each statement is a
+/// round trip to the connection's thread.
+async fn group_aged(
+    tx: &mut ProjectionTx,
+    seen: impl IntoIterator<Item = (Pseudonym, i32)>,
+) -> Result<(), sqlx::Error> {
+    let mut by_year: BTreeMap<i32, Vec<Pseudonym>> = BTreeMap::new();
+    for (pseudonym, year) in seen {
+        by_year.entry(year).or_default().push(pseudonym);
+    }
+    let backend = tx.backend();
+    // One parameter is the cut-off year.
+    let per_statement = tx.rows_per_statement(1).saturating_sub(1).max(1);
+    for (year, mut pseudonyms) in by_year {
+        pseudonyms.sort_unstable();
+        for chunk in pseudonyms.chunks(per_statement) {
+            let sql = format!(
+                "UPDATE {} SET birth_year = NULL, aged_90_or_over = {} \
+                 WHERE birth_year IS NOT NULL AND birth_year <= $1 AND pseudonym IN ({})",
+                pick(backend, "deid_patients", "chartlog_deid_patients"),
+                pick(backend, "1", "TRUE"),
+                (2..chunk.len() + 2)
+                    .map(|n| format!("${n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            let mut args = Vec::with_capacity(chunk.len() + 1);
+            args.push(SqlArg::I64(
+                i64::from(year) - i64::from(AGE_YEARS_GROUPED_MIN),
+            ));
+            args.extend(
+                chunk
+                    .iter()
+                    .map(|pseudonym| SqlArg::Text(pseudonym.as_str().to_owned())),
+            );
+            tx.execute(AssertSqlSafe(sql), args).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn insert_observations(
     tx: &mut ProjectionTx,
     rows: &[ObservationRow],
@@ -381,7 +413,11 @@ impl Projection for DeidentifiedProjection {
         events: &[ProjectedEvent],
     ) -> Result<(), ProjectionError> {
         let mut observations = Vec::new();
-        let mut aged = std::collections::HashSet::new();
+        // Patients asked about since their birth year last changed, each with the latest year
+        // it was seen in (a later year subsumes an earlier one): asked together at the end,
+        // or before anything else touches that patient's row, so the answer is the one
+        // event-by-event application would give, however the log is cut into batches.
+        let mut seen_in: HashMap<Pseudonym, i32> = HashMap::new();
         for projected in events {
             let changes = match &projected.body {
                 EventBody::Patient {
@@ -410,23 +446,21 @@ impl Projection for DeidentifiedProjection {
                     // Held back and inserted together; only an erasure touches the
                     // observations table otherwise, so it goes after the ones held back.
                     DeidChange::InsertObservation(row) => observations.push(row),
-                    DeidChange::ErasePatient { .. } => {
-                        insert_observations(tx, &std::mem::take(&mut observations)).await?;
-                        aged.clear();
-                        apply_change(tx, change).await?;
+                    DeidChange::AgeAsOf { pseudonym, year } => {
+                        let latest = seen_in.entry(pseudonym).or_insert(year);
+                        *latest = (*latest).max(year);
                     }
-                    // Once applied, the same year again changes nothing until the patient's
-                    // row does; nearly every event asks, so asking once saves a statement each.
-                    DeidChange::AgeAsOf {
-                        ref pseudonym,
-                        year,
-                    } => {
-                        if aged.insert((pseudonym.clone(), year)) {
-                            apply_change(tx, change).await?;
+                    DeidChange::InsertPatient(_)
+                    | DeidChange::CorrectPatient { .. }
+                    | DeidChange::ErasePatient { .. } => {
+                        if matches!(change, DeidChange::ErasePatient { .. }) {
+                            insert_observations(tx, &std::mem::take(&mut observations)).await?;
                         }
-                    }
-                    DeidChange::InsertPatient(_) | DeidChange::CorrectPatient { .. } => {
-                        aged.clear();
+                        if let Some(pseudonym) = change.pseudonym()
+                            && let Some((pseudonym, year)) = seen_in.remove_entry(pseudonym)
+                        {
+                            group_aged(tx, [(pseudonym, year)]).await?;
+                        }
                         apply_change(tx, change).await?;
                     }
                     other => apply_change(tx, other).await?,
@@ -434,6 +468,7 @@ impl Projection for DeidentifiedProjection {
             }
         }
         insert_observations(tx, &observations).await?;
+        group_aged(tx, seen_in).await?;
         Ok(())
     }
 
