@@ -679,9 +679,9 @@ pub async fn read_chart<K: KeyStore>(
 /// further behind is rebuilding or stalled, and the caller waits for it instead.
 pub const CHART_TAIL_FOLD_EVENTS_MAX: u64 = 256;
 
-/// Patients whose last folded chart a [`ChartReader`] keeps; beyond it the memory starts over
-/// (a miss costs one fold of the tail from the read model's copy).
-pub const FOLDED_CHARTS_MAX: usize = 1_024;
+/// Patients whose last chart a [`ChartReader`] keeps; beyond it the memory starts over (a miss
+/// costs a read of the read model's copy, and a fold of the tail where it trails).
+pub const KEPT_CHARTS_MAX: usize = 1_024;
 
 /// Reads charts as of the stream head the caller's own load verified (its access check),
 /// without waiting for the projection runner.
@@ -692,17 +692,22 @@ pub const FOLDED_CHARTS_MAX: usize = 1_024;
 /// verified) and folded onto its entries in memory, as the projection will fold them, so a
 /// clinician who has just written reads the chart with the write in it.
 ///
-/// While the read model trails, the chart last folded for each patient is kept, so the next
-/// read folds only the events after it: after a burst of writes, every read until the runner
-/// catches up would otherwise fold the whole burst again. It is dropped once the read model
-/// has caught up, and on [`ChartReader::forget`] (erasure).
+/// The chart last answered for each patient is kept with its head (version and hash):
+/// - a read at that same head answers from it, with no statement and no decryption, since a
+///   chart is a function of its stream's events and the verified head names them all (charts
+///   are read far more often than written);
+/// - a read at a later head folds only the events after it: after a burst of writes, every
+///   read until the runner catches up would otherwise fold the whole burst again.
+///
+/// It is dropped on [`ChartReader::forget`] (erasure), and replaced by the read model's copy
+/// once that reaches the head.
 pub struct ChartReader {
     index_key: Arc<MacKey>,
-    folded: std::sync::Mutex<HashMap<PatientId, Folded>>,
+    kept: std::sync::Mutex<HashMap<PatientId, KeptChart>>,
 }
 
-/// A chart folded past the read model: the entries at `head`.
-struct Folded {
+/// A chart as of `head`: the read model's copy, or one folded past it.
+struct KeptChart {
     head: StreamHead,
     chart: StoredChart,
 }
@@ -712,7 +717,7 @@ impl ChartReader {
     pub fn new(index_key: Arc<MacKey>) -> Self {
         Self {
             index_key,
-            folded: std::sync::Mutex::new(HashMap::new()),
+            kept: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -727,6 +732,9 @@ impl ChartReader {
         patient_id: PatientId,
         head: StreamHead,
     ) -> Result<Option<ChartAnswer>, ProjectionError> {
+        if let Some(chart) = self.kept_at(patient_id, head) {
+            return chart.into_answer().map(Some);
+        }
         let stored = match read_stored(db, ledger.keys(), patient_id).await? {
             Stored::Chart(stored) => stored,
             Stored::Answer(ChartAnswer::NotFound) => StoredChart::empty(patient_id),
@@ -735,17 +743,29 @@ impl ChartReader {
                 return Ok(Some(answer));
             }
         };
-        if stored.stream_version >= head.version {
+        if stored.stream_version == head.version {
+            self.keep(
+                patient_id,
+                KeptChart {
+                    head,
+                    chart: stored.clone(),
+                },
+            );
+            return stored.into_answer().map(Some);
+        }
+        if stored.stream_version > head.version {
+            // The stream moved on after the caller's load: answer what the read model holds
+            // and keep nothing, since `head` does not name it.
             self.forget(patient_id);
             return stored.into_answer().map(Some);
         }
-        // Fold onto the last folded chart where it is ahead of the read model's copy.
-        let (mut chart, after_hash) = match self.take_folded(patient_id) {
-            Some(folded)
-                if folded.head.version > stored.stream_version
-                    && folded.head.version <= head.version =>
+        // Fold onto the kept chart where it is ahead of the read model's copy.
+        let (mut chart, after_hash) = match self.take_kept(patient_id) {
+            Some(kept)
+                if kept.head.version > stored.stream_version
+                    && kept.head.version <= head.version =>
             {
-                (folded.chart, Some(folded.head.hash))
+                (kept.chart, Some(kept.head.hash))
             }
             _ => (stored, None),
         };
@@ -776,9 +796,9 @@ impl ChartReader {
             chart.fold(&self.index_key, event);
         }
         chart.stream_version = head.version;
-        self.keep_folded(
+        self.keep(
             patient_id,
-            Folded {
+            KeptChart {
                 head,
                 chart: chart.clone(),
             },
@@ -789,30 +809,37 @@ impl ChartReader {
     /// Drops what is kept of a patient's chart (their record was erased).
     pub fn forget(&self, patient_id: PatientId) {
         // A poisoned lock only means another read panicked mid-insert: nothing to drop then.
-        if let Ok(mut folded) = self.folded.lock() {
-            folded.remove(&patient_id);
+        if let Ok(mut kept) = self.kept.lock() {
+            kept.remove(&patient_id);
         }
     }
 
-    fn take_folded(&self, patient_id: PatientId) -> Option<Folded> {
-        self.folded.lock().ok()?.remove(&patient_id)
+    /// A copy of the chart kept at exactly `head`.
+    fn kept_at(&self, patient_id: PatientId, head: StreamHead) -> Option<StoredChart> {
+        let charts = self.kept.lock().ok()?;
+        let kept = charts.get(&patient_id)?;
+        (kept.head == head).then(|| kept.chart.clone())
     }
 
-    fn keep_folded(&self, patient_id: PatientId, chart: Folded) {
-        let Ok(mut folded) = self.folded.lock() else {
+    fn take_kept(&self, patient_id: PatientId) -> Option<KeptChart> {
+        self.kept.lock().ok()?.remove(&patient_id)
+    }
+
+    fn keep(&self, patient_id: PatientId, chart: KeptChart) {
+        let Ok(mut charts) = self.kept.lock() else {
             return;
         };
         // Two reads of one patient at once: keep the further one.
-        if folded
+        if charts
             .get(&patient_id)
             .is_some_and(|kept| kept.head.version >= chart.head.version)
         {
             return;
         }
-        if folded.len() >= FOLDED_CHARTS_MAX {
-            folded.clear();
+        if charts.len() >= KEPT_CHARTS_MAX {
+            charts.clear();
         }
-        folded.insert(patient_id, chart);
+        charts.insert(patient_id, chart);
     }
 }
 

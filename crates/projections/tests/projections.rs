@@ -952,6 +952,90 @@ async fn postgres_a_chart_read_folds_what_the_read_model_has_not_applied(pool: P
     a_chart_read_folds_what_the_read_model_has_not_applied(postgres(pool).await).await;
 }
 
+/// A chart read at the head a reader last answered for answers from what it kept, with no
+/// statement: whether that chart was the read model's copy or a fold past it. A read at any
+/// other head goes to the read model.
+async fn a_chart_read_at_the_head_last_answered_needs_no_statement<
+    S: EventStore,
+    K: KeyStore + 'static,
+>(
+    fixture: Fixture<S, K>,
+) {
+    let seed = 12;
+    let patient = synthetic::patient_id(seed);
+    let head_after = |outcome: chartlog_store::CommandOutcome| {
+        outcome
+            .record
+            .and_then(|record| record.head)
+            .expect("a head")
+    };
+    let mut head = None;
+    for command in std::iter::once(synthetic::registration(seed))
+        .chain((0..6).map(|n| synthetic::clinical_command(seed, n, now())))
+    {
+        let outcome = fixture
+            .ledger
+            .execute(patient, command, physician(), now())
+            .await
+            .expect("command accepted");
+        head = Some(head_after(outcome));
+    }
+    let caught_up = head.expect("commands ran");
+    fixture.runner().catch_up().await.expect("catch up");
+    let outcome = fixture
+        .ledger
+        .execute(
+            patient,
+            synthetic::clinical_command(seed, 6, now()),
+            physician(),
+            now(),
+        )
+        .await
+        .expect("command accepted");
+    let trailed = head_after(outcome);
+
+    // One reader keeps the read model's copy, the other a fold past it.
+    let keeps_the_copy = ChartReader::new(fixture.index_key.clone());
+    let keeps_a_fold = ChartReader::new(fixture.index_key.clone());
+    let copy = chart_at(&fixture, &keeps_the_copy, patient, caught_up).await;
+    let fold = chart_at(&fixture, &keeps_a_fold, patient, trailed).await;
+    assert_eq!(
+        (copy.stream_version, fold.stream_version),
+        (caught_up.version, trailed.version)
+    );
+
+    match &fixture.db {
+        ProjectionDb::Sqlite(pool) => pool.close().await,
+        ProjectionDb::Postgres(pool) => pool.close().await,
+    }
+    assert_eq!(
+        chart_at(&fixture, &keeps_the_copy, patient, caught_up).await,
+        copy
+    );
+    assert_eq!(
+        chart_at(&fixture, &keeps_a_fold, patient, trailed).await,
+        fold
+    );
+    let elsewhere = keeps_the_copy
+        .read_at(&fixture.db, &fixture.ledger, patient, trailed)
+        .await;
+    assert!(
+        elsewhere.is_err(),
+        "another head needs the read model, closed here: {elsewhere:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_chart_read_at_the_head_last_answered_needs_no_statement() {
+    let (fixture, _dir) = sqlite().await;
+    a_chart_read_at_the_head_last_answered_needs_no_statement(fixture).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_a_chart_read_at_the_head_last_answered_needs_no_statement(pool: PgPool) {
+    a_chart_read_at_the_head_last_answered_needs_no_statement(postgres(pool).await).await;
+}
+
 // ---- Erasure end to end ------------------------------------------------------------------
 
 fn assert_no_marker(place: &str, bytes: &[u8]) {
