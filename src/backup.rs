@@ -59,7 +59,7 @@ use sqlx::types::Uuid;
 use tokio::sync::mpsc;
 
 use crate::{
-    Database, DatabaseLocation, DatabaseUrl, KEY_DIR_NAME, StorageArgs, create_data_dir,
+    Database, DatabaseLocation, DatabaseUrl, KEY_DIR_NAME, StorageArgs, create_data_dir, keys,
     open_database,
 };
 
@@ -845,9 +845,8 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
                      its keys/ folder from the key backup into the target's data directory first";
     let signing = SigningKeys::load(&signing_path)
         .with_context(|| format!("cannot load {}; {keys_hint}", signing_path.display()))?;
-    let kek_path = key_dir.join(KEK_FILE_NAME);
-    let ring = KeyRing::load(&kek_path)
-        .with_context(|| format!("cannot load {}; {keys_hint}", kek_path.display()))?;
+    let (ring, _) = keys::kek_ring(&key_dir, keys::CreateKekFile::No)
+        .with_context(|| format!("cannot load the KEK ring; {keys_hint}"))?;
     let verifier = signing.verifier();
 
     let mut identities: Vec<Box<dyn age::Identity + Send + Sync>> = Vec::new();
@@ -1117,7 +1116,9 @@ async fn restore_into<R: Read + Send + 'static>(
     ensure!(
         missing_keks.is_empty(),
         "the backup's data keys are wrapped under key-encryption keys this data directory's \
-         {KEK_FILE_NAME} lacks ({}): restore the key files from the key backup first",
+         KEK ring ({KEK_FILE_NAME}, or {}) lacks ({}): restore the key files from the key \
+         backup first",
+        keys::KEK_ENV,
         missing_keks.into_iter().collect::<Vec<_>>().join(", ")
     );
     if backend == Backend::Postgres && restored.last_position > 0 {

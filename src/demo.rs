@@ -14,7 +14,7 @@ use chartlog_projections::db::SqlArg;
 use chartlog_store::ExecuteOptions;
 use clap::Args;
 
-use crate::{KEY_DIR_NAME, StorageArgs, create_data_dir, open_database, wiring};
+use crate::{KEY_DIR_NAME, StorageArgs, create_data_dir, keys, open_database, wiring};
 
 /// Commands after registration per demo patient: about two months of vitals and labs, a
 /// condition, a prescription, an allergy and a note.
@@ -75,6 +75,8 @@ async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()>
         );
     }
     let key_dir = args.storage.data_dir.join(KEY_DIR_NAME);
+    let (ring, _) = wiring::key_files(&key_dir)?;
+    keys::ensure_ring_fits(database, &ring).await?;
     let accounts = wiring::accounts(database, &key_dir, AccessSettings::default())?;
     let records = wiring::records(database, &key_dir)?;
     let now = chartlog_api::now();

@@ -150,6 +150,7 @@ async fn erase_on(
     ring: KeyRing,
     signing: &SigningKeys,
 ) -> anyhow::Result<Certificate> {
+    keys::ensure_ring_fits(database, &ring).await?;
     let actor = actor(database, args, operator).await?;
     let ring = Arc::new(ring);
     let signer = Arc::clone(signing.active());

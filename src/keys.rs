@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, anyhow, bail, ensure};
 use chartlog_crypto::{
-    DataKeys, KEK_FILE_NAME, KEKS_MAX, KekId, KeyRing, KeyStore, RETIRED_SIGNERS_MAX,
-    SIGNING_FILE_NAME, SignatureVerifier, SignerKeyId, SigningKeys,
+    DataKeys, KEK_BYTES, KEK_FILE_NAME, KEKS_MAX, KekId, KeyRing, KeyStore, RETIRED_SIGNERS_MAX,
+    SIGNING_FILE_NAME, SignatureVerifier, SignerKeyId, SigningKeys, load_or_create_kek_ring,
 };
 use chartlog_projections::db::{ProjectionDb, SqlArg};
 use chartlog_store::postgres::PostgresKeyStore;
@@ -27,6 +27,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Database, KEY_DIR_NAME, StorageArgs, open_database, wiring};
 
+/// Supplies the KEK ring instead of `<keys>/kek.json`, so that the key which unwraps every
+/// data key can be kept in a secret manager, apart from the data directory and its backups:
+/// `kek-id:base64-key[,kek-id:base64-key...]`, keys of [`KEK_BYTES`] bytes, the first active.
+pub(crate) const KEK_ENV: &str = "CHARTLOG_KEK";
 /// The file every rotation locks, in the key directory.
 const ROTATION_LOCK_FILE_NAME: &str = "rotation.lock";
 /// The format tag of `keys export-public` output.
@@ -120,11 +124,107 @@ fn require_key_file(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The KEK ring of the data directory; never creates one.
+/// The KEK ring of the data directory ([`kek_ring`]); never creates one.
 pub(crate) fn load_ring(data_dir: &Path) -> anyhow::Result<KeyRing> {
-    let path = key_dir(data_dir).join(KEK_FILE_NAME);
-    require_key_file(&path)?;
-    KeyRing::load(&path).with_context(|| format!("cannot load the KEK ring {}", path.display()))
+    kek_ring(&key_dir(data_dir), CreateKekFile::No).map(|(ring, _)| ring)
+}
+
+/// Where a KEK ring came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum KekSource {
+    /// [`KEK_ENV`].
+    Environment,
+    /// The key file at this path.
+    KeyFile(PathBuf),
+}
+
+impl KekSource {
+    fn name(&self) -> &'static str {
+        match self {
+            KekSource::Environment => "environment",
+            KekSource::KeyFile(_) => "key_file",
+        }
+    }
+}
+
+/// Whether [`kek_ring`] may create the key file: only the server's first start (and the
+/// commands that open a backend the way it does) makes keys.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CreateKekFile {
+    IfMissing,
+    No,
+}
+
+/// The KEK ring: from [`KEK_ENV`] when it is set, else from `<key_dir>/kek.json`. Refuses
+/// both at once, since data keys wrapped under one ring would not unwrap under the other, and
+/// an operator who moved the ring into a secret manager must not find a forgotten copy used.
+/// Errors name the variable or the file, never key bytes.
+pub(crate) fn kek_ring(
+    key_dir: &Path,
+    create: CreateKekFile,
+) -> anyhow::Result<(KeyRing, KekSource)> {
+    let path = key_dir.join(KEK_FILE_NAME);
+    let Some(value) = std::env::var_os(KEK_ENV) else {
+        let ring = match create {
+            CreateKekFile::IfMissing => load_or_create_kek_ring(key_dir).with_context(|| {
+                format!("cannot load or create the KEK ring {}", path.display())
+            })?,
+            CreateKekFile::No => {
+                ensure!(
+                    path.exists(),
+                    "no key file at {} and {KEK_ENV} is not set: check --data-dir, and set \
+                     {KEK_ENV} as the server has it if it runs with one (the server creates the \
+                     key file on first start otherwise)",
+                    path.display()
+                );
+                KeyRing::load(&path)
+                    .with_context(|| format!("cannot load the KEK ring {}", path.display()))?
+            }
+        };
+        return Ok((ring, KekSource::KeyFile(path)));
+    };
+    ensure!(
+        !path.exists(),
+        "both {KEK_ENV} and the key file {} hold a KEK ring: keep one (to move to {KEK_ENV}, \
+         put every KEK of the file in it, the file's active one first, then remove the file)",
+        path.display()
+    );
+    let value = zeroize::Zeroizing::new(
+        value
+            .into_string()
+            .map_err(|_| anyhow!("{KEK_ENV} is not valid UTF-8"))?,
+    );
+    let ring = KeyRing::from_env_value(&value).with_context(|| {
+        format!(
+            "{KEK_ENV} is not a KEK ring (kek-id:base64-key[,kek-id:base64-key...], \
+             {KEK_BYTES}-byte keys, the first active)"
+        )
+    })?;
+    Ok((ring, KekSource::Environment))
+}
+
+/// Refuses a KEK ring that holds none of the KEKs wrapping the database's data keys: with a
+/// mistyped [`KEK_ENV`] or another server's key file, every record would fail to open and the
+/// new ones would be sealed under data keys that nothing else can unwrap. A ring lacking only
+/// some of those KEKs passes (`chartlog keys show` names them), so one lost KEK does not
+/// keep every other record from being served.
+pub(crate) async fn ensure_ring_fits(database: &Database, ring: &KeyRing) -> anyhow::Result<()> {
+    let (by_kek, _) = data_key_counts(&wiring::log_db(database)).await?;
+    let known = ring.kek_ids();
+    if by_kek.is_empty()
+        || by_kek
+            .keys()
+            .any(|id| known.iter().any(|k| k.as_str() == id))
+    {
+        return Ok(());
+    }
+    let wrapped: u64 = by_kek.values().sum();
+    bail!(
+        "the KEK ring holds none of the KEKs that wrap this database's {wrapped} data keys ({}): \
+         {KEK_ENV}, or <data-dir>/keys/{KEK_FILE_NAME} when it is unset, is not the ring this \
+         database was sealed with",
+        by_kek.keys().cloned().collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// The signing keys of the data directory; never creates them.
@@ -203,9 +303,11 @@ async fn keys_under(db: &ProjectionDb, kek: &KekId) -> anyhow::Result<u64> {
 
 #[derive(Serialize)]
 struct KeysReport {
+    /// `key_file` or `environment` ([`KEK_ENV`]).
+    kek_source: &'static str,
     key_encryption_keys: Vec<KekReport>,
-    /// KEK ids that wrap data keys but are missing from the key file: those keys cannot be
-    /// unwrapped with this key file.
+    /// KEK ids that wrap data keys but are missing from the KEK ring: those keys cannot be
+    /// unwrapped with this ring.
     unknown_key_encryption_keys: Vec<KekReport>,
     data_keys: DataKeyCounts,
     signing_keys: Vec<SignerReport>,
@@ -232,7 +334,7 @@ struct SignerReport {
 }
 
 async fn show(args: ShowArgs) -> anyhow::Result<()> {
-    let ring = load_ring(&args.storage.data_dir)?;
+    let (ring, source) = kek_ring(&key_dir(&args.storage.data_dir), CreateKekFile::No)?;
     let signing = load_signing_keys(&args.storage.data_dir)?;
     let database = open_database(&args.storage.database_location()).await?;
     let counts = data_key_counts(&wiring::log_db(&database)).await;
@@ -273,6 +375,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
         .map(|kek| kek.data_keys)
         .sum();
     let report = KeysReport {
+        kek_source: source.name(),
         key_encryption_keys,
         unknown_key_encryption_keys,
         data_keys: DataKeyCounts {
@@ -285,7 +388,10 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
     if args.json {
         return write_stdout(&serde_json::to_string(&report).context("cannot encode the report")?);
     }
-    let mut text = String::from("key-encryption keys:\n");
+    let mut text = match &source {
+        KekSource::Environment => format!("key-encryption keys (from {KEK_ENV}):\n"),
+        KekSource::KeyFile(path) => format!("key-encryption keys ({}):\n", path.display()),
+    };
     for kek in &report.key_encryption_keys {
         let state = if kek.active { "active" } else { "older " };
         text.push_str(&format!(
@@ -295,7 +401,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
     }
     for kek in &report.unknown_key_encryption_keys {
         text.push_str(&format!(
-            "  {}  MISSING from the key file  wraps {} data keys (they cannot be unwrapped)\n",
+            "  {}  MISSING from the KEK ring  wraps {} data keys (they cannot be unwrapped)\n",
             kek.id, kek.data_keys
         ));
     }
@@ -348,21 +454,32 @@ struct KekRotation {
     active_kek_id: String,
     /// The KEK that was active before, when this run started the rotation.
     previous_kek_id: Option<String>,
-    /// Whether this run finished a rotation an earlier run began (no new KEK was made).
+    /// Whether this run finished a rotation begun before it (no new KEK was made): by an
+    /// interrupted run, or, with [`KEK_ENV`], by the operator putting a new KEK first in it.
     resumed: bool,
     rewrapped_data_keys: u64,
     retired_kek_ids: Vec<String>,
+    /// `key_file` or `environment` ([`KEK_ENV`]).
+    kek_source: &'static str,
 }
 
 async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
-    let data_dir = &args.storage.data_dir;
-    let kek_path = key_dir(data_dir).join(KEK_FILE_NAME);
-    require_key_file(&kek_path)?;
-    let _lock = lock_rotation(&key_dir(data_dir))?;
+    let key_dir = key_dir(&args.storage.data_dir);
+    // Checked before the lock, which would create the key directory.
+    kek_ring(&key_dir, CreateKekFile::No)?;
+    let _lock = lock_rotation(&key_dir)?;
     // Loaded under the lock: a rotation that finished meanwhile is seen.
-    let ring = load_ring(data_dir)?;
+    let (ring, source) = kek_ring(&key_dir, CreateKekFile::No)?;
+    ensure!(
+        !(args.retire_old && source == KekSource::Environment),
+        "--retire-old edits the key file, and {KEK_ENV} supplies the KEK ring: remove the older \
+         KEKs from {KEK_ENV} yourself once `chartlog keys show` reports that they wrap no data keys"
+    );
     let database = open_database(&args.storage.database_location()).await?;
-    let rotated = rotate_kek_on(&database, ring, &kek_path, args.retire_old).await;
+    let rotated = match ensure_ring_fits(&database, &ring).await {
+        Ok(()) => rotate_kek_on(&database, ring, &source, args.retire_old).await,
+        Err(error) => Err(error),
+    };
     database.close().await;
     let rotation = rotated?;
 
@@ -371,7 +488,12 @@ async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
             &serde_json::to_string(&rotation).context("cannot encode the summary")?,
         );
     }
+    let from_environment = rotation.kek_source == KekSource::Environment.name();
     let mut text = match (&rotation.previous_kek_id, rotation.resumed) {
+        (_, true) if from_environment => format!(
+            "{} data keys re-wrapped under KEK {}, the first in {KEK_ENV}",
+            rotation.rewrapped_data_keys, rotation.active_kek_id
+        ),
         (_, true) => format!(
             "resumed an interrupted rotation: {} data keys re-wrapped under KEK {}",
             rotation.rewrapped_data_keys, rotation.active_kek_id
@@ -403,7 +525,7 @@ async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
 async fn rotate_kek_on(
     database: &Database,
     mut ring: KeyRing,
-    kek_path: &Path,
+    source: &KekSource,
     retire_old: bool,
 ) -> anyhow::Result<KekRotation> {
     let db = wiring::log_db(database);
@@ -411,6 +533,14 @@ async fn rotate_kek_on(
     let previous_kek_id = if resumed {
         None
     } else {
+        let KekSource::KeyFile(kek_path) = source else {
+            bail!(
+                "every data key is already wrapped under {}, the first KEK in {KEK_ENV}, and \
+                 this command cannot change a variable: put a new KEK first in {KEK_ENV}, keep \
+                 the older ones after it, and run this again",
+                ring.active_kek_id()
+            );
+        };
         ensure!(
             ring.kek_ids().len() < KEKS_MAX,
             "the key file already holds {KEKS_MAX} KEKs: rotate once with --retire-old"
@@ -448,7 +578,7 @@ async fn rotate_kek_on(
          running on the old key file?); stop it and run `chartlog keys rotate-kek` again"
     );
     let mut retired_kek_ids = Vec::new();
-    if retire_old {
+    if let (true, KekSource::KeyFile(kek_path)) = (retire_old, source) {
         let mut ring = KeyRing::load(kek_path)
             .with_context(|| format!("cannot reload the KEK ring {}", kek_path.display()))?;
         for kek in ring.kek_ids() {
@@ -475,6 +605,7 @@ async fn rotate_kek_on(
         resumed,
         rewrapped_data_keys: rewrapped,
         retired_kek_ids,
+        kek_source: source.name(),
     })
 }
 

@@ -31,8 +31,7 @@ use chartlog_api::limits::{ClientRateLimiter, RateLimit};
 use chartlog_api::tls::{self, PemFiles};
 use chartlog_api::{ApiConfig, NotReady, ReadinessProbe, Transport};
 use chartlog_crypto::{
-    DataKeys, INDEX_KEY_FILE_NAME, KeyRing, KeyStore, SignatureVerifier, load_or_create_key_files,
-    load_or_create_mac_key,
+    DataKeys, INDEX_KEY_FILE_NAME, KeyRing, KeyStore, SignatureVerifier, load_or_create_mac_key,
 };
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome, AuditTrailProjection};
 use chartlog_projections::chart::ChartProjection;
@@ -688,13 +687,12 @@ async fn open_backend(
         "opening backend"
     );
     let key_dir = data_dir.join(KEY_DIR_NAME);
-    chartlog_crypto::load_or_create_key_files(&key_dir).with_context(|| {
-        format!(
-            "cannot load or create the key files in {}",
-            key_dir.display()
-        )
-    })?;
+    let (ring, _) = wiring::key_files(&key_dir)?;
     let database = open_database_with(database, postgres_connections).await?;
+    if let Err(error) = keys::ensure_ring_fits(&database, &ring).await {
+        database.close().await;
+        return Err(error);
+    }
     Ok(Backend {
         readiness: Arc::new(DatabaseReadiness(database.clone())),
         database,
@@ -759,12 +757,7 @@ struct ProjectionKeys {
 /// the de-identification secret for the pseudonyms (both must be the server's own, or the
 /// rebuilt rows would not match the ones it writes).
 fn projection_keys(key_dir: &Path) -> anyhow::Result<ProjectionKeys> {
-    let (ring, signing) = load_or_create_key_files(key_dir).with_context(|| {
-        format!(
-            "cannot load or create the key files in {}",
-            key_dir.display()
-        )
-    })?;
+    let (ring, signing) = wiring::key_files(key_dir)?;
     let index_key = load_or_create_mac_key(key_dir, INDEX_KEY_FILE_NAME)
         .with_context(|| format!("cannot load the blind-index key in {}", key_dir.display()))?;
     let deid_key = load_or_create_mac_key(key_dir, DEID_KEY_FILE_NAME).with_context(|| {
@@ -860,6 +853,11 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     let label = args.name.clone().unwrap_or_else(|| "all".to_owned());
 
     let database = open_database(&location).await?;
+    // Not recorded: a record sealed under this ring could not be opened with the right one.
+    if let Err(error) = keys::ensure_ring_fits(&database, &keys.ring).await {
+        database.close().await;
+        return Err(error);
+    }
     let started = Instant::now();
     let rebuilt = match &database {
         Database::Sqlite(store, read_models) => {

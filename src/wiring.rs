@@ -14,8 +14,8 @@ use chartlog_api::audit::{AuditSink, SignedAuditSink};
 use chartlog_api::notify::{LogNotifier, Notifier, Notifiers, WebhookNotifier};
 use chartlog_api::records::{LedgerRecords, Records};
 use chartlog_crypto::{
-    DataKeys, EventSigner, INDEX_KEY_FILE_NAME, KeyRing, SigningKeys, load_or_create_key_files,
-    load_or_create_mac_key,
+    DataKeys, EventSigner, INDEX_KEY_FILE_NAME, KeyRing, SigningKeys, load_or_create_mac_key,
+    load_or_create_signing_keys,
 };
 use chartlog_domain::{Actor, PurposeOfUse, Role, UserId};
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome, AuditRow};
@@ -27,7 +27,7 @@ use chartlog_store::ledger::SNAPSHOT_EVERY_EVENTS;
 use chartlog_store::postgres::{PostgresKeyStore, PostgresSnapshotStore};
 use chartlog_store::sqlite::{SqliteKeyStore, SqliteSnapshotStore};
 
-use crate::Database;
+use crate::{Database, keys};
 
 /// The user name of the administrator created on first start.
 pub const FIRST_ADMINISTRATOR: &str = "admin";
@@ -142,6 +142,7 @@ pub async fn audit_operator_action(
     outcome: AuditOutcome,
 ) -> anyhow::Result<()> {
     let (ring, signing) = key_files(key_dir)?;
+    keys::ensure_ring_fits(database, &ring).await?;
     let ring = Arc::new(ring);
     let signer = Arc::clone(signing.active());
     let log = match database {
@@ -188,14 +189,17 @@ pub async fn audit_operator_action(
         .context("cannot record the operation in the audit log")
 }
 
-/// The key-encryption keys and signing keys of `key_dir`, created on first use.
-fn key_files(key_dir: &Path) -> anyhow::Result<(KeyRing, SigningKeys)> {
-    load_or_create_key_files(key_dir).with_context(|| {
+/// The KEK ring ([`keys::kek_ring`]: from `CHARTLOG_KEK` or `key_dir`) and the signing keys
+/// of `key_dir`, the key files created on first use.
+pub(crate) fn key_files(key_dir: &Path) -> anyhow::Result<(KeyRing, SigningKeys)> {
+    let (ring, _) = keys::kek_ring(key_dir, keys::CreateKekFile::IfMissing)?;
+    let signing = load_or_create_signing_keys(key_dir).with_context(|| {
         format!(
-            "cannot load or create the key files in {}",
+            "cannot load or create the signing keys in {}",
             key_dir.display()
         )
-    })
+    })?;
+    Ok((ring, signing))
 }
 
 /// The signing key events are signed with now.

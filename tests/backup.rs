@@ -73,6 +73,7 @@ fn chartlog(args: &[&str]) -> Output {
         // The tests choose the database; never inherit the developer's.
         .env_remove("CHARTLOG_DATABASE_URL")
         .env_remove("CHARTLOG_DATA_DIR")
+        .env_remove("CHARTLOG_KEK")
         .env("CHARTLOG_LOG", "warn")
         .env("RUST_BACKTRACE", "0")
         .env("RUST_LIB_BACKTRACE", "0")

@@ -324,6 +324,7 @@ fn run_chartlog(command: &str, data_dir: &std::path::Path, extra: &[&str]) -> st
         .args(extra)
         .env_remove("CHARTLOG_DATABASE_URL")
         .env_remove("CHARTLOG_DATA_DIR")
+        .env_remove("CHARTLOG_KEK")
         .output()
         .expect("run chartlog")
 }
@@ -382,6 +383,7 @@ fn run_users(subcommand: &str, data_dir: &std::path::Path, extra: &[&str]) -> st
         .args(extra)
         .env_remove("CHARTLOG_DATABASE_URL")
         .env_remove("CHARTLOG_DATA_DIR")
+        .env_remove("CHARTLOG_KEK")
         .output()
         .expect("run chartlog users")
 }

@@ -15,8 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use chartlog_crypto::{
-    DataKeys, KEK_FILE_NAME, KekId, KeyRing, KeyStore, SIGNING_FILE_NAME, load_or_create_key_files,
+    DataKeys, KEK_BYTES, KEK_FILE_NAME, KekId, KeyRing, KeyStore, SIGNING_FILE_NAME,
+    load_or_create_key_files,
 };
 use chartlog_domain::{
     Actor, PatientCommand, PatientId, PurposeOfUse, Role, StreamId, Timestamp, UserId, synthetic,
@@ -25,7 +28,7 @@ use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore};
 use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
 use chartlog_store::{EventStore, LedgerError, PatientLedger};
 use serde_json::Value;
-use support::TestDir;
+use support::{Server, TestDir};
 use uuid::Uuid;
 
 /// The actor `chartlog erase` records without `--operator` (documented in `chartlog erase
@@ -65,6 +68,16 @@ async fn sqlite_read_models(data_dir: &Path) -> sqlx::SqlitePool {
 
 /// `chartlog <args> --data-dir <data_dir> <extra>`, stdin not a terminal.
 fn chartlog(args: &[&str], data_dir: &Path, extra: &[&str]) -> Output {
+    chartlog_with_env(args, data_dir, extra, &[])
+}
+
+/// [`chartlog`] with environment variables set for it alone.
+fn chartlog_with_env(
+    args: &[&str],
+    data_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     Command::new(env!("CARGO_BIN_EXE_chartlog"))
         .args(args)
         .arg("--data-dir")
@@ -72,7 +85,9 @@ fn chartlog(args: &[&str], data_dir: &Path, extra: &[&str]) -> Output {
         .args(extra)
         .env_remove("CHARTLOG_DATABASE_URL")
         .env_remove("CHARTLOG_DATA_DIR")
+        .env_remove("CHARTLOG_KEK")
         .env_remove("CHARTLOG_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("run chartlog")
@@ -683,6 +698,7 @@ fn erase_at_a_terminal(data_dir: &Path, patient: PatientId, answer: &str) -> Out
         .args(["--quiet", "--return", "--command", &command, "/dev/null"])
         .env_remove("CHARTLOG_DATABASE_URL")
         .env_remove("CHARTLOG_DATA_DIR")
+        .env_remove("CHARTLOG_KEK")
         .env_remove("CHARTLOG_LOG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -1223,4 +1239,184 @@ async fn verify_finds_events_moved_across_streams_by_the_signed_checkpoints() {
         report["breaks"][0]["problem"], "checkpoint_mismatch",
         "{report}"
     );
+}
+
+/// A fresh KEK as a `CHARTLOG_KEK` entry, and its key in base64.
+fn kek_entry(id: &str) -> (String, String) {
+    let key: [u8; KEK_BYTES] = rand::random();
+    let key = BASE64.encode(key);
+    (format!("{id}:{key}"), key)
+}
+
+/// Runs with `CHARTLOG_KEK=<kek>` and expects success; returns stdout.
+fn succeeds_with_kek(args: &[&str], data_dir: &Path, extra: &[&str], kek: &str) -> String {
+    let output = chartlog_with_env(args, data_dir, extra, &[("CHARTLOG_KEK", kek)]);
+    assert!(
+        output.status.success(),
+        "chartlog {args:?} {extra:?} failed: {}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// Runs with `CHARTLOG_KEK=<kek>` and expects a failure; returns stderr.
+fn fails_with_kek(args: &[&str], data_dir: &Path, extra: &[&str], kek: &str) -> String {
+    let output = chartlog_with_env(args, data_dir, extra, &[("CHARTLOG_KEK", kek)]);
+    assert!(
+        !output.status.success(),
+        "chartlog {args:?} {extra:?} succeeded: {}",
+        stdout(&output)
+    );
+    stderr(&output)
+}
+
+#[tokio::test]
+async fn a_kek_ring_in_chartlog_kek_never_touches_the_data_directory() {
+    let dir = TestDir::new();
+    let data_dir = dir.data_dir();
+    let kek_file = key_dir(data_dir).join(KEK_FILE_NAME);
+    let (first, first_key) = kek_entry("kek-vault-1");
+    let (second, second_key) = kek_entry("kek-vault-2");
+    let secrets = [first_key.clone(), second_key.clone()];
+    let mut printed = String::new();
+
+    // The server's first start makes every key file but the KEK's.
+    let mut server = Server::start_with_env(data_dir, "info", &[("CHARTLOG_KEK", &first)], &[]);
+    assert!(server.signal_and_wait("TERM").success());
+    printed.push_str(&server.stderr());
+    assert!(key_dir(data_dir).join(SIGNING_FILE_NAME).is_file());
+    assert!(!kek_file.exists(), "the KEK stays in the variable");
+
+    printed.push_str(&succeeds_with_kek(
+        &["demo"],
+        data_dir,
+        &["--patients", "3"],
+        &first,
+    ));
+    assert!(!kek_file.exists());
+    let shown: Value = serde_json::from_str(&succeeds_with_kek(
+        &["keys", "show", "--json"],
+        data_dir,
+        &[],
+        &first,
+    ))
+    .expect("JSON");
+    assert_eq!(shown["kek_source"], "environment", "{shown}");
+    assert_eq!(shown["key_encryption_keys"][0]["id"], "kek-vault-1");
+    let data_keys = shown["data_keys"]["active"].as_u64().expect("a count");
+    assert!(data_keys >= 3, "{shown}");
+    assert_eq!(
+        shown["key_encryption_keys"][0]["data_keys"], data_keys,
+        "{shown}"
+    );
+    assert!(
+        succeeds_with_kek(&["keys", "show"], data_dir, &[], &first)
+            .contains("key-encryption keys (from CHARTLOG_KEK)")
+    );
+
+    // Without the variable there is no ring.
+    let without = chartlog(&["keys", "show"], data_dir, &[]);
+    assert!(!without.status.success());
+    assert!(
+        stderr(&without).contains("and CHARTLOG_KEK is not set"),
+        "{}",
+        stderr(&without)
+    );
+    // A ring that holds none of the KEKs wrapping the data keys (a mistyped variable) is
+    // refused before anything is sealed under it.
+    for args in [
+        &["serve", "--listen", "127.0.0.1:0"][..],
+        &["rebuild"],
+        &["demo", "--force"],
+        &["keys", "rotate-kek"],
+    ] {
+        let refused = fails_with_kek(args, data_dir, &[], &second);
+        assert!(
+            refused.contains("holds none of the KEKs that wrap this database's"),
+            "{args:?}: {refused}"
+        );
+        printed.push_str(&refused);
+    }
+    assert_eq!(
+        wrapping_keks(data_dir).await,
+        vec!["kek-vault-1".to_owned(); usize::try_from(data_keys).expect("a count")],
+        "nothing was sealed under the wrong ring"
+    );
+
+    // A forgotten key file next to the variable is refused, by every command.
+    KeyRing::generate(KekId::generate())
+        .save(&kek_file)
+        .expect("a key file");
+    for args in [&["keys", "show"][..], &["rebuild"], &["keys", "rotate-kek"]] {
+        let refused = fails_with_kek(args, data_dir, &[], &first);
+        assert!(
+            refused.contains("both CHARTLOG_KEK and the key file"),
+            "{args:?}: {refused}"
+        );
+        printed.push_str(&refused);
+    }
+    std::fs::remove_file(&kek_file).expect("remove the key file");
+
+    // A malformed value is named, never echoed.
+    let short = format!("kek-vault-1:{}", &first_key[..first_key.len() - 8]);
+    let malformed = fails_with_kek(&["keys", "show"], data_dir, &[], &short);
+    assert!(
+        malformed.contains("CHARTLOG_KEK is not a KEK ring"),
+        "{malformed}"
+    );
+    assert!(malformed.contains("must be 64 bytes"), "{malformed}");
+    printed.push_str(&malformed);
+
+    // Rotation: the operator puts a new KEK first; the command re-wraps every data key under
+    // it. It cannot make a KEK itself, nor retire one from a variable.
+    let both = format!("{second},{first}");
+    let rotated: Value = serde_json::from_str(&succeeds_with_kek(
+        &["keys", "rotate-kek", "--json"],
+        data_dir,
+        &[],
+        &both,
+    ))
+    .expect("JSON");
+    assert_eq!(rotated["kek_source"], "environment", "{rotated}");
+    assert_eq!(rotated["active_kek_id"], "kek-vault-2");
+    assert_eq!(rotated["resumed"], true);
+    assert_eq!(rotated["rewrapped_data_keys"], data_keys);
+    let again = fails_with_kek(&["keys", "rotate-kek"], data_dir, &[], &both);
+    assert!(
+        again.contains("put a new KEK first in CHARTLOG_KEK"),
+        "{again}"
+    );
+    let retire = fails_with_kek(
+        &["keys", "rotate-kek", "--retire-old"],
+        data_dir,
+        &[],
+        &both,
+    );
+    assert!(
+        retire.contains("--retire-old edits the key file"),
+        "{retire}"
+    );
+    printed.push_str(&again);
+    printed.push_str(&retire);
+    assert_eq!(
+        wrapping_keks(data_dir).await,
+        vec!["kek-vault-2".to_owned(); usize::try_from(data_keys).expect("a count")]
+    );
+
+    // The new KEK alone opens every record now: the rebuild decrypts every event.
+    let rebuilt: Value = serde_json::from_str(&succeeds_with_kek(
+        &["rebuild", "--json"],
+        data_dir,
+        &[],
+        &second,
+    ))
+    .expect("JSON");
+    assert!(
+        rebuilt["events"].as_u64().is_some_and(|events| events > 0),
+        "{rebuilt}"
+    );
+    succeeds(&["verify"], data_dir, &[]);
+    assert!(!kek_file.exists());
+    assert_no_secret(&printed, &secrets);
 }

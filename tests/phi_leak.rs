@@ -320,6 +320,7 @@ fn operator_commands(data_dir: &Path, storage: &[&str]) -> Vec<(String, String)>
             .args(storage)
             .env_remove("CHARTLOG_DATABASE_URL")
             .env_remove("CHARTLOG_DATA_DIR")
+            .env_remove("CHARTLOG_KEK")
             .env_remove("CHARTLOG_LOG")
             .stdin(std::process::Stdio::null())
             .output()

@@ -36,6 +36,16 @@ impl Server {
     /// [`Server::start`] with another `--log` filter (e.g. `trace`): clap refuses a second
     /// `--log` in `extra_args`.
     pub fn start_with_log(data_dir: &Path, log: &str, extra_args: &[&str]) -> Server {
+        Server::start_with_env(data_dir, log, &[], extra_args)
+    }
+
+    /// [`Server::start_with_log`] with environment variables set for the server alone.
+    pub fn start_with_env(
+        data_dir: &Path,
+        log: &str,
+        env: &[(&str, &str)],
+        extra_args: &[&str],
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chartlog"))
             .arg("serve")
             .arg("--data-dir")
@@ -45,7 +55,9 @@ impl Server {
             // The tests choose the database; never inherit the developer's.
             .env_remove("CHARTLOG_DATABASE_URL")
             .env_remove("CHARTLOG_DATA_DIR")
+            .env_remove("CHARTLOG_KEK")
             .env_remove("CHARTLOG_LOG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

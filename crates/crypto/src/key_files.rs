@@ -35,32 +35,45 @@ const SIGNING_FILE_FORMAT: &str = "chartlog-signing/v1";
 /// access and a directory other users can write. Safe against a concurrent first start: a file
 /// is created only if absent, and the loser of a race loads the winner's.
 pub fn load_or_create_key_files(dir: &Path) -> Result<(KeyRing, SigningKeys), KeyFileError> {
+    Ok((
+        load_or_create_kek_ring(dir)?,
+        load_or_create_signing_keys(dir)?,
+    ))
+}
+
+/// The KEK ring of [`load_or_create_key_files`] alone.
+pub fn load_or_create_kek_ring(dir: &Path) -> Result<KeyRing, KeyFileError> {
     create_private_dir(dir)?;
     let kek_path = dir.join(KEK_FILE_NAME);
-    let ring = match KeyRing::load(&kek_path) {
+    match KeyRing::load(&kek_path) {
         Err(KeyFileError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
             let ring = KeyRing::generate(KekId::generate());
             if write_private(&kek_path, &ring.to_json(), Replace::No)? {
-                ring
+                Ok(ring)
             } else {
-                KeyRing::load(&kek_path)?
+                KeyRing::load(&kek_path)
             }
         }
-        other => other?,
-    };
+        other => other,
+    }
+}
+
+/// The signing keys of [`load_or_create_key_files`] alone: for a KEK ring supplied from
+/// elsewhere, the signing keys still live in `dir`.
+pub fn load_or_create_signing_keys(dir: &Path) -> Result<SigningKeys, KeyFileError> {
+    create_private_dir(dir)?;
     let signing_path = dir.join(SIGNING_FILE_NAME);
-    let signing = match SigningKeys::load(&signing_path) {
+    match SigningKeys::load(&signing_path) {
         Err(KeyFileError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
             let signing = SigningKeys::generate(SignerKeyId::generate());
             if write_private(&signing_path, &signing.to_json(), Replace::No)? {
-                signing
+                Ok(signing)
             } else {
-                SigningKeys::load(&signing_path)?
+                SigningKeys::load(&signing_path)
             }
         }
-        other => other?,
-    };
-    Ok((ring, signing))
+        other => other,
+    }
 }
 
 /// The active event signer and the public keys of retired ones, which stay trusted so events

@@ -47,7 +47,8 @@ pub use header::{EventHeader, SealedEvent};
 pub use hmac_key::{INDEX_KEY_FILE_NAME, load_mac_key, load_or_create_mac_key};
 pub use ids::{DataKeyId, EventHash, EventSignature, KekId, SignerKeyId};
 pub use key_files::{
-    KEK_FILE_NAME, RETIRED_SIGNERS_MAX, SIGNING_FILE_NAME, SigningKeys, load_or_create_key_files,
+    KEK_FILE_NAME, RETIRED_SIGNERS_MAX, SIGNING_FILE_NAME, SigningKeys, load_or_create_kek_ring,
+    load_or_create_key_files, load_or_create_signing_keys,
 };
 pub use key_ring::{KEK_BYTES, KEKS_MAX, KeyRing, WrappedDataKey};
 pub use key_store::{DataKeyRecord, KeyInsert, KeyStore, KeyStoreError};
