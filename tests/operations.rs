@@ -103,7 +103,17 @@ fn stderr(output: &Output) -> String {
 
 /// Runs and expects success; returns stdout.
 fn succeeds(args: &[&str], data_dir: &Path, extra: &[&str]) -> String {
-    let output = chartlog(args, data_dir, extra);
+    succeeds_with_env(args, data_dir, extra, &[])
+}
+
+/// [`succeeds`] with environment variables set for the command alone.
+fn succeeds_with_env(
+    args: &[&str],
+    data_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> String {
+    let output = chartlog_with_env(args, data_dir, extra, env);
     assert!(
         output.status.success(),
         "chartlog {args:?} {extra:?} failed: {}\n{}",
@@ -1250,14 +1260,13 @@ fn kek_entry(id: &str) -> (String, String) {
 
 /// Runs with `CHARTLOG_KEK=<kek>` and expects success; returns stdout.
 fn succeeds_with_kek(args: &[&str], data_dir: &Path, extra: &[&str], kek: &str) -> String {
-    let output = chartlog_with_env(args, data_dir, extra, &[("CHARTLOG_KEK", kek)]);
-    assert!(
-        output.status.success(),
-        "chartlog {args:?} {extra:?} failed: {}\n{}",
-        stdout(&output),
-        stderr(&output)
-    );
-    stdout(&output)
+    succeeds_with_env(args, data_dir, extra, &[("CHARTLOG_KEK", kek)])
+}
+
+/// [`succeeds_with_kek`] with `--json` added; returns the one JSON object printed.
+fn succeeds_json_with_kek(args: &[&str], data_dir: &Path, kek: &str) -> Value {
+    let out = succeeds_with_kek(args, data_dir, &["--json"], kek);
+    serde_json::from_str(out.trim()).unwrap_or_else(|error| panic!("{error}: {out}"))
 }
 
 /// Runs with `CHARTLOG_KEK=<kek>` and expects a failure; returns stderr.
@@ -1295,13 +1304,7 @@ async fn a_kek_ring_in_chartlog_kek_never_touches_the_data_directory() {
         &first,
     ));
     assert!(!kek_file.exists());
-    let shown: Value = serde_json::from_str(&succeeds_with_kek(
-        &["keys", "show", "--json"],
-        data_dir,
-        &[],
-        &first,
-    ))
-    .expect("JSON");
+    let shown = succeeds_json_with_kek(&["keys", "show"], data_dir, &first);
     assert_eq!(shown["kek_source"], "environment", "{shown}");
     assert_eq!(shown["key_encryption_keys"][0]["id"], "kek-vault-1");
     let data_keys = shown["data_keys"]["active"].as_u64().expect("a count");
@@ -1371,13 +1374,7 @@ async fn a_kek_ring_in_chartlog_kek_never_touches_the_data_directory() {
     // Rotation: the operator puts a new KEK first; the command re-wraps every data key under
     // it. It cannot make a KEK itself, nor retire one from a variable.
     let both = format!("{second},{first}");
-    let rotated: Value = serde_json::from_str(&succeeds_with_kek(
-        &["keys", "rotate-kek", "--json"],
-        data_dir,
-        &[],
-        &both,
-    ))
-    .expect("JSON");
+    let rotated = succeeds_json_with_kek(&["keys", "rotate-kek"], data_dir, &both);
     assert_eq!(rotated["kek_source"], "environment", "{rotated}");
     assert_eq!(rotated["active_kek_id"], "kek-vault-2");
     assert_eq!(rotated["resumed"], true);
@@ -1405,13 +1402,7 @@ async fn a_kek_ring_in_chartlog_kek_never_touches_the_data_directory() {
     );
 
     // The new KEK alone opens every record now: the rebuild decrypts every event.
-    let rebuilt: Value = serde_json::from_str(&succeeds_with_kek(
-        &["rebuild", "--json"],
-        data_dir,
-        &[],
-        &second,
-    ))
-    .expect("JSON");
+    let rebuilt = succeeds_json_with_kek(&["rebuild"], data_dir, &second);
     assert!(
         rebuilt["events"].as_u64().is_some_and(|events| events > 0),
         "{rebuilt}"
