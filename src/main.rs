@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::HttpServer;
 use anyhow::{Context, bail};
+use chartlog_api::alerts::{RefusalAlertSettings, RefusalWatch};
 use chartlog_api::limits::{ClientRateLimiter, RateLimit};
 use chartlog_api::tls::{self, PemFiles};
 use chartlog_api::{ApiConfig, NotReady, ReadinessProbe, Transport};
@@ -168,9 +169,20 @@ struct ServeArgs {
     public_url: Option<String>,
 
     /// An https URL that is POSTed a JSON notice (ids and a link, no PHI) at every
-    /// break-glass opening. Notices always go to the log as well.
+    /// break-glass opening and every refusal alert; its `kind` field tells them apart. Notices
+    /// always go to the log as well.
     #[arg(long, env = "CHARTLOG_BREAK_GLASS_WEBHOOK", hide_env_values = true)]
     break_glass_webhook: Option<String>,
+
+    /// Refusals (denied or failed requests) of one user, or of one address without a
+    /// session, within --refusal-alert-minutes that raise an alert to the notifiers. One
+    /// alert per subject per window.
+    #[arg(long, default_value_t = RefusalAlertSettings::default().refusals, value_parser = clap::value_parser!(u32).range(2..=100_000))]
+    refusal_alert_count: u32,
+
+    /// The window --refusal-alert-count is counted over, in minutes.
+    #[arg(long, default_value_t = RefusalAlertSettings::default().window.as_secs() / 60, value_parser = clap::value_parser!(u64).range(1..=1440))]
+    refusal_alert_minutes: u64,
 
     /// Requests per second one client (a session, or else an address) may send sustained;
     /// more get 429 with Retry-After. The health probes are exempt.
@@ -455,6 +467,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         accounts,
         audit,
         notifier: wiring::notifier(args.break_glass_webhook.as_deref())?,
+        refusal_watch: Arc::new(RefusalWatch::new(RefusalAlertSettings {
+            refusals: args.refusal_alert_count,
+            window: Duration::from_secs(args.refusal_alert_minutes * 60),
+        })),
         read_models: wiring::read_models(&backend.database),
         public_base_url: args
             .public_url

@@ -564,3 +564,86 @@ async fn an_ended_session_stays_ended(extra_args: &[&str]) {
     .await
     .expect(StatusCode::UNAUTHORIZED);
 }
+
+/// The server's log lines that report refusal alerts (the log notifier's WARN lines).
+fn alert_lines(server: &Server) -> Vec<String> {
+    server
+        .stderr()
+        .lines()
+        .filter(|line| line.contains("repeated refusals"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits, bounded, until the server has reported `count` refusal alerts, and returns them.
+async fn alerts_reach(server: &Server, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + support::STEP_TIMEOUT;
+    loop {
+        let lines = alert_lines(server);
+        if lines.len() >= count {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} refusal alerts expected, {} seen; stderr:\n{}",
+            lines.len(),
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_refusals_raise_one_alert_per_subject_naming_no_address() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), &["--refusal-alert-count", "3"]);
+    let names = ["auditor.ada"].map(str::to_owned);
+    let (api, _admin, ids) = setup(&server, &dir, &names, true).await;
+    assert!(alert_lines(&server).is_empty(), "{}", server.stderr());
+
+    // An auditor opening charts is refused by the role table, five times: one alert, at the
+    // third, naming the auditor by id.
+    let auditor = fresh_session(&api, "auditor.ada").await;
+    let chart = format!("/patients/{}/chart", uuid::Uuid::now_v7());
+    for attempt in 1..=5 {
+        let refused = api.get(&chart, &auditor).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "attempt {attempt}");
+    }
+    let lines = alerts_reach(&server, 1).await;
+    let auditor_alert = &lines[0];
+    assert!(auditor_alert.contains(&ids[0]), "{auditor_alert}");
+    assert!(auditor_alert.contains("auditor"), "{auditor_alert}");
+    assert!(auditor_alert.contains("refusals=3"), "{auditor_alert}");
+    assert!(
+        auditor_alert.contains("/audit-trail?from="),
+        "{auditor_alert}"
+    );
+
+    // Requests without a session from one address: counted by the address, which the alert
+    // does not carry.
+    let stranger = client_from(&dir, [0, 0, 9]);
+    for attempt in 1..=3 {
+        let refused = stranger
+            .get(server.url(&chart))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            refused.status(),
+            StatusCode::UNAUTHORIZED,
+            "attempt {attempt}"
+        );
+    }
+    let lines = alerts_reach(&server, 2).await;
+    let anonymous_alert = &lines[1];
+    assert!(!anonymous_alert.contains("user_id"), "{anonymous_alert}");
+    assert!(!anonymous_alert.contains("127.0.0.9"), "{anonymous_alert}");
+
+    // The window has not passed: the auditor's later refusals raise nothing more.
+    api.get(&chart, &auditor)
+        .await
+        .expect(StatusCode::FORBIDDEN);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(alert_lines(&server).len(), 2, "{}", server.stderr());
+}

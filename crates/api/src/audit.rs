@@ -77,13 +77,20 @@ impl AuditSink for DatabaseAuditSink {
     }
 }
 
-/// Records `rows`, or fails the request with 503.
+/// Records `rows`, or fails the request with 503. Refusals among them are counted once
+/// they are durable; an alert they raise is sent beside the request, which never waits for it.
 pub(crate) async fn record(config: &ApiConfig, rows: Vec<AuditRow>) -> Result<(), ApiError> {
+    let alerts = config.refusal_watch.observe(&rows, &config.public_base_url);
     config
         .audit
         .record(rows)
         .await
-        .map_err(|AuditUnavailable| ApiError::AuditUnavailable)
+        .map_err(|AuditUnavailable| ApiError::AuditUnavailable)?;
+    for alert in alerts {
+        let notifier = config.notifier.clone();
+        actix_web::rt::spawn(async move { notifier.repeated_refusals(&alert).await });
+    }
+    Ok(())
 }
 
 /// A successful access by `actor`, stamped now.

@@ -33,6 +33,7 @@
 //! The crate assumes a Unix host: private key files are created with mode 0600.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod audit;
 mod error;
 #[doc(hidden)]
@@ -89,8 +90,10 @@ pub struct ApiConfig {
     pub accounts: chartlog_access::Accounts,
     /// Where audit rows of reads, logins and denials go before a response leaves.
     pub audit: Arc<dyn audit::AuditSink>,
-    /// Told of every break-glass opening.
+    /// Told of every break-glass opening, and of repeated refusals.
     pub notifier: Arc<dyn notify::Notifier>,
+    /// Counts the refusals the API audits, and says when they call for an alert.
+    pub refusal_watch: Arc<alerts::RefusalWatch>,
     /// The read-model database, for the audit trail and the de-identified export.
     pub read_models: chartlog_projections::db::ProjectionDb,
     /// How clients reach this server, e.g. `https://127.0.0.1:8443`: links in notifications.

@@ -1,5 +1,6 @@
-//! Break-glass notifications: a security officer hears at once that someone opened a chart
-//! outside the care relationship.
+//! Security notifications: a security officer hears at once that someone opened a chart
+//! outside the care relationship (break-glass), or keeps being refused
+//! ([`crate::alerts`]).
 //!
 //! **Invariant:** a notice carries ids, a time and a link to the review, never PHI: it leaves
 //! the system through channels (chat, e-mail, pagers) that are not cleared for PHI. The
@@ -12,13 +13,17 @@ use chartlog_domain::{PatientId, Role, Timestamp, UserId};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::alerts::RefusalAlert;
+
 /// How long a webhook delivery may take before it is abandoned (and logged). The request
 /// that opened break-glass does not wait for it.
 pub const WEBHOOK_TIMEOUT_MS_MAX: u64 = 5_000;
 
-/// What a notifier is told.
+/// What a notifier is told of a break-glass opening.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BreakGlassNotice {
+    /// Always `break_glass_opened`: tells this notice from the others a webhook receives.
+    pub kind: &'static str,
     pub grant_id: Uuid,
     pub user_id: UserId,
     pub role: Role,
@@ -41,6 +46,7 @@ impl BreakGlassNotice {
         review_link: String,
     ) -> Self {
         Self {
+            kind: "break_glass_opened",
             grant_id,
             user_id,
             role,
@@ -52,11 +58,13 @@ impl BreakGlassNotice {
     }
 }
 
-/// Delivers break-glass notices. Delivery is best effort and never fails the request: the
-/// grant is already in the review queue and the audit trail, which are the record.
+/// Delivers notices. Delivery is best effort and never fails the request: what a notice
+/// reports is already in the audit trail (and a grant in the review queue), which are the
+/// record.
 #[async_trait]
 pub trait Notifier: Send + Sync + 'static {
     async fn break_glass_opened(&self, notice: &BreakGlassNotice);
+    async fn repeated_refusals(&self, alert: &RefusalAlert);
 }
 
 /// Writes each notice to the log at WARN, for deployments that alert on log lines.
@@ -74,6 +82,20 @@ impl Notifier for LogNotifier {
             expires_at = %notice.expires_at,
             review_link = %notice.review_link,
             "break-glass access opened"
+        );
+    }
+
+    async fn repeated_refusals(&self, alert: &RefusalAlert) {
+        tracing::warn!(
+            alert_id = %alert.alert_id,
+            user_id = alert.user_id.map(|user| user.to_string()),
+            role = alert.role.map(Role::as_str),
+            refusals = alert.refusals,
+            window_minutes = alert.window_minutes,
+            first_at = %alert.first_at,
+            last_at = %alert.last_at,
+            audit_link = %alert.audit_link,
+            "repeated refusals"
         );
     }
 }
@@ -113,22 +135,40 @@ impl WebhookNotifier {
 #[async_trait]
 impl Notifier for WebhookNotifier {
     async fn break_glass_opened(&self, notice: &BreakGlassNotice) {
-        let delivered = self
-            .client
+        match self.post(notice).await {
+            Ok(()) => tracing::info!(grant_id = %notice.grant_id, "break-glass notice delivered"),
+            Err(status) => tracing::error!(
+                grant_id = %notice.grant_id,
+                status,
+                "break-glass notice not delivered"
+            ),
+        }
+    }
+
+    async fn repeated_refusals(&self, alert: &RefusalAlert) {
+        match self.post(alert).await {
+            Ok(()) => tracing::info!(alert_id = %alert.alert_id, "refusal alert delivered"),
+            Err(status) => tracing::error!(
+                alert_id = %alert.alert_id,
+                status,
+                "refusal alert not delivered"
+            ),
+        }
+    }
+}
+
+impl WebhookNotifier {
+    /// POSTs `notice` as JSON. The error is the HTTP status, if any: the URL may carry a
+    /// token, so the error itself is not logged.
+    async fn post(&self, notice: &impl Serialize) -> Result<(), Option<u16>> {
+        self.client
             .post(self.url.clone())
             .json(notice)
             .send()
             .await
-            .and_then(|response| response.error_for_status());
-        match delivered {
-            Ok(_) => tracing::info!(grant_id = %notice.grant_id, "break-glass notice delivered"),
-            // The URL may carry a token: log the status only.
-            Err(error) => tracing::error!(
-                grant_id = %notice.grant_id,
-                status = error.status().map(|s| s.as_u16()),
-                "break-glass notice not delivered"
-            ),
-        }
+            .and_then(|response| response.error_for_status())
+            .map(drop)
+            .map_err(|error| error.status().map(|status| status.as_u16()))
     }
 }
 
@@ -140,6 +180,12 @@ impl Notifier for Notifiers {
     async fn break_glass_opened(&self, notice: &BreakGlassNotice) {
         for notifier in &self.0 {
             notifier.break_glass_opened(notice).await;
+        }
+    }
+
+    async fn repeated_refusals(&self, alert: &RefusalAlert) {
+        for notifier in &self.0 {
+            notifier.repeated_refusals(alert).await;
         }
     }
 }

@@ -90,6 +90,9 @@ async fn config(
         ),
         audit: Arc::new(DatabaseAuditSink::new(db.clone())),
         notifier: Arc::new(LogNotifier),
+        refusal_watch: Arc::new(crate::alerts::RefusalWatch::new(
+            crate::alerts::RefusalAlertSettings::default(),
+        )),
         read_models: db,
         public_base_url: "https://chartlog.test".to_owned(),
         rate_limiter: Arc::new(crate::limits::ClientRateLimiter::new(
