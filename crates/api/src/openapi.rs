@@ -10,6 +10,10 @@ use utoipa::openapi::{
     ComponentsBuilder, Content, InfoBuilder, OpenApi, OpenApiBuilder, Ref, RefOr, Required,
 };
 
+use chartlog_domain::patient::Demographics;
+use utoipa::ToSchema;
+
+use crate::handlers::commands::CommandBody;
 use crate::routes::{self, Permission, ROUTES, Route, Verb};
 
 /// The component every error response refers to.
@@ -18,10 +22,19 @@ const ERROR_SCHEMA: &str = "Error";
 /// The document served at `/openapi.json`.
 pub fn document() -> OpenApi {
     let mut paths = Paths::new();
+    let mut components = ComponentsBuilder::new();
+    let bodies = request_bodies();
     for route in ROUTES {
         let mut operation = OperationBuilder::new()
             .summary(Some(route.summary))
-            .description(Some(permission_text(route.permission)))
+            .description(Some(if BODILESS.iter().any(|r| std::ptr::eq(*r, *route)) {
+                format!(
+                    "{} Takes no request body.",
+                    permission_text(route.permission)
+                )
+            } else {
+                permission_text(route.permission)
+            }))
             .operation_id(Some(format!(
                 "{} {}",
                 route.verb.as_str().to_lowercase(),
@@ -32,20 +45,22 @@ pub fn document() -> OpenApi {
             // Every other answer is an error in the one shape, whatever its status: the
             // fuzzer then checks each error body against the schema.
             .response("default", error_response());
-        operation = match route.verb {
-            Verb::Get => operation,
-            Verb::Post => operation.request_body(Some(
+        if let Some((_, body)) = bodies
+            .iter()
+            .find(|(with_body, _)| std::ptr::eq(*with_body, *route))
+        {
+            let mut schemas = Vec::new();
+            let schema = body(&mut schemas);
+            for (name, schema) in schemas {
+                components = components.schema(name, schema);
+            }
+            operation = operation.request_body(Some(
                 RequestBodyBuilder::new()
-                    .content(
-                        "application/json",
-                        Content::new(
-                            None::<utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>>,
-                        ),
-                    )
+                    .content("application/json", Content::new(Some(schema)))
                     .required(Some(Required::True))
                     .build(),
-            )),
-        };
+            ));
+        }
         for name in path_parameters(route.path) {
             operation = operation.parameter(
                 ParameterBuilder::new()
@@ -88,7 +103,7 @@ pub fn document() -> OpenApi {
         )
         .paths(paths)
         .components(Some(
-            ComponentsBuilder::new()
+            components
                 .schema(ERROR_SCHEMA, error_schema())
                 .security_scheme(
                     "bearer",
@@ -103,6 +118,65 @@ pub fn document() -> OpenApi {
                 .build(),
         ))
         .build()
+}
+
+/// Adds `T`'s schema and the ones it refers to, and returns a reference to it.
+type BodySchema = fn(&mut Vec<(String, RefOr<Schema>)>) -> RefOr<Schema>;
+
+fn body<T: ToSchema>(schemas: &mut Vec<(String, RefOr<Schema>)>) -> RefOr<Schema> {
+    schemas.push((T::name().into_owned(), T::schema()));
+    T::schemas(schemas);
+    Ref::from_schema_name(T::name()).into()
+}
+
+/// A command's body, with the route its `CommandBody` names (so the pairing cannot drift).
+fn command<B: CommandBody + ToSchema>() -> (&'static Route, BodySchema) {
+    (B::ROUTE, body::<B>)
+}
+
+/// The POST routes that take none: the path and the session say it all.
+const BODILESS: [&Route; 5] = [
+    &routes::LOGOUT,
+    &routes::ENROLL_SECOND_FACTOR,
+    &routes::DISABLE_USER,
+    &routes::RESET_PASSWORD,
+    &routes::RESET_SECOND_FACTOR,
+];
+
+/// The JSON body each other POST route reads, as the type its handler parses.
+fn request_bodies() -> Vec<(&'static Route, BodySchema)> {
+    use crate::handlers::commands as c;
+    use crate::handlers::{access, oversight, patients};
+    vec![
+        (&routes::LOGIN, body::<access::LoginBody>),
+        (&routes::CHANGE_PASSWORD, body::<access::PasswordChangeBody>),
+        (
+            &routes::CONFIRM_SECOND_FACTOR,
+            body::<access::ConfirmationBody>,
+        ),
+        (&routes::CREATE_USER, body::<access::NewUserBody>),
+        (&routes::REGISTER_PATIENT, body::<Demographics>),
+        (&routes::SEARCH_PATIENTS, body::<patients::SearchBody>),
+        (&routes::BREAK_GLASS, body::<patients::BreakGlassBody>),
+        (&routes::REVIEW_BREAK_GLASS, body::<oversight::VerdictBody>),
+        command::<c::CorrectDemographics>(),
+        command::<c::RecordObservation>(),
+        command::<c::RecordCondition>(),
+        command::<c::ResolveCondition>(),
+        command::<c::RecordAllergy>(),
+        command::<c::RefuteAllergy>(),
+        command::<c::PrescribeMedication>(),
+        command::<c::DiscontinueMedication>(),
+        command::<c::WriteNote>(),
+        command::<c::AmendNote>(),
+        command::<c::SignNote>(),
+        command::<c::AddNoteAddendum>(),
+        command::<c::GrantConsentRestriction>(),
+        command::<c::RevokeConsentRestriction>(),
+        command::<c::AssignCareRelationship>(),
+        command::<c::EndCareRelationship>(),
+        command::<c::ErasePatient>(),
+    ]
 }
 
 fn permission_text(permission: Permission) -> String {
@@ -298,5 +372,372 @@ fn query_parameters(route: &Route) -> Vec<(&'static str, &'static str, Schema)> 
         )]
     } else {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chartlog_domain::{PatientCommand, synthetic};
+    use serde::de::DeserializeOwned;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::handlers::commands as c;
+    use crate::handlers::{access, oversight, patients};
+
+    /// Checks `value` against `schema` for the parts of JSON Schema this document uses:
+    /// `$ref`, `oneOf`, `type` (one or a list), `enum`, `properties`, `required`,
+    /// `additionalProperties: false`, `items`, `maxLength` and `pattern` (whole-string `^...$`
+    /// patterns of digit runs only, as `Decimal`'s). Returns where the first mismatch is.
+    fn conforms(document: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+        if let Some(reference) = schema["$ref"].as_str() {
+            let name = reference.trim_start_matches("#/components/schemas/");
+            let target = &document["components"]["schemas"][name];
+            if target.is_null() {
+                return Err(format!("{at}: {reference} is not in the components"));
+            }
+            return conforms(document, target, value, at);
+        }
+        if let Some(choices) = schema["oneOf"].as_array() {
+            let matching = choices
+                .iter()
+                .filter(|choice| conforms(document, choice, value, at).is_ok())
+                .count();
+            return match matching {
+                1 => Ok(()),
+                count => Err(format!("{at}: {value} matches {count} of oneOf")),
+            };
+        }
+        let types: Vec<&str> = match &schema["type"] {
+            Value::String(one) => vec![one.as_str()],
+            Value::Array(many) => many.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let type_of = match value {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(number) if number.is_i64() || number.is_u64() => "integer",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        if !types.is_empty() && !types.contains(&type_of) {
+            return Err(format!("{at}: {type_of} where {types:?} is expected"));
+        }
+        if let Some(allowed) = schema["enum"].as_array()
+            && !allowed.contains(value)
+        {
+            return Err(format!("{at}: {value} is not one of {allowed:?}"));
+        }
+        match value {
+            Value::String(text) => {
+                if let Some(length_max) = schema["maxLength"].as_u64()
+                    && text.chars().count() as u64 > length_max
+                {
+                    return Err(format!("{at}: longer than {length_max}"));
+                }
+                if schema["pattern"].is_string() && !decimal_like(text) {
+                    return Err(format!("{at}: {text:?} does not match the pattern"));
+                }
+            }
+            Value::Array(items) => {
+                for (index, item) in items.iter().enumerate() {
+                    conforms(document, &schema["items"], item, &format!("{at}[{index}]"))?;
+                }
+            }
+            Value::Object(fields) => {
+                for required in schema["required"].as_array().into_iter().flatten() {
+                    let name = required.as_str().unwrap_or_default();
+                    if !fields.contains_key(name) {
+                        return Err(format!("{at}: required {name} is missing"));
+                    }
+                }
+                for (name, field) in fields {
+                    match schema["properties"].get(name) {
+                        Some(property) => {
+                            conforms(document, property, field, &format!("{at}.{name}"))?;
+                        }
+                        None if schema["additionalProperties"] == json!(false) => {
+                            return Err(format!("{at}: {name} is not a property"));
+                        }
+                        None => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn decimal_like(text: &str) -> bool {
+        let unsigned = text.strip_prefix('-').unwrap_or(text);
+        let (integer, fraction) = unsigned.split_once('.').unwrap_or((unsigned, "0"));
+        [integer, fraction]
+            .iter()
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    }
+
+    fn parses<T: DeserializeOwned>(body: &Value) -> bool {
+        serde_json::from_value::<T>(body.clone()).is_ok()
+    }
+
+    const ID: &str = "0190a6f4-0000-7000-8000-00000000000a";
+    const AT: &str = "2026-11-27T08:30:00Z";
+
+    /// A body each route with one accepts, and the parser its handler uses.
+    fn examples() -> Vec<(&'static Route, Value, fn(&Value) -> bool)> {
+        let PatientCommand::RegisterPatient { demographics, .. } = synthetic::registration(7)
+        else {
+            unreachable!("a registration")
+        };
+        let loinc =
+            json!({ "system": "http://loinc.org", "code": "8867-4", "display": "Heart rate" });
+        let rxnorm =
+            json!({ "system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975" });
+        vec![
+            (
+                &routes::LOGIN,
+                json!({ "username": "dr.grey", "password": "a long passphrase here", "second_factor": "123456" }),
+                parses::<access::LoginBody>,
+            ),
+            (
+                &routes::CHANGE_PASSWORD,
+                json!({ "current_password": "old one", "new_password": "a new long passphrase" }),
+                parses::<access::PasswordChangeBody>,
+            ),
+            (
+                &routes::CONFIRM_SECOND_FACTOR,
+                json!({ "code": "123456" }),
+                parses::<access::ConfirmationBody>,
+            ),
+            (
+                &routes::CREATE_USER,
+                json!({ "username": "pat.jones", "role": "patient", "patient_id": ID }),
+                parses::<access::NewUserBody>,
+            ),
+            (
+                &routes::REGISTER_PATIENT,
+                serde_json::to_value(&demographics).unwrap(),
+                parses::<Demographics>,
+            ),
+            (
+                &routes::SEARCH_PATIENTS,
+                json!({ "family_name": "Doe", "birth_date": "1980-01-02" }),
+                parses::<patients::SearchBody>,
+            ),
+            (
+                &routes::SEARCH_PATIENTS,
+                json!({ "mrn": "MRN-0042" }),
+                parses::<patients::SearchBody>,
+            ),
+            (
+                &routes::BREAK_GLASS,
+                json!({ "reason": "unconscious in the emergency department" }),
+                parses::<patients::BreakGlassBody>,
+            ),
+            (
+                &routes::REVIEW_BREAK_GLASS,
+                json!({ "verdict": "justified" }),
+                parses::<oversight::VerdictBody>,
+            ),
+            (
+                &routes::CORRECT_DEMOGRAPHICS,
+                json!({ "address": null, "sex": "female" }),
+                parses::<c::CorrectDemographics>,
+            ),
+            (
+                &routes::RECORD_OBSERVATION,
+                json!({ "code": loinc, "value": { "quantity": { "value": "72", "unit": "/min" } }, "effective_at": AT }),
+                parses::<c::RecordObservation>,
+            ),
+            (
+                &routes::RECORD_OBSERVATION,
+                json!({ "code": loinc, "value": { "text": "regular rhythm" }, "effective_at": AT }),
+                parses::<c::RecordObservation>,
+            ),
+            (
+                &routes::RECORD_CONDITION,
+                json!({ "code": { "system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11.9" }, "onset_at": AT }),
+                parses::<c::RecordCondition>,
+            ),
+            (
+                &routes::RESOLVE_CONDITION,
+                json!({ "condition_id": ID, "resolved_at": AT }),
+                parses::<c::ResolveCondition>,
+            ),
+            (
+                &routes::RECORD_ALLERGY,
+                json!({ "substance": rxnorm, "criticality": "high", "reaction": "anaphylaxis" }),
+                parses::<c::RecordAllergy>,
+            ),
+            (
+                &routes::REFUTE_ALLERGY,
+                json!({ "allergy_id": ID }),
+                parses::<c::RefuteAllergy>,
+            ),
+            (
+                &routes::PRESCRIBE_MEDICATION,
+                json!({ "medication": rxnorm, "dose": { "value": "500", "unit": "mg" }, "route": "oral", "frequency": "twice_daily" }),
+                parses::<c::PrescribeMedication>,
+            ),
+            (
+                &routes::DISCONTINUE_MEDICATION,
+                json!({ "medication_order_id": ID, "reason": "course_completed" }),
+                parses::<c::DiscontinueMedication>,
+            ),
+            (
+                &routes::WRITE_NOTE,
+                json!({ "text": "Seen for follow-up.\nDoing well." }),
+                parses::<c::WriteNote>,
+            ),
+            (
+                &routes::AMEND_NOTE,
+                json!({ "note_id": ID, "text": "Seen for follow-up." }),
+                parses::<c::AmendNote>,
+            ),
+            (
+                &routes::SIGN_NOTE,
+                json!({ "note_id": ID, "password": "a long passphrase here" }),
+                parses::<c::SignNote>,
+            ),
+            (
+                &routes::ADD_NOTE_ADDENDUM,
+                json!({ "note_id": ID, "text": "Labs came back normal." }),
+                parses::<c::AddNoteAddendum>,
+            ),
+            (
+                &routes::GRANT_CONSENT_RESTRICTION,
+                json!({ "kind": { "block_user": ID } }),
+                parses::<c::GrantConsentRestriction>,
+            ),
+            (
+                &routes::GRANT_CONSENT_RESTRICTION,
+                json!({ "kind": { "hide_notes_from_role": "nurse" } }),
+                parses::<c::GrantConsentRestriction>,
+            ),
+            (
+                &routes::REVOKE_CONSENT_RESTRICTION,
+                json!({ "restriction_id": ID }),
+                parses::<c::RevokeConsentRestriction>,
+            ),
+            (
+                &routes::ASSIGN_CARE_RELATIONSHIP,
+                json!({ "clinician": ID }),
+                parses::<c::AssignCareRelationship>,
+            ),
+            (
+                &routes::END_CARE_RELATIONSHIP,
+                json!({ "clinician": ID }),
+                parses::<c::EndCareRelationship>,
+            ),
+            (
+                &routes::ERASE_PATIENT,
+                json!({ "reason": "patient_request" }),
+                parses::<c::ErasePatient>,
+            ),
+        ]
+    }
+
+    fn body_schema(document: &Value, route: &Route) -> Value {
+        document["paths"][route.path]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"]
+            .clone()
+    }
+
+    #[test]
+    fn every_post_route_declares_its_body_or_that_it_takes_none() {
+        let bodies = request_bodies();
+        for route in ROUTES {
+            let with_body = bodies
+                .iter()
+                .filter(|(r, _)| std::ptr::eq(*r, *route))
+                .count();
+            let bodiless = BODILESS.iter().any(|r| std::ptr::eq(*r, *route));
+            match route.verb {
+                Verb::Post => assert!(
+                    with_body + usize::from(bodiless) == 1,
+                    "POST {}: declare its body once, or list it as bodiless",
+                    route.path
+                ),
+                Verb::Get => assert!(with_body == 0 && !bodiless, "GET {}", route.path),
+            }
+        }
+    }
+
+    #[test]
+    fn every_body_the_handlers_accept_conforms_to_its_schema() {
+        let document = serde_json::to_value(document()).unwrap();
+        let examples = examples();
+        for (route, _) in request_bodies() {
+            assert!(
+                examples.iter().any(|(r, _, _)| std::ptr::eq(*r, route)),
+                "POST {}: no example body",
+                route.path
+            );
+        }
+        for (route, body, parses) in examples {
+            assert!(
+                parses(&body),
+                "POST {}: the handler refuses {body}",
+                route.path
+            );
+            let schema = body_schema(&document, route);
+            assert!(schema.is_object(), "POST {}: no body schema", route.path);
+            if let Err(mismatch) = conforms(&document, &schema, &body, "body") {
+                panic!("POST {}: {mismatch}", route.path);
+            }
+        }
+    }
+
+    /// The validator above can fail: bodies the handlers refuse break the schema too.
+    #[test]
+    fn bodies_the_handlers_refuse_break_the_schema() {
+        let document = serde_json::to_value(document()).unwrap();
+        let refused = [
+            (
+                &routes::RECORD_OBSERVATION,
+                json!({ "code": { "system": "http://loinc.org", "code": "8867-4" }, "value": { "quantity": { "value": "72", "unit": "/min" } }, "effective_at": AT, "extra": 1 }),
+                parses::<c::RecordObservation> as fn(&Value) -> bool,
+            ),
+            (
+                &routes::RECORD_OBSERVATION,
+                json!({ "code": { "system": "http://loinc.org", "code": "8867-4" }, "effective_at": AT }),
+                parses::<c::RecordObservation>,
+            ),
+            (
+                &routes::RECORD_ALLERGY,
+                json!({ "substance": { "system": "http://example.org", "code": "1" }, "criticality": "high" }),
+                parses::<c::RecordAllergy>,
+            ),
+            (
+                &routes::PRESCRIBE_MEDICATION,
+                json!({ "medication": { "system": "http://loinc.org", "code": "8867-4" }, "dose": { "value": "1e3", "unit": "mg" }, "route": "oral", "frequency": "daily" }),
+                parses::<c::PrescribeMedication>,
+            ),
+            (
+                &routes::ERASE_PATIENT,
+                json!({ "reason": "because" }),
+                parses::<c::ErasePatient>,
+            ),
+            (
+                &routes::CREATE_USER,
+                json!({ "username": "x", "role": "janitor" }),
+                parses::<access::NewUserBody>,
+            ),
+        ];
+        for (route, body, parses) in refused {
+            assert!(
+                !parses(&body),
+                "POST {}: the handler accepts {body}",
+                route.path
+            );
+            let schema = body_schema(&document, route);
+            assert!(
+                conforms(&document, &schema, &body, "body").is_err(),
+                "POST {}: {body} conforms",
+                route.path
+            );
+        }
     }
 }

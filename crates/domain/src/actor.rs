@@ -10,6 +10,13 @@ use crate::ids::UserId;
 /// The roles of the access policy. `System` is chartlog itself (projections, maintenance)
 /// acting with no human behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(
+        description = "A role of the access policy (see the role table). `system` is chartlog itself and is never given to an account."
+    )
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Physician,
@@ -53,6 +60,7 @@ impl Role {
 
 /// Why the actor touches the record (after HL7 v3 PurposeOfUse: TREAT, ETREAT, HPAYMT, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PurposeOfUse {
     Treatment,

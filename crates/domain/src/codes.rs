@@ -146,6 +146,13 @@ pub enum CodeError {
 /// A code attached to a patient is health information (a diagnosis, a drug), so `Debug`
 /// shows only the system.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(
+        description = "A code in its system (LOINC, ICD-10-CM, SNOMED CT or RxNorm), checked against the system's syntax, with the display text the sender showed the clinician."
+    )
+)]
 #[serde(try_from = "CodeWire")]
 pub struct Code {
     system: CodeSystem,

@@ -37,6 +37,8 @@ pub mod actor;
 pub mod codec;
 pub mod codes;
 pub mod ids;
+#[cfg(feature = "openapi")]
+mod openapi;
 pub mod patient;
 pub mod phi;
 pub mod quantity;

@@ -124,6 +124,15 @@ macro_rules! phi_string {
             }
         }
 
+        #[cfg(feature = "openapi")]
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+                crate::openapi::string(concat!("A ", $field, " (PHI)."), Some($length_max)).into()
+            }
+        }
+        #[cfg(feature = "openapi")]
+        impl utoipa::ToSchema for $name {}
+
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 serializer.serialize_str(&self.0)
@@ -362,6 +371,7 @@ impl<'de> Deserialize<'de> for BirthDate {
 
 /// Administrative sex (FHIR `AdministrativeGender`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Sex {
     Female,
@@ -372,6 +382,7 @@ pub enum Sex {
 
 /// A person's name: given names in order, then the family name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(try_from = "PersonNameWire")]
 pub struct PersonName {
     given: Vec<GivenName>,
@@ -455,6 +466,7 @@ impl TryFrom<String> for UsState {
 
 /// A US postal address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(try_from = "PostalAddressWire")]
 pub struct PostalAddress {
     lines: Vec<AddressLine>,
@@ -527,6 +539,7 @@ impl PostalAddress {
 
 /// A way to reach the patient.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ContactPoint {
     Phone(PhoneNumber),
@@ -535,6 +548,7 @@ pub enum ContactPoint {
 
 /// Who issued an identifier the patient carries. The MRN and the SSN have their own fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum IdentifierSystem {
     HealthPlanMemberNumber,
@@ -546,6 +560,7 @@ pub enum IdentifierSystem {
 
 /// An identifier issued by another system. The system prints; the value is PHI.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 // Request bodies reach these types: a misspelt field must be an error, not silently dropped.
 #[serde(deny_unknown_fields)]
 pub struct PatientIdentifier {

@@ -140,6 +140,7 @@ impl TryFrom<String> for Unit {
 
 /// A measured amount. Numeric values always carry a unit: there is no unitless quantity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 // Request bodies reach these types: a misspelt field must be an error, not silently dropped.
 #[serde(deny_unknown_fields)]
 pub struct Quantity {

@@ -15,10 +15,11 @@ use super::{internal, parse_body, require_json};
 use crate::guard::{Caller, SESSION_COOKIE};
 use crate::{ApiConfig, ApiError, audit};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LoginBody {
+pub(crate) struct LoginBody {
     username: String,
+    #[schema(format = Password)]
     password: String,
     /// A 6-digit TOTP code or a recovery code.
     #[serde(default)]
@@ -210,10 +211,12 @@ pub(crate) async fn session(caller: Caller) -> HttpResponse {
     HttpResponse::Ok().json(SessionView::of(&caller.session))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PasswordChangeBody {
+pub(crate) struct PasswordChangeBody {
+    #[schema(format = Password)]
     current_password: String,
+    #[schema(format = Password)]
     new_password: String,
 }
 
@@ -289,9 +292,9 @@ pub(crate) async fn begin_enrollment(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ConfirmationBody {
+pub(crate) struct ConfirmationBody {
     code: String,
 }
 
@@ -391,9 +394,9 @@ pub(crate) async fn list_users(
     Ok(HttpResponse::Ok().json(serde_json::json!({ "users": users })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewUserBody {
+pub(crate) struct NewUserBody {
     username: String,
     role: Role,
     /// Required for, and only for, a patient's account: the record it may read.

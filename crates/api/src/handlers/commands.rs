@@ -219,7 +219,7 @@ fn new_id() -> uuid::Uuid {
 
 macro_rules! command_body {
     ($name:ident, $route:ident, $entity:ident, $action:ident, { $($field:tt)* }, |$this:ident, $caller:ident| $build:expr) => {
-        #[derive(Deserialize)]
+        #[derive(Deserialize, utoipa::ToSchema)]
         #[serde(deny_unknown_fields)]
         pub(crate) struct $name { $($field)* }
 
@@ -238,7 +238,7 @@ macro_rules! command_body {
 }
 
 /// The correction is the body itself: the fields to change.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(transparent)]
 pub(crate) struct CorrectDemographics(DemographicsCorrection);
 
@@ -356,10 +356,12 @@ command_body!(AmendNote, AMEND_NOTE, Note, Update, {
 });
 
 /// Signing needs the signer's password again (re-authentication at the moment of signing).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SignNote {
     note_id: NoteId,
+    /// The signer's password again: signing re-authenticates.
+    #[schema(format = Password)]
     password: String,
 }
 

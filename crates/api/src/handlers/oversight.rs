@@ -213,9 +213,9 @@ pub(crate) struct GrantPath {
     grant_id: uuid::Uuid,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct VerdictBody {
+pub(crate) struct VerdictBody {
     /// `justified` or `unjustified`.
     verdict: String,
 }

@@ -103,9 +103,9 @@ pub(crate) async fn register(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SearchBody {
+pub(crate) struct SearchBody {
     #[serde(default)]
     mrn: Option<Mrn>,
     #[serde(default)]
@@ -584,9 +584,9 @@ pub(crate) async fn disclosures(
     Ok(HttpResponse::Ok().json(super::oversight::AuditPageView::of(&page)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BreakGlassBody {
+pub(crate) struct BreakGlassBody {
     /// Why the emergency needs this record; shown to the reviewing auditor.
     reason: String,
 }

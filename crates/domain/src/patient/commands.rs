@@ -19,9 +19,12 @@ use crate::time::Timestamp;
 pub const CONTACT_POINTS_MAX: usize = 8;
 /// Identifiers from other systems on one chart.
 pub const IDENTIFIERS_MAX: usize = 8;
+// `Demographics` repeats both in its OpenAPI `max_items`, which takes only literals.
+const _: () = assert!(CONTACT_POINTS_MAX == 8 && IDENTIFIERS_MAX == 8);
 
 /// Who the patient is. All of it is PHI except `sex`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 // Request bodies reach these types: a misspelt field must be an error, not silently dropped.
 #[serde(deny_unknown_fields)]
 pub struct Demographics {
@@ -29,17 +32,26 @@ pub struct Demographics {
     pub birth_date: BirthDate,
     pub sex: Sex,
     pub address: Option<PostalAddress>,
-    /// At most [`CONTACT_POINTS_MAX`]; checked by `decide`.
+    /// At most `CONTACT_POINTS_MAX` (8), checked when the command is decided.
+    #[cfg_attr(feature = "openapi", schema(max_items = 8))]
     pub contacts: Vec<ContactPoint>,
     pub mrn: Mrn,
     pub ssn: Option<Ssn>,
-    /// At most [`IDENTIFIERS_MAX`]; checked by `decide`.
+    /// At most `IDENTIFIERS_MAX` (8), checked when the command is decided.
+    #[cfg_attr(feature = "openapi", schema(max_items = 8))]
     pub identifiers: Vec<PatientIdentifier>,
 }
 
 /// Fields to correct; `None` leaves a field as it is. For the optional fields,
 /// `Some(None)` removes the value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(
+        description = "Fields to correct: an absent field is left as it is, and `null` removes an optional one (address, ssn)."
+    )
+)]
 // Request bodies reach these types: a misspelt field must be an error, not silently dropped.
 #[serde(deny_unknown_fields)]
 pub struct DemographicsCorrection {
@@ -87,6 +99,7 @@ impl DemographicsCorrection {
 
 /// An observation's result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ObservationValue {
     /// A measurement; the unit is mandatory by construction.
@@ -99,6 +112,7 @@ pub enum ObservationValue {
 
 /// How dangerous a future reaction could be (FHIR `AllergyIntoleranceCriticality`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AllergyCriticality {
     Low,
@@ -108,6 +122,7 @@ pub enum AllergyCriticality {
 
 /// The reaction seen, when one was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AllergyReaction {
     Anaphylaxis,
@@ -121,6 +136,7 @@ pub enum AllergyReaction {
 
 /// How a medication is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MedicationRoute {
     Oral,
@@ -139,6 +155,7 @@ pub enum MedicationRoute {
 
 /// How often a dose is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DosingFrequency {
     Once,
@@ -156,6 +173,7 @@ pub enum DosingFrequency {
 
 /// Why a medication order was stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DiscontinuationReason {
     CourseCompleted,
@@ -168,6 +186,7 @@ pub enum DiscontinuationReason {
 
 /// What a consent restriction does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ConsentRestrictionKind {
     /// This user may not open the chart (outside break-glass).
@@ -179,6 +198,7 @@ pub enum ConsentRestrictionKind {
 /// Why a patient's record is erased. A closed list on purpose: free text here would be
 /// PHI that outlives the erasure in the tombstone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErasureReason {
     PatientRequest,
