@@ -762,6 +762,45 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     api.get(&format!("/patients/{patient}/chart"), &analyst)
         .await
         .expect(StatusCode::FORBIDDEN);
+
+    // ---- A legal hold keeps a record from erasure until it is released. ----
+    let hold = api
+        .post(
+            &format!("/patients/{other_patient}/place-legal-hold"),
+            &admin,
+            json!({ "reason": "litigation" }),
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let hold_id = hold["record_id"]
+        .as_str()
+        .expect("the hold's id")
+        .to_owned();
+    let erase = format!("/patients/{other_patient}/erase");
+    let refused = api
+        .post(&erase, &admin, json!({ "reason": "patient_request" }))
+        .await
+        .expect(StatusCode::UNPROCESSABLE_ENTITY)
+        .json();
+    assert_eq!(refused["error"], "under_legal_hold", "{refused}");
+    api.post(
+        &format!("/patients/{other_patient}/release-legal-hold"),
+        &physician,
+        json!({ "hold_id": hold_id }),
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN);
+    api.post(
+        &format!("/patients/{other_patient}/release-legal-hold"),
+        &admin,
+        json!({ "hold_id": hold_id }),
+    )
+    .await
+    .expect(StatusCode::OK);
+    api.post(&erase, &admin, json!({ "reason": "patient_request" }))
+        .await
+        .expect(StatusCode::OK);
     let _ = physician_id;
 }
 

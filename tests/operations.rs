@@ -1411,3 +1411,64 @@ async fn a_kek_ring_in_chartlog_kek_never_touches_the_data_directory() {
     assert!(!kek_file.exists());
     assert_no_secret(&printed, &secrets);
 }
+
+#[tokio::test]
+async fn erase_is_refused_while_a_legal_hold_is_in_force() {
+    let (dir, patients) = sqlite_clinic(&[41]).await;
+    let data_dir = dir.data_dir();
+    let patient = patients[0];
+    let id = patient.to_string();
+    let hold_id = chartlog_domain::LegalHoldId::from_uuid(Uuid::now_v7());
+    let ledger = sqlite_ledger(data_dir).await;
+    ledger
+        .execute(
+            patient,
+            PatientCommand::PlaceLegalHold {
+                hold_id,
+                reason: chartlog_domain::patient::LegalHoldReason::Litigation,
+            },
+            physician(),
+            now(),
+        )
+        .await
+        .expect("place the hold");
+    ledger.store().pool().close().await;
+
+    let refused = chartlog(
+        &["erase", &id],
+        data_dir,
+        &["--reason", "patient_request", "--yes"],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("legal hold"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(stdout(&refused).is_empty(), "no certificate");
+    let (_, wrapped, destroyed) = data_key_row(data_dir, patient).await;
+    assert!(wrapped && !destroyed, "the key is kept under the hold");
+
+    let ledger = sqlite_ledger(data_dir).await;
+    let held = ledger.load(patient).await.expect("the record opens");
+    assert_eq!(held.patient.legal_holds_in_force(), 1);
+    ledger
+        .execute(
+            patient,
+            PatientCommand::ReleaseLegalHold { hold_id },
+            physician(),
+            now(),
+        )
+        .await
+        .expect("release the hold");
+    ledger.store().pool().close().await;
+
+    let certificate = succeeds_json(
+        &["erase", &id],
+        data_dir,
+        &["--reason", "patient_request", "--yes"],
+    );
+    assert_eq!(certificate["patient_id"], id.as_str());
+    let (_, wrapped, destroyed) = data_key_row(data_dir, patient).await;
+    assert!(!wrapped && destroyed, "released, the erasure goes through");
+}

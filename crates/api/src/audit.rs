@@ -119,6 +119,7 @@ pub(crate) fn access_row(
 pub(crate) const fn audit_entity(entity: Entity) -> AuditEntity {
     match entity {
         Entity::Demographics | Entity::Erasure => AuditEntity::Patient,
+        Entity::LegalHold => AuditEntity::LegalHold,
         Entity::Observation => AuditEntity::Observation,
         Entity::Condition => AuditEntity::Condition,
         Entity::Allergy => AuditEntity::Allergy,

@@ -13,7 +13,7 @@ use crate::handlers::parse_body;
 
 /// The command names [`decide_body`] takes: the last path segment of each command route, and
 /// `register-patient` for `POST /patients`.
-pub const COMMANDS: [&str; 18] = [
+pub const COMMANDS: [&str; 20] = [
     "register-patient",
     "correct-demographics",
     "record-observation",
@@ -31,6 +31,8 @@ pub const COMMANDS: [&str; 18] = [
     "revoke-consent-restriction",
     "assign-care-relationship",
     "end-care-relationship",
+    "place-legal-hold",
+    "release-legal-hold",
     "erase",
 ];
 
@@ -87,6 +89,8 @@ pub fn decide_body(
         }
         "assign-care-relationship" => into_command::<c::AssignCareRelationship>(body, signer, now),
         "end-care-relationship" => into_command::<c::EndCareRelationship>(body, signer, now),
+        "place-legal-hold" => into_command::<c::PlaceLegalHold>(body, signer, now),
+        "release-legal-hold" => into_command::<c::ReleaseLegalHold>(body, signer, now),
         "erase" => into_command::<c::ErasePatient>(body, signer, now),
         _ => return Err(Refusal::UnknownCommand),
     }?;

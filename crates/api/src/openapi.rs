@@ -175,6 +175,8 @@ fn request_bodies() -> Vec<(&'static Route, BodySchema)> {
         command::<c::RevokeConsentRestriction>(),
         command::<c::AssignCareRelationship>(),
         command::<c::EndCareRelationship>(),
+        command::<c::PlaceLegalHold>(),
+        command::<c::ReleaseLegalHold>(),
         command::<c::ErasePatient>(),
     ]
 }
@@ -630,6 +632,16 @@ mod tests {
                 &routes::END_CARE_RELATIONSHIP,
                 json!({ "clinician": ID }),
                 parses::<c::EndCareRelationship>,
+            ),
+            (
+                &routes::PLACE_LEGAL_HOLD,
+                json!({ "reason": "litigation" }),
+                parses::<c::PlaceLegalHold>,
+            ),
+            (
+                &routes::RELEASE_LEGAL_HOLD,
+                json!({ "hold_id": ID }),
+                parses::<c::ReleaseLegalHold>,
             ),
             (
                 &routes::ERASE_PATIENT,

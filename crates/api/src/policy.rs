@@ -29,6 +29,8 @@ pub enum Entity {
     History,
     /// The patient's crypto-erasure.
     Erasure,
+    /// Legal holds, which keep the record from being erased.
+    LegalHold,
     /// The accounting of disclosures (HIPAA 45 CFR 164.528).
     Disclosures,
     /// The audit trail of every access.
@@ -42,7 +44,7 @@ pub enum Entity {
 }
 
 impl Entity {
-    pub const ALL: [Entity; 15] = [
+    pub const ALL: [Entity; 16] = [
         Entity::Demographics,
         Entity::Observation,
         Entity::Condition,
@@ -53,6 +55,7 @@ impl Entity {
         Entity::CareRelationship,
         Entity::History,
         Entity::Erasure,
+        Entity::LegalHold,
         Entity::Disclosures,
         Entity::AuditTrail,
         Entity::BreakGlassReview,
@@ -72,6 +75,7 @@ impl Entity {
             Entity::CareRelationship => "care_relationship",
             Entity::History => "history",
             Entity::Erasure => "erasure",
+            Entity::LegalHold => "legal_hold",
             Entity::Disclosures => "disclosures",
             Entity::AuditTrail => "audit_trail",
             Entity::BreakGlassReview => "break_glass_review",
@@ -95,6 +99,7 @@ impl Entity {
                 | Entity::CareRelationship
                 | Entity::History
                 | Entity::Erasure
+                | Entity::LegalHold
                 | Entity::Disclosures
         )
     }
@@ -137,8 +142,8 @@ const U: Action = Action::Update;
 ///   notes, and read the rest;
 /// - radiologists and lab technicians record results (and radiologists their reports) and
 ///   read what they need to interpret them, never editing demographics;
-/// - administrators manage accounts and the care team and erase on a documented request, and
-///   see no PHI;
+/// - administrators manage accounts and the care team, place and release legal holds, and
+///   erase on a documented request (never under a hold), and see no PHI;
 /// - auditors read the audit trail, the disclosures and the break-glass queue, which they
 ///   close; they see no chart;
 /// - analysts read de-identified data only;
@@ -173,6 +178,7 @@ pub static ROLE_GRANTS: &[(Role, Entity, &[Action])] = &[
     (Role::Administrator, Entity::User, &[C, R, U]),
     (Role::Administrator, Entity::CareRelationship, &[C, U]),
     (Role::Administrator, Entity::Erasure, &[C]),
+    (Role::Administrator, Entity::LegalHold, &[C, U]),
     (Role::Auditor, Entity::AuditTrail, &[R]),
     (Role::Auditor, Entity::Disclosures, &[R]),
     (Role::Auditor, Entity::BreakGlassReview, &[R, U]),
@@ -274,7 +280,12 @@ pub fn reach_record(
                 Err(RecordDenial::NoCareRelationship)
             }
         }
-        Role::Administrator if matches!(entity, Entity::CareRelationship | Entity::Erasure) => {
+        Role::Administrator
+            if matches!(
+                entity,
+                Entity::CareRelationship | Entity::Erasure | Entity::LegalHold
+            ) =>
+        {
             Ok(RecordAccess::RoleWide)
         }
         Role::Auditor if entity == Entity::Disclosures => Ok(RecordAccess::RoleWide),

@@ -128,6 +128,8 @@ routes! {
     REVOKE_CONSENT_RESTRICTION: Post "/patients/{patient_id}/revoke-consent-restriction", grant(Entity::Consent, U), "commands", "Revoke a consent restriction.";
     ASSIGN_CARE_RELATIONSHIP: Post "/patients/{patient_id}/assign-care-relationship", grant(Entity::CareRelationship, C), "commands", "Add a clinician to the patient's care team.";
     END_CARE_RELATIONSHIP: Post "/patients/{patient_id}/end-care-relationship", grant(Entity::CareRelationship, U), "commands", "Remove a clinician from the care team.";
+    PLACE_LEGAL_HOLD: Post "/patients/{patient_id}/place-legal-hold", grant(Entity::LegalHold, C), "commands", "Place a legal hold: the record cannot be erased until it is released.";
+    RELEASE_LEGAL_HOLD: Post "/patients/{patient_id}/release-legal-hold", grant(Entity::LegalHold, U), "commands", "Release a legal hold.";
     ERASE_PATIENT: Post "/patients/{patient_id}/erase", grant(Entity::Erasure, C), "commands", "Crypto-erase the patient: their key is destroyed.";
 
     AUDIT_TRAIL: Get "/audit-trail", grant(Entity::AuditTrail, R), "oversight", "The audit trail, filtered by user, patient, action and time, paginated.";
@@ -213,6 +215,8 @@ pub(crate) fn register(config: &mut web::ServiceConfig) {
         .finish(),
     );
     config.service(Mount::new(&END_CARE_RELATIONSHIP, execute::<c::EndCareRelationship>).finish());
+    config.service(Mount::new(&PLACE_LEGAL_HOLD, execute::<c::PlaceLegalHold>).finish());
+    config.service(Mount::new(&RELEASE_LEGAL_HOLD, execute::<c::ReleaseLegalHold>).finish());
     config.service(Mount::new(&ERASE_PATIENT, execute::<c::ErasePatient>).finish());
 
     config.service(Mount::new(&AUDIT_TRAIL, oversight::audit_trail).finish());

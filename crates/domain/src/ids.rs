@@ -97,6 +97,11 @@ uuid_id!(
     ConsentRestrictionId,
     "consent restriction id"
 );
+uuid_id!(
+    /// A legal hold on a record: while one is in force, the record cannot be erased.
+    LegalHoldId,
+    "legal hold id"
+);
 
 /// A string that is not a valid id of the named kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -34,6 +34,8 @@ pub enum AuditEntity {
     Note,
     Consent,
     CareRelationship,
+    /// A legal hold on a record, which keeps it from being erased.
+    LegalHold,
     /// A user account (creation, role change, lockout).
     User,
     /// A login session (login, logout, expiry).
@@ -56,7 +58,7 @@ pub enum AuditEntity {
 }
 
 impl AuditEntity {
-    pub const ALL: [AuditEntity; 17] = [
+    pub const ALL: [AuditEntity; 18] = [
         AuditEntity::Patient,
         AuditEntity::Observation,
         AuditEntity::Condition,
@@ -65,6 +67,7 @@ impl AuditEntity {
         AuditEntity::Note,
         AuditEntity::Consent,
         AuditEntity::CareRelationship,
+        AuditEntity::LegalHold,
         AuditEntity::User,
         AuditEntity::Session,
         AuditEntity::AuditTrail,
@@ -86,6 +89,7 @@ impl AuditEntity {
             AuditEntity::Note => "note",
             AuditEntity::Consent => "consent",
             AuditEntity::CareRelationship => "care_relationship",
+            AuditEntity::LegalHold => "legal_hold",
             AuditEntity::User => "user",
             AuditEntity::Session => "session",
             AuditEntity::AuditTrail => "audit_trail",
@@ -203,7 +207,7 @@ display_as_str!(AuditEntity, AuditAction, AuditOutcome);
 /// Every patient event type, the entity it touches and the action it is. Exhaustive over
 /// [`PatientEvent::EVENT_TYPES`] (tested): a new event type without a line here fails a test
 /// rather than going unaudited.
-pub const PATIENT_EVENT_AUDIT: [(&str, AuditEntity, AuditAction); 18] = [
+pub const PATIENT_EVENT_AUDIT: [(&str, AuditEntity, AuditAction); 20] = [
     (
         "patient_registered",
         AuditEntity::Patient,
@@ -273,6 +277,17 @@ pub const PATIENT_EVENT_AUDIT: [(&str, AuditEntity, AuditAction); 18] = [
     (
         "care_relationship_ended",
         AuditEntity::CareRelationship,
+        AuditAction::Update,
+    ),
+    (
+        "legal_hold_placed",
+        AuditEntity::LegalHold,
+        AuditAction::Create,
+    ),
+    // Released holds stay on the record, marked: a change, not a removal.
+    (
+        "legal_hold_released",
+        AuditEntity::LegalHold,
         AuditAction::Update,
     ),
     // Crypto-erasure: the patient's data is gone for good.
@@ -408,6 +423,8 @@ pub fn record_id_of(event: &PatientEvent) -> Option<Uuid> {
         | PatientEvent::ConsentRestrictionRevoked { restriction_id } => restriction_id.as_uuid(),
         PatientEvent::CareRelationshipAssigned { clinician }
         | PatientEvent::CareRelationshipEnded { clinician } => clinician.as_uuid(),
+        PatientEvent::LegalHoldPlaced { hold_id, .. }
+        | PatientEvent::LegalHoldReleased { hold_id, .. } => hold_id.as_uuid(),
         PatientEvent::DemographicsCorrected { .. } | PatientEvent::PatientErased { .. } => {
             return None;
         }
@@ -626,6 +643,8 @@ mod tests {
             ("consent_restriction_revoked", Consent, Update),
             ("care_relationship_assigned", CareRelationship, Create),
             ("care_relationship_ended", CareRelationship, Update),
+            ("legal_hold_placed", LegalHold, Create),
+            ("legal_hold_released", LegalHold, Update),
             ("patient_erased", Patient, Delete),
         ];
         for (event_type, entity, action) in expected {

@@ -935,9 +935,12 @@ impl StoredChart {
                 EntryKind::Note => chart
                     .notes
                     .push(serde_json::from_value(typed("note_id")).map_err(undecodable)?),
-                // Kept for the fold (and for the record history); the care team and consent live
-                // on the command side (`PatientLedger::load`), where access decisions are made.
-                EntryKind::ConsentRestriction | EntryKind::CareRelationship => {}
+                // Kept for the fold (and for the record history); the care team, consent and
+                // legal holds live on the command side (`PatientLedger::load`), where access
+                // and erasure are decided.
+                EntryKind::ConsentRestriction
+                | EntryKind::CareRelationship
+                | EntryKind::LegalHold => {}
             }
         }
         chart

@@ -29,10 +29,11 @@ pub enum EntryKind {
     Note,
     ConsentRestriction,
     CareRelationship,
+    LegalHold,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 8] = [
+    pub const ALL: [EntryKind; 9] = [
         EntryKind::Demographics,
         EntryKind::Observation,
         EntryKind::Condition,
@@ -41,6 +42,7 @@ impl EntryKind {
         EntryKind::Note,
         EntryKind::ConsentRestriction,
         EntryKind::CareRelationship,
+        EntryKind::LegalHold,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -53,6 +55,7 @@ impl EntryKind {
             EntryKind::Note => "note",
             EntryKind::ConsentRestriction => "consent_restriction",
             EntryKind::CareRelationship => "care_relationship",
+            EntryKind::LegalHold => "legal_hold",
         }
     }
 
@@ -118,6 +121,8 @@ pub(crate) fn touched(patient_id: PatientId, event: &PatientEvent) -> Option<Tou
         E::CareRelationshipAssigned { clinician } | E::CareRelationshipEnded { clinician } => {
             (K::CareRelationship, clinician.as_uuid(), false)
         }
+        E::LegalHoldPlaced { hold_id, .. } => (K::LegalHold, hold_id.as_uuid(), true),
+        E::LegalHoldReleased { hold_id, .. } => (K::LegalHold, hold_id.as_uuid(), false),
         E::PatientErased { .. } => return None,
     };
     Some(Touch { kind, id, creates })
@@ -249,6 +254,14 @@ pub(crate) fn evolve_entry(before: Option<Fields>, event: &PatientEvent) -> Fiel
         E::ConsentRestrictionRevoked { .. } => set("revoked", Value::Bool(true)),
         E::CareRelationshipAssigned { .. } => set("active", Value::Bool(true)),
         E::CareRelationshipEnded { .. } => set("active", Value::Bool(false)),
+        E::LegalHoldPlaced {
+            reason, placed_at, ..
+        } => {
+            set("reason", json(reason));
+            set("placed_at", json(placed_at));
+            set("released_at", Value::Null);
+        }
+        E::LegalHoldReleased { released_at, .. } => set("released_at", json(released_at)),
         E::PatientErased { .. } => panic!("the erasure tombstone changes no entry"),
     }
     fields

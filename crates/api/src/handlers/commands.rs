@@ -10,13 +10,14 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use chartlog_domain::codes::Code;
 use chartlog_domain::patient::{
     AllergyCriticality, AllergyReaction, ConsentRestrictionKind, DemographicsCorrection,
-    DiscontinuationReason, DosingFrequency, ErasureReason, MedicationRoute, ObservationValue,
+    DiscontinuationReason, DosingFrequency, ErasureReason, LegalHoldReason, MedicationRoute,
+    ObservationValue,
 };
 use chartlog_domain::phi::NoteText;
 use chartlog_domain::quantity::Quantity;
 use chartlog_domain::{
-    AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
-    PatientCommand, PatientId, StreamId, Timestamp, UserId,
+    AllergyId, ConditionId, ConsentRestrictionId, LegalHoldId, MedicationOrderId, NoteId,
+    ObservationId, PatientCommand, PatientId, StreamId, Timestamp, UserId,
 };
 use chartlog_projections::audit::AuditAction;
 use chartlog_store::ledger::CONFLICT_RETRIES_MAX;
@@ -418,6 +419,19 @@ command_body!(EndCareRelationship, END_CARE_RELATIONSHIP, CareRelationship, Upda
     clinician: UserId,
 }, |body, caller| {
     (PatientCommand::EndCareRelationship { clinician: body.clinician }, Some(body.clinician.as_uuid()))
+});
+
+command_body!(PlaceLegalHold, PLACE_LEGAL_HOLD, LegalHold, Create, {
+    reason: LegalHoldReason,
+}, |body, caller| {
+    let id = new_id();
+    (PatientCommand::PlaceLegalHold { hold_id: LegalHoldId::from_uuid(id), reason: body.reason }, Some(id))
+});
+
+command_body!(ReleaseLegalHold, RELEASE_LEGAL_HOLD, LegalHold, Update, {
+    hold_id: LegalHoldId,
+}, |body, caller| {
+    (PatientCommand::ReleaseLegalHold { hold_id: body.hold_id }, Some(body.hold_id.as_uuid()))
 });
 
 command_body!(ErasePatient, ERASE_PATIENT, Erasure, Create, {

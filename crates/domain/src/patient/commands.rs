@@ -5,8 +5,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::actor::Role;
 use crate::codes::Code;
 use crate::ids::{
-    AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
-    PatientId, UserId,
+    AllergyId, ConditionId, ConsentRestrictionId, LegalHoldId, MedicationOrderId, NoteId,
+    ObservationId, PatientId, UserId,
 };
 use crate::phi::{
     BirthDate, ContactPoint, FreeText, Mrn, NoteText, PatientIdentifier, PersonName, PostalAddress,
@@ -208,6 +208,18 @@ pub enum ErasureReason {
     LegalOrder,
 }
 
+/// Why a record is held. A closed list on purpose, as for erasure: the matter itself (a case
+/// name, a subpoena) would be text that identifies and outlives what it is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum LegalHoldReason {
+    Litigation,
+    GovernmentInvestigation,
+    RegulatoryAudit,
+    RetentionRequirement,
+}
+
 /// A request to change a patient's chart. `decide` turns it into events or a rejection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PatientCommand {
@@ -288,6 +300,14 @@ pub enum PatientCommand {
     EndCareRelationship {
         clinician: UserId,
     },
+    /// Keeps the record from being erased until the hold is released.
+    PlaceLegalHold {
+        hold_id: LegalHoldId,
+        reason: LegalHoldReason,
+    },
+    ReleaseLegalHold {
+        hold_id: LegalHoldId,
+    },
     ErasePatient {
         reason: ErasureReason,
     },
@@ -314,6 +334,8 @@ impl PatientCommand {
             PatientCommand::RevokeConsentRestriction { .. } => "revoke_consent_restriction",
             PatientCommand::AssignCareRelationship { .. } => "assign_care_relationship",
             PatientCommand::EndCareRelationship { .. } => "end_care_relationship",
+            PatientCommand::PlaceLegalHold { .. } => "place_legal_hold",
+            PatientCommand::ReleaseLegalHold { .. } => "release_legal_hold",
             PatientCommand::ErasePatient { .. } => "erase_patient",
         }
     }

@@ -21,6 +21,8 @@ pub const ADDENDA_PER_NOTE_MAX: usize = 64;
 pub const CARE_TEAM_MAX: usize = 256;
 /// Consent restrictions on one chart, revoked ones included (their ids stay reserved).
 pub const CONSENT_RESTRICTIONS_MAX: usize = 64;
+/// Legal holds on one record, released ones included (their ids stay reserved).
+pub const LEGAL_HOLDS_MAX: usize = 64;
 
 const _: () = assert!(FUTURE_SKEW_MICROS_MAX > 0);
 const _: () = assert!(FUTURE_SKEW_MICROS_MAX <= 15 * 60 * 1_000_000);
@@ -321,10 +323,43 @@ pub fn decide(
             }
             PatientEvent::CareRelationshipEnded { clinician }
         }
-        PatientCommand::ErasePatient { reason } => PatientEvent::PatientErased {
-            reason,
-            erased_at: now,
-        },
+        PatientCommand::PlaceLegalHold { hold_id, reason } => {
+            if patient.legal_holds().contains_key(&hold_id) {
+                return Err(Rejection::DuplicateLegalHold { hold_id });
+            }
+            check_count(
+                "legal holds",
+                patient.legal_holds().len() + 1,
+                LEGAL_HOLDS_MAX,
+            )?;
+            PatientEvent::LegalHoldPlaced {
+                hold_id,
+                reason,
+                placed_at: now,
+            }
+        }
+        PatientCommand::ReleaseLegalHold { hold_id } => {
+            let Some(hold) = patient.legal_holds().get(&hold_id) else {
+                return Err(Rejection::UnknownLegalHold { hold_id });
+            };
+            if hold.is_released() {
+                return Err(Rejection::LegalHoldAlreadyReleased { hold_id });
+            }
+            PatientEvent::LegalHoldReleased {
+                hold_id,
+                released_at: now,
+            }
+        }
+        PatientCommand::ErasePatient { reason } => {
+            let holds = patient.legal_holds_in_force();
+            if holds > 0 {
+                return Err(Rejection::UnderLegalHold { patient_id, holds });
+            }
+            PatientEvent::PatientErased {
+                reason,
+                erased_at: now,
+            }
+        }
     };
     Ok(vec![event])
 }

@@ -5,13 +5,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::codes::Code;
 use crate::ids::{
-    AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
-    PatientId, UserId,
+    AllergyId, ConditionId, ConsentRestrictionId, LegalHoldId, MedicationOrderId, NoteId,
+    ObservationId, PatientId, UserId,
 };
 use crate::patient::commands::{
     AllergyCriticality, AllergyReaction, ConsentRestrictionKind, Demographics,
-    DemographicsCorrection, DiscontinuationReason, DosingFrequency, ErasureReason, MedicationRoute,
-    ObservationValue,
+    DemographicsCorrection, DiscontinuationReason, DosingFrequency, ErasureReason, LegalHoldReason,
+    MedicationRoute, ObservationValue,
 };
 use crate::phi::NoteText;
 use crate::quantity::Quantity;
@@ -100,6 +100,15 @@ pub enum PatientEvent {
     CareRelationshipEnded {
         clinician: UserId,
     },
+    LegalHoldPlaced {
+        hold_id: LegalHoldId,
+        reason: LegalHoldReason,
+        placed_at: Timestamp,
+    },
+    LegalHoldReleased {
+        hold_id: LegalHoldId,
+        released_at: Timestamp,
+    },
     /// The tombstone. Holds no PHI: it outlives the patient's data key.
     PatientErased {
         reason: ErasureReason,
@@ -109,7 +118,7 @@ pub enum PatientEvent {
 
 impl PatientEvent {
     /// Every event type, in declaration order.
-    pub const EVENT_TYPES: [&'static str; 18] = [
+    pub const EVENT_TYPES: [&'static str; 20] = [
         "patient_registered",
         "demographics_corrected",
         "observation_recorded",
@@ -127,6 +136,8 @@ impl PatientEvent {
         "consent_restriction_revoked",
         "care_relationship_assigned",
         "care_relationship_ended",
+        "legal_hold_placed",
+        "legal_hold_released",
         "patient_erased",
     ];
 
@@ -150,6 +161,8 @@ impl PatientEvent {
             PatientEvent::ConsentRestrictionRevoked { .. } => "consent_restriction_revoked",
             PatientEvent::CareRelationshipAssigned { .. } => "care_relationship_assigned",
             PatientEvent::CareRelationshipEnded { .. } => "care_relationship_ended",
+            PatientEvent::LegalHoldPlaced { .. } => "legal_hold_placed",
+            PatientEvent::LegalHoldReleased { .. } => "legal_hold_released",
             PatientEvent::PatientErased { .. } => "patient_erased",
         }
     }

@@ -10,10 +10,11 @@ mod state;
 pub use commands::{
     AllergyCriticality, AllergyReaction, CONTACT_POINTS_MAX, ConsentRestrictionKind, Demographics,
     DemographicsCorrection, DiscontinuationReason, DosingFrequency, ErasureReason, IDENTIFIERS_MAX,
-    MedicationRoute, ObservationValue, PatientCommand,
+    LegalHoldReason, MedicationRoute, ObservationValue, PatientCommand,
 };
 pub use decide::{
-    ADDENDA_PER_NOTE_MAX, CARE_TEAM_MAX, CONSENT_RESTRICTIONS_MAX, FUTURE_SKEW_MICROS_MAX, decide,
+    ADDENDA_PER_NOTE_MAX, CARE_TEAM_MAX, CONSENT_RESTRICTIONS_MAX, FUTURE_SKEW_MICROS_MAX,
+    LEGAL_HOLDS_MAX, decide,
 };
 pub use events::PatientEvent;
 pub use rejection::Rejection;

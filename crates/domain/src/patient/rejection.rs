@@ -2,8 +2,8 @@
 
 use crate::codes::{CodePurpose, CodeSystem};
 use crate::ids::{
-    AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
-    PatientId, UserId,
+    AllergyId, ConditionId, ConsentRestrictionId, LegalHoldId, MedicationOrderId, NoteId,
+    ObservationId, PatientId, UserId,
 };
 use crate::time::Timestamp;
 
@@ -108,6 +108,16 @@ pub enum Rejection {
     CareRelationshipExists { clinician: UserId },
     #[error("clinician {clinician} has no care relationship with this patient")]
     NoCareRelationship { clinician: UserId },
+    #[error("legal hold {hold_id} is already placed")]
+    DuplicateLegalHold { hold_id: LegalHoldId },
+    #[error("legal hold {hold_id} is not on this record")]
+    UnknownLegalHold { hold_id: LegalHoldId },
+    #[error("legal hold {hold_id} is already released")]
+    LegalHoldAlreadyReleased { hold_id: LegalHoldId },
+    #[error(
+        "patient {patient_id} is under {holds} legal hold(s); release them before erasing the record"
+    )]
+    UnderLegalHold { patient_id: PatientId, holds: usize },
 }
 
 impl Rejection {
@@ -152,6 +162,10 @@ impl Rejection {
             }
             Rejection::CareRelationshipExists { .. } => "care_relationship_exists",
             Rejection::NoCareRelationship { .. } => "no_care_relationship",
+            Rejection::DuplicateLegalHold { .. } => "duplicate_legal_hold",
+            Rejection::UnknownLegalHold { .. } => "unknown_legal_hold",
+            Rejection::LegalHoldAlreadyReleased { .. } => "legal_hold_already_released",
+            Rejection::UnderLegalHold { .. } => "under_legal_hold",
         }
     }
 }

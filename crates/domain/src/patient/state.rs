@@ -6,12 +6,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::codes::Code;
 use crate::ids::{
-    AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
-    PatientId, UserId,
+    AllergyId, ConditionId, ConsentRestrictionId, LegalHoldId, MedicationOrderId, NoteId,
+    ObservationId, PatientId, UserId,
 };
 use crate::patient::commands::{
     AllergyCriticality, AllergyReaction, ConsentRestrictionKind, Demographics,
-    DiscontinuationReason, DosingFrequency, ErasureReason, MedicationRoute,
+    DiscontinuationReason, DosingFrequency, ErasureReason, LegalHoldReason, MedicationRoute,
 };
 use crate::patient::events::PatientEvent;
 use crate::phi::NoteText;
@@ -21,7 +21,7 @@ use crate::time::Timestamp;
 /// The shape of [`Patient`] as serialized in a snapshot. Bump it with any change to the
 /// fields of [`Patient`] or of the types it holds: a snapshot of another version is ignored
 /// and rebuilt from the events, never decoded into a state it was not taken from.
-pub const DECISION_STATE_SCHEMA_VERSION: u32 = 2;
+pub const DECISION_STATE_SCHEMA_VERSION: u32 = 3;
 
 /// How many of the latest observation ids the decision state remembers, to refuse a command
 /// replayed with the same id. Observation ids are minted by the server (UUID v7), so a repeat
@@ -51,6 +51,7 @@ pub struct Patient {
     notes: BTreeMap<NoteId, Note>,
     consent_restrictions: BTreeMap<ConsentRestrictionId, ConsentRestriction>,
     care_team: BTreeSet<UserId>,
+    legal_holds: BTreeMap<LegalHoldId, LegalHold>,
     erasure: Option<Erasure>,
 }
 
@@ -121,6 +122,19 @@ impl Patient {
             .values()
             .filter(|restriction| !restriction.revoked)
             .map(|restriction| restriction.kind)
+    }
+
+    /// Legal holds placed on the record, released ones included (their ids stay reserved).
+    pub fn legal_holds(&self) -> &BTreeMap<LegalHoldId, LegalHold> {
+        &self.legal_holds
+    }
+
+    /// How many legal holds are in force: while any is, the record cannot be erased.
+    pub fn legal_holds_in_force(&self) -> usize {
+        self.legal_holds
+            .values()
+            .filter(|hold| !hold.released)
+            .count()
     }
 
     /// Clinicians in a care relationship with the patient.
@@ -308,6 +322,28 @@ impl ConsentRestriction {
 
     pub fn is_revoked(&self) -> bool {
         self.revoked
+    }
+}
+
+/// A legal hold on the record; released ones stay so ids stay unique.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegalHold {
+    reason: LegalHoldReason,
+    placed_at: Timestamp,
+    released: bool,
+}
+
+impl LegalHold {
+    pub fn reason(&self) -> LegalHoldReason {
+        self.reason
+    }
+
+    pub fn placed_at(&self) -> Timestamp {
+        self.placed_at
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.released
     }
 }
 
@@ -522,6 +558,26 @@ pub fn evolve(mut patient: Patient, event: &PatientEvent) -> Patient {
         PatientEvent::CareRelationshipEnded { clinician } => {
             let removed = patient.care_team.remove(clinician);
             debug_assert!(removed, "ended only when assigned");
+        }
+        PatientEvent::LegalHoldPlaced {
+            hold_id,
+            reason,
+            placed_at,
+        } => {
+            let previous = patient.legal_holds.insert(
+                *hold_id,
+                LegalHold {
+                    reason: *reason,
+                    placed_at: *placed_at,
+                    released: false,
+                },
+            );
+            debug_assert!(previous.is_none(), "legal hold ids are unique");
+        }
+        PatientEvent::LegalHoldReleased { hold_id, .. } => {
+            if let Some(hold) = patient.legal_holds.get_mut(hold_id) {
+                hold.released = true;
+            }
         }
         PatientEvent::PatientErased { reason, erased_at } => {
             // Keep only what answers "who was this and when was it erased": the random id,

@@ -6,8 +6,8 @@ use super::*;
 use crate::actor::Role;
 use crate::codes::{Code, CodePurpose, CodeSystem};
 use crate::ids::{
-    AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
-    PatientId, UserId,
+    AllergyId, ConditionId, ConsentRestrictionId, LegalHoldId, MedicationOrderId, NoteId,
+    ObservationId, PatientId, UserId,
 };
 use crate::phi::{
     AddressLine, BirthDate, City, ContactPoint, EmailAddress, FamilyName, FreeText, GivenName,
@@ -178,6 +178,10 @@ fn sign(id: u128) -> PatientCommand {
         note_id: note_id(id),
         signer: user(1),
     }
+}
+
+fn hold_id(id: u128) -> LegalHoldId {
+    LegalHoldId::from_uuid(Uuid::from_u128(0x40_0000 + id))
 }
 
 fn restriction_id(id: u128) -> ConsentRestrictionId {
@@ -613,6 +617,70 @@ fn care_relationships() {
 }
 
 #[test]
+fn a_legal_hold_keeps_the_record_from_erasure_until_released() {
+    let place = |id| PatientCommand::PlaceLegalHold {
+        hold_id: hold_id(id),
+        reason: LegalHoldReason::Litigation,
+    };
+    let release = |id| PatientCommand::ReleaseLegalHold {
+        hold_id: hold_id(id),
+    };
+    let erase = PatientCommand::ErasePatient {
+        reason: ErasureReason::PatientRequest,
+    };
+    let held = chart(vec![register(), place(1), place(2)]);
+    assert_eq!(held.legal_holds_in_force(), 2);
+    assert_eq!(
+        held.legal_holds()[&hold_id(1)].reason(),
+        LegalHoldReason::Litigation
+    );
+    assert_eq!(
+        rejection(&held, erase.clone()),
+        Rejection::UnderLegalHold {
+            patient_id: patient_id(),
+            holds: 2
+        }
+    );
+    assert_eq!(rejection(&held, place(1)).code(), "duplicate_legal_hold");
+    assert_eq!(rejection(&held, release(3)).code(), "unknown_legal_hold");
+
+    // One released, one in force: still held.
+    let one_left = chart(vec![register(), place(1), place(2), release(1)]);
+    assert_eq!(one_left.legal_holds_in_force(), 1);
+    assert!(one_left.legal_holds()[&hold_id(1)].is_released());
+    assert_eq!(
+        rejection(&one_left, erase.clone()).code(),
+        "under_legal_hold"
+    );
+    assert_eq!(
+        rejection(&one_left, release(1)).code(),
+        "legal_hold_already_released"
+    );
+    // A released id stays reserved.
+    assert_eq!(
+        rejection(&one_left, place(1)).code(),
+        "duplicate_legal_hold"
+    );
+
+    // Both released: the erasure goes through.
+    let released = chart(vec![register(), place(1), place(2), release(1), release(2)]);
+    assert_eq!(released.legal_holds_in_force(), 0);
+    let erased = chart(vec![
+        register(),
+        place(1),
+        release(1),
+        PatientCommand::ErasePatient {
+            reason: ErasureReason::PatientRequest,
+        },
+    ]);
+    assert!(erased.is_erased());
+    assert!(
+        erased.legal_holds().is_empty(),
+        "the tombstone keeps no hold"
+    );
+}
+
+#[test]
 fn erasure_drops_phi_and_closes_the_chart() {
     let erased = chart(vec![
         register(),
@@ -810,6 +878,13 @@ fn everything_with_markers() -> (Vec<PatientCommand>, Vec<PatientEvent>) {
         },
         PatientCommand::AssignCareRelationship { clinician: user(1) },
         PatientCommand::EndCareRelationship { clinician: user(1) },
+        PatientCommand::PlaceLegalHold {
+            hold_id: hold_id(1),
+            reason: LegalHoldReason::Litigation,
+        },
+        PatientCommand::ReleaseLegalHold {
+            hold_id: hold_id(1),
+        },
         PatientCommand::ErasePatient {
             reason: ErasureReason::PatientRequest,
         },
@@ -873,6 +948,15 @@ fn everything_with_markers() -> (Vec<PatientCommand>, Vec<PatientEvent>) {
         },
         PatientEvent::CareRelationshipAssigned { clinician: user(1) },
         PatientEvent::CareRelationshipEnded { clinician: user(1) },
+        PatientEvent::LegalHoldPlaced {
+            hold_id: hold_id(1),
+            reason: LegalHoldReason::Litigation,
+            placed_at: now(),
+        },
+        PatientEvent::LegalHoldReleased {
+            hold_id: hold_id(1),
+            released_at: now(),
+        },
         PatientEvent::PatientErased {
             reason: ErasureReason::PatientRequest,
             erased_at: now(),
@@ -908,12 +992,12 @@ fn debug_never_shows_phi() {
     let (commands, events) = everything_with_markers();
     assert_eq!(
         commands.len(),
-        20,
+        22,
         "every command variant, each observation value"
     );
     assert_eq!(
         events.len(),
-        20,
+        22,
         "every event variant, each observation value"
     );
     let event_types: std::collections::BTreeSet<_> =

@@ -625,7 +625,9 @@ pub fn deidentify_event(
         | PatientEvent::ConsentRestrictionGranted { .. }
         | PatientEvent::ConsentRestrictionRevoked { .. }
         | PatientEvent::CareRelationshipAssigned { .. }
-        | PatientEvent::CareRelationshipEnded { .. } => vec![age_as_of(event_year(None))],
+        | PatientEvent::CareRelationshipEnded { .. }
+        | PatientEvent::LegalHoldPlaced { .. }
+        | PatientEvent::LegalHoldReleased { .. } => vec![age_as_of(event_year(None))],
         PatientEvent::PatientErased { .. } => vec![DeidChange::ErasePatient { pseudonym }],
     }
 }

@@ -254,6 +254,8 @@ fn every_event_type_is_covered_by_the_fixture_or_tested_apart() {
         "consent_restriction_revoked",
         "care_relationship_assigned",
         "care_relationship_ended",
+        "legal_hold_placed",
+        "legal_hold_released",
         "patient_erased",
     ]);
     for event_type in PatientEvent::EVENT_TYPES {
@@ -506,6 +508,7 @@ fn access_control_events_add_no_rows() {
     let mut events = base.clone();
     let restriction = chartlog_domain::ConsentRestrictionId::from_uuid(Uuid::from_u128(77));
     let clinician = chartlog_domain::UserId::from_uuid(Uuid::from_u128(78));
+    let hold_id = chartlog_domain::LegalHoldId::from_uuid(Uuid::from_u128(79));
     events.extend([
         (
             context("2024-01-02"),
@@ -527,6 +530,21 @@ fn access_control_events_add_no_rows() {
         (
             context("2024-01-05"),
             PatientEvent::CareRelationshipEnded { clinician },
+        ),
+        (
+            context("2024-01-06"),
+            PatientEvent::LegalHoldPlaced {
+                hold_id,
+                reason: chartlog_domain::patient::LegalHoldReason::Litigation,
+                placed_at: at("2024-01-06"),
+            },
+        ),
+        (
+            context("2024-01-07"),
+            PatientEvent::LegalHoldReleased {
+                hold_id,
+                released_at: at("2024-01-07"),
+            },
         ),
     ]);
     assert_eq!(tables(&events), tables(&base));
