@@ -487,8 +487,11 @@ mod tests {
     const ID: &str = "0190a6f4-0000-7000-8000-00000000000a";
     const AT: &str = "2026-11-27T08:30:00Z";
 
+    /// A route, a body, and whether the parser its handler uses accepts that body.
+    type Example = (&'static Route, Value, fn(&Value) -> bool);
+
     /// A body each route with one accepts, and the parser its handler uses.
-    fn examples() -> Vec<(&'static Route, Value, fn(&Value) -> bool)> {
+    fn examples() -> Vec<Example> {
         let PatientCommand::RegisterPatient { demographics, .. } = synthetic::registration(7)
         else {
             unreachable!("a registration")
