@@ -103,10 +103,13 @@ impl RefusalWatch {
     /// Counts the refusals among `rows` and returns the alerts they raise, with links under
     /// `base_url`.
     pub fn observe(&self, rows: &[AuditRow], base_url: &str) -> Vec<RefusalAlert> {
-        let refusals = rows
-            .iter()
-            .filter(|row| matches!(row.outcome, AuditOutcome::Denied | AuditOutcome::Failure));
+        let is_refusal =
+            |row: &&AuditRow| matches!(row.outcome, AuditOutcome::Denied | AuditOutcome::Failure);
         let mut alerts = Vec::new();
+        // Almost every audited request is a success: those never wait for the lock.
+        if !rows.iter().any(|row| is_refusal(&row)) {
+            return alerts;
+        }
         // A poisoned lock means a panic mid-update of counters: alerting is best effort, and
         // the audit trail is the record.
         let Ok(mut watched) = self.watched.lock() else {
@@ -114,18 +117,19 @@ impl RefusalWatch {
         };
         let window = micros(self.settings.window);
         let threshold = usize::try_from(self.settings.refusals).unwrap_or(usize::MAX);
-        for row in refusals {
+        for row in rows.iter().filter(is_refusal) {
             let subject = match (&row.actor, row.client_address) {
                 (Some(actor), _) => Subject::User(actor.user_id, actor.role),
                 (None, Some(address)) => Subject::Address(address),
                 (None, None) => Subject::Unknown,
             };
             let at = row.occurred_at;
+            let within_window =
+                |then: &Timestamp| at.unix_micros().saturating_sub(then.unix_micros()) <= window;
             if !watched.contains_key(&subject) && watched.len() >= WATCHED_SUBJECTS_MAX {
                 watched.retain(|_, state| {
-                    state.refused_at.back().is_some_and(|last| {
-                        at.unix_micros().saturating_sub(last.unix_micros()) <= window
-                    }) || state.quiet_until.is_some_and(|quiet| quiet > at)
+                    state.refused_at.back().is_some_and(within_window)
+                        || state.quiet_until.is_some_and(|quiet| quiet > at)
                 });
                 if watched.len() >= WATCHED_SUBJECTS_MAX {
                     continue;
@@ -134,9 +138,10 @@ impl RefusalWatch {
             let state = watched.entry(subject).or_default();
             state.refused_at.push_back(at);
             while state.refused_at.len() > threshold
-                || state.refused_at.front().is_some_and(|first| {
-                    at.unix_micros().saturating_sub(first.unix_micros()) > window
-                })
+                || state
+                    .refused_at
+                    .front()
+                    .is_some_and(|first| !within_window(first))
             {
                 state.refused_at.pop_front();
             }

@@ -120,9 +120,10 @@ pub fn document() -> OpenApi {
         .build()
 }
 
-/// Adds `T`'s schema and the ones it refers to, and returns a reference to it.
+/// Adds a body's schema and the ones it refers to to the list, and returns a reference to it.
 type BodySchema = fn(&mut Vec<(String, RefOr<Schema>)>) -> RefOr<Schema>;
 
+/// The [`BodySchema`] of `T`.
 fn body<T: ToSchema>(schemas: &mut Vec<(String, RefOr<Schema>)>) -> RefOr<Schema> {
     schemas.push((T::name().into_owned(), T::schema()));
     T::schemas(schemas);
