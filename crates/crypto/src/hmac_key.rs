@@ -10,9 +10,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::KeyFileError;
-use crate::key_files::{
-    Replace, create_private_dir, describe_json_error, read_private, write_private,
-};
+use crate::key_files::{describe_json_error, load_or_create, read_private};
 use crate::mac::{MAC_KEY_BYTES, MacKey};
 
 /// The blind-index key's file in the key directory.
@@ -23,29 +21,19 @@ const MAC_KEY_FILE_FORMAT: &str = "chartlog-mac-key/v1";
 /// file (0600) on first use. Safe against a concurrent first start: the loser of the race
 /// loads the winner's key. Refuses a file other users can access.
 pub fn load_or_create_mac_key(dir: &Path, file_name: &str) -> Result<MacKey, KeyFileError> {
-    create_private_dir(dir)?;
-    let path = dir.join(file_name);
-    match load_mac_key(&path) {
-        Err(KeyFileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            let mut bytes = Zeroizing::new([0; MAC_KEY_BYTES]);
-            crate::rng::fill(bytes.as_mut());
-            let file = MacKeyFile {
-                format: MAC_KEY_FILE_FORMAT.to_owned(),
-                key: BASE64.encode(*bytes),
-            };
-            // Sized up front so the buffer holding the secret never reallocates.
-            let mut json = Zeroizing::new(Vec::with_capacity(256));
-            serde_json::to_writer_pretty(&mut *json, &file)
-                .expect("serializing strings cannot fail");
-            json.push(b'\n');
-            if write_private(&path, &json, Replace::No)? {
-                Ok(MacKey::from_bytes(&bytes))
-            } else {
-                load_mac_key(&path)
-            }
-        }
-        other => other,
-    }
+    load_or_create(dir, file_name, load_mac_key, || {
+        let mut bytes = Zeroizing::new([0; MAC_KEY_BYTES]);
+        crate::rng::fill(bytes.as_mut());
+        let file = MacKeyFile {
+            format: MAC_KEY_FILE_FORMAT.to_owned(),
+            key: BASE64.encode(*bytes),
+        };
+        // Sized up front so the buffer holding the secret never reallocates.
+        let mut json = Zeroizing::new(Vec::with_capacity(256));
+        serde_json::to_writer_pretty(&mut *json, &file).expect("serializing strings cannot fail");
+        json.push(b'\n');
+        (MacKey::from_bytes(&bytes), json)
+    })
 }
 
 /// Reads a key file written by [`load_or_create_mac_key`].

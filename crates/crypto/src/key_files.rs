@@ -43,33 +43,42 @@ pub fn load_or_create_key_files(dir: &Path) -> Result<(KeyRing, SigningKeys), Ke
 
 /// The KEK ring of [`load_or_create_key_files`] alone.
 pub fn load_or_create_kek_ring(dir: &Path) -> Result<KeyRing, KeyFileError> {
-    create_private_dir(dir)?;
-    let kek_path = dir.join(KEK_FILE_NAME);
-    match KeyRing::load(&kek_path) {
-        Err(KeyFileError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            let ring = KeyRing::generate(KekId::generate());
-            if write_private(&kek_path, &ring.to_json(), Replace::No)? {
-                Ok(ring)
-            } else {
-                KeyRing::load(&kek_path)
-            }
-        }
-        other => other,
-    }
+    load_or_create(dir, KEK_FILE_NAME, KeyRing::load, || {
+        let ring = KeyRing::generate(KekId::generate());
+        let json = ring.to_json();
+        (ring, json)
+    })
 }
 
 /// The signing keys of [`load_or_create_key_files`] alone: for a KEK ring supplied from
 /// elsewhere, the signing keys still live in `dir`.
 pub fn load_or_create_signing_keys(dir: &Path) -> Result<SigningKeys, KeyFileError> {
+    load_or_create(dir, SIGNING_FILE_NAME, SigningKeys::load, || {
+        let signing = SigningKeys::generate(SignerKeyId::generate());
+        let json = signing.to_json();
+        (signing, json)
+    })
+}
+
+/// Loads `dir/file_name` with `load`; when there is no such file, creates the directory
+/// (0700) and the file (0600) from `generate` (the keys and their file's bytes). Safe against
+/// a concurrent first start: the file is created only if absent, and the loser of a race
+/// loads the winner's.
+pub(crate) fn load_or_create<T>(
+    dir: &Path,
+    file_name: &str,
+    load: impl Fn(&Path) -> Result<T, KeyFileError>,
+    generate: impl FnOnce() -> (T, Zeroizing<Vec<u8>>),
+) -> Result<T, KeyFileError> {
     create_private_dir(dir)?;
-    let signing_path = dir.join(SIGNING_FILE_NAME);
-    match SigningKeys::load(&signing_path) {
+    let path = dir.join(file_name);
+    match load(&path) {
         Err(KeyFileError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            let signing = SigningKeys::generate(SignerKeyId::generate());
-            if write_private(&signing_path, &signing.to_json(), Replace::No)? {
-                Ok(signing)
+            let (keys, json) = generate();
+            if write_private(&path, &json, Replace::No)? {
+                Ok(keys)
             } else {
-                SigningKeys::load(&signing_path)
+                load(&path)
             }
         }
         other => other,
