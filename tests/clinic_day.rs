@@ -276,7 +276,7 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     let (_, nurse_otp) = create_user(&api, &admin, "nurse.joy", "nurse", None).await;
     let (radiologist_id, radiologist_otp) =
         create_user(&api, &admin, "dr.rad", "radiologist", None).await;
-    let (_, auditor_otp) = create_user(&api, &admin, "auditor.ann", "auditor", None).await;
+    let (auditor_id, auditor_otp) = create_user(&api, &admin, "auditor.ann", "auditor", None).await;
     let (_, analyst_otp) = create_user(&api, &admin, "analyst.al", "analyst", None).await;
     api.post(
         "/users",
@@ -413,9 +413,9 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
             &physician,
         )
         .await
-        .expect(StatusCode::SERVICE_UNAVAILABLE)
+        .expect(StatusCode::UNPROCESSABLE_ENTITY)
         .json();
-    assert_eq!(unreachable["error"], "not_ready");
+    assert_eq!(unreachable["error"], "position_beyond_log", "{unreachable}");
     assert_eq!(chart["demographics"]["mrn"], mrn_a);
     assert_eq!(
         chart["observations"]
@@ -506,6 +506,32 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     )
     .await
     .expect(StatusCode::OK);
+    // A user id in a body must name an account, and a care relationship a clinician's.
+    let nobody = "00000000-0000-7000-8000-000000000000";
+    for (command, body, code) in [
+        (
+            "assign-care-relationship",
+            json!({ "clinician": nobody }),
+            "unknown_user",
+        ),
+        (
+            "assign-care-relationship",
+            json!({ "clinician": auditor_id }),
+            "not_a_clinician",
+        ),
+        (
+            "grant-consent-restriction",
+            json!({ "kind": { "block_user": nobody } }),
+            "unknown_user",
+        ),
+    ] {
+        let refused = api
+            .post(&format!("/patients/{patient}/{command}"), &physician, body)
+            .await
+            .expect(StatusCode::UNPROCESSABLE_ENTITY)
+            .json();
+        assert_eq!(refused["error"], code, "{command}: {refused}");
+    }
 
     // ---- The auditor sees it and reviews it. ----
     let (auditor, _) = api.first_login("auditor.ann", &auditor_otp).await;
@@ -616,6 +642,102 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
         rows.iter().all(|row| row["role"] != "patient"),
         "own reads are not disclosures"
     );
+    // The patient sees the restrictions recorded on their behalf, and records their own: a
+    // block on their physician holds inside the care team until they revoke it.
+    let consent = api
+        .get(
+            &format!("/patients/{patient}/consent-restrictions"),
+            &patient_token,
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let restrictions = consent["restrictions"].as_array().expect("restrictions");
+    assert_eq!(restrictions.len(), 2, "{consent}");
+    assert!(
+        restrictions
+            .iter()
+            .any(|r| r["kind"]["block_user"] == radiologist_id.as_str() && r["revoked"] == false),
+        "{consent}"
+    );
+    assert!(
+        restrictions
+            .iter()
+            .any(|r| r["kind"]["hide_notes_from_role"] == "nurse"),
+        "{consent}"
+    );
+    let block = api
+        .post(
+            &format!("/patients/{patient}/grant-consent-restriction"),
+            &patient_token,
+            json!({ "kind": { "block_user": physician_id } }),
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let block_id = block["record_id"]
+        .as_str()
+        .expect("restriction id")
+        .to_owned();
+    api.get(&format!("/patients/{patient}/chart"), &physician)
+        .await
+        .expect(StatusCode::FORBIDDEN);
+    let consent = api
+        .get(
+            &format!("/patients/{patient}/consent-restrictions"),
+            &patient_token,
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(consent["stream_version"], block["stream_version"]);
+    let stale_version = consent["stream_version"].as_u64().expect("version") - 1;
+    let revoke = json!({ "restriction_id": block_id });
+    let revoke_path = format!("/patients/{patient}/revoke-consent-restriction");
+    api.call(
+        Method::POST,
+        &revoke_path,
+        Some(&patient_token),
+        Some(revoke.clone()),
+        &[("if-match", format!("\"{stale_version}\""))],
+    )
+    .await
+    .expect(StatusCode::PRECONDITION_FAILED);
+    api.call(
+        Method::POST,
+        &revoke_path,
+        Some(&patient_token),
+        Some(revoke),
+        &[("if-match", format!("\"{}\"", consent["stream_version"]))],
+    )
+    .await
+    .expect(StatusCode::OK);
+    api.get(&format!("/patients/{patient}/chart"), &physician)
+        .await
+        .expect(StatusCode::OK);
+    // The patient sees who cares for them; so does the physician; the administrator, who
+    // assigns the team, reads no part of a record.
+    for token in [&patient_token, &physician] {
+        let team = api
+            .get(&format!("/patients/{patient}/care-team"), token)
+            .await
+            .expect(StatusCode::OK)
+            .json();
+        let clinicians = team["clinicians"].as_array().expect("clinicians");
+        assert!(clinicians.contains(&json!(physician_id)), "{team}");
+        assert!(clinicians.contains(&json!(radiologist_id)), "{team}");
+    }
+    api.get(&format!("/patients/{patient}/care-team"), &admin)
+        .await
+        .expect(StatusCode::FORBIDDEN);
+    // Consent is the only thing a patient changes.
+    api.post(
+        &format!("/patients/{patient}/assign-care-relationship"),
+        &patient_token,
+        json!({ "clinician": physician_id }),
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN);
     // A patient may not look up who else is a patient here.
     api.post("/patients/search", &patient_token, json!({ "mrn": mrn_a }))
         .await
@@ -801,7 +923,6 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     api.post(&erase, &admin, json!({ "reason": "patient_request" }))
         .await
         .expect(StatusCode::OK);
-    let _ = physician_id;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -297,8 +297,7 @@ fn string_schema() -> ObjectBuilder {
     ObjectBuilder::new().schema_type(Type::String)
 }
 
-/// The query parameters of the routes that take some. Chart and history (`min_position`,
-/// `before_version`) are not listed yet: their pagination is being reworked.
+/// The query parameters of the routes that take some.
 fn query_parameters(route: &Route) -> Vec<(&'static str, &'static str, Schema)> {
     let uuid = || {
         string_schema()
@@ -328,7 +327,41 @@ fn query_parameters(route: &Route) -> Vec<(&'static str, &'static str, Schema)> 
             ),
         ]
     };
-    if std::ptr::eq(route, &routes::AUDIT_TRAIL) {
+    let count = || {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(0))
+            .maximum(Some(u64::MAX))
+            .into()
+    };
+    let min_position = (
+        "min_position",
+        "Answer once the read model has applied the log up to this global position (503 \
+         `not_ready` after 5 s).",
+        count(),
+    );
+    if std::ptr::eq(route, &routes::CHART) {
+        vec![min_position]
+    } else if std::ptr::eq(route, &routes::HISTORY) {
+        vec![
+            (
+                "before_version",
+                "Entries older than this stream version: the `next_before_version` of the \
+                 previous page.",
+                count(),
+            ),
+            (
+                "limit",
+                "Entries per page (1-200, default 50).",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0))
+                    .maximum(Some(u32::MAX))
+                    .into(),
+            ),
+            min_position,
+        ]
+    } else if std::ptr::eq(route, &routes::AUDIT_TRAIL) {
         let mut parameters = vec![
             ("user_id", "Only this user's accesses.", uuid()),
             (

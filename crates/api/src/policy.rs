@@ -147,7 +147,9 @@ const U: Action = Action::Update;
 /// - auditors read the audit trail, the disclosures and the break-glass queue, which they
 ///   close; they see no chart;
 /// - analysts read de-identified data only;
-/// - patients read their own record, its history and its accounting of disclosures.
+/// - patients read their own record, its care team, its history and its accounting of
+///   disclosures, and grant and revoke their own consent restrictions (HIPAA's right to
+///   request restrictions, 45 CFR 164.522): the only thing a patient changes.
 pub static ROLE_GRANTS: &[(Role, Entity, &[Action])] = &[
     (Role::Physician, Entity::Demographics, &[C, R, U]),
     (Role::Physician, Entity::Observation, &[C, R, U]),
@@ -189,7 +191,8 @@ pub static ROLE_GRANTS: &[(Role, Entity, &[Action])] = &[
     (Role::Patient, Entity::Allergy, &[R]),
     (Role::Patient, Entity::Medication, &[R]),
     (Role::Patient, Entity::Note, &[R]),
-    (Role::Patient, Entity::Consent, &[R]),
+    (Role::Patient, Entity::Consent, &[C, R, U]),
+    (Role::Patient, Entity::CareRelationship, &[R]),
     (Role::Patient, Entity::History, &[R]),
     (Role::Patient, Entity::Disclosures, &[R]),
 ];
@@ -397,17 +400,25 @@ mod tests {
     }
 
     #[test]
-    fn results_roles_never_edit_demographics_and_patients_only_read() {
+    fn results_roles_never_edit_demographics_and_patients_change_only_their_consent() {
         for role in [Role::Radiologist, Role::LabTechnician] {
             assert!(allows(role, Grant(Entity::Observation, Action::Create)));
             assert!(!allows(role, Grant(Entity::Demographics, Action::Update)));
             assert!(!allows(role, Grant(Entity::Demographics, Action::Create)));
         }
-        for (role, _, actions) in ROLE_GRANTS {
-            if *role == Role::Patient {
-                assert_eq!(*actions, &[Action::Read][..]);
+        for (role, entity, actions) in ROLE_GRANTS {
+            if *role == Role::Patient && *entity != Entity::Consent {
+                assert_eq!(*actions, &[Action::Read][..], "patients change {entity:?}");
             }
         }
+        assert!(allows(
+            Role::Patient,
+            Grant(Entity::Consent, Action::Create)
+        ));
+        assert!(allows(
+            Role::Patient,
+            Grant(Entity::Consent, Action::Update)
+        ));
     }
 
     #[test]

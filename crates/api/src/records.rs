@@ -17,7 +17,7 @@ use chartlog_projections::db::ProjectionDb;
 use chartlog_projections::history::{self, HistoryAnswer};
 use chartlog_store::{
     CommandOutcome, EventStore, ExecuteOptions, LedgerError, LoadedPatient, PatientLedger,
-    StreamHead,
+    StoreError, StreamHead,
 };
 
 /// How long a history read (or a chart read whose read model is rebuilding) waits for the
@@ -66,6 +66,9 @@ pub trait Records: Send + Sync + 'static {
         limit: u32,
         at_least_version: u64,
     ) -> Result<HistoryAnswer, ProjectionError>;
+
+    /// The global position of the log's last event (0 while the log is empty).
+    async fn log_head_position(&self) -> Result<u64, StoreError>;
 
     /// Patients with this MRN, through the blind index.
     async fn find_by_mrn(&self, mrn: &Mrn) -> Result<Vec<PatientId>, ProjectionError>;
@@ -239,6 +242,10 @@ impl<S: EventStore + ?Sized, K: KeyStore + 'static> Records for LedgerRecords<S,
 
     async fn find_by_mrn(&self, mrn: &Mrn) -> Result<Vec<PatientId>, ProjectionError> {
         chart::find_by_mrn(&self.db, &self.index_key, mrn).await
+    }
+
+    async fn log_head_position(&self) -> Result<u64, StoreError> {
+        self.ledger.store().log_head_position().await
     }
 
     async fn find_by_family_name_and_birth_date(

@@ -110,6 +110,8 @@ routes! {
     CHART: Get "/patients/{patient_id}/chart", grant(Entity::Demographics, R), "patients", "The patient's current chart, limited to what the caller's role may read.";
     HISTORY: Get "/patients/{patient_id}/history", grant(Entity::History, R), "patients", "The record history, newest first, paginated by before_version.";
     DISCLOSURES: Get "/patients/{patient_id}/disclosures", grant(Entity::Disclosures, R), "patients", "The accounting of disclosures: who else read or changed this record.";
+    CONSENT_RESTRICTIONS: Get "/patients/{patient_id}/consent-restrictions", grant(Entity::Consent, R), "patients", "The patient's consent restrictions, revoked ones included, with the record's stream version.";
+    CARE_TEAM: Get "/patients/{patient_id}/care-team", grant(Entity::CareRelationship, R), "patients", "The clinicians in a care relationship with the patient, with the record's stream version.";
     BREAK_GLASS: Post "/patients/{patient_id}/break-glass", Clinician, "patients", "Emergency access to a patient outside the care relationship, with a stated reason.";
 
     CORRECT_DEMOGRAPHICS: Post "/patients/{patient_id}/correct-demographics", grant(Entity::Demographics, U), "commands", "Correct demographics.";
@@ -177,6 +179,8 @@ pub(crate) fn register(config: &mut web::ServiceConfig) {
     config.service(Mount::new(&CHART, patients::chart).finish());
     config.service(Mount::new(&HISTORY, patients::history).finish());
     config.service(Mount::new(&DISCLOSURES, patients::disclosures).finish());
+    config.service(Mount::new(&CONSENT_RESTRICTIONS, patients::consent_restrictions).finish());
+    config.service(Mount::new(&CARE_TEAM, patients::care_team).finish());
     config.service(Mount::new(&BREAK_GLASS, patients::break_glass).finish());
 
     use crate::handlers::commands::{self as c, execute};

@@ -396,6 +396,13 @@ async fn chart_and_history_follow_the_record<S: EventStore, K: KeyStore + 'stati
         wait_for_position(&fixture.db, name, last, Duration::from_secs(1))
             .await
             .expect("caught up");
+        // A position the runner has not applied: the wait gives up, and says how far it got.
+        match wait_for_position(&fixture.db, name, last + 1, Duration::from_millis(50)).await {
+            Err(ProjectionError::WaitTimedOut {
+                wanted, reached, ..
+            }) => assert_eq!((wanted, reached), (last + 1, last)),
+            other => panic!("{name} waited for a position it never reached: {other:?}"),
+        }
     }
 
     let ChartAnswer::Found(chart) = read_chart(&fixture.db, fixture.ledger.keys(), patient)

@@ -51,6 +51,55 @@ pub(crate) trait CommandBody: DeserializeOwned + 'static {
     fn reauthentication(&self) -> Option<&str> {
         None
     }
+
+    /// The user account the command names, if any, and what that account must be.
+    fn named_account(&self) -> Option<(UserId, NamedAccount)> {
+        None
+    }
+}
+
+/// What a user id in a command's body must name. The domain cannot tell (accounts live
+/// apart from the log), so the handler asks before the command runs: a care relationship
+/// with, or a consent block on, an account that does not exist would be stored and do nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NamedAccount {
+    /// A clinician's account: care relationships.
+    Clinician,
+    /// Any account: a consent block may name anyone who could ever reach the record.
+    AnyRole,
+}
+
+/// 422 unless `user` is an account of the kind `must_be`. Disabled accounts pass: a patient
+/// may block, and a team keep, someone whose account is disabled for now.
+async fn check_named_account(
+    config: &ApiConfig,
+    user: UserId,
+    must_be: NamedAccount,
+) -> Result<(), ApiError> {
+    let account = config
+        .accounts
+        .user(user)
+        .await
+        .map_err(internal("named account lookup"))?;
+    match account {
+        None => Err(ApiError::Unprocessable {
+            code: "unknown_user",
+            message: format!("no user account has the id {user}"),
+        }),
+        Some(account)
+            if must_be == NamedAccount::Clinician && !crate::policy::is_clinician(account.role) =>
+        {
+            Err(ApiError::Unprocessable {
+                code: "not_a_clinician",
+                message: format!(
+                    "user {user} is a {}; a care relationship names a physician, nurse, \
+                     radiologist or lab technician",
+                    account.role.as_str()
+                ),
+            })
+        }
+        Some(_) => Ok(()),
+    }
 }
 
 /// Executes any [`CommandBody`] on the patient of the path.
@@ -90,6 +139,9 @@ pub(crate) async fn execute<B: CommandBody>(
     require_json(request.headers())?;
     let expected_version = if_match(request.headers())?;
     let command: B = parse_body(&body)?;
+    if let Some((user, must_be)) = command.named_account() {
+        check_named_account(&config, user, must_be).await?;
+    }
     let patient_bytes = patient.as_uuid();
     let identity: [&[u8]; 3] = [B::ROUTE.path.as_bytes(), patient_bytes.as_bytes(), &body];
     idempotent(&config, &caller, request.headers(), &identity, async {
@@ -219,7 +271,7 @@ fn new_id() -> uuid::Uuid {
 }
 
 macro_rules! command_body {
-    ($name:ident, $route:ident, $entity:ident, $action:ident, { $($field:tt)* }, |$this:ident, $caller:ident| $build:expr) => {
+    ($name:ident, $route:ident, $entity:ident, $action:ident, { $($field:tt)* }, |$this:ident, $caller:ident| $build:expr $(, names |$named:ident| $account:expr)?) => {
         #[derive(Deserialize, utoipa::ToSchema)]
         #[serde(deny_unknown_fields)]
         pub(crate) struct $name { $($field)* }
@@ -234,6 +286,13 @@ macro_rules! command_body {
                 let $this = self;
                 $build
             }
+
+            $(
+                fn named_account(&self) -> Option<(UserId, NamedAccount)> {
+                    let $named = self;
+                    $account
+                }
+            )?
         }
     };
 }
@@ -401,6 +460,9 @@ command_body!(GrantConsentRestriction, GRANT_CONSENT_RESTRICTION, Consent, Creat
         restriction_id: ConsentRestrictionId::from_uuid(id),
         kind: body.kind,
     }, Some(id))
+}, names |body| match body.kind {
+    ConsentRestrictionKind::BlockUser(user) => Some((user, NamedAccount::AnyRole)),
+    ConsentRestrictionKind::HideNotesFromRole(_) => None,
 });
 
 command_body!(RevokeConsentRestriction, REVOKE_CONSENT_RESTRICTION, Consent, Update, {
@@ -413,7 +475,7 @@ command_body!(AssignCareRelationship, ASSIGN_CARE_RELATIONSHIP, CareRelationship
     clinician: UserId,
 }, |body, caller| {
     (PatientCommand::AssignCareRelationship { clinician: body.clinician }, Some(body.clinician.as_uuid()))
-});
+}, names |body| Some((body.clinician, NamedAccount::Clinician)));
 
 command_body!(EndCareRelationship, END_CARE_RELATIONSHIP, CareRelationship, Update, {
     clinician: UserId,

@@ -1,16 +1,16 @@
 //! A patient's record: registration, lookup, the chart, its history, the accounting of
-//! disclosures, and break-glass.
+//! disclosures, consent restrictions, and break-glass.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use chartlog_domain::patient::{
-    AllergyCriticality, AllergyReaction, Demographics, DiscontinuationReason, DosingFrequency,
-    MedicationRoute, ObservationValue,
+    AllergyCriticality, AllergyReaction, ConsentRestrictionKind, Demographics,
+    DiscontinuationReason, DosingFrequency, MedicationRoute, ObservationValue,
 };
 use chartlog_domain::phi::{BirthDate, FamilyName, Mrn};
 use chartlog_domain::{
-    AllergyId, ConditionId, MedicationOrderId, NoteId, ObservationId, PatientCommand, PatientId,
-    Role, UserId,
+    AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
+    PatientCommand, PatientId, Role, UserId,
 };
 use chartlog_projections::audit::{AuditAction, AuditEntity};
 use chartlog_projections::chart::{Chart, ChartAnswer};
@@ -185,6 +185,22 @@ async fn wait_for(
     let Some(position) = min_position else {
         return Ok(());
     };
+    // Only an acknowledged command's position can be waited for, and the log holds every
+    // one: a position past its end could only time out.
+    let head = config
+        .records
+        .log_head_position()
+        .await
+        .map_err(internal("log head read"))?;
+    if position > head {
+        return Err(ApiError::Unprocessable {
+            code: "position_beyond_log",
+            message: format!(
+                "min_position {position} is past the end of the log; pass the position a \
+                 command returned"
+            ),
+        });
+    }
     chartlog_projections::wait_for_position(
         &config.read_models,
         projection,
@@ -582,6 +598,104 @@ pub(crate) async fn disclosures(
     )
     .await?;
     Ok(HttpResponse::Ok().json(super::oversight::AuditPageView::of(&page)))
+}
+
+/// One consent restriction, as the patient and their care team see it.
+#[derive(Serialize)]
+struct ConsentRestrictionView {
+    /// What `revoke-consent-restriction` takes.
+    restriction_id: ConsentRestrictionId,
+    kind: ConsentRestrictionKind,
+    revoked: bool,
+}
+
+/// The patient's consent restrictions, revoked ones included.
+pub(crate) async fn consent_restrictions(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<PatientPath>,
+) -> Result<HttpResponse, ApiError> {
+    decision_state_read(
+        &config,
+        &caller,
+        path.patient_id,
+        Entity::Consent,
+        |record| {
+            let restrictions: Vec<ConsentRestrictionView> = record
+                .consent_restrictions()
+                .iter()
+                .map(|(restriction_id, restriction)| ConsentRestrictionView {
+                    restriction_id: *restriction_id,
+                    kind: restriction.kind(),
+                    revoked: restriction.is_revoked(),
+                })
+                .collect();
+            ("restrictions", serde_json::json!(restrictions))
+        },
+    )
+    .await
+}
+
+/// The clinicians in a care relationship with the patient: whom `end-care-relationship`
+/// takes, and whom a patient may want to know about.
+pub(crate) async fn care_team(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<PatientPath>,
+) -> Result<HttpResponse, ApiError> {
+    decision_state_read(
+        &config,
+        &caller,
+        path.patient_id,
+        Entity::CareRelationship,
+        |record| ("clinicians", serde_json::json!(record.care_team())),
+    )
+    .await
+}
+
+/// A read of the part of the record access is decided on (`view` names and renders it),
+/// from the state the access check loaded, not from a read model that may trail it. Answers
+/// with the record's stream version, also as the ETag, so a change can be sent with
+/// `If-Match` on exactly what was seen; audited as a read of `entity`.
+async fn decision_state_read(
+    config: &ApiConfig,
+    caller: &Caller,
+    patient: PatientId,
+    entity: Entity,
+    view: impl FnOnce(&chartlog_domain::patient::Patient) -> (&'static str, serde_json::Value),
+) -> Result<HttpResponse, ApiError> {
+    let reach = reach(config, caller, patient, entity, AuditAction::Read).await?;
+    let loaded = match reach.loaded {
+        Some(loaded) => loaded,
+        // The check does not tell a record never registered from an erased one; the load
+        // names which (404 or 410).
+        None => config
+            .records
+            .load(reach.patient)
+            .await
+            .map_err(ledger_error)?,
+    };
+    let (name, value) = view(&loaded.patient);
+    audit::record(
+        config,
+        vec![audit::access_row(
+            reach.actor,
+            caller.client_address,
+            Some(reach.patient),
+            audit::audit_entity(entity),
+            AuditAction::Read,
+        )],
+    )
+    .await?;
+    let stream_version = loaded.head.map_or(0, |head| head.version);
+    let mut answer = serde_json::json!({
+        "patient_id": reach.patient,
+        "stream_version": stream_version,
+    });
+    answer[name] = value;
+    Ok(HttpResponse::Ok()
+        .insert_header(("ETag", format!("\"{stream_version}\"")))
+        .json(answer))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
