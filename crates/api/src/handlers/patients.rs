@@ -258,17 +258,7 @@ pub(crate) async fn chart(
         .as_ref()
         .is_some_and(|loaded| policy::notes_hidden_from(&loaded.patient, caller.session.role));
     let view = ChartView::of(&chart, caller.session.role, hide_notes);
-    audit::record(
-        &config,
-        vec![audit::access_row(
-            reach.actor,
-            caller.client_address,
-            Some(reach.patient),
-            AuditEntity::Patient,
-            AuditAction::Read,
-        )],
-    )
-    .await?;
+    audit_read(&config, &caller, &reach, AuditEntity::Patient).await?;
     Ok(HttpResponse::Ok()
         .insert_header(("ETag", format!("\"{}\"", chart.stream_version)))
         .json(view))
@@ -536,17 +526,7 @@ pub(crate) async fn history(
                 .collect(),
         })
         .collect();
-    audit::record(
-        &config,
-        vec![audit::access_row(
-            reach.actor,
-            caller.client_address,
-            Some(reach.patient),
-            AuditEntity::History,
-            AuditAction::Read,
-        )],
-    )
-    .await?;
+    audit_read(&config, &caller, &reach, AuditEntity::History).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "patient_id": reach.patient,
         "entries": entries,
@@ -586,17 +566,7 @@ pub(crate) async fn disclosures(
     )
     .await
     .map_err(internal("disclosures read"))?;
-    audit::record(
-        &config,
-        vec![audit::access_row(
-            reach.actor,
-            caller.client_address,
-            Some(reach.patient),
-            AuditEntity::Disclosures,
-            AuditAction::Read,
-        )],
-    )
-    .await?;
+    audit_read(&config, &caller, &reach, AuditEntity::Disclosures).await?;
     Ok(HttpResponse::Ok().json(super::oversight::AuditPageView::of(&page)))
 }
 
@@ -607,6 +577,26 @@ struct ConsentRestrictionView {
     restriction_id: ConsentRestrictionId,
     kind: ConsentRestrictionKind,
     revoked: bool,
+}
+
+/// Records the caller's read of `entity` on `reach`'s record, before the answer leaves.
+async fn audit_read(
+    config: &ApiConfig,
+    caller: &Caller,
+    reach: &super::Reach,
+    entity: AuditEntity,
+) -> Result<(), ApiError> {
+    audit::record(
+        config,
+        vec![audit::access_row(
+            reach.actor,
+            caller.client_address,
+            Some(reach.patient),
+            entity,
+            AuditAction::Read,
+        )],
+    )
+    .await
 }
 
 /// The patient's consent restrictions, revoked ones included.
@@ -665,28 +655,22 @@ async fn decision_state_read(
     view: impl FnOnce(&chartlog_domain::patient::Patient) -> (&'static str, serde_json::Value),
 ) -> Result<HttpResponse, ApiError> {
     let reach = reach(config, caller, patient, entity, AuditAction::Read).await?;
-    let loaded = match reach.loaded {
+    let loaded_now;
+    let loaded = match &reach.loaded {
         Some(loaded) => loaded,
         // The check does not tell a record never registered from an erased one; the load
         // names which (404 or 410).
-        None => config
-            .records
-            .load(reach.patient)
-            .await
-            .map_err(ledger_error)?,
+        None => {
+            loaded_now = config
+                .records
+                .load(reach.patient)
+                .await
+                .map_err(ledger_error)?;
+            &loaded_now
+        }
     };
     let (name, value) = view(&loaded.patient);
-    audit::record(
-        config,
-        vec![audit::access_row(
-            reach.actor,
-            caller.client_address,
-            Some(reach.patient),
-            audit::audit_entity(entity),
-            AuditAction::Read,
-        )],
-    )
-    .await?;
+    audit_read(config, caller, &reach, audit::audit_entity(entity)).await?;
     let stream_version = loaded.head.map_or(0, |head| head.version);
     let mut answer = serde_json::json!({
         "patient_id": reach.patient,
