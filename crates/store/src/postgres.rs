@@ -123,8 +123,8 @@ crate::snapshots::snapshot_store_backend!(
 /// No ping before each acquire (sqlx's default): it is a round trip to a backend for every
 /// statement run on the pool, on top of the statement's own and the ping sqlx sends when the
 /// connection comes back. Without it the HTTP load benchmark's commands went from about 1,550
-/// to 1,680 per second and chart reads from about 1,230 to 1,510 (README, "HTTP load"). A
-/// connection the server dropped fails its next statement instead, that one request or
+/// to 1,680 per second and chart reads from about 1,230 to 1,510 (docs/PERFORMANCE.md, "HTTP
+/// load"). A connection the server dropped fails its next statement instead, that one request or
 /// append gets the error (no append is acknowledged that did not commit), and the ping on
 /// release closes the connection so the next acquire gets a fresh one.
 ///

@@ -110,8 +110,8 @@ async fn check_named_account(
 /// the stream; if the stream has moved on since (another request, another server), the store
 /// refuses the append and the command is checked and decided again on the fresh record, up to
 /// the ledger's [`CONFLICT_RETRIES_MAX`] attempts before 409 `contended`. The common case
-/// costs no read of the stream (on PostgreSQL about a third more commands per second; README,
-/// "HTTP load").
+/// costs no read of the stream (on PostgreSQL about a third more commands per second;
+/// docs/PERFORMANCE.md, "HTTP load").
 pub(crate) async fn execute<B: CommandBody>(
     config: web::Data<ApiConfig>,
     caller: Caller,

@@ -11,8 +11,8 @@
 //! the lock commits every append queued by then, up to [`GROUP_APPENDS_MAX`] appends and
 //! [`GROUP_EVENTS_MAX`] events, with one `BEGIN IMMEDIATE` and one fsync, and answers each as
 //! it would have been answered alone. Each append used to be a transaction and an fsync of its
-//! own, and under HTTP load that kept the lock busy while a core stood idle (README, "HTTP
-//! load").
+//! own, and under HTTP load that kept the lock busy while a core stood idle
+//! (docs/PERFORMANCE.md, "HTTP load").
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -102,10 +102,10 @@ async fn open_migrated(options: SqliteConnectOptions) -> Result<SqlitePool, Stor
 ///
 /// Why a file of their own: SQLite has one writer per file, and the projection runner's
 /// transactions held the log's write lock about two thirds of the time under HTTP load, so
-/// appends waited for projections (README, "HTTP load"). In a file of their own they have a
-/// write lock of their own, and their commits need no fsync (`synchronous=NORMAL`): they are
-/// derived, so a crash that loses the last of them loses nothing the runner does not fold again
-/// from the checkpoint committed with them.
+/// appends waited for projections (docs/PERFORMANCE.md, "HTTP load"). In a file of their own
+/// they have a write lock of their own, and their commits need no fsync
+/// (`synchronous=NORMAL`): they are derived, so a crash that loses the last of them loses
+/// nothing the runner does not fold again from the checkpoint committed with them.
 pub fn read_models_path(log: &Path) -> PathBuf {
     log.with_extension("read-models.db")
 }
