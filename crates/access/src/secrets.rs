@@ -6,16 +6,14 @@
 //! design: no caller holds a bare data key's bytes). So the file holds a file-local KEK and
 //! the data key wrapped under it, and loading is [`KeyRing::unwrap`].
 
-use std::fs;
-use std::io::{self, Read as _, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chartlog_crypto::{
-    DataKey, DataKeyId, KEK_BYTES, KekId, KeyFileError, KeyRing, WrappedDataKey, open_record,
-    seal_record,
+    DataKey, DataKeyId, KEK_BYTES, KekId, KeyFileError, KeyRing, WrappedDataKey,
+    load_or_create_key_file, open_record, read_key_file, seal_record,
 };
 use chartlog_domain::StreamId;
 use serde::{Deserialize, Serialize};
@@ -29,8 +27,6 @@ pub const ACCESS_KEY_FILE_NAME: &str = "access-key.json";
 const ACCESS_KEY_FILE_FORMAT: &str = "chartlog-access-key/v1";
 /// The owner the data key is wrapped for: binds the wrap to this use.
 const ACCESS_KEY_OWNER: &str = "access-secrets";
-/// Largest access key file read.
-const ACCESS_KEY_FILE_BYTES_MAX: u64 = 64 * 1024;
 /// Domain-separation tag opening the associated data of every record sealed here.
 const SEAL_TAG: &[u8] = b"chartlog-access/v1";
 
@@ -60,41 +56,32 @@ impl AccessSecrets {
     /// write. Safe against a concurrent first start: the file is created only if absent, and
     /// the loser of the race loads the winner's key.
     pub fn load_or_create(dir: &Path) -> Result<Self, KeyFileError> {
-        create_private_dir(dir)?;
-        let path = dir.join(ACCESS_KEY_FILE_NAME);
-        match Self::load(&path) {
-            Err(KeyFileError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                let kek_id = KekId::generate();
-                let mut kek = Zeroizing::new([0u8; KEK_BYTES]);
-                crate::random::fill(kek.as_mut());
-                let ring = KeyRing::with_key(kek_id.clone(), *kek);
-                let key = DataKey::generate();
-                let wrapped = ring.wrap(&owner(), DataKeyId::generate(), &key);
-                let file = AccessKeyFile {
-                    format: ACCESS_KEY_FILE_FORMAT.to_owned(),
-                    kek_id: kek_id.as_str().to_owned(),
-                    kek: BASE64.encode(kek.as_ref()),
-                    data_key_id: wrapped.key_id.as_uuid().to_string(),
-                    wrapped_data_key: BASE64.encode(&wrapped.wrapped),
-                };
-                // Sized up front so the buffer holding the secret never reallocates.
-                let mut json = Zeroizing::new(Vec::with_capacity(1024));
-                serde_json::to_writer_pretty(&mut *json, &file)
-                    .expect("serializing strings cannot fail");
-                json.push(b'\n');
-                if create_private_file(&path, &json)? {
-                    Ok(Self { key: Arc::new(key) })
-                } else {
-                    Self::load(&path)
-                }
-            }
-            other => other,
-        }
+        load_or_create_key_file(dir, ACCESS_KEY_FILE_NAME, Self::load, || {
+            let kek_id = KekId::generate();
+            let mut kek = Zeroizing::new([0u8; KEK_BYTES]);
+            crate::random::fill(kek.as_mut());
+            let ring = KeyRing::with_key(kek_id.clone(), *kek);
+            let key = DataKey::generate();
+            let wrapped = ring.wrap(&owner(), DataKeyId::generate(), &key);
+            let file = AccessKeyFile {
+                format: ACCESS_KEY_FILE_FORMAT.to_owned(),
+                kek_id: kek_id.as_str().to_owned(),
+                kek: BASE64.encode(kek.as_ref()),
+                data_key_id: wrapped.key_id.as_uuid().to_string(),
+                wrapped_data_key: BASE64.encode(&wrapped.wrapped),
+            };
+            // Sized up front so the buffer holding the secret never reallocates.
+            let mut json = Zeroizing::new(Vec::with_capacity(1024));
+            serde_json::to_writer_pretty(&mut *json, &file)
+                .expect("serializing strings cannot fail");
+            json.push(b'\n');
+            (Self { key: Arc::new(key) }, json)
+        })
     }
 
     /// Reads an access key file written by [`AccessSecrets::load_or_create`].
     pub fn load(path: &Path) -> Result<Self, KeyFileError> {
-        let bytes = read_private(path)?;
+        let bytes = read_key_file(path)?;
         let malformed = |reason: String| KeyFileError::Malformed {
             origin: path.display().to_string(),
             reason,
@@ -187,103 +174,10 @@ impl Drop for AccessKeyFile {
     }
 }
 
-fn io_error(path: &Path) -> impl FnOnce(io::Error) -> KeyFileError + '_ {
-    move |source| KeyFileError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// Creates `dir` (mode 0700) if absent; refuses one that others can write.
-fn create_private_dir(dir: &Path) -> Result<(), KeyFileError> {
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir).map_err(io_error(dir))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = fs::metadata(dir)
-            .map_err(io_error(dir))?
-            .permissions()
-            .mode()
-            & 0o7777;
-        if mode & 0o022 != 0 {
-            return Err(KeyFileError::InsecurePermissions {
-                path: dir.to_owned(),
-                mode,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Reads a key file, refusing one others can access or one too large to be a key file.
-fn read_private(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
-    let file = fs::File::open(path).map_err(io_error(path))?;
-    let metadata = file.metadata().map_err(io_error(path))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = metadata.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyFileError::InsecurePermissions {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-    }
-    if metadata.len() > ACCESS_KEY_FILE_BYTES_MAX {
-        return Err(KeyFileError::Malformed {
-            origin: path.display().to_string(),
-            reason: format!("larger than {ACCESS_KEY_FILE_BYTES_MAX} bytes"),
-        });
-    }
-    let capacity = usize::try_from(metadata.len()).expect("at most 64 KiB") + 1;
-    let mut bytes = Zeroizing::new(Vec::with_capacity(capacity));
-    file.take(ACCESS_KEY_FILE_BYTES_MAX)
-        .read_to_end(&mut bytes)
-        .map_err(io_error(path))?;
-    Ok(bytes)
-}
-
-/// Writes `bytes` to `path` (mode 0600) unless it exists: through a temporary file in the same
-/// directory, fsynced, then hard-linked into place, so the file appears whole or not at all.
-/// Returns whether this call created it.
-fn create_private_file(path: &Path, bytes: &[u8]) -> Result<bool, KeyFileError> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut suffix = [0u8; 8];
-    crate::random::fill(&mut suffix);
-    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
-    let temporary = dir.join(format!(".{ACCESS_KEY_FILE_NAME}.{suffix}.tmp"));
-    let written = (|| {
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        match fs::hard_link(&temporary, path) {
-            Ok(()) => Ok(true),
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(error) => Err(error),
-        }
-    })();
-    let _ = fs::remove_file(&temporary);
-    let created = written.map_err(io_error(path))?;
-    fs::File::open(&dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_error(&dir))?;
-    Ok(created)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]

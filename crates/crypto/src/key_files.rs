@@ -63,8 +63,9 @@ pub fn load_or_create_signing_keys(dir: &Path) -> Result<SigningKeys, KeyFileErr
 /// Loads `dir/file_name` with `load`; when there is no such file, creates the directory
 /// (0700) and the file (0600) from `generate` (the keys and their file's bytes). Safe against
 /// a concurrent first start: the file is created only if absent, and the loser of a race
-/// loads the winner's.
-pub(crate) fn load_or_create<T>(
+/// loads the winner's. Every key file of chartlog's, in this crate and outside it (the access
+/// crate's), is created through here.
+pub fn load_or_create<T>(
     dir: &Path,
     file_name: &str,
     load: impl Fn(&Path) -> Result<T, KeyFileError>,
@@ -342,7 +343,7 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), KeyFileError> {
 
 /// Reads a key file, refusing one that users other than its owner can access, or that is
 /// larger than any key file.
-pub(crate) fn read_private(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
+pub fn read_private(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
     let file = fs::File::open(path).map_err(io_error(path))?;
     let metadata = file.metadata().map_err(io_error(path))?;
     #[cfg(unix)]

@@ -50,6 +50,8 @@ pub use key_files::{
     KEK_FILE_NAME, RETIRED_SIGNERS_MAX, SIGNING_FILE_NAME, SigningKeys, load_or_create_kek_ring,
     load_or_create_key_files, load_or_create_signing_keys,
 };
+/// Key-file I/O for key files defined outside this crate: private modes, atomic creation.
+pub use key_files::{load_or_create as load_or_create_key_file, read_private as read_key_file};
 pub use key_ring::{KEK_BYTES, KEKS_MAX, KeyRing, WrappedDataKey};
 pub use key_store::{DataKeyRecord, KeyInsert, KeyStore, KeyStoreError};
 pub use mac::{MAC_BYTES, MAC_KEY_BYTES, MacKey, hmac_sha256};
