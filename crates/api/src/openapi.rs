@@ -24,6 +24,8 @@ pub fn document() -> OpenApi {
     let mut paths = Paths::new();
     let mut components = ComponentsBuilder::new();
     let bodies = request_bodies();
+    let answers = answers();
+    let mut components_schemas: Vec<(String, RefOr<Schema>)> = Vec::new();
     for route in ROUTES {
         let mut operation = OperationBuilder::new()
             .summary(Some(route.summary))
@@ -41,7 +43,10 @@ pub fn document() -> OpenApi {
                 route.path
             )))
             .tag(route.tag)
-            .response(success_status(route), success_response(route))
+            .response(
+                success_status(route),
+                success_response(route, &answers, &mut components_schemas),
+            )
             // Every other answer is an error in the one shape, whatever its status: the
             // fuzzer then checks each error body against the schema.
             .response("default", error_response());
@@ -90,6 +95,9 @@ pub fn document() -> OpenApi {
             Verb::Post => HttpMethod::Post,
         };
         paths.add_path_operation(route.path, vec![method], operation.build());
+    }
+    for (name, schema) in components_schemas {
+        components = components.schema(name, schema);
     }
     OpenApiBuilder::new()
         .info(
@@ -223,9 +231,13 @@ fn success_status(route: &Route) -> &'static str {
     }
 }
 
-/// The success response: no body for 204, NDJSON or CSV for the de-identified export, JSON
-/// otherwise.
-fn success_response(route: &Route) -> Response {
+/// The success response: no body for 204, NDJSON or CSV for the de-identified export, and
+/// otherwise JSON of the type the handler answers with (see [`answers`]).
+fn success_response(
+    route: &Route,
+    answers: &[(&'static Route, BodySchema)],
+    schemas: &mut Vec<(String, RefOr<Schema>)>,
+) -> Response {
     let builder = ResponseBuilder::new().description("Success");
     if success_status(route) == "204" {
         builder.build()
@@ -235,10 +247,59 @@ fn success_response(route: &Route) -> Response {
             .content("text/csv", Content::new(None::<RefOr<Schema>>))
             .build()
     } else {
+        let schema = answers
+            .iter()
+            .find(|(answered, _)| std::ptr::eq(*answered, route))
+            .map(|(_, answer)| answer(schemas));
         builder
-            .content("application/json", Content::new(None::<RefOr<Schema>>))
+            .content("application/json", Content::new(schema))
             .build()
     }
+}
+
+/// The type each JSON-answering route answers with on success. Every command answers
+/// [`patients::CommandAnswer`]; `/openapi.json` answers this document, which describes
+/// itself.
+fn answers() -> Vec<(&'static Route, BodySchema)> {
+    use crate::handlers::{access, meta, oversight, patients};
+    let mut answers: Vec<(&'static Route, BodySchema)> = vec![
+        (&routes::HEALTHZ, body::<meta::Status>),
+        (&routes::READYZ, body::<meta::Status>),
+        (&routes::LOGIN, body::<access::LoginAnswer>),
+        (&routes::SESSION, body::<access::SessionView>),
+        (
+            &routes::ENROLL_SECOND_FACTOR,
+            body::<access::EnrollmentAnswer>,
+        ),
+        (
+            &routes::CONFIRM_SECOND_FACTOR,
+            body::<access::RecoveryCodesAnswer>,
+        ),
+        (&routes::LIST_USERS, body::<access::UserList>),
+        (&routes::CREATE_USER, body::<access::NewUserAnswer>),
+        (&routes::RESET_PASSWORD, body::<access::OneTimePassword>),
+        (&routes::REGISTER_PATIENT, body::<patients::CommandAnswer>),
+        (&routes::SEARCH_PATIENTS, body::<patients::PatientIds>),
+        (&routes::CHART, body::<patients::ChartView>),
+        (&routes::HISTORY, body::<patients::HistoryPage>),
+        (&routes::DISCLOSURES, body::<oversight::AuditPageView>),
+        (
+            &routes::CONSENT_RESTRICTIONS,
+            body::<patients::ConsentRestrictions>,
+        ),
+        (&routes::CARE_TEAM, body::<patients::CareTeam>),
+        (&routes::BREAK_GLASS, body::<patients::BreakGlassAnswer>),
+        (&routes::AUDIT_TRAIL, body::<oversight::AuditPageView>),
+        (&routes::BREAK_GLASS_REVIEWS, body::<oversight::ReviewList>),
+    ];
+    answers.extend(
+        ROUTES
+            .iter()
+            .copied()
+            .filter(|route| route.tag == "commands")
+            .map(|route| (route, body::<patients::CommandAnswer> as BodySchema)),
+    );
+    answers
 }
 
 fn error_response() -> Response {
@@ -411,33 +472,61 @@ fn query_parameters(route: &Route) -> Vec<(&'static str, &'static str, Schema)> 
     }
 }
 
+/// A checker of JSON values against this document's schemas, for the tests that hold the
+/// document to what the handlers parse and answer.
 #[cfg(test)]
-mod tests {
-    use chartlog_domain::{PatientCommand, synthetic};
-    use serde::de::DeserializeOwned;
+pub(crate) mod schema_check {
     use serde_json::{Value, json};
 
-    use super::*;
-    use crate::handlers::commands as c;
-    use crate::handlers::{access, oversight, patients};
-
-    /// Checks `value` against `schema` for the parts of JSON Schema this document uses:
-    /// `$ref`, `oneOf`, `type` (one or a list), `enum`, `properties`, `required`,
+    /// Checks a request body `value` against `schema` for the parts of JSON Schema this document
+    /// uses: `$ref`, `oneOf`, `type` (one or a list), `enum`, `properties`, `required`,
     /// `additionalProperties: false`, `items`, `maxLength` and `pattern` (whole-string `^...$`
     /// patterns of digit runs only, as `Decimal`'s). Returns where the first mismatch is.
-    fn conforms(document: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    pub(crate) fn conforms(
+        document: &Value,
+        schema: &Value,
+        value: &Value,
+        at: &str,
+    ) -> Result<(), String> {
+        check(document, schema, value, at, Objects::AsDeclared)
+    }
+
+    /// [`conforms`] for an answer: an object may hold only the properties its schema lists, so a
+    /// field the handler sends and the document leaves out is found.
+    pub(crate) fn answer_conforms(
+        document: &Value,
+        schema: &Value,
+        value: &Value,
+        at: &str,
+    ) -> Result<(), String> {
+        check(document, schema, value, at, Objects::Closed)
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Objects {
+        AsDeclared,
+        Closed,
+    }
+
+    fn check(
+        document: &Value,
+        schema: &Value,
+        value: &Value,
+        at: &str,
+        objects: Objects,
+    ) -> Result<(), String> {
         if let Some(reference) = schema["$ref"].as_str() {
             let name = reference.trim_start_matches("#/components/schemas/");
             let target = &document["components"]["schemas"][name];
             if target.is_null() {
                 return Err(format!("{at}: {reference} is not in the components"));
             }
-            return conforms(document, target, value, at);
+            return check(document, target, value, at, objects);
         }
         if let Some(choices) = schema["oneOf"].as_array() {
             let matching = choices
                 .iter()
-                .filter(|choice| conforms(document, choice, value, at).is_ok())
+                .filter(|choice| check(document, choice, value, at, objects).is_ok())
                 .count();
             return match matching {
                 1 => Ok(()),
@@ -479,7 +568,13 @@ mod tests {
             }
             Value::Array(items) => {
                 for (index, item) in items.iter().enumerate() {
-                    conforms(document, &schema["items"], item, &format!("{at}[{index}]"))?;
+                    check(
+                        document,
+                        &schema["items"],
+                        item,
+                        &format!("{at}[{index}]"),
+                        objects,
+                    )?;
                 }
             }
             Value::Object(fields) => {
@@ -492,9 +587,11 @@ mod tests {
                 for (name, field) in fields {
                     match schema["properties"].get(name) {
                         Some(property) => {
-                            conforms(document, property, field, &format!("{at}.{name}"))?;
+                            check(document, property, field, &format!("{at}.{name}"), objects)?;
                         }
-                        None if schema["additionalProperties"] == json!(false) => {
+                        None if schema["additionalProperties"] == json!(false)
+                            || (objects == Objects::Closed && schema["properties"].is_object()) =>
+                        {
                             return Err(format!("{at}: {name} is not a property"));
                         }
                         None => {}
@@ -513,6 +610,18 @@ mod tests {
             .iter()
             .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use chartlog_domain::{PatientCommand, synthetic};
+    use serde::de::DeserializeOwned;
+    use serde_json::{Value, json};
+
+    use super::schema_check::conforms;
+    use super::*;
+    use crate::handlers::commands as c;
+    use crate::handlers::{access, oversight, patients};
 
     fn parses<T: DeserializeOwned>(body: &Value) -> bool {
         serde_json::from_value::<T>(body.clone()).is_ok()

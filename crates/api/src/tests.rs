@@ -54,6 +54,19 @@ async fn config(
     transport: Transport,
     readiness: Arc<dyn ReadinessProbe>,
 ) -> (ApiConfig, tempfile::TempDir) {
+    let (config, dir, _) = config_and_runner(transport, readiness, AccessSettings::default()).await;
+    (config, dir)
+}
+
+type SqliteRunner = chartlog_projections::ProjectionRunner<SqliteEventStore, SqliteKeyStore>;
+
+/// [`config`] with these access settings, and a projection runner (chart and history) over
+/// the same store, for a test to catch the read models up when it needs them.
+async fn config_and_runner(
+    transport: Transport,
+    readiness: Arc<dyn ReadinessProbe>,
+    access: AccessSettings,
+) -> (ApiConfig, tempfile::TempDir, SqliteRunner) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SqliteEventStore::open(&dir.path().join("chartlog.db"))
         .await
@@ -64,30 +77,37 @@ async fn config(
     verifier
         .trust(signer.key_id().clone(), signer.verifying_key_bytes())
         .expect("trust the signer");
-    let keys = DataKeys::new(
+    let keys = Arc::new(DataKeys::new(
         Arc::new(KeyRing::generate(KekId::generate())),
         SqliteKeyStore::new(pool.clone()),
-    );
+    ));
+    let store = Arc::new(store);
+    let verifier = Arc::new(verifier);
     let ledger = PatientLedger::new(
-        Arc::new(store),
-        Arc::new(keys),
+        store.clone(),
+        keys.clone(),
         Arc::new(signer),
-        Arc::new(verifier),
+        verifier.clone(),
     );
     let db = ProjectionDb::Sqlite(pool);
+    let index_key = Arc::new(MacKey::generate());
+    let runner = chartlog_projections::ProjectionRunner::new(
+        store,
+        keys,
+        verifier,
+        db.clone(),
+        vec![
+            Arc::new(chartlog_projections::chart::ChartProjection::new(
+                index_key.clone(),
+            )),
+            Arc::new(chartlog_projections::history::HistoryProjection),
+        ],
+    );
     let config = ApiConfig {
         transport,
         readiness,
-        records: Arc::new(LedgerRecords::new(
-            ledger,
-            db.clone(),
-            Arc::new(MacKey::generate()),
-        )),
-        accounts: Accounts::new(
-            db.clone(),
-            AccessSecrets::ephemeral(),
-            AccessSettings::default(),
-        ),
+        records: Arc::new(LedgerRecords::new(ledger, db.clone(), index_key)),
+        accounts: Accounts::new(db.clone(), AccessSecrets::ephemeral(), access),
         audit: Arc::new(DatabaseAuditSink::new(db.clone())),
         notifier: Arc::new(LogNotifier),
         refusal_watch: Arc::new(crate::alerts::RefusalWatch::new(
@@ -99,7 +119,7 @@ async fn config(
             crate::limits::RateLimit::default(),
         )),
     };
-    (config, dir)
+    (config, dir, runner)
 }
 
 fn header<'a, B>(response: &'a ServiceResponse<B>, name: &str) -> Option<&'a str> {
@@ -365,6 +385,33 @@ fn the_openapi_document_types_every_parameter_and_every_error() {
     );
 }
 
+/// A client generated from the document gets a type for every JSON answer; the test below
+/// holds the answers to those types.
+#[test]
+fn the_openapi_document_types_every_json_answer() {
+    let document = serde_json::to_value(crate::openapi::document()).expect("serialize");
+    for route in ROUTES {
+        let method = route.verb.as_str().to_lowercase();
+        let responses = &document["paths"][route.path][&method]["responses"];
+        let Some((status, success)) = responses
+            .as_object()
+            .and_then(|all| all.iter().find(|(status, _)| status.starts_with('2')))
+        else {
+            panic!("{method} {} declares no success", route.path);
+        };
+        let json = &success["content"]["application/json"];
+        let describes_itself = std::ptr::eq(*route, &crate::routes::OPENAPI);
+        if status == "204" || json.is_null() || describes_itself {
+            continue;
+        }
+        assert!(
+            json["schema"].is_object(),
+            "{method} {} answers JSON without a schema",
+            route.path
+        );
+    }
+}
+
 #[test]
 fn the_route_table_has_no_duplicates() {
     for (index, route) in ROUTES.iter().enumerate() {
@@ -386,5 +433,392 @@ fn the_readme_role_table_is_the_policy_table() {
     assert!(
         readme.contains(&table),
         "README.md's role table differs from policy::ROLE_GRANTS; paste this:\n{table}"
+    );
+}
+
+/// Calls `uri` (a concrete path of `route`) and, when it succeeds with a JSON body, checks the
+/// body against the answer schema /openapi.json declares for the route, every field declared.
+async fn call_checked<S, B>(
+    service: &S,
+    document: &Value,
+    route: &crate::routes::Route,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value)
+where
+    S: actix_web::dev::Service<
+            actix_http::Request,
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    B: actix_web::body::MessageBody,
+{
+    let mut request = match route.verb {
+        Verb::Get => TestRequest::get().uri(uri),
+        Verb::Post => TestRequest::post()
+            .uri(uri)
+            .insert_header(("content-type", "application/json"))
+            .set_payload(body.unwrap_or(Value::Null).to_string()),
+    };
+    if let Some(token) = token {
+        request = request.insert_header(("authorization", format!("Bearer {token}")));
+    }
+    let response = test::call_service(service, request.to_request()).await;
+    let status = response.status();
+    let bytes = test::read_body(response).await;
+    if bytes.is_empty() {
+        return (status, Value::Null);
+    }
+    let answer: Value = serde_json::from_slice(&bytes).expect("a JSON answer");
+    if status.is_success() {
+        let method = route.verb.as_str().to_lowercase();
+        let schema = &document["paths"][route.path][&method]["responses"][status.as_str()]["content"]
+            ["application/json"]["schema"];
+        assert!(
+            schema.is_object(),
+            "{method} {} answers {status} with no schema",
+            route.path
+        );
+        if let Err(mismatch) =
+            crate::openapi::schema_check::answer_conforms(document, schema, &answer, "answer")
+        {
+            panic!("{method} {uri}: {mismatch}\n{answer}");
+        }
+    }
+    (status, answer)
+}
+
+/// Every JSON answer a day's requests get holds to its schema in /openapi.json: a client
+/// generated from the document reads what the server sends.
+#[actix_web::test]
+async fn every_answer_matches_its_schema_in_the_openapi_document() {
+    use crate::routes as r;
+    use chartlog_access::NewUser;
+    use chartlog_domain::Role;
+
+    let access = AccessSettings {
+        second_factor_required_for: Vec::new(),
+        ..AccessSettings::default()
+    };
+    let (config, _dir, runner) = config_and_runner(Transport::Tls, Arc::new(Ready), access).await;
+    let accounts = config.accounts.clone();
+    let service = test::init_service(app(config)).await;
+    let document = serde_json::to_value(crate::openapi::document()).expect("serialize");
+    let service = &service;
+    let doc = &document;
+
+    // An account's first login must change the one-time password; the next one is full.
+    let log_in = |username: &'static str, one_time: String| async move {
+        let (status, first) = call_checked(
+            service,
+            doc,
+            &r::LOGIN,
+            "/auth/login",
+            None,
+            Some(serde_json::json!({ "username": username, "password": one_time })),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{first}");
+        let token = first["token"].as_str().expect("token").to_owned();
+        let passphrase = "quiet schemas hold every morning at nine".to_owned();
+        let (status, _) = call_checked(
+            service,
+            doc,
+            &r::CHANGE_PASSWORD,
+            "/auth/password",
+            Some(&token),
+            Some(serde_json::json!({ "current_password": one_time, "new_password": passphrase })),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::NO_CONTENT,
+            "{username}'s new password refused"
+        );
+        let (_, again) = call_checked(
+            service,
+            doc,
+            &r::LOGIN,
+            "/auth/login",
+            None,
+            Some(serde_json::json!({ "username": username, "password": passphrase })),
+        )
+        .await;
+        assert_eq!(again["session"]["stage"], "full", "{again}");
+        again["token"].as_str().expect("token").to_owned()
+    };
+
+    for (route, uri) in [(&r::HEALTHZ, "/healthz"), (&r::READYZ, "/readyz")] {
+        let (status, _) = call_checked(service, doc, route, uri, None, None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (_, one_time) = accounts
+        .create_user(
+            NewUser {
+                username: chartlog_access::Username::parse("admin").expect("name"),
+                role: Role::Administrator,
+                patient_id: None,
+            },
+            crate::now(),
+        )
+        .await
+        .expect("administrator");
+    let admin = log_in("admin", one_time.expose().to_owned()).await;
+    call_checked(
+        service,
+        doc,
+        &r::SESSION,
+        "/auth/session",
+        Some(&admin),
+        None,
+    )
+    .await;
+    let mut one_time_of = std::collections::HashMap::new();
+    let mut user_id_of = std::collections::HashMap::new();
+    for (username, role) in [("dr.grey", "physician"), ("auditor.ann", "auditor")] {
+        let (status, created) = call_checked(
+            service,
+            doc,
+            &r::CREATE_USER,
+            "/users",
+            Some(&admin),
+            Some(serde_json::json!({ "username": username, "role": role })),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        one_time_of.insert(
+            username,
+            created["one_time_password"]
+                .as_str()
+                .expect("otp")
+                .to_owned(),
+        );
+        user_id_of.insert(
+            username,
+            created["user"]["user_id"].as_str().expect("id").to_owned(),
+        );
+    }
+    let (status, reset) = call_checked(
+        service,
+        doc,
+        &r::RESET_PASSWORD,
+        &format!("/users/{}/password-reset", user_id_of["auditor.ann"]),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{reset}");
+    let (_, users) = call_checked(service, doc, &r::LIST_USERS, "/users", Some(&admin), None).await;
+    assert_eq!(users["users"].as_array().map(Vec::len), Some(3), "{users}");
+
+    let physician = log_in("dr.grey", one_time_of["dr.grey"].clone()).await;
+    let (status, _) = call_checked(
+        service,
+        doc,
+        &r::ENROLL_SECOND_FACTOR,
+        "/auth/second-factor/enrollment",
+        Some(&physician),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let chartlog_domain::PatientCommand::RegisterPatient { demographics, .. } =
+        chartlog_domain::synthetic::registration(3)
+    else {
+        unreachable!("a registration")
+    };
+    let (status, registered) = call_checked(
+        service,
+        doc,
+        &r::REGISTER_PATIENT,
+        "/patients",
+        Some(&physician),
+        Some(serde_json::to_value(&demographics).expect("json")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{registered}");
+    let patient = registered["patient_id"].as_str().expect("id").to_owned();
+    let at = |command: &str| format!("/patients/{patient}/{command}");
+    for (route, command, body) in [
+        (
+            &r::RECORD_OBSERVATION,
+            "record-observation",
+            serde_json::json!({
+                "code": { "system": "http://loinc.org", "code": "8867-4" },
+                "value": { "quantity": { "value": "72", "unit": "/min" } },
+                "effective_at": "2026-11-27T08:30:00Z"
+            }),
+        ),
+        (
+            &r::RECORD_CONDITION,
+            "record-condition",
+            serde_json::json!({ "code": { "system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11.9" } }),
+        ),
+        (
+            &r::RECORD_ALLERGY,
+            "record-allergy",
+            serde_json::json!({
+                "substance": { "system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "7980" },
+                "criticality": "high"
+            }),
+        ),
+        (
+            &r::PRESCRIBE_MEDICATION,
+            "prescribe-medication",
+            serde_json::json!({
+                "medication": { "system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975" },
+                "dose": { "value": "500", "unit": "mg" },
+                "route": "oral",
+                "frequency": "twice_daily"
+            }),
+        ),
+        (
+            &r::WRITE_NOTE,
+            "write-note",
+            serde_json::json!({ "text": "Seen for follow-up; well." }),
+        ),
+        (
+            &r::GRANT_CONSENT_RESTRICTION,
+            "grant-consent-restriction",
+            serde_json::json!({ "kind": { "hide_notes_from_role": "lab_technician" } }),
+        ),
+    ] {
+        let (status, answer) = call_checked(
+            service,
+            doc,
+            route,
+            &at(command),
+            Some(&physician),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{command}: {answer}");
+    }
+    runner.catch_up().await.expect("read models caught up");
+    for (route, path) in [
+        (&r::CHART, "chart"),
+        (&r::HISTORY, "history"),
+        (&r::CONSENT_RESTRICTIONS, "consent-restrictions"),
+        (&r::CARE_TEAM, "care-team"),
+    ] {
+        let (status, answer) =
+            call_checked(service, doc, route, &at(path), Some(&physician), None).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {answer}");
+    }
+    let (_, chart) = call_checked(
+        service,
+        doc,
+        &r::CHART,
+        &at("chart"),
+        Some(&physician),
+        None,
+    )
+    .await;
+    for section in [
+        "conditions",
+        "allergies",
+        "medication_orders",
+        "observations",
+        "notes",
+    ] {
+        assert_eq!(
+            chart[section].as_array().map(Vec::len),
+            Some(1),
+            "{section}: {chart}"
+        );
+    }
+    let (_, history) = call_checked(
+        service,
+        doc,
+        &r::HISTORY,
+        &at("history"),
+        Some(&physician),
+        None,
+    )
+    .await;
+    assert!(
+        history["entries"].as_array().is_some_and(|e| e.len() >= 7),
+        "{history}"
+    );
+    let (_, found) = call_checked(
+        service,
+        doc,
+        &r::SEARCH_PATIENTS,
+        "/patients/search",
+        Some(&physician),
+        Some(serde_json::json!({ "mrn": demographics.mrn.expose_phi() })),
+    )
+    .await;
+    assert_eq!(found["patient_ids"][0], patient.as_str(), "{found}");
+    let (status, opened) = call_checked(
+        service,
+        doc,
+        &r::BREAK_GLASS,
+        &at("break-glass"),
+        Some(&physician),
+        Some(serde_json::json!({ "reason": "checking the schema of an emergency" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{opened}");
+
+    let (_, one_time) = accounts
+        .create_user(
+            NewUser {
+                username: chartlog_access::Username::parse("pat.a").expect("name"),
+                role: Role::Patient,
+                patient_id: Some(chartlog_domain::PatientId::from_uuid(
+                    patient.parse().expect("uuid"),
+                )),
+            },
+            crate::now(),
+        )
+        .await
+        .expect("patient account");
+    let patient_token = log_in("pat.a", one_time.expose().to_owned()).await;
+    let (status, disclosures) = call_checked(
+        service,
+        doc,
+        &r::DISCLOSURES,
+        &at("disclosures"),
+        Some(&patient_token),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{disclosures}");
+
+    let auditor = log_in(
+        "auditor.ann",
+        reset["one_time_password"].as_str().expect("otp").to_owned(),
+    )
+    .await;
+    let (_, trail) = call_checked(
+        service,
+        doc,
+        &r::AUDIT_TRAIL,
+        &format!("/audit-trail?patient_id={patient}"),
+        Some(&auditor),
+        None,
+    )
+    .await;
+    assert!(
+        trail["rows"]
+            .as_array()
+            .is_some_and(|rows| !rows.is_empty()),
+        "{trail}"
+    );
+    let (_, reviews) = call_checked(
+        service,
+        doc,
+        &r::BREAK_GLASS_REVIEWS,
+        "/break-glass/reviews",
+        Some(&auditor),
+        None,
+    )
+    .await;
+    assert_eq!(
+        reviews["reviews"].as_array().map(Vec::len),
+        Some(1),
+        "{reviews}"
     );
 }

@@ -26,7 +26,7 @@ pub(crate) struct LoginBody {
     second_factor: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct SessionView {
     user_id: UserId,
     username: String,
@@ -34,6 +34,7 @@ pub(crate) struct SessionView {
     #[serde(skip_serializing_if = "Option::is_none")]
     patient_id: Option<PatientId>,
     /// `full`, `must_change_password` or `must_enroll_second_factor`.
+    #[schema(value_type = String)]
     stage: &'static str,
     expires_at: String,
 }
@@ -51,8 +52,8 @@ impl SessionView {
     }
 }
 
-#[derive(Serialize)]
-struct LoginAnswer {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct LoginAnswer {
     /// Send as `Authorization: Bearer <token>`; browsers use the cookie instead.
     token: String,
     session: SessionView,
@@ -271,8 +272,8 @@ pub(crate) async fn change_password(
     }
 }
 
-#[derive(Serialize)]
-struct EnrollmentAnswer {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct EnrollmentAnswer {
     secret_base32: String,
     otpauth_uri: String,
 }
@@ -298,8 +299,8 @@ pub(crate) struct ConfirmationBody {
     code: String,
 }
 
-#[derive(Serialize)]
-struct RecoveryCodesAnswer {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct RecoveryCodesAnswer {
     /// Each works once in place of a TOTP code. Shown only now.
     recovery_codes: Vec<String>,
 }
@@ -341,8 +342,8 @@ pub(crate) async fn confirm_enrollment(
 
 // ---- administrators ------------------------------------------------------------------
 
-#[derive(Serialize)]
-struct UserView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct UserView {
     user_id: UserId,
     username: String,
     role: Role,
@@ -384,6 +385,19 @@ fn user_row(caller: &Caller, user: Option<UserId>, action: AuditAction) -> Audit
     }
 }
 
+/// Every account, disabled ones included.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct UserList {
+    users: Vec<UserView>,
+}
+
+/// A new one-time password, shown once.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct OneTimePassword {
+    /// Give it to the user out of band; they must change it at first login.
+    one_time_password: String,
+}
+
 pub(crate) async fn list_users(
     config: web::Data<ApiConfig>,
     caller: Caller,
@@ -391,7 +405,7 @@ pub(crate) async fn list_users(
     let users = config.accounts.list_users().await.map_err(access_error)?;
     audit::record(&config, vec![user_row(&caller, None, AuditAction::Read)]).await?;
     let users: Vec<UserView> = users.iter().map(UserView::of).collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "users": users })))
+    Ok(HttpResponse::Ok().json(UserList { users }))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -404,8 +418,8 @@ pub(crate) struct NewUserBody {
     patient_id: Option<PatientId>,
 }
 
-#[derive(Serialize)]
-struct NewUserAnswer {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct NewUserAnswer {
     user: UserView,
     /// Give it to the user out of band; they must change it at first login.
     one_time_password: String,
@@ -488,8 +502,9 @@ pub(crate) async fn reset_password(
         vec![user_row(&caller, Some(path.user_id), AuditAction::Update)],
     )
     .await?;
-    Ok(HttpResponse::Ok()
-        .json(serde_json::json!({ "one_time_password": one_time_password.expose() })))
+    Ok(HttpResponse::Ok().json(OneTimePassword {
+        one_time_password: one_time_password.expose().to_owned(),
+    }))
 }
 
 pub(crate) async fn reset_second_factor(

@@ -14,8 +14,8 @@ pub const READINESS_CHECK_TIMEOUT_MS_MAX: u64 = 2_000;
 const _: () = assert!(READINESS_CHECK_TIMEOUT_MS_MAX >= 100);
 const _: () = assert!(READINESS_CHECK_TIMEOUT_MS_MAX <= 10_000);
 
-#[derive(Serialize)]
-struct Status {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Status {
     status: &'static str,
 }
 

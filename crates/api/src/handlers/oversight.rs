@@ -27,23 +27,26 @@ pub(crate) fn cursor(raw: Option<&str>) -> Result<Option<AuditCursor>, ApiError>
     .transpose()
 }
 
-#[derive(Serialize)]
-struct AuditRowView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct AuditRowView {
     audit_id: uuid::Uuid,
     occurred_at: String,
     user_id: Option<UserId>,
     role: Option<Role>,
     break_glass: bool,
     patient_id: Option<PatientId>,
+    #[schema(value_type = Option<String>)]
     entity: Option<&'static str>,
     record_id: Option<uuid::Uuid>,
+    #[schema(value_type = String)]
     action: &'static str,
+    #[schema(value_type = String)]
     outcome: &'static str,
     client_address: Option<String>,
     event_type: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct AuditPageView {
     rows: Vec<AuditRowView>,
     /// Pass as `after` for the next page; absent on the last page.
@@ -152,8 +155,14 @@ pub(crate) struct ReviewsQuery {
     pending: Option<bool>,
 }
 
-#[derive(Serialize)]
-struct ReviewView {
+/// Break-glass openings, pending review first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ReviewList {
+    reviews: Vec<ReviewView>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ReviewView {
     grant_id: uuid::Uuid,
     user_id: UserId,
     role: Role,
@@ -161,6 +170,8 @@ struct ReviewView {
     opened_at: String,
     expires_at: String,
     reason: String,
+    /// `justified` or `unjustified`; absent while the review is open.
+    #[schema(value_type = Option<String>)]
     verdict: Option<&'static str>,
     reviewed_by: Option<UserId>,
     reviewed_at: Option<String>,
@@ -205,7 +216,7 @@ pub(crate) async fn break_glass_reviews(
             reviewed_at: review.reviewed_at.map(|at| at.to_string()),
         })
         .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "reviews": reviews })))
+    Ok(HttpResponse::Ok().json(ReviewList { reviews }))
 }
 
 #[derive(Deserialize)]

@@ -24,7 +24,7 @@ use crate::notify::BreakGlassNotice;
 use crate::policy::{self, Action, Entity, Grant};
 use crate::{ApiConfig, ApiError, audit};
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct CommandAnswer {
     pub(crate) patient_id: PatientId,
     /// The record's version after the command: send it as `If-Match` with the next one.
@@ -103,6 +103,12 @@ pub(crate) async fn register(
     .await
 }
 
+/// The patients a search found: ids only, never who they are.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct PatientIds {
+    patient_ids: Vec<PatientId>,
+}
+
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SearchBody {
@@ -162,7 +168,7 @@ pub(crate) async fn search(
     }
     audit::record(&config, rows).await?;
     // Ids only: the caller opens a chart through its own access check.
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "patient_ids": found })))
+    Ok(HttpResponse::Ok().json(PatientIds { patient_ids: found }))
 }
 
 /// `?min_position=N`: answer only once the read model has applied the log up to position N
@@ -265,8 +271,8 @@ pub(crate) async fn chart(
 }
 
 /// The chart as one role may see it: sections the role may not read are left out.
-#[derive(Serialize)]
-struct ChartView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ChartView {
     patient_id: PatientId,
     stream_version: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -284,16 +290,16 @@ struct ChartView {
     notes: Option<Vec<NoteView>>,
 }
 
-#[derive(Serialize)]
-struct ConditionView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ConditionView {
     condition_id: ConditionId,
     code: chartlog_domain::codes::Code,
     onset_at: Option<String>,
     resolved_at: Option<String>,
 }
 
-#[derive(Serialize)]
-struct AllergyView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct AllergyView {
     allergy_id: AllergyId,
     substance: chartlog_domain::codes::Code,
     criticality: AllergyCriticality,
@@ -301,8 +307,8 @@ struct AllergyView {
     refuted: bool,
 }
 
-#[derive(Serialize)]
-struct MedicationOrderView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct MedicationOrderView {
     medication_order_id: MedicationOrderId,
     medication: chartlog_domain::codes::Code,
     dose: chartlog_domain::quantity::Quantity,
@@ -313,16 +319,16 @@ struct MedicationOrderView {
     discontinued_at: Option<String>,
 }
 
-#[derive(Serialize)]
-struct ObservationView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ObservationView {
     observation_id: ObservationId,
     code: chartlog_domain::codes::Code,
     value: ObservationValue,
     effective_at: String,
 }
 
-#[derive(Serialize)]
-struct NoteView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct NoteView {
     note_id: NoteId,
     text: chartlog_domain::phi::NoteText,
     written_at: String,
@@ -332,8 +338,8 @@ struct NoteView {
     addenda: Vec<AddendumView>,
 }
 
-#[derive(Serialize)]
-struct AddendumView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct AddendumView {
     text: chartlog_domain::phi::NoteText,
     added_at: String,
 }
@@ -444,24 +450,38 @@ pub(crate) struct HistoryQuery {
     min_position: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct HistoryEntryView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct HistoryEntryView {
     stream_version: u64,
     recorded_at: String,
     user_id: UserId,
     role: Role,
     break_glass: bool,
     event_type: String,
+    /// The part of the chart the entry is: `demographics`, `observation`, `condition`, ...
+    #[schema(value_type = String)]
     entry_kind: chartlog_projections::EntryKind,
     entry_id: uuid::Uuid,
     changes: Vec<FieldChangeView>,
 }
 
-#[derive(Serialize)]
-struct FieldChangeView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct FieldChangeView {
     field: String,
+    /// The field's value before the change (any JSON value), absent for a new field.
     before: Option<serde_json::Value>,
+    /// The field's value after the change (any JSON value), absent for a removed field.
     after: Option<serde_json::Value>,
+}
+
+/// A page of the record history, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct HistoryPage {
+    patient_id: PatientId,
+    entries: Vec<HistoryEntryView>,
+    /// Pass as `before_version` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_before_version: Option<u64>,
 }
 
 pub(crate) async fn history(
@@ -527,11 +547,11 @@ pub(crate) async fn history(
         })
         .collect();
     audit_read(&config, &caller, &reach, AuditEntity::History).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "patient_id": reach.patient,
-        "entries": entries,
-        "next_before_version": page.next_before_version,
-    })))
+    Ok(HttpResponse::Ok().json(HistoryPage {
+        patient_id: reach.patient,
+        entries,
+        next_before_version: page.next_before_version,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -571,8 +591,8 @@ pub(crate) async fn disclosures(
 }
 
 /// One consent restriction, as the patient and their care team see it.
-#[derive(Serialize)]
-struct ConsentRestrictionView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ConsentRestrictionView {
     /// What `revoke-consent-restriction` takes.
     restriction_id: ConsentRestrictionId,
     kind: ConsentRestrictionKind,
@@ -600,6 +620,23 @@ async fn audit_read(
 }
 
 /// The patient's consent restrictions, revoked ones included.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ConsentRestrictions {
+    patient_id: PatientId,
+    /// The record's version: send it as `If-Match` to revoke on exactly what was seen.
+    stream_version: u64,
+    restrictions: Vec<ConsentRestrictionView>,
+}
+
+/// The clinicians in a care relationship with the patient.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct CareTeam {
+    patient_id: PatientId,
+    /// The record's version: send it as `If-Match` with a change to the team.
+    stream_version: u64,
+    clinicians: Vec<UserId>,
+}
+
 pub(crate) async fn consent_restrictions(
     config: web::Data<ApiConfig>,
     caller: Caller,
@@ -610,8 +647,10 @@ pub(crate) async fn consent_restrictions(
         &caller,
         path.patient_id,
         Entity::Consent,
-        |record| {
-            let restrictions: Vec<ConsentRestrictionView> = record
+        |patient_id, stream_version, record| ConsentRestrictions {
+            patient_id,
+            stream_version,
+            restrictions: record
                 .consent_restrictions()
                 .iter()
                 .map(|(restriction_id, restriction)| ConsentRestrictionView {
@@ -619,15 +658,13 @@ pub(crate) async fn consent_restrictions(
                     kind: restriction.kind(),
                     revoked: restriction.is_revoked(),
                 })
-                .collect();
-            ("restrictions", serde_json::json!(restrictions))
+                .collect(),
         },
     )
     .await
 }
 
-/// The clinicians in a care relationship with the patient: whom `end-care-relationship`
-/// takes, and whom a patient may want to know about.
+/// Whom `end-care-relationship` takes, and whom a patient may want to know about.
 pub(crate) async fn care_team(
     config: web::Data<ApiConfig>,
     caller: Caller,
@@ -638,21 +675,25 @@ pub(crate) async fn care_team(
         &caller,
         path.patient_id,
         Entity::CareRelationship,
-        |record| ("clinicians", serde_json::json!(record.care_team())),
+        |patient_id, stream_version, record| CareTeam {
+            patient_id,
+            stream_version,
+            clinicians: record.care_team().iter().copied().collect(),
+        },
     )
     .await
 }
 
-/// A read of the part of the record access is decided on (`view` names and renders it),
-/// from the state the access check loaded, not from a read model that may trail it. Answers
-/// with the record's stream version, also as the ETag, so a change can be sent with
-/// `If-Match` on exactly what was seen; audited as a read of `entity`.
-async fn decision_state_read(
+/// A read of the part of the record access is decided on (`view` renders it), from the state
+/// the access check loaded, not from a read model that may trail it. The answer carries the
+/// record's stream version, also as the ETag, so a change can be sent with `If-Match` on
+/// exactly what was seen; audited as a read of `entity`.
+async fn decision_state_read<T: Serialize>(
     config: &ApiConfig,
     caller: &Caller,
     patient: PatientId,
     entity: Entity,
-    view: impl FnOnce(&chartlog_domain::patient::Patient) -> (&'static str, serde_json::Value),
+    view: impl FnOnce(PatientId, u64, &chartlog_domain::patient::Patient) -> T,
 ) -> Result<HttpResponse, ApiError> {
     let reach = reach(config, caller, patient, entity, AuditAction::Read).await?;
     let loaded_now;
@@ -669,14 +710,9 @@ async fn decision_state_read(
             &loaded_now
         }
     };
-    let (name, value) = view(&loaded.patient);
-    audit_read(config, caller, &reach, audit::audit_entity(entity)).await?;
     let stream_version = loaded.head.map_or(0, |head| head.version);
-    let mut answer = serde_json::json!({
-        "patient_id": reach.patient,
-        "stream_version": stream_version,
-    });
-    answer[name] = value;
+    let answer = view(reach.patient, stream_version, &loaded.patient);
+    audit_read(config, caller, &reach, audit::audit_entity(entity)).await?;
     Ok(HttpResponse::Ok()
         .insert_header(("ETag", format!("\"{stream_version}\"")))
         .json(answer))
@@ -689,8 +725,8 @@ pub(crate) struct BreakGlassBody {
     reason: String,
 }
 
-#[derive(Serialize)]
-struct BreakGlassAnswer {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct BreakGlassAnswer {
     grant_id: uuid::Uuid,
     patient_id: PatientId,
     expires_at: String,
