@@ -741,6 +741,25 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         history["entries"].as_array().is_some_and(|e| e.len() >= 7),
         "{history}"
     );
+    // Times in the history read as everywhere else in the API.
+    let note_written = history["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|entry| entry["event_type"] == "note_written")
+        .expect("the note's entry");
+    let written_at = note_written["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|change| change["field"] == "written_at")
+        .expect("written_at changed");
+    assert!(
+        written_at["after"]
+            .as_str()
+            .is_some_and(|at| at.ends_with('Z') && at.contains('T')),
+        "{written_at}"
+    );
     let (_, found) = call_checked(
         service,
         doc,

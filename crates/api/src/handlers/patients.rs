@@ -474,6 +474,34 @@ pub(crate) struct FieldChangeView {
     after: Option<serde_json::Value>,
 }
 
+/// Writes the times in a history value as the rest of the API does, RFC 3339, where the
+/// read model keeps the domain's microseconds since the epoch. Every time in the domain's
+/// records, and nothing else, is a field named `*_at` (`written_at`, an addendum's
+/// `added_at`, ...).
+fn times_as_rfc3339(field: &str, value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(number) if field.ends_with("_at") => {
+            if let Some(at) = number
+                .as_i64()
+                .and_then(|micros| chartlog_domain::Timestamp::from_unix_micros(micros).ok())
+            {
+                *value = serde_json::Value::String(rfc3339(at));
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                times_as_rfc3339(field, item);
+            }
+        }
+        serde_json::Value::Object(fields) => {
+            for (name, inner) in fields.iter_mut() {
+                times_as_rfc3339(name, inner);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A page of the record history, newest first.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct HistoryPage {
@@ -538,10 +566,17 @@ pub(crate) async fn history(
             changes: entry
                 .changes
                 .iter()
-                .map(|change| FieldChangeView {
-                    field: change.field.clone(),
-                    before: change.before.as_ref().map(|v| v.expose_phi().clone()),
-                    after: change.after.as_ref().map(|v| v.expose_phi().clone()),
+                .map(|change| {
+                    let shown = |value: &chartlog_projections::history::PhiValue| {
+                        let mut value = value.expose_phi().clone();
+                        times_as_rfc3339(&change.field, &mut value);
+                        value
+                    };
+                    FieldChangeView {
+                        field: change.field.clone(),
+                        before: change.before.as_ref().map(shown),
+                        after: change.after.as_ref().map(shown),
+                    }
                 })
                 .collect(),
         })
