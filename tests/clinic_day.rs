@@ -638,6 +638,21 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
         rows.iter().any(|row| row["break_glass"] == true),
         "{disclosures}"
     );
+    // Each disclosure states its purpose: the emergency's, treatment for the care team, and
+    // oversight for the auditor.
+    assert!(
+        rows.iter().all(|row| {
+            let purpose = &row["purpose_of_use"];
+            if row["break_glass"] == true {
+                purpose == "emergency_treatment"
+            } else if row["role"] == "auditor" {
+                purpose == "oversight"
+            } else {
+                purpose == "treatment"
+            }
+        }),
+        "{disclosures}"
+    );
     assert!(
         rows.iter().all(|row| row["role"] != "patient"),
         "own reads are not disclosures"

@@ -33,6 +33,9 @@ pub(crate) struct AuditRowView {
     occurred_at: String,
     user_id: Option<UserId>,
     role: Option<Role>,
+    /// Why the record was touched: the purpose an accounting of disclosures states
+    /// (45 CFR 164.528(b)(2)(iv)).
+    purpose_of_use: Option<chartlog_domain::PurposeOfUse>,
     break_glass: bool,
     patient_id: Option<PatientId>,
     #[schema(value_type = Option<String>)]
@@ -69,6 +72,7 @@ fn row_view(row: &AuditRow) -> AuditRowView {
         occurred_at: row.occurred_at.to_string(),
         user_id: row.actor.map(|actor| actor.user_id),
         role: row.actor.map(|actor| actor.role),
+        purpose_of_use: row.actor.map(|actor| actor.purpose_of_use),
         break_glass: row.actor.is_some_and(|actor| actor.break_glass),
         patient_id: row.patient_id,
         entity: row.entity.map(AuditEntity::as_str),
