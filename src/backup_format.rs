@@ -125,6 +125,7 @@ pub static TABLES: &[Table] = &[
             ("password_changed_at_us", Kind::Int),
             ("last_login_at_us", Kind::Int),
             ("disabled_at_us", Kind::Int),
+            ("sso_subject", Kind::Text),
         ],
         key: &["user_id"],
     },

@@ -180,6 +180,21 @@ struct ServeArgs {
     #[arg(long, default_value_t = RefusalAlertSettings::default().refusals, value_parser = clap::value_parser!(u32).range(2..=100_000))]
     refusal_alert_count: u32,
 
+    /// Single sign-on: the OpenID Connect issuer whose ID tokens sign linked accounts in
+    /// (`POST /auth/sso`), exactly as its tokens' `iss`. Requires --oidc-audience and
+    /// --oidc-jwks.
+    #[arg(long, requires_all = ["oidc_audience", "oidc_jwks"])]
+    oidc_issuer: Option<String>,
+
+    /// This server's client id at the identity provider: its tokens' `aud`.
+    #[arg(long, requires = "oidc_issuer")]
+    oidc_audience: Option<String>,
+
+    /// The identity provider's JSON Web Key Set, as a file kept current from its `jwks_uri`;
+    /// read again when a token names a key it does not hold.
+    #[arg(long, requires = "oidc_issuer")]
+    oidc_jwks: Option<PathBuf>,
+
     /// The window --refusal-alert-count is counted over, in minutes.
     #[arg(long, default_value_t = RefusalAlertSettings::default().window.as_secs() / 60, value_parser = clap::value_parser!(u64).range(1..=1440))]
     refusal_alert_minutes: u64,
@@ -211,6 +226,27 @@ impl ServeArgs {
             per_second: NonZeroU32::new(self.rate_limit_per_second).unwrap_or(NonZeroU32::MIN),
             burst: NonZeroU32::new(self.rate_limit_burst).unwrap_or(NonZeroU32::MIN),
         }
+    }
+
+    /// The identity provider of --oidc-issuer, its keys read from --oidc-jwks.
+    fn identity_provider(
+        &self,
+    ) -> anyhow::Result<Option<Arc<chartlog_api::sso::IdentityProvider>>> {
+        let (Some(issuer), Some(audience), Some(jwks_path)) =
+            (&self.oidc_issuer, &self.oidc_audience, &self.oidc_jwks)
+        else {
+            return Ok(None);
+        };
+        let provider = chartlog_api::sso::IdentityProvider::load(chartlog_api::sso::SsoSettings {
+            issuer: issuer.clone(),
+            audience: audience.clone(),
+            jwks_path: jwks_path.clone(),
+        })?;
+        tracing::info!(
+            issuer = provider.issuer(),
+            "single sign-on through the identity provider"
+        );
+        Ok(Some(Arc::new(provider)))
     }
 }
 
@@ -477,6 +513,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{address}")),
         rate_limiter: Arc::new(ClientRateLimiter::new(args.rate_limit())),
+        identity_provider: args.identity_provider()?,
     };
     let server = HttpServer::new(move || chartlog_api::app(config.clone()))
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECONDS)

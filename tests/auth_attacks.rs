@@ -647,3 +647,201 @@ async fn repeated_refusals_raise_one_alert_per_subject_naming_no_address() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(alert_lines(&server).len(), 2, "{}", server.stderr());
 }
+
+/// An identity provider for the tests: an Ed25519 key, its JWKS, and ID tokens signed with it.
+struct IdentityProvider {
+    key: jsonwebtoken::EncodingKey,
+    public: Vec<u8>,
+}
+
+const ISSUER: &str = "https://id.clinic.test";
+const AUDIENCE: &str = "chartlog-ehr";
+
+impl IdentityProvider {
+    fn new() -> Self {
+        use ring::signature::KeyPair as _;
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .expect("key");
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("pair");
+        IdentityProvider {
+            key: jsonwebtoken::EncodingKey::from_ed_der(pkcs8.as_ref()),
+            public: pair.public_key().as_ref().to_vec(),
+        }
+    }
+
+    fn jwks(&self) -> Value {
+        use base64::Engine as _;
+        json!({ "keys": [{
+            "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": "clinic-1",
+            "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.public),
+        }]})
+    }
+
+    /// An ID token for `subject`, issued now, whose `amr` lists `methods`.
+    fn id_token(&self, subject: &str, methods: &[&str]) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some("clinic-1".to_owned());
+        let claims = json!({
+            "iss": ISSUER, "aud": AUDIENCE, "sub": subject, "iat": now, "exp": now + 300,
+            "amr": methods, "nonce": uuid::Uuid::new_v4().to_string(),
+        });
+        jsonwebtoken::encode(&header, &claims, &self.key).expect("token")
+    }
+}
+
+/// Single sign-on, against the real binary: an administrator links a physician's account to
+/// the identity provider's subject; the physician signs in with the provider's ID token (no
+/// chartlog password, no chartlog TOTP), signs a note with a fresh token, and cannot sign in
+/// with a password any more; a replayed token, a token from another key, one without a second
+/// factor for a role that needs one, and one for an unlinked subject are all refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_sign_on_with_the_identity_providers_id_tokens() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new();
+    let provider = IdentityProvider::new();
+    let jwks = dir.data_dir().with_extension("jwks.json");
+    fs::write(&jwks, provider.jwks().to_string()).expect("write the JWKS");
+    let jwks_arg = jwks.to_string_lossy().into_owned();
+    let server = Server::start(
+        dir.data_dir(),
+        &[
+            "--oidc-issuer",
+            ISSUER,
+            "--oidc-audience",
+            AUDIENCE,
+            "--oidc-jwks",
+            &jwks_arg,
+        ],
+    );
+    let (api, admin, _) = setup(&server, &dir, &[], false).await;
+    let (physician_id, one_time) = api.create_user(&admin, "dr.sso", "physician", None).await;
+    let subject = "00u1a2b3c4d5e6f7g8h9";
+    let sso = |token: String| {
+        let api = &api;
+        async move {
+            api.call(
+                Method::POST,
+                "/auth/sso",
+                None,
+                Some(json!({ "id_token": token })),
+                &[],
+            )
+            .await
+        }
+    };
+
+    // Not linked yet: the provider's word about a stranger opens nothing.
+    let refused = sso(provider.id_token(subject, &["pwd", "otp"])).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", refused.text);
+    let linked = api
+        .post(
+            &format!("/users/{physician_id}/sso-subject"),
+            &admin,
+            json!({ "subject": subject }),
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(linked["sso_subject"], subject);
+
+    // Signed in by the provider: a full session, though the account never set a password or
+    // enrolled TOTP here.
+    let token = provider.id_token(subject, &["pwd", "otp"]);
+    let answer = sso(token.clone()).await.expect(StatusCode::OK).json();
+    assert_eq!(answer["session"]["stage"], "full", "{answer}");
+    assert_eq!(answer["session"]["user_id"], physician_id.as_str());
+    let session = answer["token"].as_str().expect("token").to_owned();
+    let patient = api
+        .post(
+            "/patients",
+            &session,
+            json!({
+                "name": { "family": "Ssotest", "given": ["Ada"] }, "birth_date": "1970-01-02",
+                "sex": "female", "address": null, "contacts": [], "mrn": "SSO-1", "ssn": null,
+                "identifiers": []
+            }),
+        )
+        .await
+        .expect(StatusCode::CREATED)
+        .json()["patient_id"]
+        .as_str()
+        .expect("patient")
+        .to_owned();
+    let note = api
+        .post(
+            &format!("/patients/{patient}/write-note"),
+            &session,
+            json!({ "text": "Signed in through the identity provider." }),
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json()["record_id"]
+        .as_str()
+        .expect("note")
+        .to_owned();
+    // Signing re-authenticates with a fresh token; the chartlog one-time password is no proof.
+    let sign = format!("/patients/{patient}/sign-note");
+    api.post(
+        &sign,
+        &session,
+        json!({ "note_id": note, "password": one_time }),
+    )
+    .await
+    .expect(StatusCode::UNAUTHORIZED);
+    api.post(
+        &sign,
+        &session,
+        json!({ "note_id": note, "id_token": provider.id_token(subject, &["pwd", "otp"]) }),
+    )
+    .await
+    .expect(StatusCode::OK);
+
+    // The same token again, a token from a key the provider never published, a token for
+    // another subject: refused alike.
+    for (case, token) in [
+        ("replayed", token),
+        (
+            "forged",
+            IdentityProvider::new().id_token(subject, &["pwd", "otp"]),
+        ),
+        ("stranger", provider.id_token("someone-else", &["mfa"])),
+    ] {
+        let refused = sso(token).await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{case}");
+        assert_eq!(refused.json()["error"], "invalid_credentials", "{case}");
+    }
+    // A physician reads PHI: the provider must have checked a second factor.
+    let one_factor = sso(provider.id_token(subject, &["pwd"])).await;
+    assert_eq!(one_factor.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        one_factor.json()["error"],
+        "identity_provider_second_factor_missing"
+    );
+    // A linked account signs in at the provider only.
+    let by_password = api.login("dr.sso", &one_time, None).await;
+    assert_eq!(by_password.status, StatusCode::UNAUTHORIZED);
+
+    // Unlinking ends the provider's sessions and its way in.
+    api.post(
+        &format!("/users/{physician_id}/sso-subject"),
+        &admin,
+        json!({ "subject": null }),
+    )
+    .await
+    .expect(StatusCode::OK);
+    api.get("/auth/session", &session)
+        .await
+        .expect(StatusCode::UNAUTHORIZED);
+    sso(provider.id_token(subject, &["pwd", "otp"]))
+        .await
+        .expect(StatusCode::UNAUTHORIZED);
+    assert!(
+        server.stderr().contains("identity-provider token refused"),
+        "the operator sees why a token was refused"
+    );
+}

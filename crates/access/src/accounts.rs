@@ -35,6 +35,8 @@ pub const SESSION_TOUCH_INTERVAL: Duration = Duration::from_secs(5);
 pub const PRUNE_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// What the session table says about a token's session.
+/// Longest identity-provider subject (OIDC caps `sub` at 255 ASCII characters).
+pub const SSO_SUBJECT_LENGTH_MAX: usize = 255;
 const END_LOGOUT: &str = "logout";
 const END_EXPIRED: &str = "expired";
 const END_REVOKED: &str = "revoked";
@@ -183,6 +185,7 @@ impl Accounts {
             must_change_password: true,
             created_at: now,
             last_login_at: None,
+            sso_subject: None,
         };
         Ok((account, one_time))
     }
@@ -560,10 +563,11 @@ impl Accounts {
             None => None,
         };
         let user = match user {
-            Some(user) if !user.disabled => user,
+            // An account linked to the identity provider signs in there only.
+            Some(user) if !user.disabled && user.sso_subject.is_none() => user,
             _ => {
                 // The same argon2 work as a wrong password, so the answer's timing does not
-                // tell unknown or disabled accounts apart.
+                // tell unknown, disabled or identity-provider accounts apart.
                 let dummy = self.dummy_hash().await?;
                 verify_any_blocking(&attempt.password, vec![dummy]).await?;
                 self.record_failure(username.as_ref(), Some(&address), now)
@@ -586,6 +590,94 @@ impl Accounts {
                 return Err(LoginError::InvalidCredentials);
             }
         }
+        self.open_session(user, now).await
+    }
+
+    /// Signs in the account linked to identity-provider `subject`, once the caller has
+    /// verified the provider's token for it. `second_factor_asserted`: the token says the
+    /// provider checked a second factor, which roles that need one must have. Throttled per
+    /// client address like a login; an unknown subject and a disabled account answer
+    /// [`LoginError::InvalidCredentials`].
+    #[tracing::instrument(skip_all)]
+    pub async fn sso_login(
+        &self,
+        subject: &str,
+        second_factor_asserted: bool,
+        client_address: IpAddr,
+        now: Timestamp,
+    ) -> Result<LoginSuccess, LoginError> {
+        let address = address_key(client_address);
+        if let Some(retry_after_seconds) = self.throttled(None, Some(&address), now).await? {
+            tracing::warn!("identity-provider login throttled");
+            return Err(LoginError::Throttled {
+                retry_after_seconds,
+            });
+        }
+        let user = match self.user_row_by_sso_subject(subject).await? {
+            Some(user) if !user.disabled => user,
+            _ => {
+                self.record_failure(None, Some(&address), now).await?;
+                return Err(LoginError::InvalidCredentials);
+            }
+        };
+        if self.settings().second_factor_required(user.role) && !second_factor_asserted {
+            self.record_failure(Some(&user.username), Some(&address), now)
+                .await?;
+            return Err(LoginError::IdentityProviderSecondFactorMissing);
+        }
+        self.open_session(user, now).await
+    }
+
+    /// Links the account to identity-provider `subject` (or unlinks it, with `None`) and
+    /// ends its sessions. A linked account signs in only through the identity provider; its
+    /// chartlog password and second factor are no longer asked for.
+    #[tracing::instrument(skip_all, fields(user_id = %id))]
+    pub async fn link_sso_subject(
+        &self,
+        id: UserId,
+        subject: Option<&str>,
+        now: Timestamp,
+    ) -> Result<UserAccount, AccessError> {
+        if let Some(subject) = subject
+            && (subject.is_empty()
+                || subject.chars().count() > SSO_SUBJECT_LENGTH_MAX
+                || subject.chars().any(char::is_control))
+        {
+            return Err(AccessError::InvalidSsoSubject);
+        }
+        let mut user = self.existing_user(id).await?;
+        if let Some(subject) = subject
+            && let Some(other) = self.user_row_by_sso_subject(subject).await?
+            && other.user_id != id
+        {
+            return Err(AccessError::SsoSubjectTaken);
+        }
+        let mut tx = self.db().begin().await?;
+        tx.execute(
+            "UPDATE chartlog_access_users SET sso_subject = $1 WHERE user_id = $2",
+            vec![SqlArg::OptText(subject.map(str::to_owned)), user_arg(id)],
+        )
+        .await?;
+        revoke_sessions(&mut tx, id, now).await?;
+        tx.commit().await?;
+        tracing::info!(linked = subject.is_some(), "identity-provider link changed");
+        user.sso_subject = subject.map(str::to_owned);
+        Ok(user.account())
+    }
+
+    /// Whether `id` is the account linked to `subject`: re-authentication (before signing a
+    /// note) of an identity-provider account, once the caller has verified a fresh token.
+    pub async fn is_linked_to(&self, id: UserId, subject: &str) -> Result<bool, AccessError> {
+        let user = self.existing_user(id).await?;
+        Ok(!user.disabled && user.sso_subject.as_deref() == Some(subject))
+    }
+
+    /// Opens a session for `user`, who just proved who they are.
+    async fn open_session(
+        &self,
+        user: UserRow,
+        now: Timestamp,
+    ) -> Result<LoginSuccess, LoginError> {
         let token = SessionToken::generate();
         let session_id = Uuid::new_v4();
         let mut tx = self.db().begin().await.map_err(AccessError::from)?;
@@ -644,12 +736,15 @@ impl Accounts {
                 retry_after_seconds,
             });
         }
-        let stored = if user.disabled {
+        // An identity-provider account re-authenticates there (`is_linked_to`), never with a
+        // chartlog password.
+        let refused = user.disabled || user.sso_subject.is_some();
+        let stored = if refused {
             self.dummy_hash().await?
         } else {
             user.password_hash.clone()
         };
-        if user.disabled || !verify_any_blocking(password, vec![stored]).await? {
+        if refused || !verify_any_blocking(password, vec![stored]).await? {
             self.record_failure(Some(&user.username), Some(&address), now)
                 .await?;
             return Err(LoginError::InvalidCredentials);
@@ -904,7 +999,10 @@ impl Accounts {
     }
 
     fn stage(&self, user: &UserRow) -> SessionStage {
-        if user.must_change_password {
+        // The identity provider owns a linked account's password and second factor.
+        if user.sso_subject.is_some() {
+            SessionStage::Full
+        } else if user.must_change_password {
             SessionStage::MustChangePassword
         } else if self.settings().second_factor_required(user.role) && user.totp_sealed.is_none() {
             SessionStage::MustEnrollSecondFactor
@@ -940,6 +1038,19 @@ impl Accounts {
         self.user_row(id)
             .await?
             .ok_or(AccessError::UserNotFound { user_id: id })
+    }
+
+    async fn user_row_by_sso_subject(&self, subject: &str) -> Result<Option<UserRow>, AccessError> {
+        let sql = concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM chartlog_access_users WHERE sso_subject = $1"
+        );
+        self.db()
+            .fetch_optional(sql, vec![SqlArg::Text(subject.to_owned())])
+            .await?
+            .map(|row| UserRow::read(&row, 0))
+            .transpose()
     }
 
     async fn user_row_by_name(&self, username: &Username) -> Result<Option<UserRow>, AccessError> {

@@ -41,6 +41,12 @@ pub enum AccessError {
     /// An auditor may not review their own break-glass access.
     #[error("user {user_id} cannot review their own break-glass grant {grant_id}")]
     SelfReview { grant_id: Uuid, user_id: UserId },
+    /// Another account is already linked to this identity-provider subject.
+    #[error("another account is linked to this identity-provider subject")]
+    SsoSubjectTaken,
+    /// A subject outside 1 to 255 characters, or holding control characters.
+    #[error("an identity-provider subject has 1 to 255 characters and no control characters")]
+    InvalidSsoSubject,
     /// An idempotency key outside 1 to 255 characters.
     #[error("an idempotency key has 1 to 255 characters")]
     InvalidIdempotencyKey,
@@ -66,6 +72,10 @@ pub enum LoginError {
     /// The password was right and the account has a second factor: send the code too.
     #[error("a second factor is required")]
     SecondFactorRequired,
+    /// The identity provider vouched for the account's subject but not for a second factor,
+    /// and the account's role needs one.
+    #[error("the identity provider asserted no second factor")]
+    IdentityProviderSecondFactorMissing,
     /// Too many recent failures for this account or this client address.
     #[error("too many failed logins; retry in {retry_after_seconds} s")]
     Throttled { retry_after_seconds: u64 },

@@ -15,12 +15,13 @@ use crate::types::{UserAccount, Username};
 macro_rules! user_columns {
     () => {
         "user_id, username, role, patient_id, password_hash, must_change_password, disabled, \
-         totp_sealed, totp_pending_sealed, totp_last_step, created_at_us, last_login_at_us"
+         totp_sealed, totp_pending_sealed, totp_last_step, created_at_us, last_login_at_us, \
+         sso_subject"
     };
     (u) => {
         "u.user_id, u.username, u.role, u.patient_id, u.password_hash, \
          u.must_change_password, u.disabled, u.totp_sealed, u.totp_pending_sealed, \
-         u.totp_last_step, u.created_at_us, u.last_login_at_us"
+         u.totp_last_step, u.created_at_us, u.last_login_at_us, u.sso_subject"
     };
 }
 pub(crate) use user_columns;
@@ -38,6 +39,9 @@ pub(crate) struct UserRow {
     pub totp_pending_sealed: Option<Vec<u8>>,
     pub created_at: Timestamp,
     pub last_login_at: Option<Timestamp>,
+    /// The identity provider's subject this account is linked to: it then signs in only
+    /// through the identity provider.
+    pub sso_subject: Option<String>,
 }
 
 impl UserRow {
@@ -57,6 +61,7 @@ impl UserRow {
             totp_pending_sealed: row.opt_bytes(first + 8)?,
             created_at: timestamp(row.i64(first + 10)?)?,
             last_login_at: row.opt_i64(first + 11)?.map(timestamp).transpose()?,
+            sso_subject: row.opt_text(first + 12)?,
         })
     }
 
@@ -71,6 +76,7 @@ impl UserRow {
             must_change_password: self.must_change_password,
             created_at: self.created_at,
             last_login_at: self.last_login_at,
+            sso_subject: self.sso_subject.clone(),
         }
     }
 }

@@ -279,6 +279,8 @@ pub struct UserAccount {
     pub must_change_password: bool,
     pub created_at: Timestamp,
     pub last_login_at: Option<Timestamp>,
+    /// The identity provider's subject the account is linked to, if any.
+    pub sso_subject: Option<String>,
 }
 
 /// What a login presents.

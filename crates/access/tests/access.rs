@@ -138,6 +138,7 @@ on_both_backends!(
     a_released_idempotency_claim_frees_the_key,
     an_abandoned_idempotency_claim_expires,
     simultaneous_idempotency_claims_have_one_winner,
+    identity_provider_accounts_sign_in_there_only,
 );
 
 fn name(raw: &str) -> Username {
@@ -1808,4 +1809,124 @@ async fn simultaneous_idempotency_claims_have_one_winner(fixture: Fixture) {
         }
     }
     assert_eq!((won, waiting), (1, RACERS - 1));
+}
+
+async fn identity_provider_accounts_sign_in_there_only(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let now = at(1_000);
+    let nurse = active_user(
+        accounts,
+        "nurse.sso",
+        Role::Nurse,
+        "a long nurse passphrase",
+        now,
+    )
+    .await;
+    let analyst = active_user(
+        accounts,
+        "analyst.sso",
+        Role::Analyst,
+        "a long analyst passphrase",
+        now,
+    )
+    .await;
+    let client = address("192.0.2.7");
+
+    // Not linked: the subject signs nobody in.
+    assert!(matches!(
+        accounts.sso_login("sub-nurse", true, client, now).await,
+        Err(LoginError::InvalidCredentials)
+    ));
+    for bad in ["", "a\nb", &"x".repeat(256)] {
+        assert!(matches!(
+            accounts.link_sso_subject(nurse, Some(bad), now).await,
+            Err(AccessError::InvalidSsoSubject)
+        ));
+    }
+    let linked = accounts
+        .link_sso_subject(nurse, Some("sub-nurse"), now)
+        .await
+        .expect("link");
+    assert_eq!(linked.sso_subject.as_deref(), Some("sub-nurse"));
+    assert!(matches!(
+        accounts
+            .link_sso_subject(analyst, Some("sub-nurse"), now)
+            .await,
+        Err(AccessError::SsoSubjectTaken)
+    ));
+
+    // A nurse reads PHI: the provider must vouch for a second factor. With it, the session is
+    // full although no TOTP was ever enrolled here.
+    assert!(matches!(
+        accounts.sso_login("sub-nurse", false, client, now).await,
+        Err(LoginError::IdentityProviderSecondFactorMissing)
+    ));
+    let success = accounts
+        .sso_login("sub-nurse", true, client, now)
+        .await
+        .expect("signed in");
+    assert_eq!(success.session.user_id, nurse);
+    assert_eq!(success.session.stage, SessionStage::Full);
+    assert!(
+        accounts
+            .is_linked_to(nurse, "sub-nurse")
+            .await
+            .expect("lookup")
+    );
+    assert!(
+        !accounts
+            .is_linked_to(analyst, "sub-nurse")
+            .await
+            .expect("lookup")
+    );
+
+    // Its chartlog password opens nothing any more, neither a login nor a re-authentication.
+    assert!(matches!(
+        login(
+            accounts,
+            "nurse.sso",
+            &password("a long nurse passphrase"),
+            None,
+            now
+        )
+        .await,
+        Err(LoginError::InvalidCredentials)
+    ));
+    assert!(matches!(
+        accounts
+            .reauthenticate(nurse, &password("a long nurse passphrase"), client, now)
+            .await,
+        Err(LoginError::InvalidCredentials)
+    ));
+
+    // Unlinking ends the provider's session and gives the password back.
+    accounts
+        .link_sso_subject(nurse, None, now)
+        .await
+        .expect("unlink");
+    assert!(
+        accounts
+            .authenticate(success.token.expose(), now)
+            .await
+            .is_err()
+    );
+    login(
+        accounts,
+        "nurse.sso",
+        &password("a long nurse passphrase"),
+        None,
+        now,
+    )
+    .await
+    .expect("password login again");
+    // A disabled account is not signed in by the provider either.
+    accounts
+        .link_sso_subject(analyst, Some("sub-analyst"), now)
+        .await
+        .expect("link");
+    accounts.disable_user(analyst, now).await.expect("disable");
+    assert!(matches!(
+        accounts.sso_login("sub-analyst", true, client, now).await,
+        Err(LoginError::InvalidCredentials)
+    ));
 }

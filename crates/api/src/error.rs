@@ -71,6 +71,11 @@ pub enum ApiError {
     /// The account has a second factor and the login carried none.
     #[error("this account needs a second factor: send second_factor with the login")]
     SecondFactorRequired,
+    /// The identity provider's token does not show a second factor, and the role needs one.
+    #[error(
+        "the identity provider's token shows no second factor (amr); this account's role needs one: sign in there with a second factor"
+    )]
+    IdentityProviderSecondFactorMissing,
     /// Too many failed attempts for the account or from this address.
     #[error("too many failed attempts; try again in {retry_after_seconds} seconds")]
     Throttled {
@@ -170,6 +175,9 @@ impl ApiError {
             ApiError::SessionExpired => "session_expired",
             ApiError::InvalidCredentials => "invalid_credentials",
             ApiError::SecondFactorRequired => "second_factor_required",
+            ApiError::IdentityProviderSecondFactorMissing => {
+                "identity_provider_second_factor_missing"
+            }
             ApiError::Throttled { .. } => "throttled",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::SessionRestricted { .. } => "session_restricted",
@@ -256,7 +264,8 @@ impl ResponseError for ApiError {
             ApiError::Unauthenticated
             | ApiError::SessionExpired
             | ApiError::InvalidCredentials
-            | ApiError::SecondFactorRequired => StatusCode::UNAUTHORIZED,
+            | ApiError::SecondFactorRequired
+            | ApiError::IdentityProviderSecondFactorMissing => StatusCode::UNAUTHORIZED,
             ApiError::Throttled { .. } | ApiError::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }

@@ -48,6 +48,7 @@ pub mod policy;
 mod readiness;
 pub mod records;
 pub mod routes;
+pub mod sso;
 pub mod tls;
 
 use std::sync::Arc;
@@ -100,6 +101,8 @@ pub struct ApiConfig {
     pub public_base_url: String,
     /// The per-client rate limit, shared by all workers (one `Arc` for the whole server).
     pub rate_limiter: Arc<limits::ClientRateLimiter>,
+    /// The identity provider whose ID tokens sign users in (`POST /auth/sso`), if any.
+    pub identity_provider: Option<Arc<sso::IdentityProvider>>,
 }
 
 /// The current time, as the domain counts it (the domain itself never reads the clock).

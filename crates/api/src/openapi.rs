@@ -158,6 +158,8 @@ fn request_bodies() -> Vec<(&'static Route, BodySchema)> {
     use crate::handlers::{access, oversight, patients};
     vec![
         (&routes::LOGIN, body::<access::LoginBody>),
+        (&routes::SSO_LOGIN, body::<access::SsoLoginBody>),
+        (&routes::LINK_SSO_SUBJECT, body::<access::SsoSubjectBody>),
         (&routes::CHANGE_PASSWORD, body::<access::PasswordChangeBody>),
         (
             &routes::CONFIRM_SECOND_FACTOR,
@@ -266,6 +268,8 @@ fn answers() -> Vec<(&'static Route, BodySchema)> {
         (&routes::HEALTHZ, body::<meta::Status>),
         (&routes::READYZ, body::<meta::Status>),
         (&routes::LOGIN, body::<access::LoginAnswer>),
+        (&routes::SSO_LOGIN, body::<access::LoginAnswer>),
+        (&routes::LINK_SSO_SUBJECT, body::<access::UserView>),
         (&routes::SESSION, body::<access::SessionView>),
         (
             &routes::ENROLL_SECOND_FACTOR,
@@ -650,6 +654,21 @@ mod tests {
                 parses::<access::LoginBody>,
             ),
             (
+                &routes::SSO_LOGIN,
+                json!({ "id_token": "eyJhbGciOiJFZERTQSJ9.e30.c2ln" }),
+                parses::<access::SsoLoginBody>,
+            ),
+            (
+                &routes::LINK_SSO_SUBJECT,
+                json!({ "subject": "00u1a2b3c4d5e6f7g8h9" }),
+                parses::<access::SsoSubjectBody>,
+            ),
+            (
+                &routes::LINK_SSO_SUBJECT,
+                json!({ "subject": null }),
+                parses::<access::SsoSubjectBody>,
+            ),
+            (
                 &routes::CHANGE_PASSWORD,
                 json!({ "current_password": "old one", "new_password": "a new long passphrase" }),
                 parses::<access::PasswordChangeBody>,
@@ -747,6 +766,11 @@ mod tests {
             (
                 &routes::SIGN_NOTE,
                 json!({ "note_id": ID, "password": "a long passphrase here" }),
+                parses::<c::SignNote>,
+            ),
+            (
+                &routes::SIGN_NOTE,
+                json!({ "note_id": ID, "id_token": "eyJhbGciOiJFZERTQSJ9.e30.c2ln" }),
                 parses::<c::SignNote>,
             ),
             (

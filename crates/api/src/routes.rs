@@ -93,6 +93,7 @@ routes! {
     OPENAPI: Get "/openapi.json", Public, "operations", "This API's OpenAPI 3 document.";
 
     LOGIN: Post "/auth/login", Public, "authentication", "Log in with user name, password and second factor; sets the session cookie and returns a bearer token.";
+    SSO_LOGIN: Post "/auth/sso", Public, "authentication", "Sign in with an OpenID Connect ID token from the identity provider the server trusts, for an account linked to its subject; sets the session cookie and returns a bearer token.";
     LOGOUT: Post "/auth/logout", AnySession, "authentication", "End this session.";
     SESSION: Get "/auth/session", AnySession, "authentication", "Who this session belongs to, its stage and its expiry.";
     CHANGE_PASSWORD: Post "/auth/password", AnySession, "authentication", "Change the password; every session of the account ends.";
@@ -104,6 +105,7 @@ routes! {
     DISABLE_USER: Post "/users/{user_id}/disable", grant(Entity::User, U), "users", "Disable an account; its sessions end at once.";
     RESET_PASSWORD: Post "/users/{user_id}/password-reset", grant(Entity::User, U), "users", "Issue a new one-time password; the account's sessions end.";
     RESET_SECOND_FACTOR: Post "/users/{user_id}/second-factor-reset", grant(Entity::User, U), "users", "Remove the account's second factor; it must enroll again.";
+    LINK_SSO_SUBJECT: Post "/users/{user_id}/sso-subject", grant(Entity::User, U), "users", "Link the account to an identity-provider subject (null unlinks): it then signs in only through the identity provider; its sessions end.";
 
     REGISTER_PATIENT: Post "/patients", grant(Entity::Demographics, C), "patients", "Register a patient; a registering clinician joins the care team.";
     SEARCH_PATIENTS: Post "/patients/search", Clinician, "patients", "Find patient ids by MRN, or by family name and birth date (in the body, never the URL).";
@@ -159,6 +161,7 @@ pub(crate) fn register(config: &mut web::ServiceConfig) {
     config.service(Mount::new(&OPENAPI, meta::openapi).finish());
 
     config.service(Mount::new(&LOGIN, access::login).finish());
+    config.service(Mount::new(&SSO_LOGIN, access::sso_login).finish());
     config.service(Mount::new(&LOGOUT, access::logout).finish());
     config.service(Mount::new(&SESSION, access::session).finish());
     config.service(Mount::new(&CHANGE_PASSWORD, access::change_password).finish());
@@ -173,6 +176,7 @@ pub(crate) fn register(config: &mut web::ServiceConfig) {
     config.service(Mount::new(&DISABLE_USER, access::disable_user).finish());
     config.service(Mount::new(&RESET_PASSWORD, access::reset_password).finish());
     config.service(Mount::new(&RESET_SECOND_FACTOR, access::reset_second_factor).finish());
+    config.service(Mount::new(&LINK_SSO_SUBJECT, access::link_sso_subject).finish());
 
     config.service(Mount::new(&REGISTER_PATIENT, patients::register).finish());
     config.service(Mount::new(&SEARCH_PATIENTS, patients::search).finish());

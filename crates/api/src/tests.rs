@@ -118,6 +118,7 @@ async fn config_and_runner(
         rate_limiter: Arc::new(crate::limits::ClientRateLimiter::new(
             crate::limits::RateLimit::default(),
         )),
+        identity_provider: None,
     };
     (config, dir, runner)
 }

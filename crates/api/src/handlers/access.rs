@@ -132,28 +132,7 @@ pub(crate) async fn login(
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
     };
     match config.accounts.login(attempt, crate::now()).await {
-        Ok(success) => {
-            let session = &success.session;
-            let actor = session_actor(session.user_id, session.role);
-            audit::record(
-                &config,
-                vec![session_row(
-                    Some(actor),
-                    AuditAction::Login,
-                    AuditOutcome::Success,
-                    client_address,
-                )],
-            )
-            .await?;
-            let token = success.token.expose().to_owned();
-            let secure = config.transport == crate::Transport::Tls;
-            Ok(HttpResponse::Ok()
-                .cookie(session_cookie(&token, secure))
-                .json(LoginAnswer {
-                    token,
-                    session: SessionView::of(session),
-                }))
-        }
+        Ok(success) => logged_in(&config, success, client_address).await,
         Err(error) => {
             let answer = match &error {
                 LoginError::InvalidCredentials => ApiError::InvalidCredentials,
@@ -182,6 +161,113 @@ pub(crate) async fn login(
             Err(answer)
         }
     }
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SsoLoginBody {
+    /// The OpenID Connect ID token the identity provider issued for this server.
+    id_token: String,
+}
+
+/// Signs in with an ID token from the identity provider the server trusts.
+pub(crate) async fn sso_login(
+    config: web::Data<ApiConfig>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_json(request.headers())?;
+    let body: SsoLoginBody = parse_body(&body)?;
+    let Some(provider) = &config.identity_provider else {
+        return Err(ApiError::unprocessable(
+            "sso_not_configured",
+            "this server trusts no identity provider: sign in with POST /auth/login",
+        ));
+    };
+    let client_address = request.peer_addr().map(|address| address.ip());
+    let failed = |answer: ApiError| {
+        let config = config.clone();
+        async move {
+            audit::record(
+                &config,
+                vec![session_row(
+                    None,
+                    AuditAction::Login,
+                    AuditOutcome::Failure,
+                    client_address,
+                )],
+            )
+            .await?;
+            Err::<HttpResponse, ApiError>(answer)
+        }
+    };
+    let now = crate::now();
+    let identity = match provider.verify(
+        &body.id_token,
+        now.unix_micros() / 1_000_000,
+        crate::sso::LOGIN_TOKEN_AGE_MAX,
+    ) {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            // Why, for the operator; the client gets the one answer every failed login gets.
+            tracing::warn!(%refusal, "identity-provider token refused");
+            return failed(ApiError::InvalidCredentials).await;
+        }
+    };
+    let address = client_address.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    match config
+        .accounts
+        .sso_login(&identity.subject, identity.second_factor, address, now)
+        .await
+    {
+        Ok(success) => logged_in(&config, success, client_address).await,
+        Err(LoginError::IdentityProviderSecondFactorMissing) => {
+            failed(ApiError::IdentityProviderSecondFactorMissing).await
+        }
+        Err(LoginError::Throttled {
+            retry_after_seconds,
+        }) => {
+            failed(ApiError::Throttled {
+                retry_after_seconds,
+            })
+            .await
+        }
+        Err(LoginError::InvalidCredentials | LoginError::SecondFactorRequired) => {
+            failed(ApiError::InvalidCredentials).await
+        }
+        Err(other) => {
+            tracing::error!(error = %other, "identity-provider login failed unexpectedly");
+            failed(ApiError::Internal).await
+        }
+    }
+}
+
+/// Audits a login and answers it with the session's token, as a cookie and in the body.
+async fn logged_in(
+    config: &ApiConfig,
+    success: chartlog_access::LoginSuccess,
+    client_address: Option<std::net::IpAddr>,
+) -> Result<HttpResponse, ApiError> {
+    let session = &success.session;
+    let actor = session_actor(session.user_id, session.role);
+    audit::record(
+        config,
+        vec![session_row(
+            Some(actor),
+            AuditAction::Login,
+            AuditOutcome::Success,
+            client_address,
+        )],
+    )
+    .await?;
+    let token = success.token.expose().to_owned();
+    let secure = config.transport == crate::Transport::Tls;
+    Ok(HttpResponse::Ok()
+        .cookie(session_cookie(&token, secure))
+        .json(LoginAnswer {
+            token,
+            session: SessionView::of(session),
+        }))
 }
 
 pub(crate) async fn logout(
@@ -354,6 +440,10 @@ pub(crate) struct UserView {
     must_change_password: bool,
     created_at: String,
     last_login_at: Option<String>,
+    /// The identity provider's subject the account signs in as; absent for accounts that
+    /// sign in with a password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sso_subject: Option<String>,
 }
 
 impl UserView {
@@ -368,6 +458,7 @@ impl UserView {
             must_change_password: user.must_change_password,
             created_at: user.created_at.to_string(),
             last_login_at: user.last_login_at.map(|at: Timestamp| at.to_string()),
+            sso_subject: user.sso_subject.clone(),
         }
     }
 }
@@ -507,6 +598,36 @@ pub(crate) async fn reset_password(
     }))
 }
 
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SsoSubjectBody {
+    /// The identity provider's `sub` for this user; `null` unlinks the account.
+    subject: Option<String>,
+}
+
+/// Links an account to the identity provider's subject, or unlinks it; its sessions end.
+pub(crate) async fn link_sso_subject(
+    config: web::Data<ApiConfig>,
+    caller: Caller,
+    path: web::Path<UserPath>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_json(request.headers())?;
+    let body: SsoSubjectBody = parse_body(&body)?;
+    let account = config
+        .accounts
+        .link_sso_subject(path.user_id, body.subject.as_deref(), crate::now())
+        .await
+        .map_err(access_error)?;
+    audit::record(
+        &config,
+        vec![user_row(&caller, Some(path.user_id), AuditAction::Update)],
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(UserView::of(&account)))
+}
+
 pub(crate) async fn reset_second_factor(
     config: web::Data<ApiConfig>,
     caller: Caller,
@@ -541,6 +662,13 @@ pub(crate) fn access_error(error: AccessError) -> ApiError {
         | AccessError::InvalidSecondFactorCode => {
             ApiError::unprocessable("invalid_request", error.to_string())
         }
+        AccessError::InvalidSsoSubject => {
+            ApiError::unprocessable("invalid_sso_subject", error.to_string())
+        }
+        AccessError::SsoSubjectTaken => ApiError::Conflict {
+            code: "sso_subject_taken",
+            message: error.to_string(),
+        },
         AccessError::SecondFactorAlreadyEnrolled { .. } | AccessError::AlreadyReviewed { .. } => {
             ApiError::Conflict {
                 code: "conflict",

@@ -47,14 +47,77 @@ pub(crate) trait CommandBody: DeserializeOwned + 'static {
     /// The domain command, and the id of the record it creates or touches.
     fn into_command(self, caller: &Caller) -> (PatientCommand, Option<uuid::Uuid>);
 
-    /// The password the command must be confirmed with, if any (signing a note).
-    fn reauthentication(&self) -> Option<&str> {
+    /// How the command must be confirmed, if it must (signing a note).
+    fn reauthentication(&self) -> Option<Reauthentication<'_>> {
         None
     }
 
     /// The user account the command names, if any, and what that account must be.
     fn named_account(&self) -> Option<(UserId, NamedAccount)> {
         None
+    }
+}
+
+/// The proof, sent with a command that needs one, that the signed-in user is at the keyboard.
+pub(crate) enum Reauthentication<'a> {
+    /// The account's password.
+    Password(&'a str),
+    /// A fresh ID token from the identity provider, for an account linked to it.
+    IdentityProvider(&'a str),
+}
+
+/// Checks a [`Reauthentication`] for the caller's account.
+async fn reauthenticate(
+    config: &ApiConfig,
+    caller: &Caller,
+    proof: Reauthentication<'_>,
+) -> Result<(), ApiError> {
+    let client_address = caller
+        .client_address
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    match proof {
+        Reauthentication::Password(password) => config
+            .accounts
+            .reauthenticate(
+                caller.session.user_id,
+                &chartlog_access::Password::new(password.to_owned()),
+                client_address,
+                crate::now(),
+            )
+            .await
+            .map_err(|error| match error {
+                chartlog_access::LoginError::Throttled {
+                    retry_after_seconds,
+                } => ApiError::Throttled {
+                    retry_after_seconds,
+                },
+                _ => ApiError::InvalidCredentials,
+            }),
+        Reauthentication::IdentityProvider(token) => {
+            let Some(provider) = &config.identity_provider else {
+                return Err(ApiError::InvalidCredentials);
+            };
+            let identity = provider
+                .verify(
+                    token,
+                    crate::now().unix_micros() / 1_000_000,
+                    crate::sso::REAUTHENTICATION_TOKEN_AGE_MAX,
+                )
+                .map_err(|refusal| {
+                    tracing::warn!(%refusal, "re-authentication token refused");
+                    ApiError::InvalidCredentials
+                })?;
+            let linked = config
+                .accounts
+                .is_linked_to(caller.session.user_id, &identity.subject)
+                .await
+                .map_err(internal("identity-provider link lookup"))?;
+            if linked {
+                Ok(())
+            } else {
+                Err(ApiError::InvalidCredentials)
+            }
+        }
     }
 }
 
@@ -145,26 +208,8 @@ pub(crate) async fn execute<B: CommandBody>(
     let patient_bytes = patient.as_uuid();
     let identity: [&[u8]; 3] = [B::ROUTE.path.as_bytes(), patient_bytes.as_bytes(), &body];
     idempotent(&config, &caller, request.headers(), &identity, async {
-        if let Some(password) = command.reauthentication() {
-            config
-                .accounts
-                .reauthenticate(
-                    caller.session.user_id,
-                    &chartlog_access::Password::new(password.to_owned()),
-                    caller
-                        .client_address
-                        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-                    crate::now(),
-                )
-                .await
-                .map_err(|error| match error {
-                    chartlog_access::LoginError::Throttled {
-                        retry_after_seconds,
-                    } => ApiError::Throttled {
-                        retry_after_seconds,
-                    },
-                    _ => ApiError::InvalidCredentials,
-                })?;
+        if let Some(proof) = command.reauthentication() {
+            reauthenticate(&config, &caller, proof).await?;
         }
         let (domain_command, record_id) = command.into_command(&caller);
         let mut attempt = 0;
@@ -420,9 +465,15 @@ command_body!(AmendNote, AMEND_NOTE, Note, Update, {
 #[serde(deny_unknown_fields)]
 pub(crate) struct SignNote {
     note_id: NoteId,
-    /// The signer's password again: signing re-authenticates.
+    /// The signer's password again: signing re-authenticates. Accounts that sign in through
+    /// the identity provider send `id_token` instead.
+    #[serde(default)]
     #[schema(format = Password)]
-    password: String,
+    password: Option<String>,
+    /// A fresh ID token (issued within 5 minutes) from the identity provider, for an account
+    /// linked to it.
+    #[serde(default)]
+    id_token: Option<String>,
 }
 
 impl CommandBody for SignNote {
@@ -440,8 +491,14 @@ impl CommandBody for SignNote {
         )
     }
 
-    fn reauthentication(&self) -> Option<&str> {
-        Some(&self.password)
+    fn reauthentication(&self) -> Option<Reauthentication<'_>> {
+        // Neither (or both) is a wrong proof, not a missing field: it fails like a wrong
+        // password, after the same checks.
+        Some(match (&self.password, &self.id_token) {
+            (None, Some(token)) => Reauthentication::IdentityProvider(token),
+            (Some(password), _) => Reauthentication::Password(password),
+            (None, None) => Reauthentication::Password(""),
+        })
     }
 }
 

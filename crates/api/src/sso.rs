@@ -1,0 +1,465 @@
+//! Single sign-on: OpenID Connect ID tokens from the one identity provider the server trusts
+//! (`serve --oidc-issuer --oidc-audience --oidc-jwks`).
+//!
+//! The EHR application signs its user in at the organisation's identity provider and sends the
+//! ID token it got to `POST /auth/sso`; the server verifies it here (signature against the
+//! provider's published keys, issuer, audience, expiry, age) and opens a session for the
+//! account an administrator linked to the token's subject. The provider owns that account's
+//! password and second factor: a role that needs a second factor needs the token's `amr` to
+//! say one was used. Signing a note takes a fresh ID token in place of the password.
+//!
+//! Keys come from a JWKS file the operator keeps current (fetched from the provider's
+//! `jwks_uri` by whatever deploys the server): the server reads it at start and again, at most
+//! once a minute, when a token names a key it does not know, so a provider's key rotation
+//! needs no restart. Tokens are accepted once: a replayed one is refused (in this process).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Signature algorithms accepted: asymmetric only. An HMAC token would be signed with a
+/// secret the server shares with the provider, and `none` is no signature at all.
+const ALGORITHMS: [Algorithm; 7] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+/// Clock skew allowed between the provider and this server.
+const CLOCK_SKEW_SECONDS: u64 = 60;
+/// An ID token older than this does not sign anyone in, whatever its expiry says.
+pub const LOGIN_TOKEN_AGE_MAX: Duration = Duration::from_secs(10 * 60);
+/// Signing a note needs a token issued this recently: the user has just signed in again.
+pub const REAUTHENTICATION_TOKEN_AGE_MAX: Duration = Duration::from_secs(5 * 60);
+/// How often an unknown key id may make the server read the key file again.
+const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
+/// The longest token looked at; real ID tokens are a few KiB.
+const TOKEN_BYTES_MAX: usize = 16 * 1024;
+/// The largest key file read.
+const JWKS_BYTES_MAX: u64 = 1024 * 1024;
+
+/// `amr` values (RFC 8176) of a possession or inherence factor: with any other method they
+/// make two factors.
+const SECOND_FACTOR_METHODS: [&str; 12] = [
+    "otp", "hwk", "swk", "sc", "sms", "tel", "fpt", "face", "iris", "retina", "vbm", "pop",
+];
+
+/// Which identity provider the server trusts.
+#[derive(Clone, Debug)]
+pub struct SsoSettings {
+    /// The provider's issuer identifier, exactly as its tokens' `iss`.
+    pub issuer: String,
+    /// This server's client id at the provider, as its tokens' `aud`.
+    pub audience: String,
+    /// The provider's JSON Web Key Set, as a file.
+    pub jwks_path: PathBuf,
+}
+
+/// Why an identity provider could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SsoSetupError {
+    #[error("cannot read the identity provider's key file {}: {source}", .path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the identity provider's key file {} is not a JSON Web Key Set: {reason}", .path.display())]
+    Malformed { path: PathBuf, reason: String },
+}
+
+/// Why an ID token was refused. Never carries the token or its claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("not a signed JWT, or one too large")]
+    Malformed,
+    #[error("signed with an algorithm this server does not accept")]
+    AlgorithmNotAccepted,
+    #[error("signed with a key the identity provider's key file does not hold")]
+    UnknownKey,
+    #[error("the signature, issuer, audience or validity period does not check out")]
+    Invalid,
+    #[error("issued too long ago, or in the future")]
+    Stale,
+    #[error("already used")]
+    Replayed,
+}
+
+/// What a verified ID token says about its user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedIdentity {
+    /// The provider's stable id of the user (`sub`).
+    pub subject: String,
+    /// Whether the provider says it checked a second factor (`amr`).
+    pub second_factor: bool,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    iat: i64,
+    exp: i64,
+    #[serde(default)]
+    amr: Vec<String>,
+}
+
+struct Keys {
+    set: JwkSet,
+    read_at: Instant,
+}
+
+/// The identity provider the server trusts, with its keys and the tokens already used.
+pub struct IdentityProvider {
+    settings: SsoSettings,
+    keys: RwLock<Keys>,
+    /// Digests of the tokens accepted, each kept until its expiry (unix seconds).
+    used: Mutex<HashMap<[u8; 32], i64>>,
+}
+
+impl std::fmt::Debug for IdentityProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityProvider")
+            .field("issuer", &self.settings.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdentityProvider {
+    /// Reads the provider's key file; refuses one that holds no key.
+    pub fn load(settings: SsoSettings) -> Result<Self, SsoSetupError> {
+        let set = read_jwks(&settings.jwks_path)?;
+        Ok(Self {
+            settings,
+            keys: RwLock::new(Keys {
+                set,
+                read_at: Instant::now(),
+            }),
+            used: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.settings.issuer
+    }
+
+    /// Verifies an ID token issued at most `age_max` before `now_unix` (seconds), and marks
+    /// it used.
+    pub fn verify(
+        &self,
+        token: &str,
+        now_unix: i64,
+        age_max: Duration,
+    ) -> Result<VerifiedIdentity, TokenRefusal> {
+        if token.len() > TOKEN_BYTES_MAX {
+            return Err(TokenRefusal::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRefusal::Malformed)?;
+        if !ALGORITHMS.contains(&header.alg) {
+            return Err(TokenRefusal::AlgorithmNotAccepted);
+        }
+        let kid = header.kid.ok_or(TokenRefusal::UnknownKey)?;
+        let key = self.key(&kid, header.alg)?;
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&self.settings.issuer]);
+        validation.set_audience(&[&self.settings.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = CLOCK_SKEW_SECONDS;
+        validation.validate_nbf = true;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            .map_err(|_| TokenRefusal::Invalid)?
+            .claims;
+        let skew = CLOCK_SKEW_SECONDS as i64;
+        let age_max = i64::try_from(age_max.as_secs()).unwrap_or(i64::MAX);
+        if claims.iat > now_unix + skew || claims.iat < now_unix - age_max - skew {
+            return Err(TokenRefusal::Stale);
+        }
+        if claims.sub.is_empty() {
+            return Err(TokenRefusal::Invalid);
+        }
+        self.mark_used(token, claims.exp, now_unix)?;
+        Ok(VerifiedIdentity {
+            second_factor: second_factor_asserted(&claims.amr),
+            subject: claims.sub,
+        })
+    }
+
+    /// The key `kid`, reading the key file again (at most once a minute) if it is new.
+    fn key(&self, kid: &str, algorithm: Algorithm) -> Result<DecodingKey, TokenRefusal> {
+        let found = |keys: &Keys| keys.set.find(kid).cloned();
+        let mut jwk = self
+            .keys
+            .read()
+            .map_err(|_| TokenRefusal::UnknownKey)
+            .map(|keys| found(&keys))?;
+        if jwk.is_none() {
+            let mut keys = self.keys.write().map_err(|_| TokenRefusal::UnknownKey)?;
+            if keys.read_at.elapsed() >= KEY_RELOAD_INTERVAL {
+                keys.read_at = Instant::now();
+                match read_jwks(&self.settings.jwks_path) {
+                    Ok(set) => keys.set = set,
+                    Err(error) => tracing::warn!(%error, "identity provider keys not reloaded"),
+                }
+            }
+            jwk = found(&keys);
+        }
+        let jwk = jwk.ok_or(TokenRefusal::UnknownKey)?;
+        // A key published for one algorithm is not used with another.
+        if let Some(published) = jwk.common.key_algorithm
+            && format!("{published:?}") != format!("{algorithm:?}")
+        {
+            return Err(TokenRefusal::AlgorithmNotAccepted);
+        }
+        DecodingKey::from_jwk(&jwk).map_err(|_| TokenRefusal::UnknownKey)
+    }
+
+    fn mark_used(&self, token: &str, expires_unix: i64, now_unix: i64) -> Result<(), TokenRefusal> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut used = self.used.lock().map_err(|_| TokenRefusal::Replayed)?;
+        let skew = CLOCK_SKEW_SECONDS as i64;
+        used.retain(|_, expires| *expires + skew >= now_unix);
+        if used.insert(digest, expires_unix).is_some() {
+            return Err(TokenRefusal::Replayed);
+        }
+        Ok(())
+    }
+}
+
+/// RFC 8176: `mfa`, or a possession or inherence method with any other method.
+fn second_factor_asserted(amr: &[String]) -> bool {
+    let mut methods: Vec<&str> = amr.iter().map(String::as_str).collect();
+    methods.sort_unstable();
+    methods.dedup();
+    methods.contains(&"mfa")
+        || (methods.len() >= 2
+            && methods
+                .iter()
+                .any(|method| SECOND_FACTOR_METHODS.contains(method)))
+}
+
+fn read_jwks(path: &Path) -> Result<JwkSet, SsoSetupError> {
+    let unreadable = |source| SsoSetupError::Unreadable {
+        path: path.to_owned(),
+        source,
+    };
+    let malformed = |reason: String| SsoSetupError::Malformed {
+        path: path.to_owned(),
+        reason,
+    };
+    let length = std::fs::metadata(path).map_err(unreadable)?.len();
+    if length > JWKS_BYTES_MAX {
+        return Err(malformed(format!("larger than {JWKS_BYTES_MAX} bytes")));
+    }
+    let bytes = std::fs::read(path).map_err(unreadable)?;
+    let set: JwkSet = serde_json::from_slice(&bytes)
+        .map_err(|error| malformed(format!("line {}, column {}", error.line(), error.column())))?;
+    if set.keys.is_empty() {
+        return Err(malformed("it holds no key".to_owned()));
+    }
+    if set.keys.iter().any(|key| key.common.key_id.is_none()) {
+        return Err(malformed("every key needs a key id (kid)".to_owned()));
+    }
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::{EncodingKey, Header};
+    use ring::signature::KeyPair as _;
+    use serde_json::json;
+
+    use super::*;
+
+    const ISSUER: &str = "https://id.clinic.example";
+    const AUDIENCE: &str = "chartlog";
+    /// jsonwebtoken checks `exp` and `nbf` against the system clock, so the tests' tokens are
+    /// made around it.
+    static NOW: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| {
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs(),
+        )
+        .expect("in range")
+    });
+
+    struct Provider {
+        key: EncodingKey,
+        public: Vec<u8>,
+    }
+
+    impl Provider {
+        fn new() -> Self {
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
+            let pair =
+                ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key pair");
+            Self {
+                key: EncodingKey::from_ed_der(pkcs8.as_ref()),
+                public: pair.public_key().as_ref().to_vec(),
+            }
+        }
+
+        fn jwks(&self, kid: &str) -> serde_json::Value {
+            use base64::Engine as _;
+            json!({ "keys": [{
+                "kty": "OKP", "crv": "Ed25519", "use": "sig", "alg": "EdDSA", "kid": kid,
+                "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.public),
+            }]})
+        }
+
+        fn token(&self, kid: &str, claims: serde_json::Value) -> String {
+            let mut header = Header::new(Algorithm::EdDSA);
+            header.kid = Some(kid.to_owned());
+            jsonwebtoken::encode(&header, &claims, &self.key).expect("token")
+        }
+    }
+
+    fn claims() -> serde_json::Value {
+        json!({
+            "iss": ISSUER, "aud": AUDIENCE, "sub": "248289761001",
+            "iat": *NOW - 5, "exp": *NOW + 300, "amr": ["pwd", "otp"],
+        })
+    }
+
+    fn trusting(dir: &Path, jwks: &serde_json::Value) -> IdentityProvider {
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, jwks.to_string()).expect("write jwks");
+        IdentityProvider::load(SsoSettings {
+            issuer: ISSUER.to_owned(),
+            audience: AUDIENCE.to_owned(),
+            jwks_path: path,
+        })
+        .expect("provider")
+    }
+
+    #[test]
+    fn a_valid_token_signs_in_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let provider = Provider::new();
+        let trusted = trusting(dir.path(), &provider.jwks("k1"));
+        let token = provider.token("k1", claims());
+        let identity = trusted
+            .verify(&token, *NOW, LOGIN_TOKEN_AGE_MAX)
+            .expect("verified");
+        assert_eq!(identity.subject, "248289761001");
+        assert!(identity.second_factor);
+        assert_eq!(
+            trusted.verify(&token, *NOW, LOGIN_TOKEN_AGE_MAX),
+            Err(TokenRefusal::Replayed)
+        );
+    }
+
+    #[test]
+    fn tokens_for_someone_else_or_out_of_time_are_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let provider = Provider::new();
+        let trusted = trusting(dir.path(), &provider.jwks("k1"));
+        let with = |field: &str, value: serde_json::Value| {
+            let mut claims = claims();
+            claims[field] = value;
+            provider.token("k1", claims)
+        };
+        for (case, token, refusal) in [
+            (
+                "issuer",
+                with("iss", json!("https://evil.example")),
+                TokenRefusal::Invalid,
+            ),
+            (
+                "audience",
+                with("aud", json!("another-app")),
+                TokenRefusal::Invalid,
+            ),
+            (
+                "expired",
+                with("exp", json!(*NOW - 120)),
+                TokenRefusal::Invalid,
+            ),
+            (
+                "not yet valid",
+                with("nbf", json!(*NOW + 600)),
+                TokenRefusal::Invalid,
+            ),
+            ("old", with("iat", json!(*NOW - 3600)), TokenRefusal::Stale),
+            (
+                "future",
+                with("iat", json!(*NOW + 600)),
+                TokenRefusal::Stale,
+            ),
+            (
+                "unknown key",
+                provider.token("k2", claims()),
+                TokenRefusal::UnknownKey,
+            ),
+            ("not a JWT", "not.a.jwt".to_owned(), TokenRefusal::Malformed),
+        ] {
+            assert_eq!(
+                trusted.verify(&token, *NOW, LOGIN_TOKEN_AGE_MAX),
+                Err(refusal),
+                "{case}"
+            );
+        }
+        // Another key under the trusted key's id: the signature fails.
+        let impostor = Provider::new();
+        assert_eq!(
+            trusted.verify(&impostor.token("k1", claims()), *NOW, LOGIN_TOKEN_AGE_MAX),
+            Err(TokenRefusal::Invalid)
+        );
+        // An HMAC token, even one naming the trusted key, is never looked at.
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".to_owned());
+        let hmac = jsonwebtoken::encode(
+            &header,
+            &claims(),
+            &EncodingKey::from_secret(&provider.public),
+        )
+        .expect("token");
+        assert_eq!(
+            trusted.verify(&hmac, *NOW, LOGIN_TOKEN_AGE_MAX),
+            Err(TokenRefusal::AlgorithmNotAccepted)
+        );
+    }
+
+    #[test]
+    fn a_second_factor_is_mfa_or_a_possession_or_inherence_method_with_another() {
+        let amr = |methods: &[&str]| {
+            second_factor_asserted(&methods.iter().map(|m| (*m).to_owned()).collect::<Vec<_>>())
+        };
+        assert!(amr(&["mfa"]));
+        assert!(amr(&["pwd", "otp"]));
+        assert!(amr(&["hwk", "pin"]));
+        assert!(!amr(&["pwd"]));
+        assert!(!amr(&["otp"]));
+        assert!(!amr(&["pwd", "pwd"]));
+        assert!(!amr(&["pwd", "kba"]));
+        assert!(!amr(&[]));
+    }
+
+    #[test]
+    fn a_key_file_without_keys_or_key_ids_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("jwks.json");
+        for jwks in [json!({ "keys": [] }), {
+            let mut set = Provider::new().jwks("k1");
+            set["keys"][0].as_object_mut().expect("key").remove("kid");
+            set
+        }] {
+            std::fs::write(&path, jwks.to_string()).expect("write");
+            let refused = IdentityProvider::load(SsoSettings {
+                issuer: ISSUER.to_owned(),
+                audience: AUDIENCE.to_owned(),
+                jwks_path: path.clone(),
+            });
+            assert!(matches!(refused, Err(SsoSetupError::Malformed { .. })));
+        }
+    }
+}
