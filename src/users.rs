@@ -22,6 +22,22 @@ pub(crate) enum UsersCommand {
     /// Remove the account's second factor; it must enroll again at its next login.
     #[command(name = "reset-2fa")]
     ResetSecondFactor(UserArgs),
+    /// Link the account to the identity provider's subject (`serve --oidc-issuer`): it then
+    /// signs in there only. `--unlink` removes the link. Its sessions end either way.
+    #[command(name = "link-sso")]
+    LinkSso(LinkSsoArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct LinkSsoArgs {
+    #[command(flatten)]
+    user: UserArgs,
+    /// The identity provider's `sub` for this user.
+    #[arg(long, required_unless_present = "unlink", conflicts_with = "unlink")]
+    subject: Option<String>,
+    /// Remove the account's link: it signs in with its chartlog password again.
+    #[arg(long)]
+    unlink: bool,
 }
 
 #[derive(Args)]
@@ -61,6 +77,7 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
         UsersCommand::Disable(args)
         | UsersCommand::ResetPassword(args)
         | UsersCommand::ResetSecondFactor(args) => &args.storage,
+        UsersCommand::LinkSso(args) => &args.user.storage,
     };
     create_data_dir(&storage.data_dir)?;
     let database = open_database(&storage.database_location()).await?;
@@ -102,11 +119,16 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
                 .context("cannot list accounts")?
             {
                 println!(
-                    "{}\t{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}\t{}",
                     user.user_id,
                     user.username.as_str(),
                     user.role.as_str(),
-                    if user.disabled { "disabled" } else { "active" }
+                    if user.disabled { "disabled" } else { "active" },
+                    if user.sso_subject.is_some() {
+                        "identity provider"
+                    } else {
+                        "password"
+                    }
                 );
             }
             Ok(())
@@ -136,6 +158,20 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
                 .await
                 .context("cannot reset the second factor")?;
             println!("second factor removed for {user_id}; it must enroll again");
+            Ok(())
+        }
+        UsersCommand::LinkSso(args) => {
+            let user_id = user_id(&args.user)?;
+            let account = accounts
+                .link_sso_subject(user_id, args.subject.as_deref(), now)
+                .await
+                .context("cannot change the account's identity-provider link")?;
+            match account.sso_subject {
+                Some(subject) => println!(
+                    "{user_id} signs in through the identity provider as subject {subject}"
+                ),
+                None => println!("{user_id} signs in with its chartlog password"),
+            }
             Ok(())
         }
     };

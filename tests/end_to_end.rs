@@ -416,10 +416,30 @@ fn users_are_added_listed_reset_and_disabled_from_the_command_line() {
     let listed = run_users("list", dir.data_dir(), &[]);
     let listing = String::from_utf8_lossy(&listed.stdout);
     assert!(
-        listing.contains(&format!("{user_id}\tdr.cli\tphysician\tactive")),
+        listing.contains(&format!("{user_id}\tdr.cli\tphysician\tactive\tpassword")),
         "{listing}"
     );
     assert!(!listing.contains(&first), "no secret is listed");
+
+    // Linked to the identity provider, and back.
+    let linked = run_users(
+        "link-sso",
+        dir.data_dir(),
+        &[&user_id, "--subject", "00u-dr-cli"],
+    );
+    assert!(
+        linked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&linked.stderr)
+    );
+    let listing =
+        String::from_utf8_lossy(&run_users("list", dir.data_dir(), &[]).stdout).into_owned();
+    assert!(listing.contains("\tidentity provider"), "{listing}");
+    let refused = run_users("link-sso", dir.data_dir(), &[&user_id]);
+    assert!(!refused.status.success(), "a subject or --unlink is needed");
+    let unlinked = run_users("link-sso", dir.data_dir(), &[&user_id, "--unlink"]);
+    assert!(unlinked.status.success());
+    assert!(String::from_utf8_lossy(&unlinked.stdout).contains("chartlog password"));
 
     let reset = run_users("reset-password", dir.data_dir(), &[&user_id]);
     assert!(reset.status.success());
