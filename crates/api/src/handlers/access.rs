@@ -88,6 +88,24 @@ fn session_row(
     }
 }
 
+/// A failed login on the audit trail. The name typed is not kept: it may be a mistyped
+/// password.
+async fn audit_failed_login(
+    config: &ApiConfig,
+    client_address: Option<std::net::IpAddr>,
+) -> Result<(), ApiError> {
+    audit::record(
+        config,
+        vec![session_row(
+            None,
+            AuditAction::Login,
+            AuditOutcome::Failure,
+            client_address,
+        )],
+    )
+    .await
+}
+
 fn session_cookie(token: &str, secure: bool) -> Cookie<'static> {
     Cookie::build(SESSION_COOKIE, token.to_owned())
         .path("/")
@@ -113,16 +131,7 @@ pub(crate) async fn login(
             Some(raw) => match SecondFactorCode::parse(&raw) {
                 Ok(code) => Some(code),
                 Err(_) => {
-                    audit::record(
-                        &config,
-                        vec![session_row(
-                            None,
-                            AuditAction::Login,
-                            AuditOutcome::Failure,
-                            client_address,
-                        )],
-                    )
-                    .await?;
+                    audit_failed_login(&config, client_address).await?;
                     return Err(ApiError::InvalidCredentials);
                 }
             },
@@ -147,17 +156,7 @@ pub(crate) async fn login(
                     ApiError::Internal
                 }
             };
-            // The name typed is not kept: it may be a mistyped password.
-            audit::record(
-                &config,
-                vec![session_row(
-                    None,
-                    AuditAction::Login,
-                    AuditOutcome::Failure,
-                    client_address,
-                )],
-            )
-            .await?;
+            audit_failed_login(&config, client_address).await?;
             Err(answer)
         }
     }
@@ -188,16 +187,7 @@ pub(crate) async fn sso_login(
     let failed = |answer: ApiError| {
         let config = config.clone();
         async move {
-            audit::record(
-                &config,
-                vec![session_row(
-                    None,
-                    AuditAction::Login,
-                    AuditOutcome::Failure,
-                    client_address,
-                )],
-            )
-            .await?;
+            audit_failed_login(&config, client_address).await?;
             Err::<HttpResponse, ApiError>(answer)
         }
     };
