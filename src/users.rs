@@ -1,9 +1,11 @@
 //! `chartlog users`: the operator's way to manage accounts from the server's own machine,
-//! with the same rules as the administrator's HTTP endpoints.
+//! with the same rules as the administrator's HTTP endpoints, and on the audit trail as they
+//! are (the command line's operator as the actor, the account touched, the outcome).
 
 use anyhow::Context;
 use chartlog_access::{AccessSettings, NewUser, Username};
 use chartlog_domain::{PatientId, Role, UserId};
+use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
 use clap::{Args, Subcommand};
 
 use crate::{KEY_DIR_NAME, StorageArgs, create_data_dir, open_database, wiring};
@@ -80,14 +82,13 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
         UsersCommand::LinkSso(args) => &args.user.storage,
     };
     create_data_dir(&storage.data_dir)?;
+    let storage_key_dir = storage.data_dir.join(KEY_DIR_NAME);
     let database = open_database(&storage.database_location()).await?;
-    let accounts = wiring::accounts(
-        &database,
-        &storage.data_dir.join(KEY_DIR_NAME),
-        AccessSettings::default(),
-    )?;
+    let accounts = wiring::accounts(&database, &storage_key_dir, AccessSettings::default())?;
     let now = chartlog_api::now();
-    let result = match command {
+    // Each branch: what it does to which account, for the audit trail, and how it went.
+    let (action, account, result): (AuditAction, Option<UserId>, anyhow::Result<()>) = match command
+    {
         UsersCommand::Add(args) => {
             let username = Username::parse(&args.username)
                 .map_err(|error| anyhow::anyhow!("invalid --username: {error}"))?;
@@ -97,7 +98,7 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
                 .map(PatientId::parse)
                 .transpose()
                 .map_err(|_| anyhow::anyhow!("invalid --patient-id: expected a UUID"))?;
-            let (user, password) = accounts
+            let created = accounts
                 .create_user(
                     NewUser {
                         username,
@@ -107,76 +108,100 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
                     now,
                 )
                 .await
-                .context("cannot create the account")?;
-            println!("user_id: {}", user.user_id);
-            println!("one-time password: {}", password.expose());
-            Ok(())
+                .context("cannot create the account");
+            match created {
+                Ok((user, password)) => {
+                    println!("user_id: {}", user.user_id);
+                    println!("one-time password: {}", password.expose());
+                    (AuditAction::Create, Some(user.user_id), Ok(()))
+                }
+                Err(error) => (AuditAction::Create, None, Err(error)),
+            }
         }
         UsersCommand::List(_) => {
-            for user in accounts
-                .list_users()
-                .await
-                .context("cannot list accounts")?
-            {
-                println!(
-                    "{}\t{}\t{}\t{}\t{}",
-                    user.user_id,
-                    user.username.as_str(),
-                    user.role.as_str(),
-                    if user.disabled { "disabled" } else { "active" },
-                    if user.sso_subject.is_some() {
-                        "identity provider"
-                    } else {
-                        "password"
-                    }
-                );
+            let listed = accounts.list_users().await.context("cannot list accounts");
+            if let Ok(users) = &listed {
+                for user in users {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        user.user_id,
+                        user.username.as_str(),
+                        user.role.as_str(),
+                        if user.disabled { "disabled" } else { "active" },
+                        if user.sso_subject.is_some() {
+                            "identity provider"
+                        } else {
+                            "password"
+                        }
+                    );
+                }
             }
-            Ok(())
+            (AuditAction::Read, None, listed.map(drop))
         }
         UsersCommand::Disable(args) => {
             let user_id = user_id(&args)?;
-            accounts
+            let done = accounts
                 .disable_user(user_id, now)
                 .await
-                .context("cannot disable the account")?;
-            println!("disabled {user_id}");
-            Ok(())
+                .context("cannot disable the account");
+            if done.is_ok() {
+                println!("disabled {user_id}");
+            }
+            (AuditAction::Update, Some(user_id), done)
         }
         UsersCommand::ResetPassword(args) => {
             let user_id = user_id(&args)?;
-            let password = accounts
+            let done = accounts
                 .reset_password(user_id, now)
                 .await
-                .context("cannot reset the password")?;
-            println!("one-time password: {}", password.expose());
-            Ok(())
+                .context("cannot reset the password")
+                .map(|password| println!("one-time password: {}", password.expose()));
+            (AuditAction::Update, Some(user_id), done)
         }
         UsersCommand::ResetSecondFactor(args) => {
             let user_id = user_id(&args)?;
-            accounts
+            let done = accounts
                 .reset_second_factor(user_id, now)
                 .await
-                .context("cannot reset the second factor")?;
-            println!("second factor removed for {user_id}; it must enroll again");
-            Ok(())
+                .context("cannot reset the second factor");
+            if done.is_ok() {
+                println!("second factor removed for {user_id}; it must enroll again");
+            }
+            (AuditAction::Update, Some(user_id), done)
         }
         UsersCommand::LinkSso(args) => {
             let user_id = user_id(&args.user)?;
-            let account = accounts
+            let done = accounts
                 .link_sso_subject(user_id, args.subject.as_deref(), now)
                 .await
-                .context("cannot change the account's identity-provider link")?;
-            match account.sso_subject {
-                Some(subject) => println!(
-                    "{user_id} signs in through the identity provider as subject {subject}"
-                ),
-                None => println!("{user_id} signs in with its chartlog password"),
-            }
-            Ok(())
+                .context("cannot change the account's identity-provider link")
+                .map(|account| match account.sso_subject {
+                    Some(subject) => println!(
+                        "{user_id} signs in through the identity provider as subject {subject}"
+                    ),
+                    None => println!("{user_id} signs in with its chartlog password"),
+                });
+            (AuditAction::Update, Some(user_id), done)
         }
     };
+    // As over HTTP, where an administrator's account changes are audited: the operator's
+    // are too, failed ones included, as the command line's operator.
+    let audited = wiring::audit_operator_action_on(
+        &database,
+        &storage_key_dir,
+        AuditEntity::User,
+        account.map(|user| user.as_uuid()),
+        action,
+        if result.is_ok() {
+            AuditOutcome::Success
+        } else {
+            AuditOutcome::Failure
+        },
+    )
+    .await;
     database.close().await;
-    result
+    result?;
+    audited
 }
 
 fn user_id(args: &UserArgs) -> anyhow::Result<UserId> {

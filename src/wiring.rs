@@ -141,6 +141,18 @@ pub async fn audit_operator_action(
     action: AuditAction,
     outcome: AuditOutcome,
 ) -> anyhow::Result<()> {
+    audit_operator_action_on(database, key_dir, entity, None, action, outcome).await
+}
+
+/// [`audit_operator_action`] on one record of `entity` (an account, by its user id).
+pub async fn audit_operator_action_on(
+    database: &Database,
+    key_dir: &Path,
+    entity: AuditEntity,
+    record_id: Option<uuid::Uuid>,
+    action: AuditAction,
+    outcome: AuditOutcome,
+) -> anyhow::Result<()> {
     let (ring, signing) = key_files(key_dir)?;
     keys::ensure_ring_fits(database, &ring).await?;
     let ring = Arc::new(ring);
@@ -178,7 +190,7 @@ pub async fn audit_operator_action(
         }),
         patient_id: None,
         entity: Some(entity),
-        record_id: None,
+        record_id,
         action,
         outcome,
         client_address: None,

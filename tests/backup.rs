@@ -756,10 +756,10 @@ async fn count(pool: &SqlitePool, table: &str) -> i64 {
 
 // ---- Tests --------------------------------------------------------------------------------
 
-/// What the source's rebuild in [`source_site`] adds to its log: the audit record of the
-/// rebuild, one event on an audit stream of its own, with its own data key. A backup of the
-/// source holds it.
-const SOURCE_REBUILD_RECORDS: usize = 1;
+/// What the operator's commands in [`source_site`] add to its log: the audit records of the
+/// two accounts' creation and of the rebuild, each one event on an audit stream of its own,
+/// with its own data key. A backup of the source holds them.
+const SOURCE_OPERATOR_RECORDS: usize = 3;
 
 /// Seeds a source with `events` events, two accounts and rebuilt read models.
 async fn source_site(dir: &TempDir, events: usize) -> (Site, Vec<PatientId>) {
@@ -780,10 +780,10 @@ async fn a_sqlite_round_trip_keeps_the_log_hashes_and_the_read_models() {
     let file = dir.path().join("source.age");
 
     let backed_up = backup(&source, &key, &file, &[]);
-    assert_eq!(backed_up["events"], events + SOURCE_REBUILD_RECORDS);
+    assert_eq!(backed_up["events"], events + SOURCE_OPERATOR_RECORDS);
     assert_eq!(
         backed_up["streams"],
-        patients.len() + SOURCE_REBUILD_RECORDS
+        patients.len() + SOURCE_OPERATOR_RECORDS
     );
     assert_eq!(backed_up["rows"]["chartlog_access_users"], 2);
     let mode = fs::metadata(&file).expect("backup").permissions().mode();
@@ -824,12 +824,15 @@ async fn a_sqlite_round_trip_keeps_the_log_hashes_and_the_read_models() {
 
     let copy = source.with_same_keys(&dir, "copy");
     let restored = restore(&copy, &key, &file, &[]);
-    assert_eq!(restored["events"], events + SOURCE_REBUILD_RECORDS);
-    assert_eq!(restored["verified_events"], events + SOURCE_REBUILD_RECORDS);
+    assert_eq!(restored["events"], events + SOURCE_OPERATOR_RECORDS);
+    assert_eq!(
+        restored["verified_events"],
+        events + SOURCE_OPERATOR_RECORDS
+    );
     assert_eq!(restored["root_hash"], backed_up["root_hash"]);
     assert_eq!(
         restored["data_keys_restored"],
-        patients.len() + SOURCE_REBUILD_RECORDS
+        patients.len() + SOURCE_OPERATOR_RECORDS
     );
     copy.rebuild(&[]);
 
@@ -857,7 +860,10 @@ async fn a_sqlite_backup_restores_into_postgres_and_back() {
     let postgres = source.with_same_keys(&dir, "postgres");
     let url = ["--database-url", database.url.as_str()];
     let restored = restore(&postgres, &key, &first, &url);
-    assert_eq!(restored["verified_events"], events + SOURCE_REBUILD_RECORDS);
+    assert_eq!(
+        restored["verified_events"],
+        events + SOURCE_OPERATOR_RECORDS
+    );
     assert_eq!(restored["root_hash"], backed_up["root_hash"]);
     postgres.rebuild(&url);
 
@@ -914,7 +920,7 @@ async fn a_sqlite_backup_restores_into_postgres_and_back() {
     let restored = restore(&back, &key, &second, &[]);
     assert_eq!(
         restored["verified_events"].as_u64(),
-        Some((events + SOURCE_REBUILD_RECORDS + 2) as u64)
+        Some((events + SOURCE_OPERATOR_RECORDS + 2) as u64)
     );
     back.rebuild(&[]);
     assert_identical_sites(&source, &back, &patients).await;
@@ -1038,7 +1044,7 @@ async fn an_erased_patient_stays_erased_when_an_older_backup_is_restored() {
     assert_eq!(restored["erased_keys"], 0);
     assert_eq!(
         restored["data_keys_restored"],
-        patients.len() + SOURCE_REBUILD_RECORDS
+        patients.len() + SOURCE_OPERATOR_RECORDS
     );
 }
 

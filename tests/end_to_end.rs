@@ -388,8 +388,8 @@ fn run_users(subcommand: &str, data_dir: &std::path::Path, extra: &[&str]) -> st
         .expect("run chartlog users")
 }
 
-#[test]
-fn users_are_added_listed_reset_and_disabled_from_the_command_line() {
+#[tokio::test]
+async fn users_are_added_listed_reset_and_disabled_from_the_command_line() {
     let dir = TestDir::new();
     let added = run_users(
         "add",
@@ -473,6 +473,51 @@ fn users_are_added_listed_reset_and_disabled_from_the_command_line() {
     let refused = run_users("disable", dir.data_dir(), &["not-a-uuid"]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid user id"));
+
+    // Every command that reached the accounts is on the audit trail, with the account it
+    // touched and how it went; input refused before that (a bad role, a malformed id) is not.
+    let rebuilt = run_chartlog("rebuild", dir.data_dir(), &["audit_trail"]);
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    let read_models = sqlx::SqlitePool::connect(&format!(
+        "sqlite:{}",
+        dir.data_dir().join("chartlog.read-models.db").display()
+    ))
+    .await
+    .expect("open the read models");
+    let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT action, outcome, nullif(lower(hex(record_id)), ''), role \
+         FROM chartlog_audit_trail WHERE entity = 'user' ORDER BY occurred_at_us, audit_id",
+    )
+    .fetch_all(&read_models)
+    .await
+    .expect("the account audit rows");
+    let account = Some(user_id.replace('-', ""));
+    let row = |action: &str, outcome: &str, record: Option<String>| {
+        (
+            action.to_owned(),
+            outcome.to_owned(),
+            record,
+            "system".to_owned(),
+        )
+    };
+    assert_eq!(
+        rows,
+        vec![
+            row("create", "success", account.clone()),
+            row("read", "success", None),
+            row("update", "success", account.clone()),
+            row("read", "success", None),
+            row("update", "success", account.clone()),
+            row("update", "success", account.clone()),
+            row("update", "success", account.clone()),
+            row("read", "success", None),
+            row("create", "failure", None),
+        ]
+    );
 }
 
 #[tokio::test]
