@@ -150,14 +150,15 @@ impl IdentityProvider {
         &self.settings.issuer
     }
 
-    /// Verifies an ID token issued at most `age_max` before `now_unix` (seconds), and marks
-    /// it used.
+    /// Verifies an ID token issued at most `age_max` before `now`, and marks it used.
     pub fn verify(
         &self,
         token: &str,
-        now_unix: i64,
+        now: chartlog_domain::Timestamp,
         age_max: Duration,
     ) -> Result<VerifiedIdentity, TokenRefusal> {
+        // JWT times are whole seconds since the epoch.
+        let now_unix = now.unix_micros().div_euclid(1_000_000);
         if token.len() > TOKEN_BYTES_MAX {
             return Err(TokenRefusal::Malformed);
         }
@@ -323,6 +324,10 @@ mod tests {
         }
     }
 
+    fn now() -> chartlog_domain::Timestamp {
+        chartlog_domain::Timestamp::from_unix_micros(*NOW * 1_000_000).expect("in range")
+    }
+
     fn claims() -> serde_json::Value {
         json!({
             "iss": ISSUER, "aud": AUDIENCE, "sub": "248289761001",
@@ -348,12 +353,12 @@ mod tests {
         let trusted = trusting(dir.path(), &provider.jwks("k1"));
         let token = provider.token("k1", claims());
         let identity = trusted
-            .verify(&token, *NOW, LOGIN_TOKEN_AGE_MAX)
+            .verify(&token, now(), LOGIN_TOKEN_AGE_MAX)
             .expect("verified");
         assert_eq!(identity.subject, "248289761001");
         assert!(identity.second_factor);
         assert_eq!(
-            trusted.verify(&token, *NOW, LOGIN_TOKEN_AGE_MAX),
+            trusted.verify(&token, now(), LOGIN_TOKEN_AGE_MAX),
             Err(TokenRefusal::Replayed)
         );
     }
@@ -403,7 +408,7 @@ mod tests {
             ("not a JWT", "not.a.jwt".to_owned(), TokenRefusal::Malformed),
         ] {
             assert_eq!(
-                trusted.verify(&token, *NOW, LOGIN_TOKEN_AGE_MAX),
+                trusted.verify(&token, now(), LOGIN_TOKEN_AGE_MAX),
                 Err(refusal),
                 "{case}"
             );
@@ -411,7 +416,7 @@ mod tests {
         // Another key under the trusted key's id: the signature fails.
         let impostor = Provider::new();
         assert_eq!(
-            trusted.verify(&impostor.token("k1", claims()), *NOW, LOGIN_TOKEN_AGE_MAX),
+            trusted.verify(&impostor.token("k1", claims()), now(), LOGIN_TOKEN_AGE_MAX),
             Err(TokenRefusal::Invalid)
         );
         // An HMAC token, even one naming the trusted key, is never looked at.
@@ -424,7 +429,7 @@ mod tests {
         )
         .expect("token");
         assert_eq!(
-            trusted.verify(&hmac, *NOW, LOGIN_TOKEN_AGE_MAX),
+            trusted.verify(&hmac, now(), LOGIN_TOKEN_AGE_MAX),
             Err(TokenRefusal::AlgorithmNotAccepted)
         );
     }

@@ -143,21 +143,28 @@ pub(crate) async fn login(
     match config.accounts.login(attempt, crate::now()).await {
         Ok(success) => logged_in(&config, success, client_address).await,
         Err(error) => {
-            let answer = match &error {
-                LoginError::InvalidCredentials => ApiError::InvalidCredentials,
-                LoginError::SecondFactorRequired => ApiError::SecondFactorRequired,
-                LoginError::Throttled {
-                    retry_after_seconds,
-                } => ApiError::Throttled {
-                    retry_after_seconds: *retry_after_seconds,
-                },
-                other => {
-                    tracing::error!(error = %other, "login failed unexpectedly");
-                    ApiError::Internal
-                }
-            };
             audit_failed_login(&config, client_address).await?;
-            Err(answer)
+            Err(login_refusal(error))
+        }
+    }
+}
+
+/// The answer to a refused login, by password or by the identity provider.
+fn login_refusal(error: LoginError) -> ApiError {
+    match error {
+        LoginError::InvalidCredentials => ApiError::InvalidCredentials,
+        LoginError::SecondFactorRequired => ApiError::SecondFactorRequired,
+        LoginError::IdentityProviderSecondFactorMissing => {
+            ApiError::IdentityProviderSecondFactorMissing
+        }
+        LoginError::Throttled {
+            retry_after_seconds,
+        } => ApiError::Throttled {
+            retry_after_seconds,
+        },
+        other => {
+            tracing::error!(error = %other, "login failed unexpectedly");
+            ApiError::Internal
         }
     }
 }
@@ -184,24 +191,14 @@ pub(crate) async fn sso_login(
         ));
     };
     let client_address = request.peer_addr().map(|address| address.ip());
-    let failed = |answer: ApiError| {
-        let config = config.clone();
-        async move {
-            audit_failed_login(&config, client_address).await?;
-            Err::<HttpResponse, ApiError>(answer)
-        }
-    };
     let now = crate::now();
-    let identity = match provider.verify(
-        &body.id_token,
-        now.unix_micros() / 1_000_000,
-        crate::sso::LOGIN_TOKEN_AGE_MAX,
-    ) {
+    let identity = match provider.verify(&body.id_token, now, crate::sso::LOGIN_TOKEN_AGE_MAX) {
         Ok(identity) => identity,
         Err(refusal) => {
             // Why, for the operator; the client gets the one answer every failed login gets.
             tracing::warn!(%refusal, "identity-provider token refused");
-            return failed(ApiError::InvalidCredentials).await;
+            audit_failed_login(&config, client_address).await?;
+            return Err(ApiError::InvalidCredentials);
         }
     };
     let address = client_address.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
@@ -211,23 +208,9 @@ pub(crate) async fn sso_login(
         .await
     {
         Ok(success) => logged_in(&config, success, client_address).await,
-        Err(LoginError::IdentityProviderSecondFactorMissing) => {
-            failed(ApiError::IdentityProviderSecondFactorMissing).await
-        }
-        Err(LoginError::Throttled {
-            retry_after_seconds,
-        }) => {
-            failed(ApiError::Throttled {
-                retry_after_seconds,
-            })
-            .await
-        }
-        Err(LoginError::InvalidCredentials | LoginError::SecondFactorRequired) => {
-            failed(ApiError::InvalidCredentials).await
-        }
-        Err(other) => {
-            tracing::error!(error = %other, "identity-provider login failed unexpectedly");
-            failed(ApiError::Internal).await
+        Err(error) => {
+            audit_failed_login(&config, client_address).await?;
+            Err(login_refusal(error))
         }
     }
 }

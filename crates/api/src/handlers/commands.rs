@@ -100,7 +100,7 @@ async fn reauthenticate(
             let identity = provider
                 .verify(
                     token,
-                    crate::now().unix_micros() / 1_000_000,
+                    crate::now(),
                     crate::sso::REAUTHENTICATION_TOKEN_AGE_MAX,
                 )
                 .map_err(|refusal| {
