@@ -34,9 +34,10 @@ pub const SESSION_TOUCH_INTERVAL: Duration = Duration::from_secs(5);
 /// their end before [`Accounts::prune`] deletes them.
 pub const PRUNE_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// What the session table says about a token's session.
 /// Longest identity-provider subject (OIDC caps `sub` at 255 ASCII characters).
 pub const SSO_SUBJECT_LENGTH_MAX: usize = 255;
+
+/// What the session table says about a token's session.
 const END_LOGOUT: &str = "logout";
 const END_EXPIRED: &str = "expired";
 const END_REVOKED: &str = "revoked";
