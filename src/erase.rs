@@ -24,7 +24,7 @@ use chartlog_store::{EventStore, LedgerError, PatientLedger};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::{Database, StorageArgs, keys, open_database, wiring};
+use crate::{Database, RetentionArgs, StorageArgs, keys, open_database, wiring};
 
 /// The user id recorded as the actor when no `--operator` is given: chartlog's command line,
 /// acting for whoever runs it on the server's machine (role `system`).
@@ -58,6 +58,9 @@ pub(crate) struct EraseArgs {
     /// Print the erasure certificate as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    retention: RetentionArgs,
 }
 
 /// [`ErasureReason`], spelled as the HTTP API spells it.
@@ -161,7 +164,8 @@ async fn erase_on(
             let snapshots = Arc::new(SqliteSnapshotStore::new(store.pool().clone()));
             let ledger =
                 PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier)
-                    .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS);
+                    .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS)
+                    .with_retention(args.retention.policy());
             erase_with(&ledger, args, patient, actor).await
         }
         Database::Postgres(store) => {
@@ -169,7 +173,8 @@ async fn erase_on(
             let snapshots = Arc::new(PostgresSnapshotStore::new(store.pool().clone()));
             let ledger =
                 PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier)
-                    .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS);
+                    .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS)
+                    .with_retention(args.retention.policy());
             erase_with(&ledger, args, patient, actor).await
         }
     }

@@ -34,6 +34,7 @@ use chartlog_api::{ApiConfig, NotReady, ReadinessProbe, Transport};
 use chartlog_crypto::{
     DataKeys, INDEX_KEY_FILE_NAME, KeyRing, KeyStore, SignatureVerifier, load_or_create_mac_key,
 };
+use chartlog_domain::patient::RetentionPolicy;
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome, AuditTrailProjection};
 use chartlog_projections::chart::ChartProjection;
 use chartlog_projections::db::{ProjectionDb, SqlArg};
@@ -163,6 +164,9 @@ struct ServeArgs {
     #[command(flatten)]
     access: AccessArgs,
 
+    #[command(flatten)]
+    retention: RetentionArgs,
+
     /// The base URL clients reach this server at, for links in notifications. Default:
     /// the listening address.
     #[arg(long)]
@@ -247,6 +251,27 @@ impl ServeArgs {
             "single sign-on through the identity provider"
         );
         Ok(Some(Arc::new(provider)))
+    }
+}
+
+/// The retention period an erasure for `retention_period_elapsed` must wait out; `serve` and
+/// `erase` share it (a top-level key in the configuration file sets both).
+#[derive(Args)]
+pub(crate) struct RetentionArgs {
+    /// Years a record is kept after its last entry, and after its patient comes of age,
+    /// before it may be erased with the reason `retention_period_elapsed`. Set it to what
+    /// the law of the place requires; 0 takes the requester's word for it.
+    #[arg(long, env = "CHARTLOG_RETENTION_YEARS", default_value_t = RetentionPolicy::DEFAULT.years(), value_parser = clap::value_parser!(u16).range(0..=200))]
+    retention_years: u16,
+
+    /// The age of majority the retention period of a minor's record counts from.
+    #[arg(long, env = "CHARTLOG_RETENTION_AGE_OF_MAJORITY", default_value_t = RetentionPolicy::DEFAULT.age_of_majority(), value_parser = clap::value_parser!(u8).range(0..=30))]
+    retention_age_of_majority: u8,
+}
+
+impl RetentionArgs {
+    pub(crate) fn policy(&self) -> RetentionPolicy {
+        RetentionPolicy::new(self.retention_years, self.retention_age_of_majority)
     }
 }
 
@@ -491,7 +516,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         "http"
     };
-    let (records, audit) = wiring::records_and_audit(&backend.database, &key_dir)?;
+    let (records, audit) =
+        wiring::records_and_audit(&backend.database, &key_dir, args.retention.policy())?;
     let config = ApiConfig {
         transport: if tls_config.is_some() {
             Transport::Tls

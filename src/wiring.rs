@@ -17,6 +17,7 @@ use chartlog_crypto::{
     DataKeys, EventSigner, INDEX_KEY_FILE_NAME, KeyRing, SigningKeys, load_or_create_mac_key,
     load_or_create_signing_keys,
 };
+use chartlog_domain::patient::RetentionPolicy;
 use chartlog_domain::{Actor, PurposeOfUse, Role, UserId};
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome, AuditRow};
 use chartlog_projections::audit_log::{AuditLog, new_audit_stream};
@@ -68,10 +69,11 @@ pub fn accounts(
 }
 
 /// Commands and reads over the backend, and the signed audit log, both signing with the
-/// active signing key.
+/// active signing key. Erasures wait out `retention`.
 pub fn records_and_audit(
     database: &Database,
     key_dir: &Path,
+    retention: RetentionPolicy,
 ) -> anyhow::Result<(Arc<dyn Records>, Arc<dyn AuditSink>)> {
     let (ring, signing) = key_files(key_dir)?;
     let index_key = load_or_create_mac_key(key_dir, INDEX_KEY_FILE_NAME)
@@ -96,7 +98,8 @@ pub fn records_and_audit(
             );
             let snapshots = Arc::new(SqliteSnapshotStore::new(store.pool().clone()));
             let ledger = PatientLedger::new(store, keys, signer, verifier)
-                .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS);
+                .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS)
+                .with_retention(retention);
             (
                 Arc::new(LedgerRecords::new(ledger, read_models, index_key)),
                 Arc::new(SignedAuditSink::new(audit)),
@@ -116,7 +119,8 @@ pub fn records_and_audit(
             );
             let snapshots = Arc::new(PostgresSnapshotStore::new(store.pool().clone()));
             let ledger = PatientLedger::new(store, keys, signer, verifier)
-                .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS);
+                .with_snapshots(snapshots, SNAPSHOT_EVERY_EVENTS)
+                .with_retention(retention);
             (
                 Arc::new(LedgerRecords::new(ledger, read_models, index_key)),
                 Arc::new(SignedAuditSink::new(audit)),
@@ -127,9 +131,10 @@ pub fn records_and_audit(
 }
 
 /// Commands and reads over the backend (for operator commands; the server also needs the
-/// audit log, see [`records_and_audit`]). Must be called inside the runtime.
+/// audit log, see [`records_and_audit`]). Must be called inside the runtime. Erasures wait
+/// out the default retention period; `chartlog erase` builds its own ledger.
 pub fn records(database: &Database, key_dir: &Path) -> anyhow::Result<Arc<dyn Records>> {
-    records_and_audit(database, key_dir).map(|(records, _audit)| records)
+    records_and_audit(database, key_dir, RetentionPolicy::DEFAULT).map(|(records, _audit)| records)
 }
 
 /// Records one operator action (a backup, a restore, an export, a rebuild) in the signed audit

@@ -935,6 +935,27 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     )
     .await
     .expect(StatusCode::OK);
+    // The record was written minutes ago: its retention period (10 years by default) has
+    // not elapsed, and the answer says so without the patient's birth date.
+    let refused = api
+        .post(
+            &erase,
+            &admin,
+            json!({ "reason": "retention_period_elapsed" }),
+        )
+        .await
+        .expect(StatusCode::UNPROCESSABLE_ENTITY)
+        .json();
+    assert_eq!(
+        refused["error"], "retention_period_not_elapsed",
+        "{refused}"
+    );
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("10 year(s)")),
+        "{refused}"
+    );
     api.post(&erase, &admin, json!({ "reason": "patient_request" }))
         .await
         .expect(StatusCode::OK);

@@ -1472,3 +1472,45 @@ async fn erase_is_refused_while_a_legal_hold_is_in_force() {
     let (_, wrapped, destroyed) = data_key_row(data_dir, patient).await;
     assert!(!wrapped && destroyed, "released, the erasure goes through");
 }
+
+#[tokio::test]
+async fn erase_for_an_elapsed_retention_period_waits_the_period_out() {
+    let (dir, patients) = sqlite_clinic(&[42]).await;
+    let data_dir = dir.data_dir();
+    let id = patients[0].to_string();
+    let erase = ["--reason", "retention_period_elapsed", "--yes"];
+
+    // The record's last entry is from November 2025: 200 years are far from elapsed.
+    let refused = chartlog(
+        &["erase", &id],
+        data_dir,
+        &[&erase[..], &["--retention-years", "200"]].concat(),
+    );
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(
+        message.contains("within the retention period")
+            && message.contains("200 year(s) after their last entry"),
+        "{message}"
+    );
+    for phi in phi_of(42) {
+        assert!(!message.contains(&phi), "PHI in the refusal: {message}");
+    }
+    assert!(stdout(&refused).is_empty(), "no certificate");
+    let (_, wrapped, destroyed) = data_key_row(data_dir, patients[0]).await;
+    assert!(wrapped && !destroyed, "the key is kept inside the period");
+
+    // One year after the last entry has passed, and the patient came of age long ago.
+    let certificate = succeeds_json(
+        &["erase", &id],
+        data_dir,
+        &[
+            &erase[..],
+            &["--retention-years", "1", "--retention-age-of-majority", "0"],
+        ]
+        .concat(),
+    );
+    assert_eq!(certificate["reason"], "retention_period_elapsed");
+    let (_, wrapped, destroyed) = data_key_row(data_dir, patients[0]).await;
+    assert!(!wrapped && destroyed, "the period has elapsed");
+}

@@ -134,7 +134,7 @@ routes! {
     END_CARE_RELATIONSHIP: Post "/patients/{patient_id}/end-care-relationship", grant(Entity::CareRelationship, U), "commands", "Remove a clinician from the care team.";
     PLACE_LEGAL_HOLD: Post "/patients/{patient_id}/place-legal-hold", grant(Entity::LegalHold, C), "commands", "Place a legal hold: the record cannot be erased until it is released.";
     RELEASE_LEGAL_HOLD: Post "/patients/{patient_id}/release-legal-hold", grant(Entity::LegalHold, U), "commands", "Release a legal hold.";
-    ERASE_PATIENT: Post "/patients/{patient_id}/erase", grant(Entity::Erasure, C), "commands", "Crypto-erase the patient: their key is destroyed.";
+    ERASE_PATIENT: Post "/patients/{patient_id}/erase", grant(Entity::Erasure, C), "commands", "Crypto-erase the patient: their key is destroyed. Refused under a legal hold, and for the reason retention_period_elapsed while the retention period runs.";
 
     AUDIT_TRAIL: Get "/audit-trail", grant(Entity::AuditTrail, R), "oversight", "The audit trail, filtered by user, patient, action and time, paginated.";
     BREAK_GLASS_REVIEWS: Get "/break-glass/reviews", grant(Entity::BreakGlassReview, R), "oversight", "Break-glass openings, pending review first.";

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use chartlog_crypto::{
     CryptoError, DataKey, DataKeyId, DataKeys, EventHash, EventHeader, EventSigner, IntegrityError,
-    KeyError, KeyStore, SealedEvent, SignatureVerifier, open, open_record, seal_event, seal_record,
-    verify_chain,
+    KeyError, KeyStore, SealedEvent, SignatureVerifier, event_hash, open, open_record, seal_event,
+    seal_record, verify_chain,
 };
-use chartlog_domain::patient::DECISION_STATE_SCHEMA_VERSION;
+use chartlog_domain::patient::{DECISION_STATE_SCHEMA_VERSION, RetentionPolicy};
 use chartlog_domain::{
     Actor, EventId, Patient, PatientCommand, PatientEvent, PatientId, Rejection, StreamId,
     Timestamp, codec, decide, evolve,
@@ -160,6 +160,7 @@ pub struct PatientLedger<S: EventStore + ?Sized, K: KeyStore> {
     signer: Arc<EventSigner>,
     verifier: Arc<SignatureVerifier>,
     snapshots: Option<Arc<Snapshots>>,
+    retention: Option<RetentionPolicy>,
 }
 
 impl<S: EventStore + ?Sized, K: KeyStore> Clone for PatientLedger<S, K> {
@@ -170,6 +171,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> Clone for PatientLedger<S, K> {
             signer: self.signer.clone(),
             verifier: self.verifier.clone(),
             snapshots: self.snapshots.clone(),
+            retention: self.retention,
         }
     }
 }
@@ -188,6 +190,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             signer,
             verifier,
             snapshots: None,
+            retention: None,
         }
     }
 
@@ -200,6 +203,16 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             store,
             every_events,
         }));
+        self
+    }
+
+    /// Refuses an erasure for [`ErasureReason::RetentionPeriodElapsed`] while the record is
+    /// within `policy`'s retention period, counted from the last event stored on it. Without
+    /// a policy the requester's statement is taken as it is.
+    ///
+    /// [`ErasureReason::RetentionPeriodElapsed`]: chartlog_domain::patient::ErasureReason::RetentionPeriodElapsed
+    pub fn with_retention(mut self, policy: RetentionPolicy) -> Self {
+        self.retention = Some(policy);
         self
     }
 
@@ -267,9 +280,16 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                 !events.is_empty(),
                 "decide accepts a command only with events"
             );
-            let erases = events
-                .iter()
-                .any(|e| matches!(e, PatientEvent::PatientErased { .. }));
+            let erasure = events.iter().find_map(|e| match e {
+                PatientEvent::PatientErased { reason, .. } => Some(*reason),
+                _ => None,
+            });
+            if let (Some(reason), Some(policy), Some(head)) = (erasure, self.retention, loaded.head)
+            {
+                let last_entry_at = self.recorded_at(&stream, head).await?;
+                policy.check_erasure(&loaded.patient, reason, last_entry_at, now)?;
+            }
+            let erases = erasure.is_some();
 
             let (key_id, key) = self
                 .keys
@@ -372,6 +392,27 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
             sealed.push(event);
         }
         Ok(sealed)
+    }
+
+    /// When the event at `head` was stored, from its clear header, which must hash to the
+    /// verified head: a header altered in the database cannot move the retention period.
+    async fn recorded_at(
+        &self,
+        stream: &StreamId,
+        head: StreamHead,
+    ) -> Result<Timestamp, LedgerError> {
+        let recorded = self.store.read_stream(stream, head.version, 1).await?;
+        match recorded.first() {
+            Some(recorded)
+                if event_hash(&recorded.event.header, &recorded.event.ciphertext) == head.hash =>
+            {
+                Ok(recorded.event.header.recorded_at)
+            }
+            _ => Err(LedgerError::Integrity(IntegrityError::HashMismatch {
+                stream_id: stream.clone(),
+                stream_version: head.version,
+            })),
+        }
     }
 
     /// Reads, verifies, opens and folds the patient's stream.

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use chartlog_crypto::{
     DataKeys, EventSigner, KekId, KeyRing, KeyStore, SignatureVerifier, SignerKeyId,
 };
-use chartlog_domain::patient::ErasureReason;
+use chartlog_domain::patient::{ErasureReason, RetentionBasis, RetentionPolicy};
+use chartlog_domain::phi::BirthDate;
 use chartlog_domain::{
     Actor, PatientCommand, PatientId, PurposeOfUse, Rejection, Role, StreamId, Timestamp, UserId,
     synthetic,
@@ -17,6 +18,7 @@ use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore};
 use chartlog_store::verify::{BreakKind, verify_log, verify_stream};
 use chartlog_store::{EventStore, ExecuteOptions, LedgerError, PatientLedger};
 use sqlx::PgPool;
+use time::macros::datetime;
 use uuid::Uuid;
 
 fn now() -> Timestamp {
@@ -251,6 +253,131 @@ async fn erasure_leaves_a_verifiable_log_nobody_can_read<S: EventStore, K: KeySt
     );
 }
 
+/// Registers synthetic patient `seed` born on `birth_date`, and records one observation.
+async fn register_born<S: EventStore, K: KeyStore>(
+    ledger: &PatientLedger<S, K>,
+    seed: u64,
+    birth_date: &str,
+) -> PatientId {
+    let PatientCommand::RegisterPatient {
+        patient_id,
+        mut demographics,
+    } = synthetic::registration(seed)
+    else {
+        panic!("a synthetic registration registers");
+    };
+    demographics.birth_date = BirthDate::parse(birth_date).expect("birth date");
+    let actor = physician();
+    let register = PatientCommand::RegisterPatient {
+        patient_id,
+        demographics,
+    };
+    ledger
+        .execute(patient_id, register, actor, now())
+        .await
+        .expect("register");
+    ledger
+        .execute(
+            patient_id,
+            synthetic::clinical_command(seed, 0, now()),
+            actor,
+            now(),
+        )
+        .await
+        .expect("clinical command");
+    patient_id
+}
+
+fn at(datetime: time::OffsetDateTime) -> Timestamp {
+    Timestamp::from_datetime(datetime).expect("in range")
+}
+
+async fn an_erasure_for_the_retention_period_waits_it_out<S: EventStore, K: KeyStore>(
+    fixture: Fixture<S, K>,
+) {
+    let policy = RetentionPolicy::new(10, 18);
+    let ledger = fixture.ledger.clone().with_retention(policy);
+    let for_retention = || PatientCommand::ErasePatient {
+        reason: ErasureReason::RetentionPeriodElapsed,
+    };
+    assert_eq!(now(), at(datetime!(2025-11-13 02:13:20 UTC)));
+
+    // An adult: ten years after the last entry, to the microsecond.
+    let adult = register_born(&ledger, 71, "1960-02-03").await;
+    let kept_until = at(datetime!(2035-11-13 02:13:20 UTC));
+    let early = Timestamp::from_unix_micros(kept_until.unix_micros() - 1).expect("in range");
+    match ledger
+        .execute(adult, for_retention(), physician(), early)
+        .await
+    {
+        Err(LedgerError::Rejected(
+            rejection @ Rejection::RetentionPeriodNotElapsed {
+                basis: RetentionBasis::LastEntry { years: 10, .. },
+                ..
+            },
+        )) => {
+            assert_eq!(
+                rejection,
+                Rejection::RetentionPeriodNotElapsed {
+                    patient_id: adult,
+                    basis: RetentionBasis::LastEntry {
+                        years: 10,
+                        kept_until
+                    },
+                }
+            );
+            assert_eq!(rejection.code(), "retention_period_not_elapsed");
+        }
+        other => panic!("an erasure inside the period is refused, got {other:?}"),
+    }
+    let stream = StreamId::patient(adult);
+    assert_eq!(
+        fixture
+            .ledger
+            .store()
+            .stream_head(&stream)
+            .await
+            .expect("head")
+            .map(|h| h.version),
+        Some(2),
+        "a refused erasure stores nothing"
+    );
+    // Another reason is the requester's to give, whatever the record's age.
+    let duplicate = PatientCommand::ErasePatient {
+        reason: ErasureReason::DuplicateRegistration,
+    };
+    ledger
+        .execute(adult, duplicate, physician(), early)
+        .await
+        .expect("a duplicate registration goes at once");
+
+    // A minor: ten years after they turn eighteen, which is later than after the last entry.
+    let minor = register_born(&ledger, 72, "2020-05-01").await;
+    let came_of_age_plus_ten = at(datetime!(2048-05-02 00:00 UTC));
+    match ledger
+        .execute(minor, for_retention(), physician(), kept_until)
+        .await
+    {
+        Err(LedgerError::Rejected(Rejection::RetentionPeriodNotElapsed {
+            basis: RetentionBasis::AgeOfMajority { age: 18, years: 10 },
+            ..
+        })) => {}
+        other => panic!("a minor's record is kept past coming of age, got {other:?}"),
+    }
+    ledger
+        .execute(minor, for_retention(), physician(), came_of_age_plus_ten)
+        .await
+        .expect("the period has elapsed");
+
+    // A ledger without a policy takes the requester's word.
+    let unchecked = register_born(&fixture.ledger, 73, "1960-02-03").await;
+    fixture
+        .ledger
+        .execute(unchecked, for_retention(), physician(), now())
+        .await
+        .expect("no policy, no wait");
+}
+
 async fn catching_up_equals_a_full_load<S: EventStore, K: KeyStore>(fixture: Fixture<S, K>) {
     let patient = register_with_history(&fixture, 7, 3).await;
     let earlier = fixture.ledger.load(patient).await.expect("load");
@@ -413,6 +540,12 @@ async fn sqlite_catching_up_equals_a_full_load() {
     catching_up_equals_a_full_load(fixture).await;
 }
 
+#[tokio::test]
+async fn sqlite_an_erasure_for_the_retention_period_waits_it_out() {
+    let (fixture, _dir) = sqlite().await;
+    an_erasure_for_the_retention_period_waits_it_out(fixture).await;
+}
+
 /// A load reads the stream a page (1,000 events) at a time and stops at the first short page:
 /// a stream of exactly one full page, and one just past it, both load to their head.
 #[tokio::test]
@@ -551,6 +684,11 @@ async fn postgres_erasure_leaves_a_verifiable_log_nobody_can_read(pool: PgPool) 
 #[sqlx::test(migrations = "../../migrations/postgres")]
 async fn postgres_a_stale_expected_version_is_refused(pool: PgPool) {
     a_stale_expected_version_is_refused(postgres(pool).await).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_an_erasure_for_the_retention_period_waits_it_out(pool: PgPool) {
+    an_erasure_for_the_retention_period_waits_it_out(postgres(pool).await).await;
 }
 
 #[sqlx::test(migrations = "../../migrations/postgres")]

@@ -5,6 +5,7 @@ mod commands;
 mod decide;
 mod events;
 mod rejection;
+mod retention;
 mod state;
 
 pub use commands::{
@@ -17,7 +18,8 @@ pub use decide::{
     LEGAL_HOLDS_MAX, decide,
 };
 pub use events::PatientEvent;
-pub use rejection::Rejection;
+pub use rejection::{Rejection, RetentionBasis};
+pub use retention::RetentionPolicy;
 pub use state::{
     Allergy, Condition, ConsentRestriction, DECISION_STATE_SCHEMA_VERSION, MedicationOrder, Note,
     NoteAddendum, Patient, RECENT_OBSERVATION_IDS_KEPT, evolve,

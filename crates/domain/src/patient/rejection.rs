@@ -1,5 +1,7 @@
 //! Why `decide` refused a command: answers a clinician can act on (HTTP 4xx).
 
+use std::fmt;
+
 use crate::codes::{CodePurpose, CodeSystem};
 use crate::ids::{
     AllergyId, ConditionId, ConsentRestrictionId, LegalHoldId, MedicationOrderId, NoteId,
@@ -118,6 +120,36 @@ pub enum Rejection {
         "patient {patient_id} is under {holds} legal hold(s); release them before erasing the record"
     )]
     UnderLegalHold { patient_id: PatientId, holds: usize },
+    #[error("patient {patient_id} is within the retention period: {basis}; nothing was erased")]
+    RetentionPeriodNotElapsed {
+        patient_id: PatientId,
+        basis: RetentionBasis,
+    },
+}
+
+/// Which rule of the retention period keeps a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionBasis {
+    /// `years` after the last entry on the record: until `kept_until`.
+    LastEntry { years: u16, kept_until: Timestamp },
+    /// `years` after the patient reaches the age of majority, `age`. No date is given: it
+    /// would tell whoever asked the patient's birth date.
+    AgeOfMajority { age: u8, years: u16 },
+}
+
+impl fmt::Display for RetentionBasis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RetentionBasis::LastEntry { years, kept_until } => write!(
+                f,
+                "records are kept {years} year(s) after their last entry, this one until {kept_until}"
+            ),
+            RetentionBasis::AgeOfMajority { age, years } => write!(
+                f,
+                "a record is kept at least {years} year(s) after the patient turns {age}"
+            ),
+        }
+    }
 }
 
 impl Rejection {
@@ -166,6 +198,7 @@ impl Rejection {
             Rejection::UnknownLegalHold { .. } => "unknown_legal_hold",
             Rejection::LegalHoldAlreadyReleased { .. } => "legal_hold_already_released",
             Rejection::UnderLegalHold { .. } => "under_legal_hold",
+            Rejection::RetentionPeriodNotElapsed { .. } => "retention_period_not_elapsed",
         }
     }
 }
