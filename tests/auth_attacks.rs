@@ -793,6 +793,14 @@ async fn single_sign_on_with_the_identity_providers_id_tokens() {
     )
     .await
     .expect(StatusCode::UNAUTHORIZED);
+    let forged = IdentityProvider::new().id_token(subject, &["pwd", "otp"]);
+    api.post(
+        &sign,
+        &session,
+        json!({ "note_id": note, "id_token": forged }),
+    )
+    .await
+    .expect(StatusCode::UNAUTHORIZED);
     api.post(
         &sign,
         &session,

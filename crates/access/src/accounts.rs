@@ -666,11 +666,41 @@ impl Accounts {
         Ok(user.account())
     }
 
-    /// Whether `id` is the account linked to `subject`: re-authentication (before signing a
-    /// note) of an identity-provider account, once the caller has verified a fresh token.
-    pub async fn is_linked_to(&self, id: UserId, subject: &str) -> Result<bool, AccessError> {
+    /// Re-authenticates (before signing a note) an account linked to the identity provider,
+    /// throttled and counted like a password re-authentication. `verified_subject` is the
+    /// subject of a fresh token the caller has verified, or `None` when the token was
+    /// refused: that counts as a failure too, so a stream of bad tokens meets the same limit
+    /// as a stream of wrong passwords.
+    #[tracing::instrument(skip_all, fields(user_id = %id))]
+    pub async fn sso_reauthenticate(
+        &self,
+        id: UserId,
+        verified_subject: Option<&str>,
+        client_address: IpAddr,
+        now: Timestamp,
+    ) -> Result<(), LoginError> {
         let user = self.existing_user(id).await?;
-        Ok(!user.disabled && user.sso_subject.as_deref() == Some(subject))
+        let address = address_key(client_address);
+        if let Some(retry_after_seconds) = self
+            .throttled(Some(&user.username), Some(&address), now)
+            .await?
+        {
+            return Err(LoginError::Throttled {
+                retry_after_seconds,
+            });
+        }
+        let linked = !user.disabled
+            && verified_subject.is_some()
+            && user.sso_subject.as_deref() == verified_subject;
+        if !linked {
+            self.record_failure(Some(&user.username), Some(&address), now)
+                .await?;
+            return Err(LoginError::InvalidCredentials);
+        }
+        let mut tx = self.db().begin().await.map_err(AccessError::from)?;
+        clear_account_failures(&mut tx, &user.username).await?;
+        tx.commit().await.map_err(AccessError::from)?;
+        Ok(())
     }
 
     /// Opens a session for `user`, who just proved who they are.
@@ -737,7 +767,7 @@ impl Accounts {
                 retry_after_seconds,
             });
         }
-        // An identity-provider account re-authenticates there (`is_linked_to`), never with a
+        // An identity-provider account re-authenticates there (`sso_reauthenticate`), never with a
         // chartlog password.
         let refused = user.disabled || user.sso_subject.is_some();
         let stored = if refused {

@@ -7,9 +7,9 @@ use std::time::Duration;
 use chartlog_access::{
     AccessError, AccessSecrets, AccessSettings, Accounts, BreakGlassReason, ExpiryReason,
     IDEMPOTENCY_IN_PROGRESS_TIMEOUT, IdempotencyClaim, IdempotencyError, LOGIN_FAILURE_WINDOW,
-    LoginAttempt, LoginError, LoginSuccess, NewUser, OneTimePassword, Password,
-    PasswordChangeError, PasswordHashing, RecoveryCodes, ReviewVerdict, SecondFactorCode,
-    SessionError, SessionStage, StoredResponse, Username,
+    LOGIN_FAILURES_PER_ACCOUNT_MAX, LoginAttempt, LoginError, LoginSuccess, NewUser,
+    OneTimePassword, Password, PasswordChangeError, PasswordHashing, RecoveryCodes, ReviewVerdict,
+    SecondFactorCode, SessionError, SessionStage, StoredResponse, Username,
 };
 use chartlog_domain::{PatientId, Role, Timestamp, UserId};
 use chartlog_projections::db::{ProjectionDb, SqlArg};
@@ -1867,18 +1867,17 @@ async fn identity_provider_accounts_sign_in_there_only(fixture: Fixture) {
         .expect("signed in");
     assert_eq!(success.session.user_id, nurse);
     assert_eq!(success.session.stage, SessionStage::Full);
-    assert!(
+    // Re-authentication (signing a note) takes a fresh token of the linked subject only.
+    accounts
+        .sso_reauthenticate(nurse, Some("sub-nurse"), client, now)
+        .await
+        .expect("the nurse's own subject");
+    assert!(matches!(
         accounts
-            .is_linked_to(nurse, "sub-nurse")
-            .await
-            .expect("lookup")
-    );
-    assert!(
-        !accounts
-            .is_linked_to(analyst, "sub-nurse")
-            .await
-            .expect("lookup")
-    );
+            .sso_reauthenticate(analyst, Some("sub-nurse"), client, now)
+            .await,
+        Err(LoginError::InvalidCredentials)
+    ));
 
     // Its chartlog password opens nothing any more, neither a login nor a re-authentication.
     assert!(matches!(
@@ -1928,5 +1927,27 @@ async fn identity_provider_accounts_sign_in_there_only(fixture: Fixture) {
     assert!(matches!(
         accounts.sso_login("sub-analyst", true, client, now).await,
         Err(LoginError::InvalidCredentials)
+    ));
+
+    // Refused tokens count against the account as wrong passwords do: after the limit, even
+    // a good token waits.
+    accounts
+        .link_sso_subject(nurse, Some("sub-nurse"), now)
+        .await
+        .expect("link again");
+    let elsewhere = address("198.51.100.9");
+    for _ in 0..LOGIN_FAILURES_PER_ACCOUNT_MAX {
+        assert!(matches!(
+            accounts
+                .sso_reauthenticate(nurse, None, elsewhere, now)
+                .await,
+            Err(LoginError::InvalidCredentials)
+        ));
+    }
+    assert!(matches!(
+        accounts
+            .sso_reauthenticate(nurse, Some("sub-nurse"), elsewhere, now)
+            .await,
+        Err(LoginError::Throttled { .. })
     ));
 }

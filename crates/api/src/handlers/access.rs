@@ -149,8 +149,8 @@ pub(crate) async fn login(
     }
 }
 
-/// The answer to a refused login, by password or by the identity provider.
-fn login_refusal(error: LoginError) -> ApiError {
+/// The answer to a refused login or re-authentication, by password or by the identity provider.
+pub(crate) fn login_refusal(error: LoginError) -> ApiError {
     match error {
         LoginError::InvalidCredentials => ApiError::InvalidCredentials,
         LoginError::SecondFactorRequired => ApiError::SecondFactorRequired,

@@ -85,14 +85,7 @@ async fn reauthenticate(
                 crate::now(),
             )
             .await
-            .map_err(|error| match error {
-                chartlog_access::LoginError::Throttled {
-                    retry_after_seconds,
-                } => ApiError::Throttled {
-                    retry_after_seconds,
-                },
-                _ => ApiError::InvalidCredentials,
-            }),
+            .map_err(super::access::login_refusal),
         Reauthentication::IdentityProvider(token) => {
             let Some(provider) = &config.identity_provider else {
                 return Err(ApiError::InvalidCredentials);
@@ -103,20 +96,20 @@ async fn reauthenticate(
                     crate::now(),
                     crate::sso::REAUTHENTICATION_TOKEN_AGE_MAX,
                 )
-                .map_err(|refusal| {
+                .inspect_err(|refusal| {
                     tracing::warn!(%refusal, "re-authentication token refused");
-                    ApiError::InvalidCredentials
-                })?;
-            let linked = config
+                })
+                .ok();
+            config
                 .accounts
-                .is_linked_to(caller.session.user_id, &identity.subject)
+                .sso_reauthenticate(
+                    caller.session.user_id,
+                    identity.as_ref().map(|identity| identity.subject.as_str()),
+                    client_address,
+                    crate::now(),
+                )
                 .await
-                .map_err(internal("identity-provider link lookup"))?;
-            if linked {
-                Ok(())
-            } else {
-                Err(ApiError::InvalidCredentials)
-            }
+                .map_err(super::access::login_refusal)
         }
     }
 }
