@@ -90,6 +90,7 @@ async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()>
                     username,
                     role,
                     patient_id: None,
+                    sso_subject: None,
                 },
                 now,
             )
@@ -151,6 +152,7 @@ async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()>
                         username,
                         role: Role::Patient,
                         patient_id: Some(patient_id),
+                        sso_subject: None,
                     },
                     now,
                 )

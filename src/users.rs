@@ -56,6 +56,10 @@ pub(crate) struct AddArgs {
     /// For a patient's account: the patient whose record it reads.
     #[arg(long)]
     patient_id: Option<String>,
+    /// The identity provider's `sub` for this user: the account signs in there from the
+    /// start, as after `chartlog users link-sso`.
+    #[arg(long)]
+    sso_subject: Option<String>,
 }
 
 #[derive(Args)]
@@ -104,6 +108,7 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
                         username,
                         role: args.role,
                         patient_id,
+                        sso_subject: args.sso_subject.clone(),
                     },
                     now,
                 )

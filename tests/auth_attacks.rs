@@ -833,6 +833,21 @@ async fn single_sign_on_with_the_identity_providers_id_tokens() {
     // A linked account signs in at the provider only.
     let by_password = api.login("dr.sso", &one_time, None).await;
     assert_eq!(by_password.status, StatusCode::UNAUTHORIZED);
+    // An account created linked signs in there at once; its subject cannot be taken twice.
+    let nurse = json!({ "username": "rn.sso", "role": "nurse", "sso_subject": "00u-rn-sso" });
+    let created = api
+        .post("/users", &admin, nurse)
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    assert_eq!(created["user"]["sso_subject"], "00u-rn-sso", "{created}");
+    sso(provider.id_token("00u-rn-sso", &["pwd", "otp"]))
+        .await
+        .expect(StatusCode::OK);
+    let twice = json!({ "username": "rn.sso2", "role": "nurse", "sso_subject": subject });
+    api.post("/users", &admin, twice)
+        .await
+        .expect(StatusCode::CONFLICT);
 
     // Unlinking ends the provider's sessions and its way in.
     api.post(

@@ -440,6 +440,36 @@ async fn users_are_added_listed_reset_and_disabled_from_the_command_line() {
     let unlinked = run_users("link-sso", dir.data_dir(), &[&user_id, "--unlink"]);
     assert!(unlinked.status.success());
     assert!(String::from_utf8_lossy(&unlinked.stdout).contains("chartlog password"));
+    // Or linked from the start; a subject already linked creates nothing.
+    let sso_user = ["--role", "nurse", "--sso-subject", "00u-rn-cli"];
+    let added_linked = run_users(
+        "add",
+        dir.data_dir(),
+        &[&["--username", "rn.cli"][..], &sso_user[..]].concat(),
+    );
+    assert!(
+        added_linked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added_linked.stderr)
+    );
+    let linked_id = String::from_utf8_lossy(&added_linked.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("user_id: "))
+        .expect("the linked user's id")
+        .replace('-', "");
+    let taken = run_users(
+        "add",
+        dir.data_dir(),
+        &[&["--username", "rn.cli2"][..], &sso_user[..]].concat(),
+    );
+    assert!(!taken.status.success());
+    let listing =
+        String::from_utf8_lossy(&run_users("list", dir.data_dir(), &[]).stdout).into_owned();
+    assert!(
+        listing.contains("\trn.cli\tnurse\tactive\tidentity provider"),
+        "{listing}"
+    );
+    assert!(!listing.contains("rn.cli2"), "{listing}");
 
     let reset = run_users("reset-password", dir.data_dir(), &[&user_id]);
     assert!(reset.status.success());
@@ -512,6 +542,9 @@ async fn users_are_added_listed_reset_and_disabled_from_the_command_line() {
             row("update", "success", account.clone()),
             row("read", "success", None),
             row("update", "success", account.clone()),
+            row("create", "success", Some(linked_id)),
+            row("create", "failure", None),
+            row("read", "success", None),
             row("update", "success", account.clone()),
             row("update", "success", account.clone()),
             row("read", "success", None),

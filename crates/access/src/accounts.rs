@@ -157,6 +157,12 @@ impl Accounts {
             (false, true) => return Err(AccessError::PatientIdNotAllowed { role: new.role }),
             _ => {}
         }
+        if let Some(subject) = &new.sso_subject {
+            check_sso_subject(subject)?;
+            if self.user_row_by_sso_subject(subject).await?.is_some() {
+                return Err(AccessError::SsoSubjectTaken);
+            }
+        }
         let one_time = generate_one_time_password();
         let hash = hash_blocking(self.settings().password_hashing, &one_time.to_password()).await?;
         let user_id = UserId::from_uuid(Uuid::new_v4());
@@ -174,6 +180,15 @@ impl Accounts {
         {
             return Err(AccessError::UsernameTaken);
         }
+        if let Some(subject) = &new.sso_subject {
+            // In the account's own transaction: a subject taken meanwhile (the column is
+            // unique) fails the whole creation, never leaves an unlinked account behind.
+            tx.execute(
+                "UPDATE chartlog_access_users SET sso_subject = $1 WHERE user_id = $2",
+                vec![SqlArg::Text(subject.clone()), user_arg(user_id)],
+            )
+            .await?;
+        }
         tx.commit().await?;
         tracing::info!(user_id = %user_id, "user created");
         let account = UserAccount {
@@ -186,7 +201,7 @@ impl Accounts {
             must_change_password: true,
             created_at: now,
             last_login_at: None,
-            sso_subject: None,
+            sso_subject: new.sso_subject,
         };
         Ok((account, one_time))
     }
@@ -639,12 +654,8 @@ impl Accounts {
         subject: Option<&str>,
         now: Timestamp,
     ) -> Result<UserAccount, AccessError> {
-        if let Some(subject) = subject
-            && (subject.is_empty()
-                || subject.chars().count() > SSO_SUBJECT_LENGTH_MAX
-                || subject.chars().any(char::is_control))
-        {
-            return Err(AccessError::InvalidSsoSubject);
+        if let Some(subject) = subject {
+            check_sso_subject(subject)?;
         }
         let mut user = self.existing_user(id).await?;
         if let Some(subject) = subject
@@ -1270,6 +1281,18 @@ fn token_digest(token: &str) -> [u8; 32] {
     hasher.update(b"chartlog-access/session-token/v1\0");
     hasher.update(token.as_bytes());
     hasher.finalize().into()
+}
+
+/// An identity provider's subject as chartlog stores it: 1 to [`SSO_SUBJECT_LENGTH_MAX`]
+/// characters, none of them control characters.
+fn check_sso_subject(subject: &str) -> Result<(), AccessError> {
+    if subject.is_empty()
+        || subject.chars().count() > SSO_SUBJECT_LENGTH_MAX
+        || subject.chars().any(char::is_control)
+    {
+        return Err(AccessError::InvalidSsoSubject);
+    }
+    Ok(())
 }
 
 /// The key failures of a client address are counted under: the IPv4 address, or the /64 of

@@ -265,6 +265,9 @@ pub struct NewUser {
     /// The patient a patient account reads as: required for [`Role::Patient`], refused for
     /// every other role.
     pub patient_id: Option<PatientId>,
+    /// The identity provider's subject, for an account that signs in there from the start
+    /// (as [`crate::Accounts::link_sso_subject`] would link it afterwards).
+    pub sso_subject: Option<String>,
 }
 
 /// An account as the administrator sees it (no secret, no hash).

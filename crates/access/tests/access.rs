@@ -208,6 +208,7 @@ async fn active_user(
                 username: name(username),
                 role,
                 patient_id,
+                sso_subject: None,
             },
             now,
         )
@@ -354,6 +355,7 @@ async fn new_accounts_change_password_then_enroll(fixture: Fixture) {
                 username: name("dr.house"),
                 role: Role::Physician,
                 patient_id: None,
+                sso_subject: None,
             },
             at(0),
         )
@@ -423,6 +425,7 @@ async fn account_creation_checks_names_and_links(fixture: Fixture) {
         username: name(username),
         role,
         patient_id,
+        sso_subject: None,
     };
     accounts
         .create_user(new("nurse.joy", Role::Nurse, None), at(0))
@@ -1241,6 +1244,7 @@ async fn inactive_accounts_are_deactivated(fixture: Fixture) {
                 username: name("never.user"),
                 role: Role::Auditor,
                 patient_id: None,
+                sso_subject: None,
             },
             at(day),
         )
@@ -1928,6 +1932,42 @@ async fn identity_provider_accounts_sign_in_there_only(fixture: Fixture) {
         accounts.sso_login("sub-analyst", true, client, now).await,
         Err(LoginError::InvalidCredentials)
     ));
+
+    // An account can be linked from the start; a subject already linked, or malformed,
+    // creates nothing.
+    let linked_new = |username: &str, subject: &str| NewUser {
+        username: name(username),
+        role: Role::Nurse,
+        patient_id: None,
+        sso_subject: Some(subject.to_owned()),
+    };
+    let (created, _) = accounts
+        .create_user(linked_new("nurse.new", "sub-new"), now)
+        .await
+        .expect("create linked");
+    assert_eq!(created.sso_subject.as_deref(), Some("sub-new"));
+    let signed_in = accounts
+        .sso_login("sub-new", true, client, now)
+        .await
+        .expect("signs in through the provider at once");
+    assert_eq!(signed_in.session.user_id, created.user_id);
+    assert_eq!(signed_in.session.stage, SessionStage::Full);
+    assert!(matches!(
+        accounts
+            .create_user(linked_new("nurse.other", "sub-new"), now)
+            .await,
+        Err(AccessError::SsoSubjectTaken)
+    ));
+    assert!(matches!(
+        accounts
+            .create_user(linked_new("nurse.other", "bad\nsubject"), now)
+            .await,
+        Err(AccessError::InvalidSsoSubject)
+    ));
+    accounts
+        .create_user(linked_new("nurse.other", "sub-other"), now)
+        .await
+        .expect("the refused attempts left the username free");
 
     // Refused tokens count against the account as wrong passwords do: after the limit, even
     // a good token waits.

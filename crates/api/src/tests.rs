@@ -560,6 +560,7 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
                 username: chartlog_access::Username::parse("admin").expect("name"),
                 role: Role::Administrator,
                 patient_id: None,
+                sso_subject: None,
             },
             crate::now(),
         )
@@ -790,6 +791,7 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
                 patient_id: Some(chartlog_domain::PatientId::from_uuid(
                     patient.parse().expect("uuid"),
                 )),
+                sso_subject: None,
             },
             crate::now(),
         )

@@ -480,6 +480,10 @@ pub(crate) struct NewUserBody {
     /// Required for, and only for, a patient's account: the record it may read.
     #[serde(default)]
     patient_id: Option<PatientId>,
+    /// The identity provider's `sub` for this user: the account signs in there from the
+    /// start (`POST /auth/sso`), as if linked with `POST /users/{id}/sso-subject`.
+    #[serde(default)]
+    sso_subject: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -506,6 +510,7 @@ pub(crate) async fn create_user(
                 username,
                 role: body.role,
                 patient_id: body.patient_id,
+                sso_subject: body.sso_subject,
             },
             crate::now(),
         )
