@@ -32,6 +32,13 @@ pub struct Caller {
     token: SessionTokenText,
 }
 
+/// The address login failures of a request are counted under. A connection without a peer
+/// address (none over TCP; a harness calling the app in process) counts with every other
+/// such connection, under 0.0.0.0, rather than escaping the per-address limit.
+pub(crate) fn failure_address(client_address: Option<IpAddr>) -> IpAddr {
+    client_address.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
 /// The raw session token of this request, kept to log the session out. Never printed.
 #[derive(Clone)]
 struct SessionTokenText(String);

@@ -137,8 +137,7 @@ pub(crate) async fn login(
             },
             None => None,
         },
-        client_address: client_address
-            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        client_address: crate::guard::failure_address(client_address),
     };
     match config.accounts.login(attempt, crate::now()).await {
         Ok(success) => logged_in(&config, success, client_address).await,
@@ -201,7 +200,7 @@ pub(crate) async fn sso_login(
             return Err(ApiError::InvalidCredentials);
         }
     };
-    let address = client_address.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let address = crate::guard::failure_address(client_address);
     match config
         .accounts
         .sso_login(&identity.subject, identity.second_factor, address, now)

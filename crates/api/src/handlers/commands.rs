@@ -72,9 +72,7 @@ async fn reauthenticate(
     caller: &Caller,
     proof: Reauthentication<'_>,
 ) -> Result<(), ApiError> {
-    let client_address = caller
-        .client_address
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let client_address = crate::guard::failure_address(caller.client_address);
     match proof {
         Reauthentication::Password(password) => config
             .accounts
