@@ -415,11 +415,20 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<()> {
 
 /// The recipients from `--recipient` and `--recipient-file`.
 fn recipients(args: &BackupArgs) -> anyhow::Result<Vec<age::x25519::Recipient>> {
+    recipients_from(&args.recipients, &args.recipient_files)
+}
+
+/// Age recipients given one by one (`keys`) and in files of one per line (`files`): at
+/// least one in all.
+pub(crate) fn recipients_from(
+    keys: &[String],
+    files: &[PathBuf],
+) -> anyhow::Result<Vec<age::x25519::Recipient>> {
     let mut recipients = Vec::new();
-    for raw in &args.recipients {
+    for raw in keys {
         recipients.push(parse_recipient(raw.trim()).context("invalid --recipient")?);
     }
-    for path in &args.recipient_files {
+    for path in files {
         let text = fs::read_to_string(path)
             .with_context(|| format!("cannot read the recipient file {}", path.display()))?;
         for (number, line) in text.lines().enumerate() {
@@ -481,13 +490,13 @@ fn generate_identity(path: &Path, json: bool) -> anyhow::Result<()> {
     print_summary(json, &summary, &human)
 }
 
-struct Written {
-    manifest: Manifest,
-    bytes: u64,
+pub(crate) struct Written {
+    pub(crate) manifest: Manifest,
+    pub(crate) bytes: u64,
 }
 
 /// Writes the backup to a private temporary file beside `file`, then links it into place.
-async fn write_backup(
+pub(crate) async fn write_backup(
     database: &Database,
     signing: &SigningKeys,
     recipients: &[age::x25519::Recipient],

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod backup;
+mod backup_schedule;
 mod config_file;
 mod deid;
 mod demo;
@@ -85,7 +86,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTPS API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations, then exit.
     Migrate(StorageArgs),
     /// Rebuild read models from the event log (position 0), then exit. Recorded on the audit
@@ -166,6 +167,9 @@ struct ServeArgs {
 
     #[command(flatten)]
     retention: RetentionArgs,
+
+    #[command(flatten)]
+    backup_schedule: backup_schedule::ScheduleArgs,
 
     /// The base URL clients reach this server at, for links in notifications. Default:
     /// the listening address.
@@ -422,7 +426,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Migrate(args) => runtime.block_on(migrate(args)),
         Command::Rebuild(args) => runtime.block_on(rebuild(args)),
         Command::Users(command) => runtime.block_on(users::run(command)),
@@ -451,6 +455,7 @@ fn init_tracing(filter: &str) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let access_settings = args.access.settings()?;
+    let backup_schedule = args.backup_schedule.schedule()?;
     let data_dir = &args.storage.data_dir;
     create_data_dir(data_dir)?;
 
@@ -518,6 +523,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let (records, audit) =
         wiring::records_and_audit(&backend.database, &key_dir, args.retention.policy())?;
+    let scheduled_backups = match backup_schedule {
+        Some(schedule) => {
+            let (_, signing) = wiring::key_files(&key_dir)?;
+            Some(backup_schedule::spawn(
+                schedule,
+                backend.database.clone(),
+                signing,
+                Arc::clone(&audit),
+            ))
+        }
+        None => None,
+    };
     let config = ApiConfig {
         transport: if tls_config.is_some() {
             Transport::Tls
@@ -585,6 +602,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let served = server.await;
     inactivity_sweep.abort();
     log_checkpoints.abort();
+    if let Some(scheduled_backups) = scheduled_backups {
+        scheduled_backups.abort();
+    }
     // The last events are vouched for before the process ends.
     if let Err(error) = wiring::checkpoint_log(&backend.database, &signer).await {
         tracing::warn!(%error, "final log checkpoint not written");

@@ -182,13 +182,26 @@ pub async fn audit_operator_action_on(
             new_audit_stream(),
         ),
     };
-    let operator = UserId::parse(crate::erase::CLI_OPERATOR_USER_ID)
-        .map_err(|_| anyhow::anyhow!("the command-line operator id is not a UUID"))?;
-    let row = AuditRow {
+    let row = operator_audit_row(entity, record_id, action, outcome);
+    log.record(vec![row])
+        .await
+        .context("cannot record the operation in the audit log")
+}
+
+/// The audit row of an action chartlog takes for the operator (a command, or the server's
+/// own schedule): the command-line operator, role `system`, is the actor.
+pub fn operator_audit_row(
+    entity: AuditEntity,
+    record_id: Option<uuid::Uuid>,
+    action: AuditAction,
+    outcome: AuditOutcome,
+) -> AuditRow {
+    AuditRow {
         audit_id: uuid::Uuid::now_v7(),
         occurred_at: chartlog_api::now(),
         actor: Some(Actor {
-            user_id: operator,
+            user_id: UserId::parse(crate::erase::CLI_OPERATOR_USER_ID)
+                .expect("a valid UUID literal"),
             role: Role::System,
             purpose_of_use: PurposeOfUse::SystemAdministration,
             break_glass: false,
@@ -200,10 +213,7 @@ pub async fn audit_operator_action_on(
         outcome,
         client_address: None,
         event_type: None,
-    };
-    log.record(vec![row])
-        .await
-        .context("cannot record the operation in the audit log")
+    }
 }
 
 /// The KEK ring ([`keys::kek_ring`]: from `CHARTLOG_KEK` or `key_dir`) and the signing keys

@@ -10,6 +10,8 @@
 
 #[path = "support/fresh_postgres.rs"]
 mod fresh_postgres;
+#[allow(dead_code)]
+mod support;
 
 use fresh_postgres::FreshPostgresDatabase;
 use std::fs;
@@ -1245,4 +1247,96 @@ fn the_commands_explain_themselves_and_refuse_bad_input_clearly() {
     let output = chartlog(&["backup", "--data-dir", data_dir]);
     assert_eq!(output.status.code(), Some(2), "backup without a file");
     assert!(!Path::new(file).exists());
+}
+
+/// Waits, bounded, until the server's stderr holds `needle` at least `times` times.
+fn wait_for_lines(server: &support::Server, needle: &str, times: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let stderr = server.stderr();
+        if stderr.matches(needle).count() >= times {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stderr never held {needle:?} {times} times:\n{stderr}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The scheduled backups in `directory`, oldest first.
+fn scheduled_backups(directory: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = fs::read_dir(directory)
+        .expect("the backup directory")
+        .map(|entry| entry.expect("an entry").path())
+        .filter(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with("chartlog-") && name.ends_with(".backup")
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_backs_up_on_schedule_keeps_the_newest_and_audits_failures() {
+    let dir = TempDir::new().expect("temp dir");
+    let key = backup_key(&dir);
+    let (source, _patients) = source_site(&dir, 2 * EVENTS_PER_PATIENT).await;
+    let backups = dir.path().join("scheduled");
+    let mut server = support::Server::start(
+        &source.data_dir,
+        &[
+            "--backup-dir",
+            path(&backups),
+            "--backup-recipient",
+            &key.recipient,
+            "--backup-every-seconds",
+            "2",
+            "--backup-keep",
+            "2",
+        ],
+    );
+
+    // The first at once, then one every 2 s; the third deletes the first.
+    wait_for_lines(&server, "old scheduled backup deleted", 1);
+    let kept = scheduled_backups(&backups);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    let mode = fs::metadata(&kept[1]).expect("backup").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "a scheduled backup is private");
+
+    // A directory that can no longer be written to: the attempt fails, loudly and audited,
+    // and the server goes on.
+    fs::rename(&backups, dir.path().join("moved-away")).expect("move the backups away");
+    fs::write(&backups, b"not a directory").expect("a file in the directory's place");
+    wait_for_lines(&server, "scheduled backup failed", 1);
+    assert!(server.signal_and_wait("TERM").success());
+
+    // The newest restores, like any backup.
+    let newest = dir
+        .path()
+        .join("moved-away")
+        .join(kept[1].file_name().expect("a name"));
+    let copy = source.with_same_keys(&dir, "copy");
+    let restored = restore(&copy, &key, &newest, &[]);
+    assert!(
+        restored["events"].as_u64().expect("events") >= 2 * EVENTS_PER_PATIENT as u64,
+        "{restored}"
+    );
+
+    // Every attempt is on the audit trail, with how it went.
+    source.rebuild(&["audit_trail"]);
+    let read_models = source.read_models().await;
+    let outcomes: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT outcome, count(*) FROM chartlog_audit_trail \
+         WHERE entity = 'backup' AND action = 'export' GROUP BY outcome ORDER BY outcome",
+    )
+    .fetch_all(&read_models)
+    .await
+    .expect("the backup audit rows");
+    assert_eq!(outcomes[0].0, "failure", "{outcomes:?}");
+    assert!(outcomes[0].1 >= 1, "{outcomes:?}");
+    assert_eq!(outcomes[1].0, "success", "{outcomes:?}");
+    assert!(outcomes[1].1 >= 3, "{outcomes:?}");
 }

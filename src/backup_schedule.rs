@@ -1,0 +1,261 @@
+//! Backups the server writes on a schedule: `serve --backup-dir <dir> --backup-recipient age1...`.
+//!
+//! Each is what `chartlog backup` writes (encrypted to the recipients, a signed manifest, one
+//! read snapshot), named `chartlog-<UTC time>.backup` so that names sort by age. The first is
+//! due --backup-every-hours after the newest one already in the directory (at once when there
+//! is none), so a server restarted more often than that still backs up. Every attempt is on
+//! the audit trail, a failure logged as an error too; the older scheduled backups beyond
+//! --backup-keep are deleted only after a new one is written. Stored apart is the operator's
+//! part: the directory should be another disk or a mount that is copied off the machine.
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use chartlog_api::audit::AuditSink;
+use chartlog_crypto::SigningKeys;
+use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
+use clap::Args;
+use time::OffsetDateTime;
+use time::macros::format_description;
+
+use crate::Database;
+use crate::backup::{recipients_from, write_backup};
+
+const FILE_PREFIX: &str = "chartlog-";
+const FILE_SUFFIX: &str = ".backup";
+
+/// Scheduled backups (all off unless --backup-dir is given).
+#[derive(Args)]
+pub(crate) struct ScheduleArgs {
+    /// A directory the server writes an encrypted backup to every --backup-every-hours, as
+    /// `chartlog backup` would (restore one with `chartlog restore`). Needs a recipient.
+    #[arg(long, value_name = "DIR")]
+    backup_dir: Option<PathBuf>,
+
+    /// An age recipient (`age1...`) scheduled backups are encrypted to. Repeatable.
+    #[arg(
+        long = "backup-recipient",
+        value_name = "AGE_PUBLIC_KEY",
+        requires = "backup_dir"
+    )]
+    backup_recipients: Vec<String>,
+
+    /// A file of age recipients for scheduled backups, one per line. Repeatable.
+    #[arg(
+        long = "backup-recipient-file",
+        value_name = "PATH",
+        requires = "backup_dir"
+    )]
+    backup_recipient_files: Vec<PathBuf>,
+
+    /// Hours between scheduled backups.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=720))]
+    backup_every_hours: u64,
+
+    /// Seconds form of --backup-every-hours, for tests; wins when given.
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    backup_every_seconds: Option<u64>,
+
+    /// Scheduled backups kept in --backup-dir; older ones are deleted after each new one.
+    /// 0 keeps them all.
+    #[arg(long, default_value_t = 14)]
+    backup_keep: usize,
+}
+
+/// What the schedule needs, checked before the server starts.
+pub(crate) struct BackupSchedule {
+    directory: PathBuf,
+    recipients: Vec<age::x25519::Recipient>,
+    every: Duration,
+    keep: usize,
+}
+
+impl ScheduleArgs {
+    /// The schedule the flags describe, or `None` without --backup-dir. The directory is
+    /// created (0700) when missing.
+    pub(crate) fn schedule(&self) -> anyhow::Result<Option<BackupSchedule>> {
+        let Some(directory) = &self.backup_dir else {
+            return Ok(None);
+        };
+        let recipients = recipients_from(&self.backup_recipients, &self.backup_recipient_files)
+            .context("--backup-dir needs --backup-recipient or --backup-recipient-file")?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(directory)
+            .with_context(|| format!("cannot create --backup-dir {}", directory.display()))?;
+        let every = Duration::from_secs(
+            self.backup_every_seconds
+                .unwrap_or(self.backup_every_hours * 60 * 60),
+        );
+        Ok(Some(BackupSchedule {
+            directory: directory.clone(),
+            recipients,
+            every,
+            keep: self.backup_keep,
+        }))
+    }
+}
+
+/// Runs `schedule` until the task is aborted.
+pub(crate) fn spawn(
+    schedule: BackupSchedule,
+    database: Database,
+    signing: SigningKeys,
+    audit: Arc<dyn AuditSink>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut due = first_due(&schedule);
+        loop {
+            if let Ok(wait) = due.duration_since(SystemTime::now()) {
+                tokio::time::sleep(wait).await;
+            }
+            back_up_once(&schedule, &database, &signing, audit.as_ref()).await;
+            due = SystemTime::now() + schedule.every;
+        }
+    })
+}
+
+/// One interval after the newest scheduled backup in the directory; now when there is none.
+fn first_due(schedule: &BackupSchedule) -> SystemTime {
+    let newest = scheduled_backups(&schedule.directory)
+        .ok()
+        .and_then(|backups| backups.last().cloned())
+        .and_then(|newest| fs::metadata(newest).and_then(|m| m.modified()).ok());
+    match newest {
+        Some(written) => written + schedule.every,
+        None => SystemTime::now(),
+    }
+}
+
+async fn back_up_once(
+    schedule: &BackupSchedule,
+    database: &Database,
+    signing: &SigningKeys,
+    audit: &dyn AuditSink,
+) {
+    remove_partial_files(&schedule.directory);
+    let file = schedule
+        .directory
+        .join(file_name(OffsetDateTime::now_utc()));
+    let written = write_backup(database, signing, &schedule.recipients, &file).await;
+    let outcome = match &written {
+        Ok(written) => {
+            tracing::info!(
+                file = %file.display(),
+                events = written.manifest.events,
+                bytes = written.bytes,
+                "scheduled backup written"
+            );
+            AuditOutcome::Success
+        }
+        Err(error) => {
+            tracing::error!(file = %file.display(), error = %format!("{error:#}"), "scheduled backup failed");
+            AuditOutcome::Failure
+        }
+    };
+    let row =
+        crate::wiring::operator_audit_row(AuditEntity::Backup, None, AuditAction::Export, outcome);
+    if let Err(error) = audit.record(vec![row]).await {
+        tracing::error!(%error, "the scheduled backup could not be recorded on the audit trail");
+    }
+    if written.is_ok() {
+        prune(&schedule.directory, schedule.keep);
+    }
+}
+
+/// `chartlog-20261207T154500.123Z.backup`: UTC, to the millisecond, sorting by age.
+fn file_name(at: OffsetDateTime) -> String {
+    let stamp = at
+        .format(format_description!(
+            "[year][month][day]T[hour][minute][second].[subsecond digits:3]Z"
+        ))
+        .unwrap_or_else(|_| at.unix_timestamp().to_string());
+    format!("{FILE_PREFIX}{stamp}{FILE_SUFFIX}")
+}
+
+/// The scheduled backups in `directory`, oldest first. Other files are never touched.
+fn scheduled_backups(directory: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut backups: Vec<PathBuf> = fs::read_dir(directory)?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_file()))
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(FILE_PREFIX) && name.ends_with(FILE_SUFFIX))
+        })
+        .collect();
+    backups.sort();
+    Ok(backups)
+}
+
+/// Deletes all but the newest `keep` scheduled backups (none with 0).
+fn prune(directory: &Path, keep: usize) {
+    if keep == 0 {
+        return;
+    }
+    let backups = match scheduled_backups(directory) {
+        Ok(backups) => backups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list the scheduled backups to prune them");
+            return;
+        }
+    };
+    let excess = backups.len().saturating_sub(keep);
+    for old in &backups[..excess] {
+        match fs::remove_file(old) {
+            Ok(()) => tracing::info!(file = %old.display(), "old scheduled backup deleted"),
+            Err(error) => {
+                tracing::warn!(file = %old.display(), %error, "cannot delete an old scheduled backup")
+            }
+        }
+    }
+}
+
+/// A backup interrupted by a stop leaves its hidden partial file; the next attempt clears it.
+fn remove_partial_files(directory: &Path) {
+    let Ok(entries) = fs::read_dir(directory) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(&format!(".{FILE_PREFIX}")) && name.ends_with(".partial") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    #[test]
+    fn names_sort_by_age_and_only_they_are_scheduled_backups() {
+        let earlier = file_name(datetime!(2026-12-07 09:05:00.120 UTC));
+        let later = file_name(datetime!(2026-12-07 10:00:00 UTC));
+        assert_eq!(earlier, "chartlog-20261207T090500.120Z.backup");
+        assert!(earlier < later);
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        for name in [&later, &earlier, "notes.txt", "chartlog-manual.backup.bak"] {
+            fs::write(dir.path().join(name), b"x").expect("write");
+        }
+        let found = scheduled_backups(dir.path()).expect("list");
+        assert_eq!(
+            found,
+            vec![dir.path().join(&earlier), dir.path().join(&later)]
+        );
+        prune(dir.path(), 1);
+        assert!(!dir.path().join(&earlier).exists());
+        assert!(dir.path().join(&later).exists());
+        assert!(dir.path().join("notes.txt").exists(), "not ours, kept");
+    }
+}
