@@ -690,28 +690,14 @@ impl Accounts {
         client_address: IpAddr,
         now: Timestamp,
     ) -> Result<(), LoginError> {
-        let user = self.existing_user(id).await?;
-        let address = address_key(client_address);
-        if let Some(retry_after_seconds) = self
-            .throttled(Some(&user.username), Some(&address), now)
-            .await?
-        {
-            return Err(LoginError::Throttled {
-                retry_after_seconds,
-            });
-        }
-        let linked = !user.disabled
+        let (user, address) = self
+            .reauthentication_allowed(id, client_address, now)
+            .await?;
+        let proved = !user.disabled
             && verified_subject.is_some()
             && user.sso_subject.as_deref() == verified_subject;
-        if !linked {
-            self.record_failure(Some(&user.username), Some(&address), now)
-                .await?;
-            return Err(LoginError::InvalidCredentials);
-        }
-        let mut tx = self.db().begin().await.map_err(AccessError::from)?;
-        clear_account_failures(&mut tx, &user.username).await?;
-        tx.commit().await.map_err(AccessError::from)?;
-        Ok(())
+        self.reauthentication_outcome(&user, &address, proved, now)
+            .await
     }
 
     /// Opens a session for `user`, who just proved who they are.
@@ -768,6 +754,30 @@ impl Accounts {
         client_address: IpAddr,
         now: Timestamp,
     ) -> Result<(), LoginError> {
+        let (user, address) = self
+            .reauthentication_allowed(id, client_address, now)
+            .await?;
+        // An identity-provider account re-authenticates there (`sso_reauthenticate`), never
+        // with a chartlog password.
+        let refused = user.disabled || user.sso_subject.is_some();
+        let stored = if refused {
+            self.dummy_hash().await?
+        } else {
+            user.password_hash.clone()
+        };
+        let proved = !refused && verify_any_blocking(password, vec![stored]).await?;
+        self.reauthentication_outcome(&user, &address, proved, now)
+            .await
+    }
+
+    /// The account about to re-authenticate, and the key its address's failures count
+    /// under; refused while either is throttled.
+    async fn reauthentication_allowed(
+        &self,
+        id: UserId,
+        client_address: IpAddr,
+        now: Timestamp,
+    ) -> Result<(UserRow, String), LoginError> {
         let user = self.existing_user(id).await?;
         let address = address_key(client_address);
         if let Some(retry_after_seconds) = self
@@ -778,16 +788,20 @@ impl Accounts {
                 retry_after_seconds,
             });
         }
-        // An identity-provider account re-authenticates there (`sso_reauthenticate`), never with a
-        // chartlog password.
-        let refused = user.disabled || user.sso_subject.is_some();
-        let stored = if refused {
-            self.dummy_hash().await?
-        } else {
-            user.password_hash.clone()
-        };
-        if refused || !verify_any_blocking(password, vec![stored]).await? {
-            self.record_failure(Some(&user.username), Some(&address), now)
+        Ok((user, address))
+    }
+
+    /// Counts a failed re-authentication against the account and the address, or clears the
+    /// account's count after one that `proved` who is at the keyboard.
+    async fn reauthentication_outcome(
+        &self,
+        user: &UserRow,
+        address: &str,
+        proved: bool,
+        now: Timestamp,
+    ) -> Result<(), LoginError> {
+        if !proved {
+            self.record_failure(Some(&user.username), Some(address), now)
                 .await?;
             return Err(LoginError::InvalidCredentials);
         }

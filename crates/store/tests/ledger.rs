@@ -117,6 +117,19 @@ async fn commands_become_verified_events<S: EventStore, K: KeyStore>(fixture: Fi
     }
 }
 
+/// The version of the patient's stream head, `None` for a stream never written.
+async fn head_version<S: EventStore, K: KeyStore>(
+    ledger: &PatientLedger<S, K>,
+    patient: PatientId,
+) -> Option<u64> {
+    ledger
+        .store()
+        .stream_head(&StreamId::patient(patient))
+        .await
+        .expect("head")
+        .map(|head| head.version)
+}
+
 async fn rejected_commands_store_nothing<S: EventStore, K: KeyStore>(fixture: Fixture<S, K>) {
     let patient = synthetic::patient_id(2);
     let command = synthetic::clinical_command(2, 0, now());
@@ -128,16 +141,7 @@ async fn rejected_commands_store_nothing<S: EventStore, K: KeyStore>(fixture: Fi
         Err(LedgerError::Rejected(Rejection::NotRegistered { .. })) => {}
         other => panic!("expected NotRegistered, got {other:?}"),
     }
-    let stream = StreamId::patient(patient);
-    assert_eq!(
-        fixture
-            .ledger
-            .store()
-            .stream_head(&stream)
-            .await
-            .expect("head"),
-        None
-    );
+    assert_eq!(head_version(&fixture.ledger, patient).await, None);
 
     register_with_history(&fixture, 2, 0).await;
     match fixture
@@ -148,14 +152,8 @@ async fn rejected_commands_store_nothing<S: EventStore, K: KeyStore>(fixture: Fi
         Err(LedgerError::Rejected(Rejection::AlreadyRegistered { .. })) => {}
         other => panic!("expected AlreadyRegistered, got {other:?}"),
     }
-    let head = fixture
-        .ledger
-        .store()
-        .stream_head(&stream)
-        .await
-        .expect("head");
     assert_eq!(
-        head.map(|h| h.version),
+        head_version(&fixture.ledger, patient).await,
         Some(1),
         "the rejected command left no event"
     );
@@ -330,15 +328,8 @@ async fn an_erasure_for_the_retention_period_waits_it_out<S: EventStore, K: KeyS
         }
         other => panic!("an erasure inside the period is refused, got {other:?}"),
     }
-    let stream = StreamId::patient(adult);
     assert_eq!(
-        fixture
-            .ledger
-            .store()
-            .stream_head(&stream)
-            .await
-            .expect("head")
-            .map(|h| h.version),
+        head_version(&ledger, adult).await,
         Some(2),
         "a refused erasure stores nothing"
     );
