@@ -4,7 +4,7 @@
 //! read snapshot), named `chartlog-<UTC time>.backup` so that names sort by age. The first is
 //! due --backup-every-hours after the newest one already in the directory (at once when there
 //! is none), so a server restarted more often than that still backs up. Every attempt is on
-//! the audit trail, a failure logged as an error too; the older scheduled backups beyond
+//! the audit trail, a failure logged as an error and sent to the notifiers too; the older scheduled backups beyond
 //! --backup-keep are deleted only after a new one is written. Stored apart is the operator's
 //! part: the directory should be another disk or a mount that is copied off the machine.
 
@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use chartlog_api::audit::AuditSink;
+use chartlog_api::notify::{BackupFailedNotice, Notifier};
 use chartlog_crypto::SigningKeys;
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
 use clap::Args;
@@ -101,20 +102,40 @@ impl ScheduleArgs {
     }
 }
 
+/// Where a scheduled backup reports: the audit trail always, the notifiers on a failure.
+pub(crate) struct Reporting {
+    pub(crate) audit: Arc<dyn AuditSink>,
+    pub(crate) notifier: Arc<dyn Notifier>,
+}
+
 /// Runs `schedule` until the task is aborted.
 pub(crate) fn spawn(
     schedule: BackupSchedule,
     database: Database,
     signing: SigningKeys,
-    audit: Arc<dyn AuditSink>,
+    reporting: Reporting,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut due = first_due(&schedule);
+        let mut failures_in_a_row = 0;
+        let mut last_written_at = None;
         loop {
             if let Ok(wait) = due.duration_since(SystemTime::now()) {
                 tokio::time::sleep(wait).await;
             }
-            back_up_once(&schedule, &database, &signing, audit.as_ref()).await;
+            let outcome = back_up_once(&schedule, &database, &signing, &reporting).await;
+            let now = chartlog_api::now();
+            match outcome {
+                AuditOutcome::Success => {
+                    failures_in_a_row = 0;
+                    last_written_at = Some(now);
+                }
+                _ => {
+                    failures_in_a_row += 1;
+                    let notice = BackupFailedNotice::new(now, failures_in_a_row, last_written_at);
+                    reporting.notifier.backup_failed(&notice).await;
+                }
+            }
             due = SystemTime::now() + schedule.every;
         }
     })
@@ -132,12 +153,13 @@ fn first_due(schedule: &BackupSchedule) -> SystemTime {
     }
 }
 
+/// One scheduled backup, audited; how it went.
 async fn back_up_once(
     schedule: &BackupSchedule,
     database: &Database,
     signing: &SigningKeys,
-    audit: &dyn AuditSink,
-) {
+    reporting: &Reporting,
+) -> AuditOutcome {
     remove_partial_files(&schedule.directory);
     let file = schedule
         .directory
@@ -160,12 +182,13 @@ async fn back_up_once(
     };
     let row =
         crate::wiring::operator_audit_row(AuditEntity::Backup, None, AuditAction::Export, outcome);
-    if let Err(error) = audit.record(vec![row]).await {
+    if let Err(error) = reporting.audit.record(vec![row]).await {
         tracing::error!(%error, "the scheduled backup could not be recorded on the audit trail");
     }
     if written.is_ok() {
         prune(&schedule.directory, schedule.keep);
     }
+    outcome
 }
 
 /// `chartlog-20261207T154500.123Z.backup`: UTC, to the millisecond, sorting by age.

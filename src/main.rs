@@ -177,8 +177,8 @@ struct ServeArgs {
     public_url: Option<String>,
 
     /// An https URL that is POSTed a JSON notice (ids and a link, no PHI) at every
-    /// break-glass opening and every refusal alert; its `kind` field tells them apart. Notices
-    /// always go to the log as well.
+    /// break-glass opening, every refusal alert and every failed scheduled backup; its `kind`
+    /// field tells them apart. Notices always go to the log as well.
     #[arg(long, env = "CHARTLOG_BREAK_GLASS_WEBHOOK", hide_env_values = true)]
     break_glass_webhook: Option<String>,
 
@@ -523,6 +523,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let (records, audit) =
         wiring::records_and_audit(&backend.database, &key_dir, args.retention.policy())?;
+    let notifier = wiring::notifier(args.break_glass_webhook.as_deref())?;
     let scheduled_backups = match backup_schedule {
         Some(schedule) => {
             let (_, signing) = wiring::key_files(&key_dir)?;
@@ -530,7 +531,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 schedule,
                 backend.database.clone(),
                 signing,
-                Arc::clone(&audit),
+                backup_schedule::Reporting {
+                    audit: Arc::clone(&audit),
+                    notifier: Arc::clone(&notifier),
+                },
             ))
         }
         None => None,
@@ -545,7 +549,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         records,
         accounts,
         audit,
-        notifier: wiring::notifier(args.break_glass_webhook.as_deref())?,
+        notifier,
         refusal_watch: Arc::new(RefusalWatch::new(RefusalAlertSettings {
             refusals: args.refusal_alert_count,
             window: Duration::from_secs(args.refusal_alert_minutes * 60),

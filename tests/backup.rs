@@ -1306,11 +1306,13 @@ async fn the_server_backs_up_on_schedule_keeps_the_newest_and_audits_failures() 
     let mode = fs::metadata(&kept[1]).expect("backup").permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "a scheduled backup is private");
 
-    // A directory that can no longer be written to: the attempt fails, loudly and audited,
-    // and the server goes on.
+    // A directory that can no longer be written to: the attempt fails, loudly, notified and
+    // audited, and the server goes on.
     fs::rename(&backups, dir.path().join("moved-away")).expect("move the backups away");
     fs::write(&backups, b"not a directory").expect("a file in the directory's place");
     wait_for_lines(&server, "scheduled backup failed", 1);
+    // The notifiers hear of it (the log's here; a webhook gets the same JSON notice).
+    wait_for_lines(&server, "backup failure notice", 1);
     assert!(server.signal_and_wait("TERM").success());
 
     // The newest restores, like any backup.

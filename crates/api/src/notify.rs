@@ -1,6 +1,6 @@
 //! Security notifications: a security officer hears at once that someone opened a chart
 //! outside the care relationship (break-glass), or keeps being refused
-//! ([`crate::alerts`]).
+//! ([`crate::alerts`]); an operator, that a scheduled backup failed.
 //!
 //! **Invariant:** a notice carries ids, a time and a link to the review, never PHI: it leaves
 //! the system through channels (chat, e-mail, pagers) that are not cleared for PHI. The
@@ -58,6 +58,34 @@ impl BreakGlassNotice {
     }
 }
 
+/// What a notifier is told when a scheduled backup fails.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackupFailedNotice {
+    /// Always `backup_failed`: tells this notice from the others a webhook receives.
+    pub kind: &'static str,
+    /// RFC 3339, UTC.
+    pub failed_at: String,
+    /// Scheduled backups failed in a row, this one included.
+    pub failures_in_a_row: u32,
+    /// The last scheduled backup written by this server process, if any.
+    pub last_written_at: Option<String>,
+}
+
+impl BackupFailedNotice {
+    pub fn new(
+        failed_at: Timestamp,
+        failures_in_a_row: u32,
+        last_written_at: Option<Timestamp>,
+    ) -> Self {
+        Self {
+            kind: "backup_failed",
+            failed_at: failed_at.to_string(),
+            failures_in_a_row,
+            last_written_at: last_written_at.map(|at| at.to_string()),
+        }
+    }
+}
+
 /// Delivers notices. Delivery is best effort and never fails the request: what a notice
 /// reports is already in the audit trail (and a grant in the review queue), which are the
 /// record.
@@ -65,6 +93,7 @@ impl BreakGlassNotice {
 pub trait Notifier: Send + Sync + 'static {
     async fn break_glass_opened(&self, notice: &BreakGlassNotice);
     async fn repeated_refusals(&self, alert: &RefusalAlert);
+    async fn backup_failed(&self, notice: &BackupFailedNotice);
 }
 
 /// Writes each notice to the log at WARN, for deployments that alert on log lines.
@@ -96,6 +125,15 @@ impl Notifier for LogNotifier {
             last_at = %alert.last_at,
             audit_link = %alert.audit_link,
             "repeated refusals"
+        );
+    }
+
+    async fn backup_failed(&self, notice: &BackupFailedNotice) {
+        tracing::warn!(
+            failed_at = %notice.failed_at,
+            failures_in_a_row = notice.failures_in_a_row,
+            last_written_at = notice.last_written_at.as_deref(),
+            "backup failure notice"
         );
     }
 }
@@ -155,6 +193,13 @@ impl Notifier for WebhookNotifier {
             ),
         }
     }
+
+    async fn backup_failed(&self, notice: &BackupFailedNotice) {
+        match self.post(notice).await {
+            Ok(()) => tracing::info!("backup failure notice delivered"),
+            Err(status) => tracing::error!(status, "backup failure notice not delivered"),
+        }
+    }
 }
 
 impl WebhookNotifier {
@@ -186,6 +231,12 @@ impl Notifier for Notifiers {
     async fn repeated_refusals(&self, alert: &RefusalAlert) {
         for notifier in &self.0 {
             notifier.repeated_refusals(alert).await;
+        }
+    }
+
+    async fn backup_failed(&self, notice: &BackupFailedNotice) {
+        for notifier in &self.0 {
+            notifier.backup_failed(notice).await;
         }
     }
 }
