@@ -22,9 +22,9 @@ use crate::settings::{
     LOGIN_FAILURES_PER_ADDRESS_MAX, PASSWORD_HISTORY_GENERATIONS,
 };
 use crate::types::{
-    LoginAttempt, LoginSuccess, NewUser, OneTimePassword, Password, RecoveryCodes,
-    SESSION_TOKEN_LENGTH, SecondFactorCode, SecondFactorEnrollment, SecondFactorKind, Session,
-    SessionStage, SessionToken, UserAccount, Username,
+    IdentityAssertion, LoginAttempt, LoginSuccess, NewUser, OneTimePassword, Password,
+    RecoveryCodes, SESSION_TOKEN_LENGTH, SecondFactorCode, SecondFactorEnrollment,
+    SecondFactorKind, Session, SessionStage, SessionToken, UserAccount, Username,
 };
 
 /// A session's last activity is written at most this often: a request within this long of
@@ -609,16 +609,15 @@ impl Accounts {
         self.open_session(user, now).await
     }
 
-    /// Signs in the account linked to identity-provider `subject`, once the caller has
-    /// verified the provider's token for it. `second_factor_asserted`: the token says the
-    /// provider checked a second factor, which roles that need one must have. Throttled per
-    /// client address like a login; an unknown subject and a disabled account answer
+    /// Signs in the account linked to the subject of `assertion`, once the caller has
+    /// verified the provider's token. Roles that need a second factor need the token to
+    /// assert one. Throttled per client address like a login; a token already used (here or
+    /// by another server on this database), an unknown subject and a disabled account answer
     /// [`LoginError::InvalidCredentials`].
     #[tracing::instrument(skip_all)]
     pub async fn sso_login(
         &self,
-        subject: &str,
-        second_factor_asserted: bool,
+        assertion: &IdentityAssertion,
         client_address: IpAddr,
         now: Timestamp,
     ) -> Result<LoginSuccess, LoginError> {
@@ -629,19 +628,39 @@ impl Accounts {
                 retry_after_seconds,
             });
         }
-        let user = match self.user_row_by_sso_subject(subject).await? {
-            Some(user) if !user.disabled => user,
+        let user = match self.user_row_by_sso_subject(&assertion.subject).await? {
+            Some(user) if !user.disabled && self.claim_sso_token(assertion).await? => user,
             _ => {
                 self.record_failure(None, Some(&address), now).await?;
                 return Err(LoginError::InvalidCredentials);
             }
         };
-        if self.settings().second_factor_required(user.role) && !second_factor_asserted {
+        if self.settings().second_factor_required(user.role) && !assertion.second_factor {
             self.record_failure(Some(&user.username), Some(&address), now)
                 .await?;
             return Err(LoginError::IdentityProviderSecondFactorMissing);
         }
         self.open_session(user, now).await
+    }
+
+    /// Spends an identity-provider token: true the first time it is presented to any server
+    /// on this database, false after.
+    async fn claim_sso_token(&self, assertion: &IdentityAssertion) -> Result<bool, AccessError> {
+        let inserted = self
+            .db()
+            .execute(
+                "INSERT INTO chartlog_access_sso_tokens (token_digest, expires_at_us) \
+                 VALUES ($1, $2) ON CONFLICT (token_digest) DO NOTHING",
+                vec![
+                    SqlArg::Bytes(assertion.token_digest.to_vec()),
+                    at_arg(assertion.usable_until),
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            tracing::warn!("identity-provider token presented again");
+        }
+        Ok(inserted == 1)
     }
 
     /// Links the account to identity-provider `subject` (or unlinks it, with `None`) and
@@ -678,24 +697,30 @@ impl Accounts {
     }
 
     /// Re-authenticates (before signing a note) an account linked to the identity provider,
-    /// throttled and counted like a password re-authentication. `verified_subject` is the
-    /// subject of a fresh token the caller has verified, or `None` when the token was
-    /// refused: that counts as a failure too, so a stream of bad tokens meets the same limit
-    /// as a stream of wrong passwords.
+    /// throttled and counted like a password re-authentication. `assertion` is a fresh token
+    /// the caller has verified, or `None` when the token was refused: that counts as a
+    /// failure too, so a stream of bad tokens meets the same limit as a stream of wrong
+    /// passwords. A token is spent here as at a login.
     #[tracing::instrument(skip_all, fields(user_id = %id))]
     pub async fn sso_reauthenticate(
         &self,
         id: UserId,
-        verified_subject: Option<&str>,
+        assertion: Option<&IdentityAssertion>,
         client_address: IpAddr,
         now: Timestamp,
     ) -> Result<(), LoginError> {
         let (user, address) = self
             .reauthentication_allowed(id, client_address, now)
             .await?;
-        let proved = !user.disabled
-            && verified_subject.is_some()
-            && user.sso_subject.as_deref() == verified_subject;
+        let proved = match assertion {
+            Some(assertion)
+                if !user.disabled
+                    && user.sso_subject.as_deref() == Some(assertion.subject.as_str()) =>
+            {
+                self.claim_sso_token(assertion).await?
+            }
+            _ => false,
+        };
         self.reauthentication_outcome(&user, &address, proved, now)
             .await
     }
@@ -1033,6 +1058,13 @@ impl Accounts {
             .db()
             .execute(
                 "DELETE FROM chartlog_access_idempotency_records WHERE expires_at_us < $1",
+                vec![SqlArg::I64(records_before)],
+            )
+            .await?;
+        deleted += self
+            .db()
+            .execute(
+                "DELETE FROM chartlog_access_sso_tokens WHERE expires_at_us < $1",
                 vec![SqlArg::I64(records_before)],
             )
             .await?;

@@ -56,8 +56,9 @@ pub use settings::{
 };
 pub use types::{
     BREAK_GLASS_REASON_LENGTH_MAX, BreakGlassGrant, BreakGlassReason, BreakGlassReview,
-    LoginAttempt, LoginSuccess, NewUser, OneTimePassword, Password, RECOVERY_CODE_LENGTH,
-    RECOVERY_CODES_PER_ENROLLMENT, RecoveryCodes, ReviewVerdict, SESSION_TOKEN_LENGTH,
-    SecondFactorCode, SecondFactorEnrollment, Session, SessionStage, SessionToken, StoredResponse,
-    TOTP_DIGITS, USERNAME_LENGTH_MAX, USERNAME_LENGTH_MIN, UserAccount, Username,
+    IdentityAssertion, LoginAttempt, LoginSuccess, NewUser, OneTimePassword, Password,
+    RECOVERY_CODE_LENGTH, RECOVERY_CODES_PER_ENROLLMENT, RecoveryCodes, ReviewVerdict,
+    SESSION_TOKEN_LENGTH, SecondFactorCode, SecondFactorEnrollment, Session, SessionStage,
+    SessionToken, StoredResponse, TOTP_DIGITS, USERNAME_LENGTH_MAX, USERNAME_LENGTH_MIN,
+    UserAccount, Username,
 };

@@ -298,6 +298,29 @@ pub struct LoginAttempt {
     pub client_address: IpAddr,
 }
 
+/// An identity provider's ID token, verified by the caller: who it names, whether the
+/// provider checked a second factor, and what makes the token single-use.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IdentityAssertion {
+    /// The provider's stable id of the user (`sub`).
+    pub subject: String,
+    /// Whether the provider says it checked a second factor (`amr`).
+    pub second_factor: bool,
+    /// SHA-256 of the token: accepted once, by every server on the database.
+    pub token_digest: [u8; 32],
+    /// Until when the token could be presented at all; its digest is kept that long.
+    pub usable_until: Timestamp,
+}
+
+impl fmt::Debug for IdentityAssertion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityAssertion")
+            .field("second_factor", &self.second_factor)
+            .field("usable_until", &self.usable_until)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A successful login: the token (shown once) and the session it opens.
 #[derive(Debug)]
 pub struct LoginSuccess {

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use chartlog_access::{
     AccessError, AccessSecrets, AccessSettings, Accounts, BreakGlassReason, ExpiryReason,
-    IDEMPOTENCY_IN_PROGRESS_TIMEOUT, IdempotencyClaim, IdempotencyError, LOGIN_FAILURE_WINDOW,
-    LOGIN_FAILURES_PER_ACCOUNT_MAX, LoginAttempt, LoginError, LoginSuccess, NewUser,
-    OneTimePassword, Password, PasswordChangeError, PasswordHashing, RecoveryCodes, ReviewVerdict,
-    SecondFactorCode, SessionError, SessionStage, StoredResponse, Username,
+    IDEMPOTENCY_IN_PROGRESS_TIMEOUT, IdempotencyClaim, IdempotencyError, IdentityAssertion,
+    LOGIN_FAILURE_WINDOW, LOGIN_FAILURES_PER_ACCOUNT_MAX, LoginAttempt, LoginError, LoginSuccess,
+    NewUser, OneTimePassword, PRUNE_GRACE, Password, PasswordChangeError, PasswordHashing,
+    RecoveryCodes, ReviewVerdict, SecondFactorCode, SessionError, SessionStage, StoredResponse,
+    Username,
 };
 use chartlog_domain::{PatientId, Role, Timestamp, UserId};
 use chartlog_projections::db::{ProjectionDb, SqlArg};
@@ -1815,6 +1816,23 @@ async fn simultaneous_idempotency_claims_have_one_winner(fixture: Fixture) {
     assert_eq!((won, waiting), (1, RACERS - 1));
 }
 
+/// A token the identity provider issued for `subject`, as the server verified it: each call a
+/// new token (its own digest), usable for ten minutes.
+fn assertion(subject: &str, second_factor: bool, now: Timestamp) -> IdentityAssertion {
+    let mut token_digest = [0; 32];
+    token_digest[..16].copy_from_slice(Uuid::new_v4().as_bytes());
+    IdentityAssertion {
+        subject: subject.to_owned(),
+        second_factor,
+        token_digest,
+        usable_until: at_seconds_after(now, 600),
+    }
+}
+
+fn at_seconds_after(now: Timestamp, seconds: i64) -> Timestamp {
+    Timestamp::from_unix_micros(now.unix_micros() + seconds * 1_000_000).expect("in range")
+}
+
 async fn identity_provider_accounts_sign_in_there_only(fixture: Fixture) {
     let accounts = &fixture.accounts;
     let now = at(1_000);
@@ -1838,7 +1856,9 @@ async fn identity_provider_accounts_sign_in_there_only(fixture: Fixture) {
 
     // Not linked: the subject signs nobody in.
     assert!(matches!(
-        accounts.sso_login("sub-nurse", true, client, now).await,
+        accounts
+            .sso_login(&assertion("sub-nurse", true, now), client, now)
+            .await,
         Err(LoginError::InvalidCredentials)
     ));
     for bad in ["", "a\nb", &"x".repeat(256)] {
@@ -1862,23 +1882,51 @@ async fn identity_provider_accounts_sign_in_there_only(fixture: Fixture) {
     // A nurse reads PHI: the provider must vouch for a second factor. With it, the session is
     // full although no TOTP was ever enrolled here.
     assert!(matches!(
-        accounts.sso_login("sub-nurse", false, client, now).await,
+        accounts
+            .sso_login(&assertion("sub-nurse", false, now), client, now)
+            .await,
         Err(LoginError::IdentityProviderSecondFactorMissing)
     ));
     let success = accounts
-        .sso_login("sub-nurse", true, client, now)
+        .sso_login(&assertion("sub-nurse", true, now), client, now)
         .await
         .expect("signed in");
     assert_eq!(success.session.user_id, nurse);
     assert_eq!(success.session.stage, SessionStage::Full);
+
+    // A token is spent for every server on the database: presented again, here or at
+    // another server, it opens nothing, not even a re-authentication.
+    let spent = assertion("sub-nurse", true, now);
+    accounts
+        .sso_login(&spent, client, now)
+        .await
+        .expect("first use");
+    let other_server = fixture.with_settings(settings());
+    for server in [accounts, &other_server] {
+        assert!(matches!(
+            server.sso_login(&spent, client, now).await,
+            Err(LoginError::InvalidCredentials)
+        ));
+    }
+    assert!(matches!(
+        accounts
+            .sso_reauthenticate(nurse, Some(&spent), client, now)
+            .await,
+        Err(LoginError::InvalidCredentials)
+    ));
     // Re-authentication (signing a note) takes a fresh token of the linked subject only.
     accounts
-        .sso_reauthenticate(nurse, Some("sub-nurse"), client, now)
+        .sso_reauthenticate(nurse, Some(&assertion("sub-nurse", true, now)), client, now)
         .await
         .expect("the nurse's own subject");
     assert!(matches!(
         accounts
-            .sso_reauthenticate(analyst, Some("sub-nurse"), client, now)
+            .sso_reauthenticate(
+                analyst,
+                Some(&assertion("sub-nurse", true, now)),
+                client,
+                now
+            )
             .await,
         Err(LoginError::InvalidCredentials)
     ));
@@ -1929,7 +1977,9 @@ async fn identity_provider_accounts_sign_in_there_only(fixture: Fixture) {
         .expect("link");
     accounts.disable_user(analyst, now).await.expect("disable");
     assert!(matches!(
-        accounts.sso_login("sub-analyst", true, client, now).await,
+        accounts
+            .sso_login(&assertion("sub-analyst", true, now), client, now)
+            .await,
         Err(LoginError::InvalidCredentials)
     ));
 
@@ -1947,7 +1997,7 @@ async fn identity_provider_accounts_sign_in_there_only(fixture: Fixture) {
         .expect("create linked");
     assert_eq!(created.sso_subject.as_deref(), Some("sub-new"));
     let signed_in = accounts
-        .sso_login("sub-new", true, client, now)
+        .sso_login(&assertion("sub-new", true, now), client, now)
         .await
         .expect("signs in through the provider at once");
     assert_eq!(signed_in.session.user_id, created.user_id);
@@ -1986,8 +2036,29 @@ async fn identity_provider_accounts_sign_in_there_only(fixture: Fixture) {
     }
     assert!(matches!(
         accounts
-            .sso_reauthenticate(nurse, Some("sub-nurse"), elsewhere, now)
+            .sso_reauthenticate(
+                nurse,
+                Some(&assertion("sub-nurse", true, now)),
+                elsewhere,
+                now
+            )
             .await,
         Err(LoginError::Throttled { .. })
     ));
+
+    // Spent tokens are kept only while they could be presented, and a day's grace.
+    let spent_tokens = || {
+        scalar_count(
+            &fixture.db,
+            "SELECT count(*) FROM chartlog_access_sso_tokens",
+            vec![],
+        )
+    };
+    assert!(spent_tokens().await > 0);
+    let grace = i64::try_from(PRUNE_GRACE.as_secs()).expect("seconds");
+    accounts
+        .prune(at_seconds_after(now, 600 + grace + 1))
+        .await
+        .expect("prune");
+    assert_eq!(spent_tokens().await, 0);
 }

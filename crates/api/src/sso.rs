@@ -11,13 +11,14 @@
 //! Keys come from a JWKS file the operator keeps current (fetched from the provider's
 //! `jwks_uri` by whatever deploys the server): the server reads it at start and again, at most
 //! once a minute, when a token names a key it does not know, so a provider's key rotation
-//! needs no restart. Tokens are accepted once: a replayed one is refused (in this process).
+//! needs no restart. Tokens are accepted once: `verify` gives each its digest, and the
+//! accounts service spends it in the database, so a replay is refused by every server.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use chartlog_access::IdentityAssertion;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -89,17 +90,6 @@ pub enum TokenRefusal {
     Invalid,
     #[error("issued too long ago, or in the future")]
     Stale,
-    #[error("already used")]
-    Replayed,
-}
-
-/// What a verified ID token says about its user.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifiedIdentity {
-    /// The provider's stable id of the user (`sub`).
-    pub subject: String,
-    /// Whether the provider says it checked a second factor (`amr`).
-    pub second_factor: bool,
 }
 
 #[derive(Deserialize)]
@@ -116,12 +106,10 @@ struct Keys {
     read_at: Instant,
 }
 
-/// The identity provider the server trusts, with its keys and the tokens already used.
+/// The identity provider the server trusts, with its keys.
 pub struct IdentityProvider {
     settings: SsoSettings,
     keys: RwLock<Keys>,
-    /// Digests of the tokens accepted, each kept until its expiry (unix seconds).
-    used: Mutex<HashMap<[u8; 32], i64>>,
 }
 
 impl std::fmt::Debug for IdentityProvider {
@@ -142,7 +130,6 @@ impl IdentityProvider {
                 set,
                 read_at: Instant::now(),
             }),
-            used: Mutex::new(HashMap::new()),
         })
     }
 
@@ -150,13 +137,14 @@ impl IdentityProvider {
         &self.settings.issuer
     }
 
-    /// Verifies an ID token issued at most `age_max` before `now`, and marks it used.
+    /// Verifies an ID token issued at most `age_max` before `now`. The token is not spent
+    /// here: the accounts service spends the assertion's digest when it signs the user in.
     pub fn verify(
         &self,
         token: &str,
         now: chartlog_domain::Timestamp,
         age_max: Duration,
-    ) -> Result<VerifiedIdentity, TokenRefusal> {
+    ) -> Result<IdentityAssertion, TokenRefusal> {
         // JWT times are whole seconds since the epoch.
         let now_unix = now.unix_micros().div_euclid(1_000_000);
         if token.len() > TOKEN_BYTES_MAX {
@@ -185,10 +173,26 @@ impl IdentityProvider {
         if claims.sub.is_empty() {
             return Err(TokenRefusal::Invalid);
         }
-        self.mark_used(token, claims.exp, now_unix)?;
-        Ok(VerifiedIdentity {
+        // No token is accepted past its expiry or past the longest age any use allows.
+        let age_max_any = i64::try_from(
+            LOGIN_TOKEN_AGE_MAX
+                .max(REAUTHENTICATION_TOKEN_AGE_MAX)
+                .as_secs(),
+        )
+        .unwrap_or(i64::MAX);
+        let usable_until_unix = claims
+            .exp
+            .min(claims.iat.saturating_add(age_max_any))
+            .saturating_add(skew);
+        let usable_until = chartlog_domain::Timestamp::from_unix_micros(
+            usable_until_unix.saturating_mul(1_000_000),
+        )
+        .map_err(|_| TokenRefusal::Invalid)?;
+        Ok(IdentityAssertion {
             second_factor: second_factor_asserted(&claims.amr),
             subject: claims.sub,
+            token_digest: Sha256::digest(token.as_bytes()).into(),
+            usable_until,
         })
     }
 
@@ -219,17 +223,6 @@ impl IdentityProvider {
             return Err(TokenRefusal::AlgorithmNotAccepted);
         }
         DecodingKey::from_jwk(&jwk).map_err(|_| TokenRefusal::UnknownKey)
-    }
-
-    fn mark_used(&self, token: &str, expires_unix: i64, now_unix: i64) -> Result<(), TokenRefusal> {
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let mut used = self.used.lock().map_err(|_| TokenRefusal::Replayed)?;
-        let skew = CLOCK_SKEW_SECONDS as i64;
-        used.retain(|_, expires| *expires + skew >= now_unix);
-        if used.insert(digest, expires_unix).is_some() {
-            return Err(TokenRefusal::Replayed);
-        }
-        Ok(())
     }
 }
 
@@ -347,7 +340,7 @@ mod tests {
     }
 
     #[test]
-    fn a_valid_token_signs_in_once() {
+    fn a_valid_token_asserts_its_subject_until_it_may_no_longer_be_used() {
         let dir = tempfile::tempdir().expect("dir");
         let provider = Provider::new();
         let trusted = trusting(dir.path(), &provider.jwks("k1"));
@@ -357,9 +350,28 @@ mod tests {
             .expect("verified");
         assert_eq!(identity.subject, "248289761001");
         assert!(identity.second_factor);
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        assert_eq!(identity.token_digest, digest);
+        // Issued 5 s ago, expiring in 300 s: usable for 300 s, plus the clock skew.
+        let skew = CLOCK_SKEW_SECONDS as i64;
         assert_eq!(
-            trusted.verify(&token, now(), LOGIN_TOKEN_AGE_MAX),
-            Err(TokenRefusal::Replayed)
+            identity.usable_until.unix_micros(),
+            (*NOW + 300 + skew) * 1_000_000
+        );
+        // A token that lives longer than any use allows is kept only as long as it is usable.
+        let mut long_lived = claims();
+        long_lived["exp"] = json!(*NOW + 86_400);
+        let identity = trusted
+            .verify(
+                &provider.token("k1", long_lived),
+                now(),
+                LOGIN_TOKEN_AGE_MAX,
+            )
+            .expect("verified");
+        let age_max = LOGIN_TOKEN_AGE_MAX.as_secs() as i64;
+        assert_eq!(
+            identity.usable_until.unix_micros(),
+            (*NOW - 5 + age_max + skew) * 1_000_000
         );
     }
 

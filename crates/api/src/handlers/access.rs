@@ -201,11 +201,7 @@ pub(crate) async fn sso_login(
         }
     };
     let address = crate::guard::failure_address(client_address);
-    match config
-        .accounts
-        .sso_login(&identity.subject, identity.second_factor, address, now)
-        .await
-    {
+    match config.accounts.sso_login(&identity, address, now).await {
         Ok(success) => logged_in(&config, success, client_address).await,
         Err(error) => {
             audit_failed_login(&config, client_address).await?;

@@ -102,7 +102,7 @@ async fn reauthenticate(
                 .accounts
                 .sso_reauthenticate(
                     caller.session.user_id,
-                    identity.as_ref().map(|identity| identity.subject.as_str()),
+                    identity.as_ref(),
                     client_address,
                     crate::now(),
                 )
