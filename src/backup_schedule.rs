@@ -108,6 +108,25 @@ pub(crate) struct Reporting {
     pub(crate) notifier: Arc<dyn Notifier>,
 }
 
+impl BackupSchedule {
+    /// A backup in the data directory is lost with it: allowed (a mount may be copied off),
+    /// but said at start.
+    pub(crate) fn warn_if_inside(&self, data_dir: &Path) {
+        let (Ok(directory), Ok(data_dir)) =
+            (self.directory.canonicalize(), data_dir.canonicalize())
+        else {
+            return;
+        };
+        if directory.starts_with(&data_dir) {
+            tracing::warn!(
+                backup_dir = %directory.display(),
+                "--backup-dir is inside the data directory: a disk that loses the database loses \
+                 its backups too; point it at another disk or a mount copied off the machine"
+            );
+        }
+    }
+}
+
 /// Runs `schedule` until the task is aborted.
 pub(crate) fn spawn(
     schedule: BackupSchedule,

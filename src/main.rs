@@ -458,6 +458,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let backup_schedule = args.backup_schedule.schedule()?;
     let data_dir = &args.storage.data_dir;
     create_data_dir(data_dir)?;
+    if let Some(schedule) = &backup_schedule {
+        schedule.warn_if_inside(data_dir);
+    }
 
     let tls_config = if args.insecure_http {
         eprintln!(
