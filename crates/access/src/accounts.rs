@@ -565,15 +565,9 @@ impl Accounts {
     ) -> Result<LoginSuccess, LoginError> {
         let address = address_key(attempt.client_address);
         let username = Username::parse(&attempt.username).ok();
-        if let Some(retry_after_seconds) = self
-            .throttled(username.as_ref(), Some(&address), now)
-            .await?
-        {
-            tracing::warn!("login throttled");
-            return Err(LoginError::Throttled {
-                retry_after_seconds,
-            });
-        }
+        self.refuse_if_throttled(username.as_ref(), Some(&address), now)
+            .await
+            .inspect_err(|_| tracing::warn!("login throttled"))?;
         let user = match &username {
             Some(username) => self.user_row_by_name(username).await?,
             None => None,
@@ -622,12 +616,9 @@ impl Accounts {
         now: Timestamp,
     ) -> Result<LoginSuccess, LoginError> {
         let address = address_key(client_address);
-        if let Some(retry_after_seconds) = self.throttled(None, Some(&address), now).await? {
-            tracing::warn!("identity-provider login throttled");
-            return Err(LoginError::Throttled {
-                retry_after_seconds,
-            });
-        }
+        self.refuse_if_throttled(None, Some(&address), now)
+            .await
+            .inspect_err(|_| tracing::warn!("identity-provider login throttled"))?;
         let user = match self.user_row_by_sso_subject(&assertion.subject).await? {
             Some(user) if !user.disabled && self.claim_sso_token(assertion).await? => user,
             _ => {
@@ -805,14 +796,8 @@ impl Accounts {
     ) -> Result<(UserRow, String), LoginError> {
         let user = self.existing_user(id).await?;
         let address = address_key(client_address);
-        if let Some(retry_after_seconds) = self
-            .throttled(Some(&user.username), Some(&address), now)
-            .await?
-        {
-            return Err(LoginError::Throttled {
-                retry_after_seconds,
-            });
-        }
+        self.refuse_if_throttled(Some(&user.username), Some(&address), now)
+            .await?;
         Ok((user, address))
     }
 
@@ -834,6 +819,21 @@ impl Accounts {
         clear_account_failures(&mut tx, &user.username).await?;
         tx.commit().await.map_err(AccessError::from)?;
         Ok(())
+    }
+
+    /// [`LoginError::Throttled`] while the account name or the address is throttled.
+    async fn refuse_if_throttled(
+        &self,
+        username: Option<&Username>,
+        address: Option<&str>,
+        now: Timestamp,
+    ) -> Result<(), LoginError> {
+        match self.throttled(username, address, now).await? {
+            Some(retry_after_seconds) => Err(LoginError::Throttled {
+                retry_after_seconds,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Seconds until the account name or the address may try again, if either has reached

@@ -139,10 +139,21 @@ pub(crate) async fn login(
         },
         client_address: crate::guard::failure_address(client_address),
     };
-    match config.accounts.login(attempt, crate::now()).await {
-        Ok(success) => logged_in(&config, success, client_address).await,
+    let result = config.accounts.login(attempt, crate::now()).await;
+    login_answer(&config, result, client_address).await
+}
+
+/// The answer to a login by password or by the identity provider: the session, or the
+/// refusal once it is audited.
+async fn login_answer(
+    config: &ApiConfig,
+    result: Result<chartlog_access::LoginSuccess, LoginError>,
+    client_address: Option<std::net::IpAddr>,
+) -> Result<HttpResponse, ApiError> {
+    match result {
+        Ok(success) => logged_in(config, success, client_address).await,
         Err(error) => {
-            audit_failed_login(&config, client_address).await?;
+            audit_failed_login(config, client_address).await?;
             Err(login_refusal(error))
         }
     }
@@ -201,13 +212,8 @@ pub(crate) async fn sso_login(
         }
     };
     let address = crate::guard::failure_address(client_address);
-    match config.accounts.sso_login(&identity, address, now).await {
-        Ok(success) => logged_in(&config, success, client_address).await,
-        Err(error) => {
-            audit_failed_login(&config, client_address).await?;
-            Err(login_refusal(error))
-        }
-    }
+    let result = config.accounts.sso_login(&identity, address, now).await;
+    login_answer(&config, result, client_address).await
 }
 
 /// Audits a login and answers it with the session's token, as a cookie and in the body.
