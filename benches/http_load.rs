@@ -29,6 +29,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -62,6 +63,7 @@ struct Figures {
     errors: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    cpu: CpuUse,
 }
 
 impl Figures {
@@ -77,16 +79,203 @@ impl Figures {
         let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
         sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3
     }
+    /// CPU time per request, in microseconds.
+    fn cpu_micros(&self, spent: Duration) -> f64 {
+        spent.as_secs_f64() * 1e6 / self.requests.max(1) as f64
+    }
     fn row(&self, backend: &str, what: &str) {
+        let server = match self.cpu.server {
+            Some(server) => format!("{:.0}", self.cpu_micros(server)),
+            None => "-".to_owned(),
+        };
         println!(
-            "| {backend:<8} | {what:<34} | {:>6} | {:>4} | {:>9.0} | {:>7.2} | {:>7.2} |",
+            "| {backend:<8} | {what:<34} | {:>6} | {:>4} | {:>9.0} | {:>7.2} | {:>7.2} | {server:>6} | {:>6.0} | {:>6.0} | {:>6.0} | {:>4.0} |",
             self.requests,
             self.errors,
             self.rate(),
             self.percentile_ms(50.0),
             self.percentile_ms(99.0),
+            self.cpu_micros(self.cpu.bench),
+            self.cpu_micros(self.cpu.postgres),
+            self.cpu_micros(self.cpu.machine),
+            self.cpu.idle_share * 100.0,
         );
     }
+}
+
+// ---------------------------------------------------------------- CPU accounting
+
+/// Where the cores went during one phase, read from /proc: what each request costs in CPU,
+/// which is what the throughput target is made of on a machine whose cores are all busy.
+/// Zeros where /proc cannot be read.
+#[derive(Clone, Default)]
+struct CpuUse {
+    /// This process: the in-process store in the store phases, the HTTP client in the others.
+    bench: Duration,
+    /// The `chartlog serve` process, in the HTTP phases.
+    server: Option<Duration>,
+    /// Every process named `postgres` (its backends and background workers).
+    postgres: Duration,
+    /// All of the machine's cores, whoever used them.
+    machine: Duration,
+    /// The share of the machine's core time left idle or waiting on I/O while requests were
+    /// being answered.
+    idle_share: f64,
+    /// The server's CPU time by thread name (as the kernel truncates it): the HTTP workers,
+    /// the runtime that runs the projection runner and the committers, the database's threads.
+    server_threads: BTreeMap<String, Duration>,
+}
+
+#[derive(Clone, Default)]
+struct CpuClocks {
+    bench: Duration,
+    server: Option<Duration>,
+    server_threads: BTreeMap<String, Duration>,
+    postgres: Duration,
+    machine_busy: Duration,
+    machine_idle: Duration,
+}
+
+/// Linux reports process CPU time in clock ticks of 1/100 s (USER_HZ, fixed for user space
+/// on every architecture this runs on), and /proc/stat in the same unit.
+fn ticks(count: u64) -> Duration {
+    Duration::from_millis(10 * count)
+}
+
+impl CpuClocks {
+    fn read(server: Option<u32>) -> CpuClocks {
+        let (machine_busy, machine_idle) = machine_ticks().unwrap_or((0, 0));
+        CpuClocks {
+            bench: ticks(process_ticks(std::process::id()).unwrap_or(0)),
+            server: server.map(|pid| ticks(process_ticks(pid).unwrap_or(0))),
+            server_threads: server.map(thread_ticks).unwrap_or_default(),
+            postgres: ticks(postgres_ticks()),
+            machine_busy: ticks(machine_busy),
+            machine_idle: ticks(machine_idle),
+        }
+    }
+
+    fn since(&self, before: &CpuClocks) -> CpuUse {
+        let busy = self.machine_busy.saturating_sub(before.machine_busy);
+        let idle = self.machine_idle.saturating_sub(before.machine_idle);
+        let total = (busy + idle).as_secs_f64();
+        CpuUse {
+            bench: self.bench.saturating_sub(before.bench),
+            server: self
+                .server
+                .zip(before.server)
+                .map(|(after, before)| after.saturating_sub(before)),
+            postgres: self.postgres.saturating_sub(before.postgres),
+            machine: busy,
+            // A thread that ended during the phase takes its time with it; the server's
+            // threads are long-lived pools, so little is lost.
+            server_threads: self
+                .server_threads
+                .iter()
+                .map(|(name, after)| {
+                    let before = before.server_threads.get(name).copied().unwrap_or_default();
+                    (name.clone(), after.saturating_sub(before))
+                })
+                .collect(),
+            idle_share: if total > 0.0 {
+                idle.as_secs_f64() / total
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+/// User plus system ticks of one process, all its threads, from `/proc/<pid>/stat`; with the
+/// process's name, which may hold spaces and parentheses, so fields are counted after the last
+/// `)`.
+fn process_stat(pid: u32) -> Option<(String, u64)> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_stat(stat: &str) -> Option<(String, u64)> {
+    let name_start = stat.find('(')?;
+    let name_end = stat.rfind(')')?;
+    let name = stat.get(name_start + 1..name_end)?.to_owned();
+    let fields: Vec<&str> = stat.get(name_end + 1..)?.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5), utime and stime; the first field after the name is field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((name, utime + stime))
+}
+
+fn process_ticks(pid: u32) -> Option<u64> {
+    process_stat(pid).map(|(_, ticks)| ticks)
+}
+
+/// A process's CPU time summed by thread name, from `/proc/<pid>/task/*/stat`.
+fn thread_ticks(pid: u32) -> BTreeMap<String, Duration> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.filter_map(Result::ok) {
+        let stat = task.path().join("stat");
+        let Some((name, spent)) = fs::read_to_string(stat).ok().and_then(|s| parse_stat(&s)) else {
+            continue;
+        };
+        *by_name.entry(name).or_default() += ticks(spent);
+    }
+    by_name
+}
+
+fn postgres_ticks() -> u64 {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(process_stat)
+        .filter(|(name, _)| name == "postgres")
+        .map(|(_, ticks)| ticks)
+        .sum()
+}
+
+/// The machine's busy and idle (idle + iowait) ticks over all cores, from `/proc/stat`.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = cpu
+        .split_whitespace()
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal; guest time is already in user.
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    let busy: u64 = ticks.iter().take(8).sum::<u64>() - idle;
+    Some((busy, idle))
+}
+
+/// Runs one phase and notes what it cost each party in CPU. The server's projection runner
+/// may still be folding the phase's events when the last answer arrives, so its clock is read
+/// once it has settled (under a tenth of a core for 200 ms, or after 10 s): the time the phase
+/// took does not include that wait, its CPU does.
+async fn measured(
+    server: Option<u32>,
+    phase: impl std::future::Future<Output = Figures>,
+) -> Figures {
+    let before = CpuClocks::read(server);
+    let mut figures = phase.await;
+    let at_end = CpuClocks::read(server);
+    if let Some(pid) = server {
+        let settle_by = Instant::now() + Duration::from_secs(10);
+        let mut last = process_ticks(pid).unwrap_or(0);
+        while Instant::now() < settle_by {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = process_ticks(pid).unwrap_or(0);
+            if now.saturating_sub(last) <= 2 {
+                break;
+            }
+            last = now;
+        }
+    }
+    figures.cpu = CpuClocks::read(server).since(&before);
+    figures.cpu.idle_share = at_end.since(&before).idle_share;
+    figures
 }
 
 /// Runs `per_client` operations on each of `CLIENTS` tasks, timing each.
@@ -119,6 +308,7 @@ where
         errors: 0,
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
+        cpu: CpuUse::default(),
     };
     for task in tasks {
         let (latencies, errors) = task.await.expect("client task");
@@ -165,7 +355,7 @@ async fn bare_append<S: EventStore + Clone + 'static>(store: &S, per_client: usi
         .collect();
     let work = Arc::new(work);
     let store = store.clone();
-    load(per_client, move |client, n| {
+    let appends = load(per_client, move |client, n| {
         let store = store.clone();
         let work = work.clone();
         async move {
@@ -179,8 +369,8 @@ async fn bare_append<S: EventStore + Clone + 'static>(store: &S, per_client: usi
                 .await
                 .is_ok()
         }
-    })
-    .await
+    });
+    measured(None, appends).await
 }
 
 /// The `n`th observation command for synthetic patient `seed`.
@@ -274,7 +464,7 @@ async fn ledger_commands<S: EventStore + 'static, K: KeyStore + 'static>(
         })
     };
     run(warmup, 0).await;
-    run(per_client, warmup).await
+    measured(None, run(per_client, warmup)).await
 }
 
 fn rand_seed() -> u64 {
@@ -486,7 +676,8 @@ async fn http_load(
         })
     };
     command(warmup).await;
-    let commands = command(per_client).await;
+    let server_pid = Some(server.pid());
+    let commands = measured(server_pid, command(per_client)).await;
 
     let floor_client = client.clone();
     let (client, token) = (client.clone(), physician.clone());
@@ -500,8 +691,8 @@ async fn http_load(
                 .await;
             answered_ok(sent, "chart read").await
         }
-    })
-    .await;
+    });
+    let reads = measured(server_pid, reads).await;
 
     // What every request pays before its route's own work, to read the figures above by.
     let floor = |path: &str| {
@@ -519,8 +710,8 @@ async fn http_load(
             }
         })
     };
-    let transport = floor("/healthz").await;
-    let session = floor("/auth/session").await;
+    let transport = measured(server_pid, floor("/healthz")).await;
+    let session = measured(server_pid, floor("/auth/session")).await;
     drop(server);
     HttpFigures {
         commands,
@@ -588,6 +779,36 @@ fn report(backend: &str, bare: &Figures, ledger: &Figures, http: &HttpFigures) {
         http.commands.rate() / ledger.rate(),
     );
     println!(
+        "{backend}: the machine's CPU per HTTP command {:.0} us (server {}, client {:.0}, PostgreSQL \
+         {:.0}), per bare append {:.0} us; cores idle {:.0}% and {:.0}% of those phases",
+        http.commands.cpu_micros(http.commands.cpu.machine),
+        http.commands.cpu.server.map_or_else(
+            || "-".to_owned(),
+            |server| format!("{:.0}", http.commands.cpu_micros(server))
+        ),
+        http.commands.cpu_micros(http.commands.cpu.bench),
+        http.commands.cpu_micros(http.commands.cpu.postgres),
+        bare.cpu_micros(bare.cpu.machine),
+        http.commands.cpu.idle_share * 100.0,
+        bare.cpu.idle_share * 100.0,
+    );
+    for (what, figures) in [
+        ("HTTP command", &http.commands),
+        ("chart read", &http.reads),
+    ] {
+        let threads: Vec<String> = figures
+            .cpu
+            .server_threads
+            .iter()
+            .filter(|(_, spent)| !spent.is_zero())
+            .map(|(name, spent)| format!("{name} {:.0}", figures.cpu_micros(*spent)))
+            .collect();
+        println!(
+            "{backend}: the server's CPU per {what} by thread, us: {}",
+            threads.join(", ")
+        );
+    }
+    println!(
         "{backend}: command p99 {p99:.2} ms (target <= {TARGET_P99_MS} ms: {}); chart read p99 {read_p99:.2} ms ({})",
         if p99 <= TARGET_P99_MS {
             "met"
@@ -604,10 +825,15 @@ fn report(backend: &str, bare: &Figures, ledger: &Figures, http: &HttpFigures) {
 
 fn header() {
     println!(
-        "| backend  | what                               |   reqs | errs |    req/s  | p50 ms  | p99 ms  |"
+        "CPU columns: microseconds of one core per request, spent by the chartlog server, by this \
+         process (the in-process store, or the HTTP client), by PostgreSQL, and by the whole \
+         machine; idle: the share of the cores left idle during the phase"
     );
     println!(
-        "|----------|------------------------------------|--------|------|-----------|---------|---------|"
+        "| backend  | what                               |   reqs | errs |    req/s  | p50 ms  | p99 ms  | srv us | bch us |  pg us | all us | idle |"
+    );
+    println!(
+        "|----------|------------------------------------|--------|------|-----------|---------|---------|--------|--------|--------|--------|------|"
     );
 }
 

@@ -103,6 +103,11 @@ impl Server {
         server
     }
 
+    /// The server process's id, for reading its CPU time from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `https://127.0.0.1:PORT` (or `http://` with `--insecure-http`), as printed.
     pub fn base_url(&self) -> &str {
         &self.base_url
