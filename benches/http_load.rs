@@ -23,6 +23,11 @@
 //!   (TLS, HTTP and the client alone) and `/auth/session` (that plus the session lookup every
 //!   guarded request makes).
 //!
+//! Each phase also reports CPU time per request, read from /proc: the server's (in total and
+//! by thread name), this process's, PostgreSQL's processes' and the whole machine's, with the
+//! share of the cores left idle. Where the cores are all busy, a phase's rate is its CPU cost,
+//! and the throughput target becomes a budget of microseconds per command.
+//!
 //! Nothing is asserted: targets are printed as met or missed.
 
 #[allow(dead_code)]
