@@ -29,6 +29,12 @@ use crate::backup::{recipients_from, write_backup};
 const FILE_PREFIX: &str = "chartlog-";
 const FILE_SUFFIX: &str = ".backup";
 
+/// A partial file left this long without a write is an interrupted attempt's, not one being
+/// written: a backup streams its output as it reads, so a live one is touched every moment.
+/// Another server, or `chartlog backup` run by hand into the same directory, may be writing
+/// the others.
+const PARTIAL_FILE_STALE_AFTER: Duration = Duration::from_secs(10 * 60);
+
 /// Scheduled backups (all off unless --backup-dir is given).
 #[derive(Args)]
 pub(crate) struct ScheduleArgs {
@@ -179,7 +185,7 @@ async fn back_up_once(
     signing: &SigningKeys,
     reporting: &Reporting,
 ) -> AuditOutcome {
-    remove_partial_files(&schedule.directory);
+    remove_stale_partial_files(&schedule.directory, SystemTime::now());
     let file = schedule
         .directory
         .join(file_name(OffsetDateTime::now_utc()));
@@ -220,6 +226,27 @@ fn file_name(at: OffsetDateTime) -> String {
     format!("{FILE_PREFIX}{stamp}{FILE_SUFFIX}")
 }
 
+/// Whether `name` is one [`file_name`] gives: only such files are ever pruned, so a backup an
+/// operator wrote by hand into the directory (`chartlog-before-upgrade.backup`) is kept.
+fn is_scheduled_backup_name(name: &str) -> bool {
+    let Some(stamp) = name
+        .strip_prefix(FILE_PREFIX)
+        .and_then(|rest| rest.strip_suffix(FILE_SUFFIX))
+    else {
+        return false;
+    };
+    // 20261207T154500.123Z
+    let shape = b"ddddddddTdddddd.dddZ";
+    stamp.len() == shape.len()
+        && stamp
+            .bytes()
+            .zip(shape)
+            .all(|(byte, &expected)| match expected {
+                b'd' => byte.is_ascii_digit(),
+                other => byte == other,
+            })
+}
+
 /// The scheduled backups in `directory`, oldest first. Other files are never touched.
 fn scheduled_backups(directory: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut backups: Vec<PathBuf> = fs::read_dir(directory)?
@@ -229,7 +256,7 @@ fn scheduled_backups(directory: &Path) -> std::io::Result<Vec<PathBuf>> {
         .filter(|path| {
             path.file_name()
                 .and_then(|name| name.to_str())
-                .is_some_and(|name| name.starts_with(FILE_PREFIX) && name.ends_with(FILE_SUFFIX))
+                .is_some_and(is_scheduled_backup_name)
         })
         .collect();
     backups.sort();
@@ -259,16 +286,36 @@ fn prune(directory: &Path, keep: usize) {
     }
 }
 
-/// A backup interrupted by a stop leaves its hidden partial file; the next attempt clears it.
-fn remove_partial_files(directory: &Path) {
+/// A scheduled backup interrupted by a stop leaves its hidden partial file
+/// (`.<name>.<pid>.partial`, see [`write_backup`]); a later attempt clears it once it is stale.
+fn remove_stale_partial_files(directory: &Path, now: SystemTime) {
     let Ok(entries) = fs::read_dir(directory) else {
         return;
     };
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with(&format!(".{FILE_PREFIX}")) && name.ends_with(".partial") {
-            let _ = fs::remove_file(entry.path());
+        let scheduled = name
+            .strip_prefix('.')
+            .and_then(|rest| rest.strip_suffix(".partial"))
+            .and_then(|rest| rest.rsplit_once('.'))
+            .is_some_and(|(backup, pid)| {
+                is_scheduled_backup_name(backup) && pid.bytes().all(|b| b.is_ascii_digit())
+            });
+        let stale = entry
+            .metadata()
+            .and_then(|metadata| metadata.modified())
+            .is_ok_and(|modified| {
+                now.duration_since(modified)
+                    .is_ok_and(|idle| idle >= PARTIAL_FILE_STALE_AFTER)
+            });
+        if scheduled && stale {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(file = name, "stale partial backup deleted"),
+                Err(error) => {
+                    tracing::warn!(file = name, %error, "cannot delete a stale partial backup")
+                }
+            }
         }
     }
 }
@@ -287,7 +334,15 @@ mod tests {
         assert!(earlier < later);
 
         let dir = tempfile::tempdir().expect("temp dir");
-        for name in [&later, &earlier, "notes.txt", "chartlog-manual.backup.bak"] {
+        for name in [
+            &later,
+            &earlier,
+            "notes.txt",
+            "chartlog-manual.backup.bak",
+            "chartlog-before-upgrade.backup",
+            "chartlog-20261207T090500.120Z.backup.old",
+            "chartlog-20261207T0905001120Z.backup",
+        ] {
             fs::write(dir.path().join(name), b"x").expect("write");
         }
         let found = scheduled_backups(dir.path()).expect("list");
@@ -299,5 +354,38 @@ mod tests {
         assert!(!dir.path().join(&earlier).exists());
         assert!(dir.path().join(&later).exists());
         assert!(dir.path().join("notes.txt").exists(), "not ours, kept");
+        assert!(
+            dir.path().join("chartlog-before-upgrade.backup").exists(),
+            "an operator's own backup is kept"
+        );
+    }
+
+    #[test]
+    fn only_stale_partial_files_of_scheduled_backups_are_cleared() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let scheduled = file_name(datetime!(2026-12-07 09:05:00 UTC));
+        let interrupted = format!(".{scheduled}.4242.partial");
+        let being_written = format!(".{scheduled}.4343.partial");
+        let by_hand = ".chartlog-before-upgrade.backup.4444.partial";
+        let now = SystemTime::now();
+        let long_ago = now - PARTIAL_FILE_STALE_AFTER - Duration::from_secs(1);
+        for (name, modified) in [
+            (interrupted.as_str(), long_ago),
+            (being_written.as_str(), now - Duration::from_secs(5)),
+            (by_hand, long_ago),
+        ] {
+            let file = fs::File::create(dir.path().join(name)).expect("create");
+            file.set_modified(modified).expect("set mtime");
+        }
+        remove_stale_partial_files(dir.path(), now);
+        assert!(!dir.path().join(&interrupted).exists(), "stale: cleared");
+        assert!(
+            dir.path().join(&being_written).exists(),
+            "another writer's live file is kept"
+        );
+        assert!(
+            dir.path().join(by_hand).exists(),
+            "a partial of a backup the server did not name is kept"
+        );
     }
 }
