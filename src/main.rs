@@ -517,7 +517,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let inactivity_sweep = wiring::spawn_inactivity_sweep(accounts.clone());
-    let signer = wiring::active_signer(&key_dir)?;
+    let (_, signing) = wiring::key_files(&key_dir)?;
+    let signer = Arc::clone(signing.active());
     let log_checkpoints = wiring::spawn_log_checkpoints(backend.database.clone(), signer.clone());
     let scheme = if tls_config.is_some() {
         "https"
@@ -527,21 +528,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (records, audit) =
         wiring::records_and_audit(&backend.database, &key_dir, args.retention.policy())?;
     let notifier = wiring::notifier(args.break_glass_webhook.as_deref())?;
-    let scheduled_backups = match backup_schedule {
-        Some(schedule) => {
-            let (_, signing) = wiring::key_files(&key_dir)?;
-            Some(backup_schedule::spawn(
-                schedule,
-                backend.database.clone(),
-                signing,
-                backup_schedule::Reporting {
-                    audit: Arc::clone(&audit),
-                    notifier: Arc::clone(&notifier),
-                },
-            ))
-        }
-        None => None,
-    };
+    let scheduled_backups = backup_schedule.map(|schedule| {
+        backup_schedule::spawn(
+            schedule,
+            backend.database.clone(),
+            signing,
+            backup_schedule::Reporting {
+                audit: Arc::clone(&audit),
+                notifier: Arc::clone(&notifier),
+            },
+        )
+    });
     let config = ApiConfig {
         transport: if tls_config.is_some() {
             Transport::Tls

@@ -229,12 +229,6 @@ pub(crate) fn key_files(key_dir: &Path) -> anyhow::Result<(KeyRing, SigningKeys)
     Ok((ring, signing))
 }
 
-/// The signing key events are signed with now.
-pub fn active_signer(key_dir: &Path) -> anyhow::Result<Arc<EventSigner>> {
-    let (_, signing) = key_files(key_dir)?;
-    Ok(Arc::clone(signing.active()))
-}
-
 /// How often the server signs a checkpoint over the global log.
 const LOG_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
