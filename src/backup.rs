@@ -495,6 +495,22 @@ pub(crate) struct Written {
     pub(crate) bytes: u64,
 }
 
+/// The hidden file a backup named `name` is written to before it is linked into place; the
+/// process id keeps two writers of one name apart.
+fn partial_file_name(name: &str) -> String {
+    format!(".{name}.{}.partial", std::process::id())
+}
+
+/// The backup name a [`partial_file_name`] stands for, by whichever process wrote it; `None`
+/// for any other file name.
+pub(crate) fn partial_file_target(file_name: &str) -> Option<&str> {
+    let (name, pid) = file_name
+        .strip_prefix('.')?
+        .strip_suffix(".partial")?
+        .rsplit_once('.')?;
+    (!pid.is_empty() && pid.bytes().all(|byte| byte.is_ascii_digit())).then_some(name)
+}
+
 /// Writes the backup to a private temporary file beside `file`, then links it into place.
 pub(crate) async fn write_backup(
     database: &Database,
@@ -511,7 +527,7 @@ pub(crate) async fn write_backup(
         .ok_or_else(|| anyhow!("{} is not a file name", file.display()))?
         .to_string_lossy()
         .into_owned();
-    let partial = directory.join(format!(".{name}.{}.partial", std::process::id()));
+    let partial = directory.join(partial_file_name(&name));
     let output = OpenOptions::new()
         .write(true)
         .create_new(true)

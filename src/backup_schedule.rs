@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use time::macros::format_description;
 
 use crate::Database;
-use crate::backup::{recipients_from, write_backup};
+use crate::backup::{partial_file_target, recipients_from, write_backup};
 
 const FILE_PREFIX: &str = "chartlog-";
 const FILE_SUFFIX: &str = ".backup";
@@ -286,8 +286,8 @@ fn prune(directory: &Path, keep: usize) {
     }
 }
 
-/// A scheduled backup interrupted by a stop leaves its hidden partial file
-/// (`.<name>.<pid>.partial`, see [`write_backup`]); a later attempt clears it once it is stale.
+/// A scheduled backup interrupted by a stop leaves its hidden partial file (see
+/// [`write_backup`]); a later attempt clears it once it is stale.
 fn remove_stale_partial_files(directory: &Path, now: SystemTime) {
     let Ok(entries) = fs::read_dir(directory) else {
         return;
@@ -295,13 +295,7 @@ fn remove_stale_partial_files(directory: &Path, now: SystemTime) {
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let scheduled = name
-            .strip_prefix('.')
-            .and_then(|rest| rest.strip_suffix(".partial"))
-            .and_then(|rest| rest.rsplit_once('.'))
-            .is_some_and(|(backup, pid)| {
-                is_scheduled_backup_name(backup) && pid.bytes().all(|b| b.is_ascii_digit())
-            });
+        let scheduled = partial_file_target(name).is_some_and(is_scheduled_backup_name);
         let stale = entry
             .metadata()
             .and_then(|metadata| metadata.modified())
