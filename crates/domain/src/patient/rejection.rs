@@ -130,7 +130,9 @@ pub enum Rejection {
 /// Which rule of the retention period keeps a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetentionBasis {
-    /// `years` after the last entry on the record: until `kept_until`.
+    /// `years` after the last entry on the record: until `kept_until`, which the message
+    /// leaves out: the date of a patient's last entry is PHI, and whoever asks to erase (an
+    /// administrator) sees none.
     LastEntry { years: u16, kept_until: Timestamp },
     /// `years` after the patient reaches the age of majority, `age`. No date is given: it
     /// would tell whoever asked the patient's birth date.
@@ -140,10 +142,9 @@ pub enum RetentionBasis {
 impl fmt::Display for RetentionBasis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RetentionBasis::LastEntry { years, kept_until } => write!(
-                f,
-                "records are kept {years} year(s) after their last entry, this one until {kept_until}"
-            ),
+            RetentionBasis::LastEntry { years, .. } => {
+                write!(f, "records are kept {years} year(s) after their last entry")
+            }
             RetentionBasis::AgeOfMajority { age, years } => write!(
                 f,
                 "a record is kept at least {years} year(s) after the patient turns {age}"
