@@ -478,13 +478,15 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     server.wait_for_stderr("break-glass access opened");
 
     // ---- Consent: notes hidden from nurses; a named radiologist blocked inside the team. ----
-    api.post(
-        &format!("/patients/{patient}/grant-consent-restriction"),
-        &physician,
-        json!({ "kind": { "hide_notes_from_role": "nurse" } }),
-    )
-    .await
-    .expect(StatusCode::OK);
+    let hidden_from_nurses = api
+        .post(
+            &format!("/patients/{patient}/grant-consent-restriction"),
+            &physician,
+            json!({ "kind": { "hide_notes_from_role": "nurse" } }),
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
     let nurse_view = api
         .get(&format!("/patients/{patient}/chart"), &nurse)
         .await
@@ -492,6 +494,24 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
         .json();
     assert!(nurse_view["notes"].is_null(), "{nurse_view}");
     assert!(nurse_view["observations"].is_array());
+    // Break-glass is for the emergency: it does not lift the restriction aimed at the nurse
+    // (nor, policy::may_change_access, change the care team).
+    let refused = api
+        .post(
+            &format!("/patients/{patient}/revoke-consent-restriction"),
+            &nurse,
+            json!({ "restriction_id": hidden_from_nurses["record_id"] }),
+        )
+        .await
+        .expect(StatusCode::FORBIDDEN)
+        .json();
+    assert_eq!(refused["error"], "access_change_refused", "{refused}");
+    let nurse_view = api
+        .get(&format!("/patients/{patient}/chart"), &nurse)
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert!(nurse_view["notes"].is_null(), "{nurse_view}");
     api.post(
         &format!("/patients/{patient}/assign-care-relationship"),
         &physician,

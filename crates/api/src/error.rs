@@ -109,6 +109,13 @@ pub enum ApiError {
         /// What the user may do about it (fixed text).
         hint: &'static str,
     },
+    /// The caller reaches the record, but not to change who else does (see
+    /// [`crate::policy::AccessChangeDenial`]).
+    #[error("{message}")]
+    AccessChangeRefused {
+        /// Why, in fixed text.
+        message: &'static str,
+    },
     /// A request the endpoint understood but will not do; the message names the problem
     /// from fixed text and ids, never from PHI.
     #[error("{message}")]
@@ -183,6 +190,7 @@ impl ApiError {
             ApiError::SessionRestricted { .. } => "session_restricted",
             ApiError::Forbidden { .. } => "forbidden",
             ApiError::NoAccessToRecord { .. } => "no_access_to_record",
+            ApiError::AccessChangeRefused { .. } => "access_change_refused",
             ApiError::Unprocessable { code, .. } | ApiError::Conflict { code, .. } => code,
             ApiError::IdempotencyKeyInProgress => "idempotency_key_in_progress",
             ApiError::PreconditionFailed { .. } => "precondition_failed",
@@ -271,7 +279,8 @@ impl ResponseError for ApiError {
             }
             ApiError::SessionRestricted { .. }
             | ApiError::Forbidden { .. }
-            | ApiError::NoAccessToRecord { .. } => StatusCode::FORBIDDEN,
+            | ApiError::NoAccessToRecord { .. }
+            | ApiError::AccessChangeRefused { .. } => StatusCode::FORBIDDEN,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Conflict { .. } | ApiError::IdempotencyKeyInProgress => StatusCode::CONFLICT,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,

@@ -6,7 +6,7 @@
 //! is this table (a test keeps them equal). Anything not granted here is denied.
 
 use chartlog_domain::patient::{ConsentRestrictionKind, Patient};
-use chartlog_domain::{PatientId, Role, UserId};
+use chartlog_domain::{Actor, PatientCommand, PatientId, Role, UserId};
 use serde::Serialize;
 
 /// What a route touches. Clinical entities are parts of one patient's chart; the others are
@@ -310,6 +310,68 @@ pub fn notes_hidden_from(record: &Patient, role: Role) -> bool {
         .any(|kind| kind == ConsentRestrictionKind::HideNotesFromRole(role))
 }
 
+/// Why a command that changes who reaches the record (the care team, consent restrictions)
+/// is refused to a caller the record's checks otherwise let in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessChangeDenial {
+    /// Break-glass opens the record for an emergency, reviewed afterwards; it must not be a
+    /// way to stay in after the grant expires (assigning oneself to the care team) or to
+    /// lift the patient's restrictions.
+    UnderBreakGlass,
+    /// A restriction aimed at the caller (a block on them, or notes hidden from their role)
+    /// is the patient's decision about that caller: only the patient lifts it.
+    RestrictionAimedAtCaller,
+}
+
+impl AccessChangeDenial {
+    /// The refusal's message, fixed text.
+    pub fn message(self) -> &'static str {
+        match self {
+            AccessChangeDenial::UnderBreakGlass => {
+                "break-glass access does not extend to the care team or the patient's consent \
+                 restrictions"
+            }
+            AccessChangeDenial::RestrictionAimedAtCaller => {
+                "a consent restriction aimed at you or your role can be revoked only by the \
+                 patient"
+            }
+        }
+    }
+}
+
+/// The checks on commands that change who reaches the record, after [`reach_record`] let
+/// `actor` in: `record` is the state the command will be decided on.
+pub fn may_change_access(
+    actor: &Actor,
+    record: Option<&Patient>,
+    command: &PatientCommand,
+) -> Result<(), AccessChangeDenial> {
+    let changes_access = matches!(
+        command,
+        PatientCommand::AssignCareRelationship { .. }
+            | PatientCommand::EndCareRelationship { .. }
+            | PatientCommand::GrantConsentRestriction { .. }
+            | PatientCommand::RevokeConsentRestriction { .. }
+    );
+    if changes_access && actor.break_glass {
+        return Err(AccessChangeDenial::UnderBreakGlass);
+    }
+    if let PatientCommand::RevokeConsentRestriction { restriction_id } = command
+        && actor.role != Role::Patient
+    {
+        let aimed_at_caller = record
+            .and_then(|record| record.consent_restrictions().get(restriction_id))
+            .is_some_and(|restriction| match restriction.kind() {
+                ConsentRestrictionKind::BlockUser(user) => user == actor.user_id,
+                ConsentRestrictionKind::HideNotesFromRole(role) => role == actor.role,
+            });
+        if aimed_at_caller {
+            return Err(AccessChangeDenial::RestrictionAimedAtCaller);
+        }
+    }
+    Ok(())
+}
+
 /// The role table as Markdown, one row per role, one column per entity: what README shows.
 pub fn role_table_markdown() -> String {
     let mut table = String::from("| role |");
@@ -470,5 +532,124 @@ mod tests {
             ),
             Err(RecordDenial::NoPathToRecord)
         );
+    }
+
+    /// A registered record with the given restrictions granted, folded through the domain.
+    fn record_with(restrictions: &[(u128, ConsentRestrictionKind)]) -> Patient {
+        use chartlog_domain::patient::{decide, evolve};
+        use chartlog_domain::{ConsentRestrictionId, Timestamp, synthetic};
+        let now = Timestamp::from_unix_micros(1_790_000_000_000_000).expect("a valid time");
+        let mut commands = vec![synthetic::registration(7)];
+        commands.extend(restrictions.iter().map(|&(id, kind)| {
+            PatientCommand::GrantConsentRestriction {
+                restriction_id: ConsentRestrictionId::from_uuid(uuid::Uuid::from_u128(id)),
+                kind,
+            }
+        }));
+        commands
+            .into_iter()
+            .fold(Patient::default(), |record, command| {
+                decide(&record, command, now)
+                    .expect("accepted")
+                    .iter()
+                    .fold(record, evolve)
+            })
+    }
+
+    fn actor(role: Role, user: u128, break_glass: bool) -> Actor {
+        Actor {
+            user_id: UserId::from_uuid(uuid::Uuid::from_u128(user)),
+            role,
+            purpose_of_use: chartlog_domain::PurposeOfUse::Treatment,
+            break_glass,
+        }
+    }
+
+    fn revoke(id: u128) -> PatientCommand {
+        PatientCommand::RevokeConsentRestriction {
+            restriction_id: chartlog_domain::ConsentRestrictionId::from_uuid(
+                uuid::Uuid::from_u128(id),
+            ),
+        }
+    }
+
+    #[test]
+    fn only_the_patient_lifts_a_restriction_aimed_at_the_caller() {
+        let blocked_physician = UserId::from_uuid(uuid::Uuid::from_u128(20));
+        let record = record_with(&[
+            (1, ConsentRestrictionKind::BlockUser(blocked_physician)),
+            (2, ConsentRestrictionKind::HideNotesFromRole(Role::Nurse)),
+        ]);
+        let refused = Err(AccessChangeDenial::RestrictionAimedAtCaller);
+        assert_eq!(
+            may_change_access(
+                &actor(Role::Physician, 20, false),
+                Some(&record),
+                &revoke(1)
+            ),
+            refused
+        );
+        assert_eq!(
+            may_change_access(&actor(Role::Nurse, 30, false), Some(&record), &revoke(2)),
+            refused
+        );
+        // Acting on the patient's request for someone else, or as the patient, is allowed.
+        assert_eq!(
+            may_change_access(
+                &actor(Role::Physician, 21, false),
+                Some(&record),
+                &revoke(1)
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            may_change_access(
+                &actor(Role::Physician, 20, false),
+                Some(&record),
+                &revoke(2)
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            may_change_access(&actor(Role::Patient, 20, false), Some(&record), &revoke(1)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn break_glass_changes_neither_the_care_team_nor_consent() {
+        let record = record_with(&[]);
+        let me = UserId::from_uuid(uuid::Uuid::from_u128(40));
+        let emergency = actor(Role::Physician, 40, true);
+        for command in [
+            PatientCommand::AssignCareRelationship { clinician: me },
+            PatientCommand::EndCareRelationship { clinician: me },
+            PatientCommand::GrantConsentRestriction {
+                restriction_id: chartlog_domain::ConsentRestrictionId::from_uuid(
+                    uuid::Uuid::from_u128(3),
+                ),
+                kind: ConsentRestrictionKind::HideNotesFromRole(Role::Nurse),
+            },
+            revoke(3),
+        ] {
+            assert_eq!(
+                may_change_access(&emergency, Some(&record), &command),
+                Err(AccessChangeDenial::UnderBreakGlass)
+            );
+            assert_eq!(
+                may_change_access(&actor(Role::Physician, 40, false), Some(&record), &command),
+                Ok(())
+            );
+        }
+        // Treatment under break-glass goes on.
+        let treatment = chartlog_domain::synthetic::clinical_command(7, 1, record_time());
+        assert_eq!(
+            may_change_access(&emergency, Some(&record), &treatment),
+            Ok(())
+        );
+    }
+
+    fn record_time() -> chartlog_domain::Timestamp {
+        chartlog_domain::Timestamp::from_unix_micros(1_790_000_000_000_000).expect("a valid time")
     }
 }

@@ -27,11 +27,11 @@ use serde::{Deserialize, Deserializer};
 
 use super::patients::CommandAnswer;
 use super::{
-    PatientPath, idempotent, internal, ledger_error, parse_body, reach, reach_on_last_known_record,
-    require_json,
+    PatientPath, audit_denial, idempotent, internal, ledger_error, parse_body, reach,
+    reach_on_last_known_record, require_json,
 };
 use crate::guard::Caller;
-use crate::policy::Entity;
+use crate::policy::{self, Entity};
 use crate::routes::Route;
 use crate::{ApiConfig, ApiError};
 
@@ -206,6 +206,29 @@ pub(crate) async fn execute<B: CommandBody>(
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let record = checked.loaded.as_ref().map(|loaded| &loaded.patient);
+            if let Err(denial) = policy::may_change_access(&checked.actor, record, &domain_command)
+            {
+                // A last-known record may be behind the stream (a grant since expired, a
+                // restriction since revoked): only the fresh record's answer is final.
+                if on_last_known {
+                    checked = reach(&config, &caller, patient, B::ENTITY, B::ACTION).await?;
+                    on_last_known = false;
+                    continue;
+                }
+                audit_denial(
+                    &config,
+                    &caller,
+                    checked.actor,
+                    patient,
+                    B::ENTITY,
+                    B::ACTION,
+                )
+                .await?;
+                return Err(ApiError::AccessChangeRefused {
+                    message: denial.message(),
+                });
+            }
             let outcome = config
                 .records
                 .execute(

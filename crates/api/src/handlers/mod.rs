@@ -67,19 +67,7 @@ pub(crate) async fn reach(
     match check_reach(config, caller, patient, entity, loaded).await? {
         Ok(reach) => Ok(reach),
         Err(denial) => {
-            let row = AuditRow {
-                audit_id: uuid::Uuid::now_v7(),
-                occurred_at: crate::now(),
-                actor: Some(caller.actor(None)),
-                patient_id: Some(patient),
-                entity: Some(audit::audit_entity(entity)),
-                record_id: None,
-                action,
-                outcome: AuditOutcome::Denied,
-                client_address: caller.client_address,
-                event_type: None,
-            };
-            audit::record(config, vec![row]).await?;
+            audit_denial(config, caller, caller.actor(None), patient, entity, action).await?;
             Err(ApiError::NoAccessToRecord {
                 hint: match denial {
                     RecordDenial::NoCareRelationship | RecordDenial::BlockedByConsent => {
@@ -90,6 +78,30 @@ pub(crate) async fn reach(
             })
         }
     }
+}
+
+/// Audits a refusal to touch `patient`'s record, before the refusal is answered.
+pub(crate) async fn audit_denial(
+    config: &ApiConfig,
+    caller: &Caller,
+    actor: Actor,
+    patient: PatientId,
+    entity: Entity,
+    action: AuditAction,
+) -> Result<(), ApiError> {
+    let row = AuditRow {
+        audit_id: uuid::Uuid::now_v7(),
+        occurred_at: crate::now(),
+        actor: Some(actor),
+        patient_id: Some(patient),
+        entity: Some(audit::audit_entity(entity)),
+        record_id: None,
+        action,
+        outcome: AuditOutcome::Denied,
+        client_address: caller.client_address,
+        event_type: None,
+    };
+    audit::record(config, vec![row]).await
 }
 
 /// The object-level check against the record as this server last left it, without reading
