@@ -889,6 +889,37 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
         "every denial is audited, once"
     );
 
+    // A read the caller was cleared for that finds no record is audited too.
+    let unregistered = "01900000-0000-7000-8000-00000000beef";
+    api.post(
+        &format!("/patients/{unregistered}/break-glass"),
+        &nurse,
+        json!({ "reason": "Unconscious arrival; checking for an existing record." }),
+    )
+    .await
+    .expect(StatusCode::CREATED);
+    for read in ["chart", "history", "care-team"] {
+        api.get(&format!("/patients/{unregistered}/{read}"), &nurse)
+            .await
+            .expect(StatusCode::NOT_FOUND);
+    }
+    let failures_in = |response: &Response| {
+        response.json()["rows"].as_array().map_or(0, |rows| {
+            rows.iter()
+                .filter(|row| row["outcome"] == "failure" && row["action"] == "read")
+                .count()
+        })
+    };
+    let failures = eventually(
+        &api,
+        &format!("/audit-trail?patient_id={unregistered}"),
+        &auditor,
+        |r| r.status == StatusCode::OK && failures_in(r) >= 3,
+    )
+    .await
+    .expect(StatusCode::OK);
+    assert_eq!(failures_in(&failures), 3, "{}", failures.text);
+
     // ---- The analyst exports de-identified data holding no identifier. ----
     let (analyst, _) = api.first_login("analyst.al", &analyst_otp).await;
     let export = eventually(

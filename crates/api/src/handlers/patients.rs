@@ -12,7 +12,7 @@ use chartlog_domain::{
     AllergyId, ConditionId, ConsentRestrictionId, MedicationOrderId, NoteId, ObservationId,
     PatientCommand, PatientId, Role, UserId,
 };
-use chartlog_projections::audit::{AuditAction, AuditEntity};
+use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
 use chartlog_projections::chart::{Chart, ChartAnswer};
 use chartlog_projections::history::HistoryAnswer;
 use chartlog_store::ExecuteOptions;
@@ -254,10 +254,23 @@ pub(crate) async fn chart(
         )
         .await
         .map_err(internal("chart read"))?;
-    let chart = match answer {
-        ChartAnswer::Found(chart) => chart,
-        ChartAnswer::Erased { .. } => return Err(ApiError::Erased),
-        ChartAnswer::NotFound => return Err(ApiError::NotFound),
+    let refusal = match answer {
+        ChartAnswer::Found(chart) => Ok(chart),
+        ChartAnswer::Erased { .. } => Err(ApiError::Erased),
+        ChartAnswer::NotFound => Err(ApiError::NotFound),
+    };
+    let chart = match refusal {
+        Ok(chart) => chart,
+        Err(refusal) => {
+            return Err(audit_unanswered_read(
+                &config,
+                &caller,
+                &reach,
+                AuditEntity::Patient,
+                refusal,
+            )
+            .await);
+        }
     };
     let hide_notes = reach
         .loaded
@@ -541,10 +554,23 @@ pub(crate) async fn history(
         .history(reach.patient, query.before_version, limit, reach.version())
         .await
         .map_err(internal("history read"))?;
-    let page = match answer {
-        HistoryAnswer::Found(page) => page,
-        HistoryAnswer::Erased { .. } => return Err(ApiError::Erased),
-        HistoryAnswer::NotFound => return Err(ApiError::NotFound),
+    let refusal = match answer {
+        HistoryAnswer::Found(page) => Ok(page),
+        HistoryAnswer::Erased { .. } => Err(ApiError::Erased),
+        HistoryAnswer::NotFound => Err(ApiError::NotFound),
+    };
+    let page = match refusal {
+        Ok(page) => page,
+        Err(refusal) => {
+            return Err(audit_unanswered_read(
+                &config,
+                &caller,
+                &reach,
+                AuditEntity::History,
+                refusal,
+            )
+            .await);
+        }
     };
     let hide_notes = reach
         .loaded
@@ -654,6 +680,30 @@ async fn audit_read(
     .await
 }
 
+/// Audits a read the caller was cleared for that found no record to show (never registered,
+/// erased, or unreadable), and gives back `refusal` to answer with; the audit trail's own
+/// failure wins (503), as for every PHI read.
+async fn audit_unanswered_read(
+    config: &ApiConfig,
+    caller: &Caller,
+    reach: &super::Reach,
+    entity: AuditEntity,
+    refusal: ApiError,
+) -> ApiError {
+    let mut row = audit::access_row(
+        reach.actor,
+        caller.client_address,
+        Some(reach.patient),
+        entity,
+        AuditAction::Read,
+    );
+    row.outcome = AuditOutcome::Failure;
+    match audit::record(config, vec![row]).await {
+        Ok(()) => refusal,
+        Err(unavailable) => unavailable,
+    }
+}
+
 /// The patient's consent restrictions, revoked ones included.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ConsentRestrictions {
@@ -737,11 +787,16 @@ async fn decision_state_read<T: Serialize>(
         // The check does not tell a record never registered from an erased one; the load
         // names which (404 or 410).
         None => {
-            loaded_now = config
-                .records
-                .load(reach.patient)
-                .await
-                .map_err(ledger_error)?;
+            loaded_now = match config.records.load(reach.patient).await {
+                Ok(loaded) => loaded,
+                Err(error) => {
+                    let refusal = ledger_error(error);
+                    let entity = audit::audit_entity(entity);
+                    return Err(
+                        audit_unanswered_read(config, caller, &reach, entity, refusal).await,
+                    );
+                }
+            };
             &loaded_now
         }
     };
