@@ -349,15 +349,19 @@ impl Accounts {
         if user.disabled {
             return Err(AccessError::UserDisabled { user_id: id }.into());
         }
-        if let Some(retry_after_seconds) = self.throttled(Some(&user.username), None, now).await? {
-            return Err(PasswordChangeError::Throttled {
-                retry_after_seconds,
-            });
-        }
+        let attempt = match self.count_attempt(Some(&user.username), None, now).await? {
+            Ok(attempt) => attempt,
+            Err(retry_after_seconds) => {
+                return Err(PasswordChangeError::Throttled {
+                    retry_after_seconds,
+                });
+            }
+        };
         if !verify_any_blocking(current, vec![user.password_hash.clone()]).await? {
-            self.record_failure(Some(&user.username), None, now).await?;
             return Err(PasswordChangeError::CurrentPasswordIncorrect);
         }
+        // The current password was right: what follows is the new one's policy, not a guess.
+        self.forget_attempt(attempt).await?;
         password::check_policy(self.settings(), user.role, &user.username, new)?;
         let history = self.password_history(id).await?;
         if verify_any_blocking(new, history).await? {
@@ -556,18 +560,22 @@ impl Accounts {
     /// Checks a login and opens a session. Unknown account, wrong password, disabled account
     /// and wrong second factor all answer [`LoginError::InvalidCredentials`] and count as a
     /// failure; too many recent failures for the account or the address answer
-    /// [`LoginError::Throttled`] before any check.
+    /// [`LoginError::Throttled`] before any check. The attempt is counted before the password
+    /// is verified (see [`Accounts::count_attempt`]).
     #[tracing::instrument(skip_all)]
     pub async fn login(
         &self,
-        attempt: LoginAttempt,
+        login: LoginAttempt,
         now: Timestamp,
     ) -> Result<LoginSuccess, LoginError> {
-        let address = address_key(attempt.client_address);
-        let username = Username::parse(&attempt.username).ok();
-        self.refuse_if_throttled(username.as_ref(), Some(&address), now)
+        let address = address_key(login.client_address);
+        let username = Username::parse(&login.username).ok();
+        let attempt = self
+            .counted_attempt(username.as_ref(), Some(&address), now)
             .await
             .inspect_err(|_| tracing::warn!("login throttled"))?;
+        // From here every way out but a session or a request for the second factor leaves the
+        // attempt counted as a failure.
         let user = match &username {
             Some(username) => self.user_row_by_name(username).await?,
             None => None,
@@ -579,28 +587,24 @@ impl Accounts {
                 // The same argon2 work as a wrong password, so the answer's timing does not
                 // tell unknown, disabled or identity-provider accounts apart.
                 let dummy = self.dummy_hash().await?;
-                verify_any_blocking(&attempt.password, vec![dummy]).await?;
-                self.record_failure(username.as_ref(), Some(&address), now)
-                    .await?;
+                verify_any_blocking(&login.password, vec![dummy]).await?;
                 return Err(LoginError::InvalidCredentials);
             }
         };
-        if !verify_any_blocking(&attempt.password, vec![user.password_hash.clone()]).await? {
-            self.record_failure(Some(&user.username), Some(&address), now)
-                .await?;
+        if !verify_any_blocking(&login.password, vec![user.password_hash.clone()]).await? {
             return Err(LoginError::InvalidCredentials);
         }
         if user.totp_sealed.is_some() {
-            let Some(code) = &attempt.second_factor else {
+            let Some(code) = &login.second_factor else {
+                // The password was right: asking for the code is not a failure.
+                self.forget_attempt(attempt).await?;
                 return Err(LoginError::SecondFactorRequired);
             };
             if !self.accept_second_factor(&user, code, now).await? {
-                self.record_failure(Some(&user.username), Some(&address), now)
-                    .await?;
                 return Err(LoginError::InvalidCredentials);
             }
         }
-        self.open_session(user, now).await
+        self.open_session(user, attempt, now).await
     }
 
     /// Signs in the account linked to the subject of `assertion`, once the caller has
@@ -616,22 +620,20 @@ impl Accounts {
         now: Timestamp,
     ) -> Result<LoginSuccess, LoginError> {
         let address = address_key(client_address);
-        self.refuse_if_throttled(None, Some(&address), now)
+        let attempt = self
+            .counted_attempt(None, Some(&address), now)
             .await
             .inspect_err(|_| tracing::warn!("identity-provider login throttled"))?;
         let user = match self.user_row_by_sso_subject(&assertion.subject).await? {
             Some(user) if !user.disabled && self.claim_sso_token(assertion).await? => user,
-            _ => {
-                self.record_failure(None, Some(&address), now).await?;
-                return Err(LoginError::InvalidCredentials);
-            }
+            _ => return Err(LoginError::InvalidCredentials),
         };
         if self.settings().second_factor_required(user.role) && !assertion.second_factor {
-            self.record_failure(Some(&user.username), Some(&address), now)
+            self.charge_attempt_to_account(attempt, &user.username)
                 .await?;
             return Err(LoginError::IdentityProviderSecondFactorMissing);
         }
-        self.open_session(user, now).await
+        self.open_session(user, attempt, now).await
     }
 
     /// Spends an identity-provider token: true the first time it is presented to any server
@@ -700,7 +702,7 @@ impl Accounts {
         client_address: IpAddr,
         now: Timestamp,
     ) -> Result<(), LoginError> {
-        let (user, address) = self
+        let (user, attempt) = self
             .reauthentication_allowed(id, client_address, now)
             .await?;
         let proved = match assertion {
@@ -712,20 +714,24 @@ impl Accounts {
             }
             _ => false,
         };
-        self.reauthentication_outcome(&user, &address, proved, now)
-            .await
+        self.reauthentication_outcome(&user, attempt, proved).await
     }
 
-    /// Opens a session for `user`, who just proved who they are.
+    /// Opens a session for `user`, who just proved who they are, and clears the failures of
+    /// the account and the row of the `attempt` that proved it.
     async fn open_session(
         &self,
         user: UserRow,
+        attempt: Uuid,
         now: Timestamp,
     ) -> Result<LoginSuccess, LoginError> {
         let token = SessionToken::generate();
         let session_id = Uuid::new_v4();
         let mut tx = self.db().begin().await.map_err(AccessError::from)?;
         clear_account_failures(&mut tx, &user.username).await?;
+        // An identity-provider attempt is counted against the address only: clearing the
+        // account's failures does not reach it.
+        forget_attempt(&mut tx, attempt).await?;
         tx.execute(
             "UPDATE chartlog_access_users SET last_login_at_us = $1 WHERE user_id = $2",
             vec![at_arg(now), user_arg(user.user_id)],
@@ -770,7 +776,7 @@ impl Accounts {
         client_address: IpAddr,
         now: Timestamp,
     ) -> Result<(), LoginError> {
-        let (user, address) = self
+        let (user, attempt) = self
             .reauthentication_allowed(id, client_address, now)
             .await?;
         // An identity-provider account re-authenticates there (`sso_reauthenticate`), never
@@ -782,64 +788,118 @@ impl Accounts {
             user.password_hash.clone()
         };
         let proved = !refused && verify_any_blocking(password, vec![stored]).await?;
-        self.reauthentication_outcome(&user, &address, proved, now)
-            .await
+        self.reauthentication_outcome(&user, attempt, proved).await
     }
 
-    /// The account about to re-authenticate, and the key its address's failures count
-    /// under; refused while either is throttled.
+    /// The account about to re-authenticate, and its attempt, counted against the account
+    /// and the address (see [`Accounts::count_attempt`]); refused while either is throttled.
     async fn reauthentication_allowed(
         &self,
         id: UserId,
         client_address: IpAddr,
         now: Timestamp,
-    ) -> Result<(UserRow, String), LoginError> {
+    ) -> Result<(UserRow, Uuid), LoginError> {
         let user = self.existing_user(id).await?;
         let address = address_key(client_address);
-        self.refuse_if_throttled(Some(&user.username), Some(&address), now)
+        let attempt = self
+            .counted_attempt(Some(&user.username), Some(&address), now)
             .await?;
-        Ok((user, address))
+        Ok((user, attempt))
     }
 
-    /// Counts a failed re-authentication against the account and the address, or clears the
-    /// account's count after one that `proved` who is at the keyboard.
+    /// Leaves a re-authentication that did not prove who is at the keyboard counted as a
+    /// failure, or clears the account's failures (the attempt's own row with them) after one
+    /// that `proved` it.
     async fn reauthentication_outcome(
         &self,
         user: &UserRow,
-        address: &str,
+        attempt: Uuid,
         proved: bool,
-        now: Timestamp,
     ) -> Result<(), LoginError> {
         if !proved {
-            self.record_failure(Some(&user.username), Some(address), now)
-                .await?;
             return Err(LoginError::InvalidCredentials);
         }
         let mut tx = self.db().begin().await.map_err(AccessError::from)?;
         clear_account_failures(&mut tx, &user.username).await?;
+        forget_attempt(&mut tx, attempt).await?;
         tx.commit().await.map_err(AccessError::from)?;
         Ok(())
     }
 
-    /// [`LoginError::Throttled`] while the account name or the address is throttled.
-    async fn refuse_if_throttled(
+    /// [`Accounts::count_attempt`], refused with [`LoginError::Throttled`].
+    async fn counted_attempt(
         &self,
         username: Option<&Username>,
         address: Option<&str>,
         now: Timestamp,
-    ) -> Result<(), LoginError> {
-        match self.throttled(username, address, now).await? {
-            Some(retry_after_seconds) => Err(LoginError::Throttled {
+    ) -> Result<Uuid, LoginError> {
+        self.count_attempt(username, address, now)
+            .await?
+            .map_err(|retry_after_seconds| LoginError::Throttled {
                 retry_after_seconds,
-            }),
-            None => Ok(()),
+            })
+    }
+
+    /// Counts an attempt against the account name and the address before anything is
+    /// verified, and returns its id; or, when either has reached its limit of failures within
+    /// the window, the seconds until it may try again.
+    ///
+    /// The attempt's failure row is inserted first and the window counted after, including
+    /// it. Checking first and recording after the argon2 verification let a burst of
+    /// simultaneous attempts all pass the check before any was recorded; now each attempt
+    /// sees the rows of every attempt that came before it, so at most the limit of them go
+    /// on to be verified, however many arrive at once. The row stays, a failure, unless the
+    /// attempt proves who is there: then [`Accounts::forget_attempt`] or a session deletes it.
+    ///
+    /// An attempt over the limit deletes its row again: refused attempts are not failures,
+    /// as when the throttle was checked before anything was recorded, so a user retrying
+    /// during a lockout (or someone flooding the account) does not push its end further; the
+    /// lockout ends when the oldest of the failures that caused it leaves the window.
+    async fn count_attempt(
+        &self,
+        username: Option<&Username>,
+        address: Option<&str>,
+        now: Timestamp,
+    ) -> Result<Result<Uuid, u64>, AccessError> {
+        assert!(
+            username.is_some() || address.is_some(),
+            "an attempt is counted against an account name or an address"
+        );
+        let attempt = Uuid::new_v4();
+        self.db()
+            .execute(
+                "INSERT INTO chartlog_access_login_failures \
+                 (username, client_address, failed_at_us, attempt_id) VALUES ($1, $2, $3, $4)",
+                vec![
+                    SqlArg::OptText(username.map(|name| name.as_str().to_owned())),
+                    SqlArg::OptText(address.map(str::to_owned)),
+                    at_arg(now),
+                    uuid_arg(attempt),
+                ],
+            )
+            .await?;
+        let throttled = self.throttled(attempt, username, address, now).await;
+        match throttled {
+            Ok(None) => Ok(Ok(attempt)),
+            Ok(Some(retry_after_seconds)) => {
+                self.forget_attempt(attempt).await?;
+                Ok(Err(retry_after_seconds))
+            }
+            Err(error) => {
+                // Unchecked, the attempt is no failure either; the error is the answer.
+                if let Err(forget_error) = self.forget_attempt(attempt).await {
+                    tracing::warn!(error = %forget_error, "login attempt not forgotten");
+                }
+                Err(error)
+            }
         }
     }
 
-    /// Seconds until the account name or the address may try again, if either has reached
-    /// its limit of failures within the window.
+    /// Seconds until the account name or the address may try again, if, besides `attempt`,
+    /// either has reached its limit of failures within the window.
     async fn throttled(
         &self,
+        attempt: Uuid,
         username: Option<&Username>,
         address: Option<&str>,
         now: Timestamp,
@@ -848,14 +908,14 @@ impl Accounts {
         let mut retry_after_micros: Option<i64> = None;
         let checks = [
             (
-                "SELECT failed_at_us FROM chartlog_access_login_failures \
+                "SELECT failed_at_us, attempt_id FROM chartlog_access_login_failures \
                  WHERE username = $1 AND failed_at_us > $2 \
                  ORDER BY failed_at_us DESC LIMIT $3",
                 username.map(|name| name.as_str().to_owned()),
                 LOGIN_FAILURES_PER_ACCOUNT_MAX,
             ),
             (
-                "SELECT failed_at_us FROM chartlog_access_login_failures \
+                "SELECT failed_at_us, attempt_id FROM chartlog_access_login_failures \
                  WHERE client_address = $1 AND failed_at_us > $2 \
                  ORDER BY failed_at_us DESC LIMIT $3",
                 address.map(str::to_owned),
@@ -864,6 +924,7 @@ impl Accounts {
         ];
         for (sql, key, limit) in checks {
             let Some(key) = key else { continue };
+            // One more than the limit: the attempt's own row is among them.
             let rows = self
                 .db()
                 .fetch_all(
@@ -871,15 +932,21 @@ impl Accounts {
                     vec![
                         SqlArg::Text(key),
                         SqlArg::I64(since),
-                        SqlArg::I64(limit as i64),
+                        SqlArg::I64(limit as i64 + 1),
                     ],
                 )
                 .await?;
-            if rows.len() < limit {
+            let mut others = Vec::with_capacity(rows.len());
+            for row in &rows {
+                if row.opt_uuid(1)? != Some(attempt) {
+                    others.push(row.i64(0)?);
+                }
+            }
+            if others.len() < limit {
                 continue;
             }
             // The oldest of the last `limit` failures leaves the window first.
-            let oldest = rows[limit - 1].i64(0)?;
+            let oldest = others[limit - 1];
             let retry = plus(clamped_timestamp(oldest), LOGIN_FAILURE_WINDOW) - now.unix_micros();
             retry_after_micros = Some(retry_after_micros.map_or(retry, |r| r.max(retry)));
         }
@@ -889,24 +956,30 @@ impl Accounts {
         }))
     }
 
-    async fn record_failure(
-        &self,
-        username: Option<&Username>,
-        address: Option<&str>,
-        now: Timestamp,
-    ) -> Result<(), AccessError> {
-        assert!(
-            username.is_some() || address.is_some(),
-            "a failure is counted against an account name or an address"
-        );
+    /// Deletes the row of an attempt that turned out not to be a failure.
+    async fn forget_attempt(&self, attempt: Uuid) -> Result<(), AccessError> {
         self.db()
             .execute(
-                "INSERT INTO chartlog_access_login_failures \
-                 (username, client_address, failed_at_us) VALUES ($1, $2, $3)",
+                "DELETE FROM chartlog_access_login_failures WHERE attempt_id = $1",
+                vec![uuid_arg(attempt)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Counts an attempt made against the address only against `username` too, once it is
+    /// known whose it was.
+    async fn charge_attempt_to_account(
+        &self,
+        attempt: Uuid,
+        username: &Username,
+    ) -> Result<(), AccessError> {
+        self.db()
+            .execute(
+                "UPDATE chartlog_access_login_failures SET username = $1 WHERE attempt_id = $2",
                 vec![
-                    SqlArg::OptText(username.map(|name| name.as_str().to_owned())),
-                    SqlArg::OptText(address.map(str::to_owned)),
-                    at_arg(now),
+                    SqlArg::Text(username.as_str().to_owned()),
+                    uuid_arg(attempt),
                 ],
             )
             .await?;
@@ -1306,6 +1379,15 @@ async fn clear_account_failures(
     tx.execute(
         "DELETE FROM chartlog_access_login_failures WHERE username = $1",
         vec![SqlArg::Text(username.as_str().to_owned())],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn forget_attempt(tx: &mut ProjectionTx, attempt: Uuid) -> Result<(), AccessError> {
+    tx.execute(
+        "DELETE FROM chartlog_access_login_failures WHERE attempt_id = $1",
+        vec![uuid_arg(attempt)],
     )
     .await?;
     Ok(())

@@ -6,7 +6,7 @@
 //! Holmer, from Dan Wheeler's zxcvbn); see `data/README.md`.
 
 use std::collections::HashSet;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use argon2::password_hash::phc::PasswordHash;
 use argon2::{Algorithm, Argon2, PasswordHasher as _, PasswordVerifier as _, Version};
@@ -107,19 +107,50 @@ fn verify(password: &str, stored: &str) -> Result<bool, AccessError> {
     }
 }
 
-/// [`hash`] on tokio's blocking pool.
+/// Fewest argon2 computations allowed at once, whatever the machine reports.
+const ARGON2_CONCURRENT_MIN: usize = 2;
+
+/// Permits for argon2 computations: one per core the process may use, at least
+/// [`ARGON2_CONCURRENT_MIN`]. Each computation holds its memory cost (19 MiB by default) for
+/// tens of milliseconds; without a bound a burst of logins would each take a blocking thread
+/// (512 of them in tokio's pool) and its memory at once, and more at once than there are cores
+/// finish no sooner. The rest wait their turn holding nothing but their request.
+static ARGON2_PERMITS: LazyLock<Arc<tokio::sync::Semaphore>> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    Arc::new(tokio::sync::Semaphore::new(
+        cores.max(ARGON2_CONCURRENT_MIN),
+    ))
+});
+
+/// Runs `work` (argon2) on tokio's blocking pool once a permit is free. The permit moves into
+/// the blocking task: if the caller goes away, the computation already started still counts
+/// until it ends.
+async fn argon2_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, AccessError> + Send + 'static,
+) -> Result<T, AccessError> {
+    let permit = Arc::clone(&ARGON2_PERMITS)
+        .acquire_owned()
+        .await
+        .map_err(|_| AccessError::Hashing("the argon2 permits are closed".to_owned()))?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .expect("argon2 does not panic")
+}
+
+/// [`hash`] on tokio's blocking pool, at most [`ARGON2_PERMITS`] at once.
 pub(crate) async fn hash_blocking(
     cost: PasswordHashing,
     password: &Password,
 ) -> Result<String, AccessError> {
     let password = zeroize::Zeroizing::new(password.expose().to_owned());
-    tokio::task::spawn_blocking(move || hash(cost, &password))
-        .await
-        .expect("password hashing does not panic")
+    argon2_blocking(move || hash(cost, &password)).await
 }
 
 /// Whether `password` matches any of `stored` (tried in order, stopping at the first match),
-/// on tokio's blocking pool. A password longer than [`PASSWORD_BYTES_MAX`] matches nothing
+/// on tokio's blocking pool, at most [`ARGON2_PERMITS`] at once. A password longer than [`PASSWORD_BYTES_MAX`] matches nothing
 /// and is not hashed: no password the policy allows is that long, and hashing megabytes
 /// would let a caller spend the server's CPU.
 pub(crate) async fn verify_any_blocking(
@@ -130,7 +161,7 @@ pub(crate) async fn verify_any_blocking(
         return Ok(false);
     }
     let password = zeroize::Zeroizing::new(password.expose().to_owned());
-    tokio::task::spawn_blocking(move || {
+    argon2_blocking(move || {
         for hash in &stored {
             if verify(&password, hash)? {
                 return Ok(true);
@@ -139,7 +170,6 @@ pub(crate) async fn verify_any_blocking(
         Ok(false)
     })
     .await
-    .expect("password verification does not panic")
 }
 
 #[cfg(test)]

@@ -7,10 +7,10 @@ use std::time::Duration;
 use chartlog_access::{
     AccessError, AccessSecrets, AccessSettings, Accounts, BreakGlassReason, ExpiryReason,
     IDEMPOTENCY_IN_PROGRESS_TIMEOUT, IdempotencyClaim, IdempotencyError, IdentityAssertion,
-    LOGIN_FAILURE_WINDOW, LOGIN_FAILURES_PER_ACCOUNT_MAX, LoginAttempt, LoginError, LoginSuccess,
-    NewUser, OneTimePassword, PRUNE_GRACE, Password, PasswordChangeError, PasswordHashing,
-    RecoveryCodes, ReviewVerdict, SecondFactorCode, SessionError, SessionStage, StoredResponse,
-    Username,
+    LOGIN_FAILURE_WINDOW, LOGIN_FAILURES_PER_ACCOUNT_MAX, LOGIN_FAILURES_PER_ADDRESS_MAX,
+    LoginAttempt, LoginError, LoginSuccess, NewUser, OneTimePassword, PRUNE_GRACE, Password,
+    PasswordChangeError, PasswordHashing, RecoveryCodes, ReviewVerdict, SecondFactorCode,
+    SessionError, SessionStage, StoredResponse, Username,
 };
 use chartlog_domain::{PatientId, Role, Timestamp, UserId};
 use chartlog_projections::db::{ProjectionDb, SqlArg};
@@ -132,6 +132,8 @@ on_both_backends!(
     sessions_expire_after_the_absolute_lifetime,
     logout_disable_and_resets_revoke_sessions,
     reauthentication_is_throttled,
+    a_burst_of_wrong_passwords_is_checked_at_most_the_limit_times,
+    a_burst_of_wrong_reauthentications_is_checked_at_most_the_limit_times,
     inactive_accounts_are_deactivated,
     break_glass_grants_expire_and_are_reviewed,
     idempotent_responses_replay_and_refuse_mismatches,
@@ -1218,6 +1220,150 @@ async fn reauthentication_is_throttled(fixture: Fixture) {
         .await,
         Err(LoginError::Throttled { .. })
     ));
+}
+
+/// How many of `outcomes` were checked and refused, and how many throttled unchecked; panics
+/// on any other answer.
+fn checked_and_throttled(outcomes: &[Result<(), LoginError>]) -> (usize, usize) {
+    let (mut checked, mut throttled) = (0, 0);
+    for outcome in outcomes {
+        match outcome {
+            Err(LoginError::InvalidCredentials) => checked += 1,
+            Err(LoginError::Throttled { .. }) => throttled += 1,
+            other => panic!("a wrong password is refused or throttled: {other:?}"),
+        }
+    }
+    (checked, throttled)
+}
+
+async fn failures_of(db: &ProjectionDb, username: &str) -> i64 {
+    scalar_count(
+        db,
+        "SELECT COUNT(*) FROM chartlog_access_login_failures WHERE username = $1",
+        vec![SqlArg::Text(username.to_owned())],
+    )
+    .await
+}
+
+/// Bug this catches: the throttle checked before the password and the failure recorded
+/// after it, so that simultaneous guesses all pass the check (N guesses, not 5, per window).
+async fn a_burst_of_wrong_passwords_is_checked_at_most_the_limit_times(fixture: Fixture) {
+    const BURST: usize = 20;
+    let accounts = &fixture.accounts;
+    active_user(
+        accounts,
+        "dr.burst",
+        Role::Auditor,
+        "the right passphrase",
+        at(0),
+    )
+    .await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(BURST));
+    let mut guesses = tokio::task::JoinSet::new();
+    for n in 0..BURST {
+        let (accounts, start) = (accounts.clone(), start.clone());
+        guesses.spawn(async move {
+            start.wait().await;
+            // Each from its own address: only the account's limit applies.
+            let client = format!("198.51.100.{}", n + 1);
+            login_from(
+                &accounts,
+                "dr.burst",
+                &password(&format!("wrong guess {n}")),
+                None,
+                &client,
+                at(10),
+            )
+            .await
+            .map(|_| ())
+        });
+    }
+    let outcomes: Vec<_> = guesses.join_all().await;
+    let (checked, throttled) = checked_and_throttled(&outcomes);
+    assert!(
+        checked <= LOGIN_FAILURES_PER_ACCOUNT_MAX,
+        "{checked} of {BURST} simultaneous guesses were checked"
+    );
+    assert_eq!(checked + throttled, BURST);
+    // The refused attempts left no failure behind; the checked ones did.
+    assert_eq!(failures_of(&fixture.db, "dr.burst").await, checked as i64);
+    // A burst from one address for many accounts meets the address's limit the same way.
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(2 * BURST));
+    let mut guesses = tokio::task::JoinSet::new();
+    for n in 0..2 * BURST {
+        let (accounts, start) = (accounts.clone(), start.clone());
+        guesses.spawn(async move {
+            start.wait().await;
+            login_from(
+                &accounts,
+                &format!("guess{n:02}"),
+                &password("wrong guess"),
+                None,
+                "203.0.113.50",
+                at(20),
+            )
+            .await
+            .map(|_| ())
+        });
+    }
+    let outcomes: Vec<_> = guesses.join_all().await;
+    let (checked, _) = checked_and_throttled(&outcomes);
+    assert!(
+        checked <= LOGIN_FAILURES_PER_ADDRESS_MAX,
+        "{checked} of {} simultaneous guesses from one address were checked",
+        2 * BURST
+    );
+}
+
+/// The same race at the signing of a note: the password asked again is throttled alike.
+async fn a_burst_of_wrong_reauthentications_is_checked_at_most_the_limit_times(fixture: Fixture) {
+    const BURST: usize = 20;
+    let accounts = &fixture.accounts;
+    let id = active_user(
+        accounts,
+        "dr.sign2",
+        Role::Auditor,
+        "the right passphrase",
+        at(0),
+    )
+    .await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(BURST));
+    let mut guesses = tokio::task::JoinSet::new();
+    for n in 0..BURST {
+        let (accounts, start) = (accounts.clone(), start.clone());
+        guesses.spawn(async move {
+            start.wait().await;
+            let client = address(&format!("198.51.100.{}", n + 1));
+            accounts
+                .reauthenticate(id, &password(&format!("wrong guess {n}")), client, at(10))
+                .await
+        });
+    }
+    let outcomes: Vec<_> = guesses.join_all().await;
+    let (checked, throttled) = checked_and_throttled(&outcomes);
+    assert!(
+        checked <= LOGIN_FAILURES_PER_ACCOUNT_MAX,
+        "{checked} of {BURST} simultaneous guesses were checked"
+    );
+    assert_eq!(checked + throttled, BURST);
+    assert_eq!(failures_of(&fixture.db, "dr.sign2").await, checked as i64);
+    // The right password after a success-free burst: throttled only if the burst used up the
+    // account's allowance, and a success clears what the burst left.
+    let after = accounts
+        .reauthenticate(
+            id,
+            &password("the right passphrase"),
+            address("192.0.2.9"),
+            at(11),
+        )
+        .await;
+    match after {
+        Ok(()) => assert_eq!(failures_of(&fixture.db, "dr.sign2").await, 0),
+        Err(LoginError::Throttled { .. }) => {
+            assert_eq!(checked, LOGIN_FAILURES_PER_ACCOUNT_MAX)
+        }
+        Err(other) => panic!("{other:?}"),
+    }
 }
 
 async fn inactive_accounts_are_deactivated(fixture: Fixture) {
