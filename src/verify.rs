@@ -1,5 +1,11 @@
-//! `chartlog verify`: checks every stream's hash chain and signatures, and that each stream
-//! ends where the stream table says it does.
+//! `chartlog verify`: checks every stream's hash chain and signatures, that each stream's
+//! events come in the global log in version order, that each stream ends where the stream
+//! table says it does, and the global log against its signed checkpoints.
+//!
+//! It prints the last signed checkpoint as `POSITION:DIGEST`. What the database holds can only
+//! vouch for itself: a log cut back together with its stream heads and the checkpoints over
+//! the removed events verifies. An operator who records that line elsewhere and passes it back
+//! as `--expect-checkpoint` finds such a cut.
 //!
 //! Needs no data key (nor the KEK file): only public signing keys, from the data directory's
 //! signing key file or from a `keys export-public` file. Memory is bounded: streams are listed
@@ -16,6 +22,7 @@ use chartlog_crypto::{IntegrityError, SignatureVerifier};
 use chartlog_domain::{PatientId, StreamId};
 use chartlog_projections::db::{ProjectionDb, SqlArg};
 use chartlog_store::EventStore;
+use chartlog_store::checkpoints::{LOG_CHECKPOINT_STREAM, LogDigest, verify_checkpoints_with};
 use chartlog_store::verify::{BreakKind, StreamBreak, VerifyReport, verify_stream};
 use clap::Args;
 use indicatif::ProgressBar;
@@ -54,6 +61,41 @@ pub(crate) struct VerifyArgs {
     /// left out.
     #[arg(long, value_name = "PATIENT_ID")]
     patient: Option<uuid::Uuid>,
+
+    /// Fail unless the log's signed checkpoints still reach this position, and (with the
+    /// digest) unless the log through it still hashes to that digest: the `POSITION:DIGEST`
+    /// a previous verify printed as its last signed checkpoint. A log cut back together with
+    /// its stream heads and the checkpoints over the removed events looks whole from inside
+    /// the database; only a point recorded outside it shows the cut.
+    #[arg(long, value_name = "POSITION[:DIGEST]", value_parser = parse_expected_checkpoint,
+          conflicts_with = "patient")]
+    expect_checkpoint: Option<ExpectedCheckpoint>,
+}
+
+/// What `--expect-checkpoint` holds the log to.
+#[derive(Clone, Copy, Debug)]
+struct ExpectedCheckpoint {
+    position: u64,
+    digest: Option<LogDigest>,
+}
+
+fn parse_expected_checkpoint(raw: &str) -> Result<ExpectedCheckpoint, String> {
+    let (position, digest) = match raw.split_once(':') {
+        Some((position, digest)) => (position, Some(digest)),
+        None => (raw, None),
+    };
+    let position = position
+        .parse::<u64>()
+        .ok()
+        .filter(|&position| position > 0)
+        .ok_or_else(|| format!("not a log position: {position:?}"))?;
+    let digest = digest
+        .map(|digest| {
+            LogDigest::from_hex(digest)
+                .ok_or_else(|| format!("not a log digest (64 hex digits): {digest:?}"))
+        })
+        .transpose()?;
+    Ok(ExpectedCheckpoint { position, digest })
 }
 
 /// What `verify --json` prints.
@@ -66,8 +108,20 @@ struct Report {
     broken_streams: u64,
     /// Signed checkpoints over the global log that were checked.
     checkpoints: u64,
+    /// The last signed checkpoint that matched the log (none for `--patient`, or before the
+    /// server has written one): what to record outside the database and pass back later as
+    /// `--expect-checkpoint POSITION:DIGEST`.
+    last_checkpoint: Option<CheckpointAnchor>,
     /// The first [`BREAKS_LISTED_MAX`] breaks found.
     breaks: Vec<BreakReport>,
+}
+
+#[derive(Serialize)]
+struct CheckpointAnchor {
+    /// The last global position the checkpoint covers.
+    position: u64,
+    /// The rolling digest of the log through that position, in hex.
+    digest: String,
 }
 
 #[derive(Serialize)]
@@ -80,7 +134,9 @@ struct BreakReport {
     /// A stable code: hash_mismatch, bad_signature, unknown_signer, chain_broken,
     /// version_gap, stream_mismatch, batch_rejected, head_mismatch or malformed_stream_id;
     /// for the global order (stream `log-checkpoints`): checkpoint_mismatch,
-    /// checkpoint_position_missing, checkpoint_signature or checkpoint_malformed.
+    /// checkpoint_position_missing, checkpoint_signature or checkpoint_malformed, and for
+    /// `--expect-checkpoint`: checkpoint_anchor_missing or checkpoint_anchor_mismatch. Within
+    /// a stream, position_out_of_order.
     problem: &'static str,
     detail: String,
 }
@@ -114,11 +170,25 @@ pub(crate) async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         }
         (Database::Sqlite(store, _), None) => {
             verify_all(store, &db, &verifier, args.json, &mut report).await?;
-            verify_global_order(store, &verifier, args.json, &mut report).await
+            verify_global_order(
+                store,
+                &verifier,
+                args.expect_checkpoint,
+                args.json,
+                &mut report,
+            )
+            .await
         }
         (Database::Postgres(store), None) => {
             verify_all(store, &db, &verifier, args.json, &mut report).await?;
-            verify_global_order(store, &verifier, args.json, &mut report).await
+            verify_global_order(
+                store,
+                &verifier,
+                args.expect_checkpoint,
+                args.json,
+                &mut report,
+            )
+            .await
         }
     };
     database.close().await;
@@ -142,6 +212,15 @@ pub(crate) async fn run(args: VerifyArgs) -> anyhow::Result<()> {
             "intact: {} streams, {} events verified, {} signed checkpoints agree",
             report.streams, report.events, report.checkpoints
         )
+        .and_then(|()| match &report.last_checkpoint {
+            Some(anchor) => writeln!(
+                stdout,
+                "last signed checkpoint: {}:{} (record it outside the database; \
+                 `verify --expect-checkpoint {}:{}` fails on a log cut back before it)",
+                anchor.position, anchor.digest, anchor.position, anchor.digest
+            ),
+            None => writeln!(stdout, "no signed checkpoint yet"),
+        })
     } else {
         writeln!(
             stdout,
@@ -282,25 +361,83 @@ async fn verify_one<S: EventStore>(
 }
 
 /// Checks the global order against the signed checkpoints: what no single stream's chain can
-/// see (events of different streams swapped, a stream cut back with its head row).
+/// see (events of different streams swapped, a stream cut back with its head row); and, with
+/// `expected`, that the checkpoints still reach a point recorded outside the database.
 async fn verify_global_order<S: EventStore>(
     store: &S,
     verifier: &SignatureVerifier,
+    expected: Option<ExpectedCheckpoint>,
     json: bool,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let found = chartlog_store::checkpoints::verify_checkpoints(store, verifier)
+    let found = verify_checkpoints_with(store, verifier, expected.map(|e| e.position))
         .await
         .context("cannot read the global log")?;
     report.checkpoints = found.checkpoints;
+    report.last_checkpoint = found.last_verified.map(|anchor| CheckpointAnchor {
+        position: anchor.position,
+        digest: anchor.digest.to_hex(),
+    });
+    let bar = ProgressBar::hidden();
+    if let Some(expected) = expected {
+        let reached = found
+            .last_verified
+            .is_some_and(|anchor| anchor.position >= expected.position);
+        if !reached {
+            record(
+                report,
+                &bar,
+                json,
+                BreakReport {
+                    stream: LOG_CHECKPOINT_STREAM.to_owned(),
+                    version: 0,
+                    position: expected.position,
+                    problem: "checkpoint_anchor_missing",
+                    detail: format!(
+                        "no signed checkpoint that agrees with the log reaches position {} \
+                         (the last reaches {}): the log was cut back, or the checkpoints over \
+                         its end were removed",
+                        expected.position,
+                        found
+                            .last_verified
+                            .map_or_else(|| "none".to_owned(), |a| a.position.to_string())
+                    ),
+                },
+            );
+        }
+        if let Some(digest) = expected.digest
+            && found.digest_at != Some(digest)
+        {
+            record(
+                report,
+                &bar,
+                json,
+                BreakReport {
+                    stream: LOG_CHECKPOINT_STREAM.to_owned(),
+                    version: 0,
+                    position: expected.position,
+                    problem: "checkpoint_anchor_mismatch",
+                    detail: format!(
+                        "the log through position {} {}: events up to it were removed, \
+                         inserted, changed or moved",
+                        expected.position,
+                        if found.digest_at.is_some() {
+                            "does not hash to the recorded digest"
+                        } else {
+                            "holds no event at that position"
+                        }
+                    ),
+                },
+            );
+        }
+    }
     if let Some(mismatch) = found.first_mismatch {
-        let bar = ProgressBar::hidden();
         record(
             report,
             &bar,
             json,
             BreakReport {
-                stream: chartlog_store::checkpoints::LOG_CHECKPOINT_STREAM.to_owned(),
+                stream: LOG_CHECKPOINT_STREAM.to_owned(),
                 version: 0,
                 position: mismatch.checkpoint_position,
                 problem: mismatch.problem,
@@ -346,6 +483,14 @@ fn break_report(found: &StreamBreak) -> BreakReport {
             format!(
                 "the stream table records version {recorded_version}, the events end at \
                  version {found_version}: events are missing from the end"
+            ),
+        ),
+        BreakKind::PositionOutOfOrder { previous_position } => (
+            "position_out_of_order",
+            format!(
+                "the event sits at global position {}, not after the previous version's \
+                 {previous_position}: the log's order was rewritten",
+                found.position
             ),
         ),
         BreakKind::TruncatedTail {

@@ -1386,7 +1386,11 @@ async fn verify_expect_checkpoint_finds_a_log_cut_back_with_its_checkpoints() {
     let report = succeeds_json(&["verify"], data_dir, &[]);
     assert_eq!(report["intact"], true, "{report}");
     assert_eq!(last_checkpoint(&report).1, first_anchor, "{report}");
-    succeeds(&["verify"], data_dir, &["--expect-checkpoint", &first_anchor]);
+    succeeds(
+        &["verify"],
+        data_dir,
+        &["--expect-checkpoint", &first_anchor],
+    );
 
     // Held to the point recorded before the cut, the log falls short of it.
     let output = chartlog(

@@ -58,9 +58,24 @@ impl LogDigest {
         LogDigest(hasher.finalize().into())
     }
 
-    fn to_hex(self) -> String {
+    /// Lowercase hex, as checkpoints and `verify` print it.
+    pub fn to_hex(self) -> String {
         self.0.iter().map(|byte| format!("{byte:02x}")).collect()
     }
+
+    /// The digest [`LogDigest::to_hex`] printed; `None` for anything else.
+    pub fn from_hex(raw: &str) -> Option<LogDigest> {
+        parse_hex(raw)
+    }
+}
+
+/// The latest point of the log a signed checkpoint vouches for: the position it covers and
+/// the digest through it. Written down outside the database, it is what a later verify can be
+/// held to, since a log cut back together with its checkpoints looks whole from inside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogAnchor {
+    pub position: u64,
+    pub digest: LogDigest,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -219,6 +234,11 @@ pub struct CheckpointReport {
     pub checkpoints: u64,
     /// The first checkpoint that does not match the log, if any.
     pub first_mismatch: Option<CheckpointMismatch>,
+    /// The last checkpoint that matched the log (none after the first mismatch count).
+    pub last_verified: Option<LogAnchor>,
+    /// The recomputed digest through the position [`verify_checkpoints_with`] was asked
+    /// about, if the log holds an event there.
+    pub digest_at: Option<LogDigest>,
 }
 
 impl CheckpointReport {
@@ -244,6 +264,16 @@ pub async fn verify_checkpoints<S: EventStore + ?Sized>(
     store: &S,
     verifier: &SignatureVerifier,
 ) -> Result<CheckpointReport, StoreError> {
+    verify_checkpoints_with(store, verifier, None).await
+}
+
+/// [`verify_checkpoints`], also keeping the digest through the event at `digest_at` (for an
+/// anchor recorded earlier: [`CheckpointReport::digest_at`]).
+pub async fn verify_checkpoints_with<S: EventStore + ?Sized>(
+    store: &S,
+    verifier: &SignatureVerifier,
+    digest_at: Option<u64>,
+) -> Result<CheckpointReport, StoreError> {
     let mut report = CheckpointReport::default();
     let mut digest = LogDigest::START;
     let mut recent: VecDeque<(u64, u64, LogDigest)> = VecDeque::new();
@@ -258,15 +288,21 @@ pub async fn verify_checkpoints<S: EventStore + ?Sized>(
                 && report.first_mismatch.is_none()
             {
                 report.checkpoints += 1;
-                if let Some(problem) = check(&recorded.event, &recent, verifier) {
-                    report.first_mismatch = Some(CheckpointMismatch {
-                        checkpoint_position: recorded.position,
-                        covered_position: payload_of(&recorded.event).map_or(0, |p| p.position),
-                        problem,
-                    });
+                match check(&recorded.event, &recent, verifier) {
+                    Ok(anchor) => report.last_verified = Some(anchor),
+                    Err(problem) => {
+                        report.first_mismatch = Some(CheckpointMismatch {
+                            checkpoint_position: recorded.position,
+                            covered_position: payload_of(&recorded.event).map_or(0, |p| p.position),
+                            problem,
+                        });
+                    }
                 }
             }
             digest = digest.then(recorded.position, &recorded.event.hash);
+            if digest_at == Some(recorded.position) {
+                report.digest_at = Some(digest);
+            }
             report.events += 1;
             recent.push_back((recorded.position, report.events, digest));
             if recent.len() > CHECKPOINT_LAG_EVENTS_MAX {
@@ -278,28 +314,30 @@ pub async fn verify_checkpoints<S: EventStore + ?Sized>(
     Ok(report)
 }
 
+/// The point of the log a checkpoint vouches for, or why it does not.
 fn check(
     event: &SealedEvent,
     recent: &VecDeque<(u64, u64, LogDigest)>,
     verifier: &SignatureVerifier,
-) -> Option<&'static str> {
+) -> Result<LogAnchor, &'static str> {
     if verifier.verify(event).is_err() {
-        return Some("checkpoint_signature");
+        return Err("checkpoint_signature");
     }
-    let Some(payload) = payload_of(event) else {
-        return Some("checkpoint_malformed");
-    };
-    let Some(claimed) = parse_hex(&payload.digest) else {
-        return Some("checkpoint_malformed");
-    };
+    let payload = payload_of(event).ok_or("checkpoint_malformed")?;
+    let claimed = parse_hex(&payload.digest).ok_or("checkpoint_malformed")?;
     match recent
         .iter()
         .rev()
         .find(|(position, _, _)| *position == payload.position)
     {
-        Some((_, events, digest)) if *digest == claimed && *events == payload.events => None,
-        Some(_) => Some("checkpoint_mismatch"),
+        Some((_, events, digest)) if *digest == claimed && *events == payload.events => {
+            Ok(LogAnchor {
+                position: payload.position,
+                digest: claimed,
+            })
+        }
+        Some(_) => Err("checkpoint_mismatch"),
         // The covered position is not in the log (deleted), or too far behind to check.
-        None => Some("checkpoint_position_missing"),
+        None => Err("checkpoint_position_missing"),
     }
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use chartlog_crypto::{EventHash, IntegrityError, SealedEvent, SignatureVerifier, verify_chain};
 use chartlog_domain::StreamId;
 
-use crate::{EventStore, StoreError, StreamHead};
+use crate::{EventStore, RecordedEvent, StoreError, StreamHead};
 
 /// Events read and verified per page.
 pub const VERIFY_PAGE_EVENTS: u32 = 2_000;
@@ -35,6 +35,10 @@ pub enum BreakKind {
         recorded_version: u64,
         found_version: u64,
     },
+    /// The event sits at or before the previous version's global position. The chain links
+    /// versions, not positions, so this is the only sign of events of one stream reordered in
+    /// the global log after the last signed checkpoint, where nothing else vouches for it.
+    PositionOutOfOrder { previous_position: u64 },
 }
 
 /// What a verification saw.
@@ -53,7 +57,10 @@ impl VerifyReport {
 }
 
 /// Verifies one stream from its first event to its recorded head: what a patient asking "is my
-/// record intact?" needs, without reading anyone else's events.
+/// record intact?" needs, without reading anyone else's events. Besides each event's hash,
+/// signature and link, its global position must come after the previous version's: appends to
+/// one stream commit one after another, so the log can never hold them in another order
+/// ([`verify_log`] checks the same by reading the log in that order).
 pub async fn verify_stream<S: EventStore + ?Sized>(
     store: &S,
     verifier: &SignatureVerifier,
@@ -67,6 +74,7 @@ pub async fn verify_stream<S: EventStore + ?Sized>(
         version: 0,
         hash: EventHash::GENESIS,
     };
+    let mut last_position: Option<u64> = None;
     loop {
         let page = store
             .read_stream(stream, head.version + 1, VERIFY_PAGE_EVENTS)
@@ -76,16 +84,26 @@ pub async fn verify_stream<S: EventStore + ?Sized>(
         }
         let events: Vec<SealedEvent> = page.iter().map(|r| r.event.clone()).collect();
         report.events += events.len() as u64;
-        if check(verifier, head, &events).is_err() {
+        let ordered = positions_increase(last_position, &page);
+        if !ordered || check(verifier, head, &events).is_err() {
             // Find the first offending event one by one, to name it.
             let mut at = head;
+            let mut previous_position = last_position;
             for recorded in &page {
-                if let Err(error) = check(verifier, at, std::slice::from_ref(&recorded.event)) {
+                let problem = match check(verifier, at, std::slice::from_ref(&recorded.event)) {
+                    Err(error) => Some(BreakKind::Integrity(error)),
+                    Ok(()) => previous_position
+                        .filter(|&previous| recorded.position <= previous)
+                        .map(|previous| BreakKind::PositionOutOfOrder {
+                            previous_position: previous,
+                        }),
+                };
+                if let Some(problem) = problem {
                     report.breaks.push(StreamBreak {
                         stream: stream.clone(),
                         version: at.version + 1,
                         position: recorded.position,
-                        problem: BreakKind::Integrity(error),
+                        problem,
                     });
                     return Ok(report);
                 }
@@ -93,6 +111,7 @@ pub async fn verify_stream<S: EventStore + ?Sized>(
                     version: recorded.event.header.stream_version,
                     hash: recorded.event.hash,
                 };
+                previous_position = Some(recorded.position);
             }
             unreachable!("a page that fails as a whole fails at some event");
         }
@@ -101,6 +120,7 @@ pub async fn verify_stream<S: EventStore + ?Sized>(
             version: last.header.stream_version,
             hash: last.hash,
         };
+        last_position = page.last().map(|recorded| recorded.position);
     }
     check_recorded_head(store, stream, head, &mut report).await?;
     Ok(report)
@@ -161,6 +181,17 @@ pub async fn verify_log<S: EventStore + ?Sized>(
         report.breaks.extend(alone.breaks);
     }
     Ok(report)
+}
+
+/// Whether each event of `page` sits after the one before it in the global log (the first
+/// after `previous`, the last position of the page before).
+fn positions_increase(previous: Option<u64>, page: &[RecordedEvent]) -> bool {
+    let mut previous = previous;
+    page.iter().all(|recorded| {
+        let after = previous.is_none_or(|previous| recorded.position > previous);
+        previous = Some(recorded.position);
+        after
+    })
 }
 
 fn check(

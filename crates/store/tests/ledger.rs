@@ -643,6 +643,54 @@ async fn sqlite_tampering_is_found() {
     ));
 }
 
+#[tokio::test]
+async fn sqlite_events_of_one_stream_out_of_global_order_are_found() {
+    let (fixture, _dir) = sqlite().await;
+    let patient = register_with_history(&fixture, 7, 4).await;
+    let stream = StreamId::patient(patient);
+    let store = fixture.ledger.store();
+    let events = store.read_stream(&stream, 1, 100).await.expect("read");
+    let (fourth, fifth) = (position_of(events.clone(), 4), position_of(events, 5));
+    // Versions 4 and 5 trade global positions; each keeps its bytes, hash, signature and link,
+    // so the stream read in version order chains as before.
+    let pool = store.pool().clone();
+    sqlx::query("DROP TRIGGER chartlog_events_no_update")
+        .execute(&pool)
+        .await
+        .expect("drop trigger");
+    let (a, b) = (fourth as i64, fifth as i64);
+    for (from, to) in [(a, -1), (b, a), (-1, b)] {
+        sqlx::query("UPDATE chartlog_events SET position = ?1 WHERE position = ?2")
+            .bind(to)
+            .bind(from)
+            .execute(&pool)
+            .await
+            .expect("swap");
+    }
+
+    let report = verify_stream(store.as_ref(), &fixture.verifier, &stream)
+        .await
+        .expect("verify");
+    assert_eq!(report.breaks.len(), 1, "{report:?}");
+    let found = &report.breaks[0];
+    assert_eq!(found.version, 5, "{report:?}");
+    assert_eq!(found.position, fourth, "{report:?}");
+    assert!(
+        matches!(
+            found.problem,
+            BreakKind::PositionOutOfOrder { previous_position } if previous_position == fifth
+        ),
+        "{report:?}"
+    );
+    assert!(
+        !verify_log(store.as_ref(), &fixture.verifier)
+            .await
+            .expect("verify log")
+            .is_intact(),
+        "read in the global order, version 5 comes before 4"
+    );
+}
+
 // ---- PostgreSQL ----
 
 async fn postgres(pool: PgPool) -> Fixture<PostgresEventStore, PostgresKeyStore> {
@@ -719,7 +767,9 @@ async fn postgres_tampering_is_found(pool: PgPool) {
 
 #[tokio::test]
 async fn sqlite_checkpoints_catch_events_swapped_across_streams() {
-    use chartlog_store::checkpoints::{LogCheckpointer, verify_checkpoints};
+    use chartlog_store::checkpoints::{
+        LogCheckpointer, verify_checkpoints, verify_checkpoints_with,
+    };
 
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SqliteEventStore::open(&dir.path().join("chartlog.db"))
@@ -766,18 +816,21 @@ async fn sqlite_checkpoints_catch_events_swapped_across_streams() {
     let mut restarted = LogCheckpointer::resume(store.clone(), signer)
         .await
         .expect("resume");
-    assert!(
-        restarted
-            .checkpoint(now())
-            .await
-            .expect("checkpoint")
-            .is_some()
-    );
-    let report = verify_checkpoints(store.as_ref(), &verifier)
+    let covered = restarted
+        .checkpoint(now())
+        .await
+        .expect("checkpoint")
+        .expect("a checkpoint over the new events");
+    let report = verify_checkpoints_with(store.as_ref(), &verifier, Some(covered))
         .await
         .expect("verify");
     assert!(report.is_intact(), "{report:?}");
     assert_eq!(report.checkpoints, 2);
+    // What verify prints for the operator to record: the last checkpoint's point of the log,
+    // and the digest recomputed there agrees with it.
+    let anchor = report.last_verified.expect("a checkpoint verified");
+    assert_eq!(anchor.position, covered);
+    assert_eq!(report.digest_at, Some(anchor.digest));
 
     // Swap the first patient's last event with the second patient's first in the global
     // order: each stream keeps its own order and chain, so only the checkpoints can see it.
