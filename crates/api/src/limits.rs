@@ -1,15 +1,17 @@
 //! Per-client rate limiting: one client flooding the server must not starve the others.
 //!
-//! A client is its session when the request carries a session token (bearer or cookie), so
-//! many users behind one address (a clinic's NAT, a proxy) each get their own allowance;
-//! otherwise it is the peer address. The token is keyed by its SHA-256, so the limiter's
-//! table holds nothing that could be replayed as a session.
+//! A client is its session when the request carries a session token (bearer or cookie) to a
+//! route that needs a session, so many users behind one address (a clinic's NAT, a proxy)
+//! each get their own allowance; otherwise it is the peer address. The token is keyed by its
+//! SHA-256, so the limiter's table holds nothing that could be replayed as a session.
 //!
 //! Tokens are client-chosen, so a bucket per presented token would let an anonymous client
-//! escape its address's limit by inventing a token per request. The guard closes that: a
-//! token that does not authenticate is charged to the address as well
-//! ([`ClientRateLimiter::check_address`]), before the refusal is audited, so a token spray
-//! costs the sprayer its address's allowance and cannot flood the audit trail.
+//! escape its address's limit by inventing a token per request. Two things close that. On a
+//! route that needs a session, the guard charges a token that does not authenticate to the
+//! address as well ([`ClientRateLimiter::check_address`]), before the refusal is audited, so a
+//! token spray costs the sprayer its address's allowance and cannot flood the audit trail. On
+//! any other request (a public route such as `/auth/login`, or no route at all) nothing
+//! checks the token, so it is not looked at here either: the address is the client.
 //!
 //! The algorithm is GCRA from the `governor` crate (a token bucket without a timer task).
 //! `actix-governor` would do the wiring, but it is GPL-3.0-or-later; the wiring here is a
@@ -23,12 +25,14 @@ use std::time::Duration;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
 use actix_web::middleware::Next;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
 use crate::ApiError;
+use crate::routes::{Permission, Verb, route_for};
 
 /// Paths never limited: orchestrators probe them often, from one address, and a probe that
 /// gets 429 would take a healthy server out of rotation.
@@ -197,6 +201,21 @@ impl ClientRateLimiter {
     }
 }
 
+/// Whether the request is for a route behind the guard's session check: only there is a
+/// token that does not authenticate charged to its address. Routing has not run yet, so the
+/// route is found from the app's resource map, as routing will find it.
+fn needs_session(request: &ServiceRequest) -> bool {
+    let verb = match *request.method() {
+        Method::GET => Verb::Get,
+        Method::POST => Verb::Post,
+        _ => return false,
+    };
+    request
+        .match_pattern()
+        .and_then(|pattern| route_for(verb, &pattern))
+        .is_some_and(|route| route.permission != Permission::Public)
+}
+
 /// At least one second: `Retry-After: 0` would invite an immediate retry into the same wall.
 fn whole_seconds_up(wait: Duration) -> u64 {
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -214,8 +233,8 @@ pub(crate) async fn limit_rate(
         return Ok(next.call(request).await?.map_into_boxed_body());
     }
     let key = match crate::guard::session_token(&request) {
-        Some(token) => ClientKey::session(&token),
-        None => ClientKey::address(request.peer_addr().map(|address| address.ip())),
+        Some(token) if needs_session(&request) => ClientKey::session(&token),
+        _ => ClientKey::address(request.peer_addr().map(|address| address.ip())),
     };
     match limiter.check(&key) {
         Ok(()) => Ok(next.call(request).await?.map_into_boxed_body()),

@@ -219,6 +219,98 @@ async fn unknown_routes_and_methods_answer_in_the_error_shape() {
     assert_eq!(header(&response, "allow"), Some("GET, POST"));
 }
 
+/// Bug this catches: the rate limiter keyed a public route's request on whatever bearer
+/// token it carried, which nothing there checks, so a client inventing a token per request
+/// had a fresh allowance for every login attempt.
+#[actix_web::test]
+async fn invented_tokens_on_public_routes_are_limited_by_address() {
+    const BURST: u32 = 3;
+    let (mut config, _dir) = config(Transport::Tls, Arc::new(Ready)).await;
+    config.rate_limiter = Arc::new(crate::limits::ClientRateLimiter::new(
+        crate::limits::RateLimit {
+            per_second: std::num::NonZeroU32::MIN,
+            burst: std::num::NonZeroU32::new(BURST).expect("non-zero"),
+        },
+    ));
+    let accounts = config.accounts.clone();
+    let service = test::init_service(app(config)).await;
+    let (_, one_time) = accounts
+        .create_user(
+            chartlog_access::NewUser {
+                username: chartlog_access::Username::parse("dr.quinn").expect("name"),
+                role: chartlog_domain::Role::Auditor,
+                patient_id: None,
+                sso_subject: None,
+            },
+            crate::now(),
+        )
+        .await
+        .expect("account");
+    let client: std::net::SocketAddr = "192.0.2.10:40000".parse().expect("address");
+    let session = accounts
+        .login(
+            chartlog_access::LoginAttempt {
+                username: "dr.quinn".to_owned(),
+                password: one_time.to_password(),
+                second_factor: None,
+                client_address: client.ip(),
+            },
+            crate::now(),
+        )
+        .await
+        .expect("login");
+
+    let mut statuses = Vec::new();
+    for n in 0..3 * BURST {
+        // An empty body: refused before any password is hashed, after the limiter.
+        let request = TestRequest::post()
+            .uri("/auth/login")
+            .peer_addr(client)
+            .insert_header(("authorization", format!("Bearer invented-token-{n}")))
+            .insert_header(("content-type", "application/json"))
+            .set_payload("{}")
+            .to_request();
+        statuses.push(test::call_service(&service, request).await.status());
+    }
+    let limited = statuses
+        .iter()
+        .filter(|status| **status == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(
+        limited,
+        statuses.len() - BURST as usize,
+        "the address's burst, then 429: {statuses:?}"
+    );
+    // A session on a route that checks it keeps its own allowance behind the spent address.
+    let request = TestRequest::get()
+        .uri("/auth/session")
+        .peer_addr(client)
+        .insert_header((
+            "authorization",
+            format!("Bearer {}", session.token.expose()),
+        ))
+        .to_request();
+    assert_eq!(
+        test::call_service(&service, request).await.status(),
+        StatusCode::OK
+    );
+    // The same session's token on the public route counts against the address.
+    let request = TestRequest::post()
+        .uri("/auth/login")
+        .peer_addr(client)
+        .insert_header((
+            "authorization",
+            format!("Bearer {}", session.token.expose()),
+        ))
+        .insert_header(("content-type", "application/json"))
+        .set_payload("{}")
+        .to_request();
+    assert_eq!(
+        test::call_service(&service, request).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
 #[actix_web::test]
 async fn an_oversized_body_gets_413_in_the_error_shape() {
     let (config, _dir) = config(Transport::Tls, Arc::new(Ready)).await;
