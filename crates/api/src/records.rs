@@ -100,8 +100,44 @@ pub struct LedgerRecords<S: EventStore + ?Sized, K: KeyStore> {
     keys: Arc<DataKeys<K>>,
     db: ProjectionDb,
     index_key: Arc<MacKey>,
-    loaded: std::sync::Mutex<std::collections::HashMap<PatientId, LoadedPatient>>,
+    loaded: std::sync::Mutex<RecordCache>,
     charts: chart::ChartReader,
+}
+
+/// The decision states [`LedgerRecords`] keeps (they hold PHI in the clear), and a count of
+/// forgets: a load or command that began before a forget (an erasure it did not see) does not
+/// put its record back afterwards.
+#[derive(Default)]
+struct RecordCache {
+    records: std::collections::HashMap<PatientId, LoadedPatient>,
+    forgets: u64,
+}
+
+impl RecordCache {
+    /// Keeps `loaded`, read since the cache counted `began` forgets, unless a forget came in
+    /// between or a further state of the record is kept already.
+    fn remember(&mut self, patient: PatientId, loaded: &LoadedPatient, began: u64) {
+        if self.forgets != began {
+            return;
+        }
+        let version = |loaded: &LoadedPatient| loaded.head.map_or(0, |head| head.version);
+        if self
+            .records
+            .get(&patient)
+            .is_some_and(|cached| version(cached) >= version(loaded))
+        {
+            return;
+        }
+        if self.records.len() >= RECORD_CACHE_PATIENTS_MAX {
+            self.records.clear();
+        }
+        self.records.insert(patient, loaded.clone());
+    }
+
+    fn forget(&mut self, patient: PatientId) {
+        self.forgets = self.forgets.wrapping_add(1);
+        self.records.remove(&patient);
+    }
 }
 
 impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
@@ -113,7 +149,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
             db,
             charts: chart::ChartReader::new(index_key.clone()),
             index_key,
-            loaded: std::sync::Mutex::new(std::collections::HashMap::new()),
+            loaded: std::sync::Mutex::new(RecordCache::default()),
         }
     }
 
@@ -122,29 +158,23 @@ impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
         self.loaded
             .lock()
             .ok()
-            .and_then(|cache| cache.get(&patient).cloned())
+            .and_then(|cache| cache.records.get(&patient).cloned())
     }
 
-    fn remember(&self, patient: PatientId, loaded: &LoadedPatient) {
-        let Ok(mut cache) = self.loaded.lock() else {
-            return;
-        };
-        let version = |loaded: &LoadedPatient| loaded.head.map_or(0, |head| head.version);
-        if cache
-            .get(&patient)
-            .is_some_and(|cached| version(cached) >= version(loaded))
-        {
-            return;
+    /// Forgets so far: taken before a load or command reads the store, for `remember`.
+    fn forgets(&self) -> u64 {
+        self.loaded.lock().map_or(0, |cache| cache.forgets)
+    }
+
+    fn remember(&self, patient: PatientId, loaded: &LoadedPatient, began: u64) {
+        if let Ok(mut cache) = self.loaded.lock() {
+            cache.remember(patient, loaded, began);
         }
-        if cache.len() >= RECORD_CACHE_PATIENTS_MAX {
-            cache.clear();
-        }
-        cache.insert(patient, loaded.clone());
     }
 
     fn forget(&self, patient: PatientId) {
         if let Ok(mut cache) = self.loaded.lock() {
-            cache.remove(&patient);
+            cache.forget(patient);
         }
         self.charts.forget(patient);
     }
@@ -153,12 +183,17 @@ impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
 #[async_trait]
 impl<S: EventStore + ?Sized, K: KeyStore + 'static> Records for LedgerRecords<S, K> {
     async fn load(&self, patient: PatientId) -> Result<LoadedPatient, LedgerError> {
+        let began = self.forgets();
         let cached = self.cached(patient);
         match self.ledger.catch_up(patient, cached).await {
             Ok(loaded) => {
-                self.remember(patient, &loaded);
+                self.remember(patient, &loaded, began);
                 Ok(loaded)
             }
+            // Only a load with nothing kept finds no record, so there is nothing to drop; and
+            // a forget would keep every load in flight from keeping its record (registrations
+            // are checked this way).
+            Err(error @ LedgerError::NotFound { .. }) => Err(error),
             Err(error) => {
                 // An erased record, or a cached head the stream no longer continues: nothing
                 // cached about this patient is worth keeping.
@@ -180,12 +215,13 @@ impl<S: EventStore + ?Sized, K: KeyStore + 'static> Records for LedgerRecords<S,
         now: Timestamp,
         options: ExecuteOptions,
     ) -> Result<CommandOutcome, LedgerError> {
+        let began = self.forgets();
         let outcome = self
             .ledger
             .execute_with(patient, command, actor, now, options)
             .await?;
         match &outcome.record {
-            Some(record) => self.remember(patient, record),
+            Some(record) => self.remember(patient, record, began),
             None => self.forget(patient),
         }
         Ok(outcome)
@@ -291,5 +327,34 @@ pub(crate) async fn load_for_policy(
         Ok(loaded) => Ok(Some(loaded)),
         Err(LedgerError::NotFound { .. }) => Ok(None),
         Err(other) => Err(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chartlog_crypto::EventHash;
+    use chartlog_domain::patient::Patient;
+
+    #[test]
+    fn a_record_read_before_a_forget_is_not_kept() {
+        let mut cache = RecordCache::default();
+        let patient = PatientId::from_uuid(uuid::Uuid::now_v7());
+        let loaded = LoadedPatient {
+            patient: Patient::default(),
+            head: Some(StreamHead {
+                version: 4,
+                hash: EventHash::GENESIS,
+            }),
+        };
+        // A load begins, the patient is erased (forget), the load finishes.
+        let began = cache.forgets;
+        cache.forget(patient);
+        cache.remember(patient, &loaded, began);
+        assert!(cache.records.is_empty());
+        // A load that began after the forget keeps its record as before.
+        let began = cache.forgets;
+        cache.remember(patient, &loaded, began);
+        assert!(cache.records.contains_key(&patient));
     }
 }

@@ -700,10 +700,18 @@ pub const KEPT_CHARTS_MAX: usize = 1_024;
 ///   read until the runner catches up would otherwise fold the whole burst again.
 ///
 /// It is dropped on [`ChartReader::forget`] (erasure), and replaced by the read model's copy
-/// once that reaches the head.
+/// once that reaches the head. A read that began before a forget keeps nothing: an erasure
+/// that lands while it decrypts must not leave the chart in memory after it.
 pub struct ChartReader {
     index_key: Arc<MacKey>,
-    kept: std::sync::Mutex<HashMap<PatientId, KeptChart>>,
+    kept: std::sync::Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    charts: HashMap<PatientId, KeptChart>,
+    /// Bumped by every forget; compared with its value when a read began.
+    forgets: u64,
 }
 
 /// A chart as of `head`: the read model's copy, or one folded past it.
@@ -717,7 +725,7 @@ impl ChartReader {
     pub fn new(index_key: Arc<MacKey>) -> Self {
         Self {
             index_key,
-            kept: std::sync::Mutex::new(HashMap::new()),
+            kept: std::sync::Mutex::new(Kept::default()),
         }
     }
 
@@ -732,6 +740,7 @@ impl ChartReader {
         patient_id: PatientId,
         head: StreamHead,
     ) -> Result<Option<ChartAnswer>, ProjectionError> {
+        let began = self.forgets();
         if let Some(chart) = self.kept_at(patient_id, head) {
             return chart.into_answer().map(Some);
         }
@@ -750,13 +759,15 @@ impl ChartReader {
                     head,
                     chart: stored.clone(),
                 },
+                began,
             );
             return stored.into_answer().map(Some);
         }
         if stored.stream_version > head.version {
             // The stream moved on after the caller's load: answer what the read model holds
-            // and keep nothing, since `head` does not name it.
-            self.forget(patient_id);
+            // and keep nothing, since `head` does not name it. Not a forget: nothing was
+            // erased, and other reads in flight may keep theirs.
+            self.take_kept(patient_id);
             return stored.into_answer().map(Some);
         }
         // Fold onto the kept chart where it is ahead of the read model's copy.
@@ -802,44 +813,59 @@ impl ChartReader {
                 head,
                 chart: chart.clone(),
             },
+            began,
         );
         chart.into_answer().map(Some)
     }
 
-    /// Drops what is kept of a patient's chart (their record was erased).
+    /// Drops what is kept of a patient's chart (their record was erased), and stops every read
+    /// already under way from keeping the chart it is reading.
     pub fn forget(&self, patient_id: PatientId) {
-        // A poisoned lock only means another read panicked mid-insert: nothing to drop then.
+        // A poisoned lock only means another read panicked mid-insert; `keep` then keeps
+        // nothing, so there is nothing to drop.
         if let Ok(mut kept) = self.kept.lock() {
-            kept.remove(&patient_id);
+            kept.forgets = kept.forgets.wrapping_add(1);
+            kept.charts.remove(&patient_id);
         }
+    }
+
+    /// Forgets so far: taken when a read begins, for [`ChartReader::keep`].
+    fn forgets(&self) -> u64 {
+        self.kept.lock().map_or(0, |kept| kept.forgets)
     }
 
     /// A copy of the chart kept at exactly `head`.
     fn kept_at(&self, patient_id: PatientId, head: StreamHead) -> Option<StoredChart> {
-        let charts = self.kept.lock().ok()?;
-        let kept = charts.get(&patient_id)?;
-        (kept.head == head).then(|| kept.chart.clone())
+        let kept = self.kept.lock().ok()?;
+        let chart = kept.charts.get(&patient_id)?;
+        (chart.head == head).then(|| chart.chart.clone())
     }
 
     fn take_kept(&self, patient_id: PatientId) -> Option<KeptChart> {
-        self.kept.lock().ok()?.remove(&patient_id)
+        self.kept.lock().ok()?.charts.remove(&patient_id)
     }
 
-    fn keep(&self, patient_id: PatientId, chart: KeptChart) {
-        let Ok(mut charts) = self.kept.lock() else {
+    /// Keeps a chart read since `began` ([`ChartReader::forgets`]), unless a forget came in
+    /// between: it may have been this patient's erasure, which the read did not see.
+    fn keep(&self, patient_id: PatientId, chart: KeptChart, began: u64) {
+        let Ok(mut kept) = self.kept.lock() else {
             return;
         };
+        if kept.forgets != began {
+            return;
+        }
         // Two reads of one patient at once: keep the further one.
-        if charts
+        if kept
+            .charts
             .get(&patient_id)
-            .is_some_and(|kept| kept.head.version >= chart.head.version)
+            .is_some_and(|held| held.head.version >= chart.head.version)
         {
             return;
         }
-        if charts.len() >= KEPT_CHARTS_MAX {
-            charts.clear();
+        if kept.charts.len() >= KEPT_CHARTS_MAX {
+            kept.charts.clear();
         }
-        charts.insert(patient_id, chart);
+        kept.charts.insert(patient_id, chart);
     }
 }
 
@@ -1058,6 +1084,30 @@ async fn find_by_digest(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chartlog_crypto::EventHash;
+
+    #[test]
+    fn a_read_that_began_before_a_forget_keeps_nothing() {
+        let reader = ChartReader::new(Arc::new(MacKey::generate()));
+        let patient = PatientId::from_uuid(Uuid::now_v7());
+        let head = StreamHead {
+            version: 3,
+            hash: EventHash::GENESIS,
+        };
+        let chart = || KeptChart {
+            head,
+            chart: StoredChart::empty(patient),
+        };
+        // A read begins, the patient is erased (forget), the read finishes.
+        let began = reader.forgets();
+        reader.forget(patient);
+        reader.keep(patient, chart(), began);
+        assert!(reader.kept_at(patient, head).is_none());
+        // A read that began after the forget keeps its chart as before.
+        let began = reader.forgets();
+        reader.keep(patient, chart(), began);
+        assert!(reader.kept_at(patient, head).is_some());
+    }
 
     #[test]
     fn look_ups_normalise_before_hashing() {
