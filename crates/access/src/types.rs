@@ -306,7 +306,8 @@ pub struct IdentityAssertion {
     pub subject: String,
     /// Whether the provider says it checked a second factor (`amr`).
     pub second_factor: bool,
-    /// SHA-256 of the token: accepted once, by every server on the database.
+    /// SHA-256 of what the provider signed (the token less its signature, which is not
+    /// unique to it): accepted once, by every server on the database.
     pub token_digest: [u8; 32],
     /// Until when the token could be presented at all; its digest is kept that long.
     pub usable_until: Timestamp,

@@ -11,8 +11,9 @@
 //! Keys come from a JWKS file the operator keeps current (fetched from the provider's
 //! `jwks_uri` by whatever deploys the server): the server reads it at start and again, at most
 //! once a minute, when a token names a key it does not know, so a provider's key rotation
-//! needs no restart. Tokens are accepted once: `verify` gives each its digest, and the
-//! accounts service spends it in the database, so a replay is refused by every server.
+//! needs no restart. Tokens are accepted once: `verify` gives each the digest of what the
+//! provider signed, and the accounts service spends it in the database, so a replay is refused
+//! by every server, however its signature is re-encoded.
 
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -191,7 +192,7 @@ impl IdentityProvider {
         Ok(IdentityAssertion {
             second_factor: second_factor_asserted(&claims.amr),
             subject: claims.sub,
-            token_digest: Sha256::digest(token.as_bytes()).into(),
+            token_digest: single_use_digest(token),
             usable_until,
         })
     }
@@ -224,6 +225,16 @@ impl IdentityProvider {
         }
         DecodingKey::from_jwk(&jwk).map_err(|_| TokenRefusal::UnknownKey)
     }
+}
+
+/// What spends a token: SHA-256 of its signed part (`header.payload`), not of the whole token.
+/// The same signed part can carry more than one valid signature: an ECDSA signature (r, s)
+/// verifies as (r, n − s) too, and ring accepts both, so a digest over the whole token would
+/// let a captured, spent ES256 token be replayed with its signature re-encoded. What the
+/// provider signed cannot change without its key.
+fn single_use_digest(token: &str) -> [u8; 32] {
+    let signed_part = token.rsplit_once('.').map_or(token, |(signed, _)| signed);
+    Sha256::digest(signed_part.as_bytes()).into()
 }
 
 /// RFC 8176: `mfa`, or a possession or inherence method with any other method.
@@ -350,7 +361,8 @@ mod tests {
             .expect("verified");
         assert_eq!(identity.subject, "248289761001");
         assert!(identity.second_factor);
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let (signed_part, _) = token.rsplit_once('.').expect("three parts");
+        let digest: [u8; 32] = Sha256::digest(signed_part.as_bytes()).into();
         assert_eq!(identity.token_digest, digest);
         // Issued 5 s ago, expiring in 300 s: usable for 300 s, plus the clock skew.
         let skew = CLOCK_SKEW_SECONDS as i64;
@@ -372,6 +384,87 @@ mod tests {
         assert_eq!(
             identity.usable_until.unix_micros(),
             (*NOW - 5 + age_max + skew) * 1_000_000
+        );
+    }
+
+    /// Subtracts a big-endian 256-bit `s` from the P-256 group order: the other `s` of an
+    /// ECDSA signature, (r, n − s), which verifies as well.
+    fn p256_negated(s: &[u8]) -> [u8; 32] {
+        const ORDER: [u8; 32] = [
+            0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2,
+            0xfc, 0x63, 0x25, 0x51,
+        ];
+        let mut negated = [0u8; 32];
+        let mut borrow = 0i16;
+        for i in (0..32).rev() {
+            let mut digit = i16::from(ORDER[i]) - i16::from(s[i]) - borrow;
+            borrow = i16::from(digit < 0);
+            if digit < 0 {
+                digit += 256;
+            }
+            negated[i] = u8::try_from(digit).expect("a byte");
+        }
+        assert_eq!(borrow, 0, "s is below the order");
+        negated
+    }
+
+    /// Bug this catches: the single-use digest taken over the whole token, signature
+    /// included, so that a spent ES256 token with its signature re-encoded was new again.
+    #[test]
+    fn a_token_whose_signature_is_re_encoded_is_the_same_token() {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+        let rng = ring::rand::SystemRandom::new();
+        let algorithm = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(algorithm, &rng).expect("key");
+        let pair = ring::signature::EcdsaKeyPair::from_pkcs8(algorithm, pkcs8.as_ref(), &rng)
+            .expect("key pair");
+        // An uncompressed point: 0x04, then x and y.
+        let point = pair.public_key().as_ref();
+        let jwks = json!({ "keys": [{
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": "ec1",
+            "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+        }]});
+        let dir = tempfile::tempdir().expect("dir");
+        let trusted = trusting(dir.path(), &jwks);
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("ec1".to_owned());
+        let token = jsonwebtoken::encode(
+            &header,
+            &claims(),
+            &EncodingKey::from_ec_der(pkcs8.as_ref()),
+        )
+        .expect("token");
+
+        let (signed_part, signature) = token.rsplit_once('.').expect("three parts");
+        let mut signature = URL_SAFE_NO_PAD.decode(signature).expect("base64url");
+        let negated = p256_negated(&signature[32..]);
+        signature[32..].copy_from_slice(&negated);
+        let twin = format!("{signed_part}.{}", URL_SAFE_NO_PAD.encode(&signature));
+        assert_ne!(twin, token);
+
+        let spent = trusted
+            .verify(&token, now(), LOGIN_TOKEN_AGE_MAX)
+            .expect("verified");
+        let replayed = trusted
+            .verify(&twin, now(), LOGIN_TOKEN_AGE_MAX)
+            .expect("(r, n - s) verifies too");
+        assert_eq!(replayed.token_digest, spent.token_digest);
+        // Another token of the same provider is another token.
+        let mut later = claims();
+        later["iat"] = json!(*NOW - 4);
+        let other =
+            jsonwebtoken::encode(&header, &later, &EncodingKey::from_ec_der(pkcs8.as_ref()))
+                .expect("token");
+        assert_ne!(
+            trusted
+                .verify(&other, now(), LOGIN_TOKEN_AGE_MAX)
+                .expect("verified")
+                .token_digest,
+            spent.token_digest
         );
     }
 
