@@ -300,17 +300,51 @@ pub async fn bootstrap_administrator(
         return Ok(None);
     };
     let path = data_dir.join(FIRST_ADMINISTRATOR_PASSWORD_FILE);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(file, "{}", password.expose())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    // Straight from the password: a formatted copy would outlive it unzeroized.
+    write_private_line(&path, password.expose())?;
     Ok(Some(path))
+}
+
+/// Writes `line` and a newline to `path` as a new file of mode 0600 that only this process
+/// opened.
+///
+/// Opening `path` itself would write through whatever is there: a leftover file keeps its mode
+/// (0644 stays readable; `mode` applies only to a file the open creates), and a symlink hands
+/// the contents to its target. So the contents go to a fresh name opened with `create_new`
+/// (which refuses any existing entry, symlinks included), and that file is renamed over
+/// `path`, which replaces the directory entry, never the file a symlink there points to.
+fn write_private_line(path: &Path, line: &str) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?
+        .to_string_lossy();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_nanos());
+    let temporary = path.with_file_name(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(line.as_bytes())
+                .and_then(|()| file.write_all(b"\n"))
+                .and_then(|()| file.sync_all())
+        })
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(error) = written {
+        // Best effort: the error that matters is the write's.
+        let _ = std::fs::remove_file(&temporary);
+        return Err(error).with_context(|| format!("cannot write {}", path.display()));
+    }
+    // The rename is durable once the directory is.
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Disables accounts unused for the configured period and prunes spent access records,
@@ -335,4 +369,54 @@ pub fn spawn_inactivity_sweep(accounts: Accounts) -> tokio::task::JoinHandle<()>
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[test]
+    fn a_private_file_replaces_a_readable_leftover_with_a_0600_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(FIRST_ADMINISTRATOR_PASSWORD_FILE);
+        std::fs::write(&path, "old\n").expect("leftover");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_private_line(&path, "secret").expect("write");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "secret\n");
+        assert_eq!(mode(&path), 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|entry| entry.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+    }
+
+    #[test]
+    fn a_private_file_replaces_a_symlink_and_leaves_its_target_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "").expect("target");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let path = dir.path().join(FIRST_ADMINISTRATOR_PASSWORD_FILE);
+        std::os::unix::fs::symlink(&target, &path).expect("symlink");
+        write_private_line(&path, "secret").expect("write");
+        assert_eq!(std::fs::read_to_string(&target).expect("target"), "");
+        assert!(
+            !std::fs::symlink_metadata(&path)
+                .expect("metadata")
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "secret\n");
+        assert_eq!(mode(&path), 0o600);
+    }
 }
