@@ -28,9 +28,16 @@
 //! commits only if all holds: the header is this format, every event's chain link, hash and
 //! signature verify, the stream heads match the events, and the manifest's signature (by a
 //! signer the target's key files trust), counts, root hash and content digest match. A data
-//! key is never restored for an owner in an erasure ledger: the target's, the backup's own, or
-//! that of a database named with `--erasures-from`. After the commit the log is verified
-//! again from the database with `chartlog_store::verify::verify_log`.
+//! key is never restored for an owner in an erasure ledger: the target database's, the
+//! backup's own, the target key directory's `erasure-ledger.jsonl` (`crate::erasure_ledger`,
+//! written at every erasure and restored with the key backup: the one ledger that survives the
+//! loss of the database), and any named with `--erasures-from` (a database or such a file).
+//! The restore reports how many keys each ledger withheld, and warns when the key directory
+//! has no ledger file. With no ledger naming a patient erased after the backup was taken,
+//! their key comes back: nothing in the backup itself can know of a later erasure.
+//!
+//! After the commit the log is verified again from the database with
+//! `chartlog_store::verify::verify_log`.
 
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
 use std::collections::{BTreeMap, BTreeSet};
@@ -58,6 +65,7 @@ use sqlx::AssertSqlSafe;
 use sqlx::types::Uuid;
 use tokio::sync::mpsc;
 
+use crate::erasure_ledger::ErasureLedger;
 use crate::{
     Database, DatabaseLocation, DatabaseUrl, KEY_DIR_NAME, StorageArgs, create_data_dir, keys,
     open_database,
@@ -91,7 +99,9 @@ order, SHA-256 of the content) signed with the server's Ed25519 signing key.
 
 The key files (<data-dir>/keys) are NOT in the backup, by design: keep them in a separate key
 backup. A restore needs them (the KEK ring unwraps the data keys; the signing keys verify the
-manifest).
+manifest). The backup holds every data key active when it was taken; keys/erasure-ledger.jsonl
+is what keeps a patient erased later from getting theirs back when this backup is restored, so
+take the key backup again after every erasure.
 
 Make a backup key once, and keep the identity file offline:
   age-keygen -o backup-identity.txt        (prints the public key, age1...)
@@ -110,9 +120,13 @@ signing keys verify the manifest, the KEK ring unwraps the restored data keys.
 
 Everything is checked before anything is committed: the manifest's signature, counts, root
 hash and content digest, and every event's hash, chain link and signature. A patient whose
-key is in an erasure ledger (the target's, the backup's, or that of a database given with
---erasures-from, e.g. the live database after a later erasure) stays erased: their key is not
-restored, only its tombstone. After the commit the log is verified again from the database.
+key is in an erasure ledger stays erased: their key is not restored, only its tombstone. The
+ledgers: <data-dir>/keys/erasure-ledger.jsonl (every erasure is written there before the key
+is destroyed; it comes back with the key backup, so take the key backup again after
+erasures), the target database's, the backup's own, and any given with --erasures-from (the
+live database, or another key directory's erasure-ledger.jsonl). The restore reports how many
+keys each withheld. A patient erased after the backup was taken and named by none of them gets
+their key back. After the commit the log is verified again from the database.
 
 Then rebuild the read models:
   chartlog rebuild --data-dir <data-dir> [--database-url <url>]
@@ -170,14 +184,37 @@ pub(crate) struct RestoreArgs {
     #[arg(long = "identity", short = 'i', value_name = "PATH", required = true)]
     identities: Vec<PathBuf>,
 
-    /// Another database whose erasure ledger (destroyed data keys) must be honoured too,
-    /// e.g. the database the backup was taken from, after later erasures. Repeatable.
-    #[arg(long = "erasures-from", value_name = "DATABASE_URL")]
-    erasures_from: Vec<DatabaseUrl>,
+    /// Another erasure ledger to honour: a database (postgres://..., sqlite:...) whose
+    /// destroyed data keys count, e.g. the live database after later erasures, or an erasure
+    /// ledger file (`erasure-ledger.jsonl`) of another key directory, e.g. another server's.
+    /// Repeatable. The target's own `<data-dir>/keys/erasure-ledger.jsonl` is always read.
+    #[arg(long = "erasures-from", value_name = "DATABASE_URL|FILE")]
+    erasures_from: Vec<ErasuresFrom>,
 
     /// Print a one-line JSON summary on stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// A `--erasures-from` value: a database, or an erasure ledger file.
+#[derive(Clone, Debug)]
+enum ErasuresFrom {
+    Database(DatabaseUrl),
+    File(PathBuf),
+}
+
+impl FromStr for ErasuresFrom {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<ErasuresFrom, String> {
+        // Anything URL-like is a database: a mistyped URL must be refused as one, without
+        // echoing it (it may hold a password), not looked for as a file.
+        if raw.contains("://") || raw.starts_with("sqlite:") {
+            DatabaseUrl::from_str(raw).map(ErasuresFrom::Database)
+        } else {
+            Ok(ErasuresFrom::File(PathBuf::from(raw)))
+        }
+    }
 }
 
 // ---- The tables and values on the database ----------------------------------------------
@@ -812,18 +849,28 @@ impl Sink {
 #[derive(Clone)]
 struct Tombstone {
     key_id: Uuid,
-    created_at_us: i64,
+    /// Unknown for an entry of a ledger file, which records erasures, not key creations.
+    created_at_us: Option<i64>,
     destroyed_at_us: i64,
 }
 
 impl Tombstone {
-    fn row(&self, owner: &str) -> Vec<Value> {
+    /// The key-table row that stands for the owner's destroyed key. The backup's own row, when
+    /// it has one, gives the key id (the one its events' headers name) and creation time.
+    fn row(&self, owner: &str, backup_row: Option<&[Value]>) -> Vec<Value> {
+        let (key_id, created_at_us) = match backup_row {
+            Some(row) => (row[1].clone(), row[4].clone()),
+            None => (
+                Value::Uuid(self.key_id),
+                Value::Int(self.created_at_us.unwrap_or(self.destroyed_at_us)),
+            ),
+        };
         vec![
             Value::Text(owner.to_owned()),
-            Value::Uuid(self.key_id),
+            key_id,
             Value::Null,
             Value::Null,
-            Value::Int(self.created_at_us),
+            created_at_us,
             Value::Int(self.destroyed_at_us),
         ]
     }
@@ -845,12 +892,142 @@ async fn read_ledger(db: &ProjectionDb) -> anyhow::Result<BTreeMap<String, Tombs
             row.text(0)?,
             Tombstone {
                 key_id: row.uuid(1)?,
-                created_at_us: row.i64(2)?,
+                created_at_us: Some(row.i64(2)?),
                 destroyed_at_us: row.opt_i64(3)?.unwrap_or(0),
             },
         );
     }
     Ok(ledger)
+}
+
+/// One erasure ledger a restore honoured, and what it did: reported so that an operator can
+/// see which ledger kept which patients erased, and notice one that was missing.
+#[derive(serde::Serialize)]
+struct LedgerReport {
+    /// `target_database`, `key_directory_file`, `file`, `database` or `backup`.
+    kind: &'static str,
+    /// A path, or a description of a database without credentials.
+    source: String,
+    /// Whether the ledger was there (only the key directory's file may be missing).
+    present: bool,
+    /// Erased owners it names.
+    erasures: u64,
+    /// Keys in the backup it names, which were therefore not restored. A key named by several
+    /// ledgers counts in each.
+    keys_withheld: u64,
+}
+
+/// The ledgers a restore honours: the target database's (read in the restore's transaction)
+/// first, the backup's own last, and in between those read before it starts.
+struct Ledgers {
+    reports: Vec<LedgerReport>,
+    /// Owners named by the ledgers read before the restore, with the indexes of the reports
+    /// naming them.
+    erased: BTreeMap<String, (Tombstone, Vec<usize>)>,
+}
+
+const TARGET_LEDGER: usize = 0;
+
+impl Ledgers {
+    fn new() -> Ledgers {
+        Ledgers {
+            reports: vec![LedgerReport {
+                kind: "target_database",
+                source: "the target database".to_owned(),
+                present: true,
+                erasures: 0,
+                keys_withheld: 0,
+            }],
+            erased: BTreeMap::new(),
+        }
+    }
+
+    fn add(
+        &mut self,
+        kind: &'static str,
+        source: String,
+        present: bool,
+        entries: impl IntoIterator<Item = (String, Tombstone)>,
+    ) {
+        let index = self.reports.len();
+        let mut erasures = 0;
+        for (owner, tombstone) in entries {
+            erasures += 1;
+            self.erased
+                .entry(owner)
+                .or_insert_with(|| (tombstone, Vec::new()))
+                .1
+                .push(index);
+        }
+        self.reports.push(LedgerReport {
+            kind,
+            source,
+            present,
+            erasures,
+            keys_withheld: 0,
+        });
+    }
+
+    /// Reads an erasure ledger file. A missing file is an error unless `may_be_missing`.
+    fn add_file(
+        &mut self,
+        kind: &'static str,
+        ledger: &ErasureLedger,
+        may_be_missing: bool,
+    ) -> anyhow::Result<()> {
+        let source = ledger.path().display().to_string();
+        let Some(contents) = ledger.read()? else {
+            ensure!(
+                may_be_missing,
+                "--erasures-from: no erasure ledger at {source}"
+            );
+            eprintln!(
+                "WARNING: no erasure ledger at {source}. A patient erased after this backup was \
+                 taken gets their data key back unless the target database or an \
+                 --erasures-from names the erasure. If anyone was erased since, restore the key \
+                 directory from a key backup taken after the last erasure, or name the live \
+                 database or its ledger with --erasures-from."
+            );
+            self.add(kind, source, false, []);
+            return Ok(());
+        };
+        if contents.torn_tail {
+            eprintln!(
+                "WARNING: the last line of {source} is incomplete (an append cut short); it \
+                 never led to a destroyed key and is ignored."
+            );
+        }
+        let entries = contents.erasures.into_iter().map(|(owner, erasure)| {
+            let tombstone = Tombstone {
+                key_id: erasure.data_key_id,
+                created_at_us: None,
+                destroyed_at_us: erasure.erased_at.unix_micros(),
+            };
+            (owner, tombstone)
+        });
+        self.add(kind, source, true, entries);
+        Ok(())
+    }
+
+    async fn add_database(&mut self, url: &DatabaseUrl, number: usize) -> anyhow::Result<()> {
+        let location = DatabaseLocation::Url(url.clone());
+        let other = open_database(&location).await.with_context(|| {
+            format!(
+                "--erasures-from #{number}: cannot open the {}",
+                location.describe()
+            )
+        })?;
+        let ledger = read_ledger(&crate::wiring::log_db(&other)).await;
+        other.close().await;
+        // A SQLite URL names a file and holds no secret; another URL may hold a password.
+        let source = if url.scheme() == "sqlite" {
+            url.expose().to_owned()
+        } else {
+            format!("the {} database of --erasures-from #{number}", url.scheme())
+        };
+        self.add("database", source, true, ledger?);
+        Ok(())
+    }
 }
 
 /// Counts a restore reports.
@@ -861,6 +1038,7 @@ struct Restored {
     tombstones: u64,
     keys_withheld: u64,
     last_position: u64,
+    ledgers: Vec<LedgerReport>,
 }
 
 pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
@@ -918,16 +1096,20 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             )
         })?;
 
-    let mut ledgers = BTreeMap::new();
-    for url in &args.erasures_from {
-        let location = DatabaseLocation::Url(url.clone());
-        let other = open_database(&location)
-            .await
-            .with_context(|| format!("--erasures-from: cannot open the {}", location.describe()))?;
-        let ledger = read_ledger(&crate::wiring::log_db(&other)).await;
-        other.close().await;
-        for (owner, tombstone) in ledger? {
-            ledgers.entry(owner).or_insert(tombstone);
+    // The key directory's ledger is read whether or not it is named: it is the one that
+    // survives the loss of the database, and it arrives with the key backup a restore needs.
+    let mut ledgers = Ledgers::new();
+    ledgers.add_file(
+        "key_directory_file",
+        &ErasureLedger::in_key_dir(&key_dir),
+        true,
+    )?;
+    for (index, from) in args.erasures_from.iter().enumerate() {
+        match from {
+            ErasuresFrom::File(path) => {
+                ledgers.add_file("file", &ErasureLedger::at(path.clone()), false)?;
+            }
+            ErasuresFrom::Database(url) => ledgers.add_database(url, index + 1).await?,
         }
     }
 
@@ -966,6 +1148,23 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let manifest = verified.manifest;
     tracing::info!(events = manifest.events, seconds, "restored");
 
+    let withheld: Vec<String> = restored
+        .ledgers
+        .iter()
+        .filter(|report| report.present)
+        .map(|report| {
+            format!(
+                "{} ({} erasures, {} keys withheld)",
+                report.source, report.erasures, report.keys_withheld
+            )
+        })
+        .collect();
+    eprintln!(
+        "{} data keys withheld because the patient is erased; erasure ledgers honoured: {}",
+        restored.keys_withheld,
+        withheld.join("; ")
+    );
+
     let summary = serde_json::json!({
         "file": args.file.display().to_string(),
         "events": manifest.events,
@@ -976,6 +1175,7 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         "data_keys_restored": restored.keys_restored,
         "erased_keys": restored.tombstones,
         "keys_withheld_for_erasure": restored.keys_withheld,
+        "erasure_ledgers": restored.ledgers,
         "verified_events": report_events,
         "source_backend": manifest.source_backend,
         "backup_created_at": manifest.created_at,
@@ -1021,7 +1221,7 @@ async fn restore_into<R: Read + Send + 'static>(
     plaintext: R,
     verifier: &SignatureVerifier,
     ring: &KeyRing,
-    ledgers: BTreeMap<String, Tombstone>,
+    ledgers: Ledgers,
     bar: &ProgressBar,
 ) -> anyhow::Result<(Restored, Verified)> {
     let db = crate::wiring::log_db(database);
@@ -1050,6 +1250,19 @@ async fn restore_into<R: Read + Send + 'static>(
             .map(|row| row.text(0))
             .collect::<Result<BTreeSet<String>, _>>()?
     };
+    let Ledgers {
+        mut reports,
+        erased,
+    } = ledgers;
+    reports[TARGET_LEDGER].erasures = target_ledger.len() as u64;
+    let backup_ledger = reports.len();
+    reports.push(LedgerReport {
+        kind: "backup",
+        source: "the backup itself".to_owned(),
+        present: true,
+        erasures: 0,
+        keys_withheld: 0,
+    });
 
     let (sender, mut receiver) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
     let reader = {
@@ -1081,15 +1294,29 @@ async fn restore_into<R: Read + Send + 'static>(
                     let owner = row[0].text().unwrap_or_default().to_owned();
                     let active = row[3] != Value::Null;
                     handled_owners.insert(owner.clone());
-                    if target_ledger.contains(&owner) {
+                    let in_target = target_ledger.contains(&owner);
+                    let named = erased.get(&owner);
+                    if !active {
+                        reports[backup_ledger].erasures += 1;
+                    }
+                    if active && (in_target || named.is_some()) {
+                        restored.keys_withheld += 1;
+                        if in_target {
+                            reports[TARGET_LEDGER].keys_withheld += 1;
+                        }
+                        for &index in named.map_or(&[][..], |(_, named_by)| named_by) {
+                            reports[index].keys_withheld += 1;
+                        }
+                    }
+                    if in_target {
                         // The target's own tombstone stays; the key is not restored.
-                        restored.keys_withheld += u64::from(active);
                         continue;
                     }
-                    if let Some(tombstone) = ledgers.get(&owner) {
-                        restored.keys_withheld += u64::from(active);
+                    if let Some((tombstone, _)) = named
+                        && active
+                    {
                         restored.tombstones += 1;
-                        kept.push(tombstone.row(&owner));
+                        kept.push(tombstone.row(&owner, Some(&row)));
                         continue;
                     }
                     if active {
@@ -1117,12 +1344,12 @@ async fn restore_into<R: Read + Send + 'static>(
         }
         // The other ledgers' tombstones of owners the backup does not know: the ledger
         // travels whole, so none of those owners can ever be given a key.
-        let extra: Vec<Vec<Value>> = ledgers
+        let extra: Vec<Vec<Value>> = erased
             .iter()
             .filter(|(owner, _)| {
                 !handled_owners.contains(*owner) && !target_ledger.contains(*owner)
             })
-            .map(|(owner, tombstone)| tombstone.row(owner))
+            .map(|(owner, (tombstone, _))| tombstone.row(owner, None))
             .collect();
         restored.tombstones += extra.len() as u64;
         insert_rows(&mut tx, &TABLES[DATA_KEYS], &extra).await?;
@@ -1165,6 +1392,7 @@ async fn restore_into<R: Read + Send + 'static>(
         );
     }
     tx.commit().await.context("cannot commit the restore")?;
+    restored.ledgers = reports;
     Ok((restored, verified))
 }
 

@@ -2,14 +2,23 @@
 //!
 //! The erasure takes the same path as the HTTP `erase` command: `PatientErased` (a tombstone
 //! with a reason from a closed list, no PHI) is decided and appended through the ledger, its
-//! clear header naming the operator as the actor, and the patient's data key is destroyed.
-//! Every copy of the patient's events, in the database and in every backup, is unreadable from
-//! then on; the chain still verifies. The key table keeps a tombstone row (key id and time),
-//! so the patient can never be given a key again. A server running meanwhile may still hold
-//! the key in its cache for up to `DATA_KEY_CACHE_TTL` (30 s); its projection runner drops the
-//! patient's read-model rows when it reaches the tombstone.
+//! clear header naming the operator as the actor, the erasure is written to the erasure
+//! ledger in `<data-dir>/keys` (`crate::erasure_ledger`), and the patient's data key is
+//! destroyed. The patient's events in the database are unreadable from then on; the chain
+//! still verifies. The key table keeps a tombstone row (key id and time), so the patient can
+//! never be given a key again. A server running meanwhile may still hold the key in its cache
+//! for up to `DATA_KEY_CACHE_TTL` (30 s); its projection runner drops the patient's
+//! read-model rows when it reaches the tombstone.
+//!
+//! Backups taken before the erasure still hold the wrapped key. What keeps them unreadable is
+//! not the destruction but the ledgers `chartlog restore` honours: the key directory's file
+//! (restored from the key backup, so that backup must be taken again after erasures), the
+//! target database's tombstones and those of any `--erasures-from`. Restoring an older backup
+//! without any ledger that names the patient brings the key back; so does reading its wrapped
+//! key with the KEK ring by hand, for as long as the KEKs it was wrapped under exist.
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -24,6 +33,7 @@ use chartlog_store::{EventStore, LedgerError, PatientLedger};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+use crate::erasure_ledger::{ErasureLedger, LedgeredKeyStore};
 use crate::{Database, RetentionArgs, StorageArgs, keys, open_database, wiring};
 
 /// The user id recorded as the actor when no `--operator` is given: chartlog's command line,
@@ -158,9 +168,13 @@ async fn erase_on(
     let ring = Arc::new(ring);
     let signer = Arc::clone(signing.active());
     let verifier = Arc::new(signing.verifier());
+    let key_dir = keys::key_dir(&args.storage.data_dir);
     match database {
         Database::Sqlite(store, _) => {
-            let keys = DataKeys::new(ring, SqliteKeyStore::new(store.pool().clone()));
+            let keys = DataKeys::new(
+                ring,
+                LedgeredKeyStore::new(SqliteKeyStore::new(store.pool().clone()), &key_dir),
+            );
             let snapshots = Arc::new(SqliteSnapshotStore::new(store.pool().clone()));
             let ledger =
                 PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier)
@@ -169,7 +183,10 @@ async fn erase_on(
             erase_with(&ledger, args, patient, actor).await
         }
         Database::Postgres(store) => {
-            let keys = DataKeys::new(ring, PostgresKeyStore::new(store.pool().clone()));
+            let keys = DataKeys::new(
+                ring,
+                LedgeredKeyStore::new(PostgresKeyStore::new(store.pool().clone()), &key_dir),
+            );
             let snapshots = Arc::new(PostgresSnapshotStore::new(store.pool().clone()));
             let ledger =
                 PatientLedger::new(Arc::new(store.clone()), Arc::new(keys), signer, verifier)
@@ -256,7 +273,8 @@ async fn erase_with<S: EventStore, K: KeyStore>(
         );
     }
     if !args.yes {
-        confirm(patient)?;
+        let ledger = ErasureLedger::in_key_dir(&keys::key_dir(&args.storage.data_dir));
+        confirm(patient, ledger.path())?;
     }
 
     let now = chartlog_api::now();
@@ -326,7 +344,7 @@ async fn erase_with<S: EventStore, K: KeyStore>(
 }
 
 /// Asks the person at the terminal to type the patient id again; refuses without a terminal.
-fn confirm(patient: PatientId) -> anyhow::Result<()> {
+fn confirm(patient: PatientId, ledger: &Path) -> anyhow::Result<()> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
         bail!(
@@ -337,9 +355,12 @@ fn confirm(patient: PatientId) -> anyhow::Result<()> {
     let mut stderr = std::io::stderr().lock();
     write!(
         stderr,
-        "Erasing patient {patient} destroys their data key: every copy of their record, in \
-         this database and in every backup, becomes unreadable for good.\nType the patient id \
-         to confirm: "
+        "Erasing patient {patient} destroys their data key: their record in this database \
+         becomes unreadable for good. Backups taken before now still hold the key; they stay \
+         unreadable only while the erasure ledger in {} is kept (back that directory up \
+         again after erasing) or the live database is named with `chartlog restore \
+         --erasures-from`.\nType the patient id to confirm: ",
+        ledger.display()
     )
     .and_then(|()| stderr.flush())
     .context("cannot write the prompt")?;

@@ -10,6 +10,7 @@ mod config_file;
 mod deid;
 mod demo;
 mod erase;
+mod erasure_ledger;
 mod keys;
 mod users;
 mod verify;
@@ -525,6 +526,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         "http"
     };
+    // Erasures this key directory has not seen (made before it kept a ledger, or by a server
+    // with other key files) join its ledger, so that a key backup taken from here holds them.
+    match erasure_ledger::copy_from_database(&backend.database, &key_dir).await {
+        Ok(0) => {}
+        Ok(copied) => tracing::info!(copied, "erasures copied into the erasure ledger"),
+        Err(error) => tracing::error!(
+            error = format!("{error:#}"),
+            "the erasure ledger could not be brought up to date; erasures will fail until it \
+             can be written"
+        ),
+    }
     let (records, audit) =
         wiring::records_and_audit(&backend.database, &key_dir, args.retention.policy())?;
     let notifier = wiring::notifier(args.break_glass_webhook.as_deref())?;

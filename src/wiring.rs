@@ -28,6 +28,7 @@ use chartlog_store::ledger::SNAPSHOT_EVERY_EVENTS;
 use chartlog_store::postgres::{PostgresKeyStore, PostgresSnapshotStore};
 use chartlog_store::sqlite::{SqliteKeyStore, SqliteSnapshotStore};
 
+use crate::erasure_ledger::LedgeredKeyStore;
 use crate::{Database, keys};
 
 /// The user name of the administrator created on first start.
@@ -69,7 +70,8 @@ pub fn accounts(
 }
 
 /// Commands and reads over the backend, and the signed audit log, both signing with the
-/// active signing key. Erasures wait out `retention`.
+/// active signing key. Erasures wait out `retention`, and each is written to the erasure
+/// ledger in `key_dir` before the patient's key is destroyed.
 pub fn records_and_audit(
     database: &Database,
     key_dir: &Path,
@@ -88,7 +90,7 @@ pub fn records_and_audit(
             let store = Arc::new(store.clone());
             let keys = Arc::new(DataKeys::new(
                 ring,
-                SqliteKeyStore::new(store.pool().clone()),
+                LedgeredKeyStore::new(SqliteKeyStore::new(store.pool().clone()), key_dir),
             ));
             let audit = AuditLog::spawn(
                 store.clone(),
@@ -109,7 +111,7 @@ pub fn records_and_audit(
             let store = Arc::new(store.clone());
             let keys = Arc::new(DataKeys::new(
                 ring,
-                PostgresKeyStore::new(store.pool().clone()),
+                LedgeredKeyStore::new(PostgresKeyStore::new(store.pool().clone()), key_dir),
             ));
             let audit = AuditLog::spawn(
                 store.clone(),

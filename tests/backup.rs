@@ -8,6 +8,9 @@
 //! `CHARTLOG_BACKUP_TEST_EVENTS` to run them at another size, e.g.
 //! `CHARTLOG_BACKUP_TEST_EVENTS=100000 cargo test --release --test backup`.
 
+#[allow(dead_code)]
+#[path = "support/api_client.rs"]
+mod api_client;
 #[path = "support/fresh_postgres.rs"]
 mod fresh_postgres;
 #[allow(dead_code)]
@@ -1045,15 +1048,173 @@ async fn an_erased_patient_stays_erased_when_an_older_backup_is_restored() {
     assert_eq!(restored["erased_keys"], 1);
     assert_erased(&target, erased, kept).await;
 
-    // Without any ledger the older backup would bring the key back: the ledger is what
-    // keeps the patient erased.
+    // An erasure no ledger the restore reads knows of (made here through the library, which
+    // keeps no erasure ledger file, and the live database not named): the older backup
+    // brings the key back, and the report shows that no ledger named it. Keeping the key
+    // directory's ledger is what prevents this (the tests below).
     let target = source.with_same_keys(&dir, "no-ledger");
     let restored = restore(&target, &key, &older, &[]);
     assert_eq!(restored["erased_keys"], 0);
+    assert_eq!(restored["keys_withheld_for_erasure"], 0);
+    assert_eq!(
+        ledger_report(&restored, "key_directory_file")["present"],
+        false
+    );
     assert_eq!(
         restored["data_keys_restored"],
         patients.len() + SOURCE_OPERATOR_RECORDS
     );
+}
+
+/// The report of the restore's erasure ledger of `kind` (the first one, if several).
+fn ledger_report<'a>(restored: &'a Value, kind: &str) -> &'a Value {
+    restored["erasure_ledgers"]
+        .as_array()
+        .expect("erasure_ledgers")
+        .iter()
+        .find(|report| report["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} ledger in {restored}"))
+}
+
+/// The key directory's erasure ledger: one line per erasure, private, naming the patient.
+fn assert_ledger_names(site: &Site, erased: PatientId) {
+    let ledger = site.key_dir().join("erasure-ledger.jsonl");
+    let mode = fs::metadata(&ledger)
+        .expect("the erasure ledger")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the erasure ledger is private");
+    let text = fs::read_to_string(&ledger).expect("the erasure ledger");
+    let lines: Vec<Value> = text.lines().map(json).collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert_eq!(lines[0]["patient_id"], erased.to_string());
+    assert_eq!(lines[0]["stream_id"], StreamId::patient(erased).as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_erased_from_the_command_line_stays_erased_when_only_an_older_backup_is_left() {
+    let dir = TempDir::new().expect("temp dir");
+    let key = backup_key(&dir);
+    let (source, patients) = source_site(&dir, 200).await;
+    let (erased, kept) = (patients[0], patients[1]);
+    let older = dir.path().join("before-erasure.age");
+    backup(&source, &key, &older, &[]);
+    succeeds(&[
+        "erase",
+        "--data-dir",
+        source.arg(),
+        &erased.to_string(),
+        "--reason",
+        "patient_request",
+        "--yes",
+        "--json",
+    ]);
+    assert_ledger_names(&source, erased);
+
+    // The live database is lost. What is left: the older backup, and the key backup taken
+    // after the erasure, restored into a new data directory with a new, empty database.
+    let target = source.with_same_keys(&dir, "after-the-loss");
+    let restored = restore(&target, &key, &older, &[]);
+    assert_eq!(restored["keys_withheld_for_erasure"], 1, "{restored}");
+    let from_keys = ledger_report(&restored, "key_directory_file");
+    assert_eq!(from_keys["present"], true);
+    assert_eq!(from_keys["erasures"], 1);
+    assert_eq!(from_keys["keys_withheld"], 1);
+    assert_eq!(
+        ledger_report(&restored, "target_database")["keys_withheld"],
+        0
+    );
+    assert_eq!(
+        restored["data_keys_restored"],
+        patients.len() - 1 + SOURCE_OPERATOR_RECORDS
+    );
+    assert_erased(&target, erased, kept).await;
+
+    // The same ledger named with --erasures-from, the target's key directory without one:
+    // say, another server's key files.
+    let target = source.with_same_keys(&dir, "ledger-named");
+    fs::remove_file(target.key_dir().join("erasure-ledger.jsonl")).expect("remove");
+    let ledger = source.key_dir().join("erasure-ledger.jsonl");
+    let output = chartlog(&restore_args(
+        &target,
+        &key,
+        &older,
+        &["--erasures-from", path(&ledger)],
+    ));
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no erasure ledger at"), "{stderr}");
+    assert!(
+        stderr.contains("1 data keys withheld because the patient is erased"),
+        "{stderr}"
+    );
+    let restored = json(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(restored["keys_withheld_for_erasure"], 1, "{restored}");
+    assert_eq!(
+        ledger_report(&restored, "key_directory_file")["present"],
+        false
+    );
+    assert_eq!(ledger_report(&restored, "file")["keys_withheld"], 1);
+    assert_erased(&target, erased, kept).await;
+
+    // A ledger named but missing is an error, not a ledger of nothing.
+    let target = source.with_same_keys(&dir, "ledger-missing");
+    let missing = dir.path().join("no-such-ledger.jsonl");
+    let stderr = fails(&restore_args(
+        &target,
+        &key,
+        &older,
+        &["--erasures-from", path(&missing)],
+    ));
+    assert!(stderr.contains("no erasure ledger at"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_erased_over_http_stays_erased_when_only_an_older_backup_is_left() {
+    let dir = TempDir::new().expect("temp dir");
+    let key = backup_key(&dir);
+    let (source, patients) = source_site(&dir, 200).await;
+    let (erased, kept) = (patients[0], patients[1]);
+    let older = dir.path().join("before-erasure.age");
+    backup(&source, &key, &older, &[]);
+    let added = succeeds(&[
+        "users",
+        "add",
+        "--data-dir",
+        source.arg(),
+        "--username",
+        "ada.admin",
+        "--role",
+        "administrator",
+    ]);
+    let one_time = added
+        .lines()
+        .find_map(|line| line.strip_prefix("one-time password: "))
+        .expect("a one-time password")
+        .to_owned();
+
+    let mut server = support::Server::start(&source.data_dir, &[]);
+    let certificate = fs::read(source.data_dir.join("tls").join("dev-cert.pem")).expect("cert");
+    let api = api_client::Api::new(&server, support::https_client(&certificate));
+    let admin = api.first_login("ada.admin", &one_time).await.token;
+    api.post(
+        &format!("/patients/{erased}/erase"),
+        &admin,
+        serde_json::json!({ "reason": "patient_request" }),
+    )
+    .await
+    .expect(reqwest::StatusCode::OK);
+    assert!(server.signal_and_wait("TERM").success());
+    assert_ledger_names(&source, erased);
+
+    let target = source.with_same_keys(&dir, "after-the-loss");
+    let restored = restore(&target, &key, &older, &[]);
+    assert_eq!(restored["keys_withheld_for_erasure"], 1, "{restored}");
+    assert_eq!(
+        ledger_report(&restored, "key_directory_file")["keys_withheld"],
+        1
+    );
+    assert_erased(&target, erased, kept).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

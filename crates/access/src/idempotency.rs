@@ -1,6 +1,11 @@
 //! Idempotency records: the response to a request sent with an `Idempotency-Key`, kept
 //! sealed so that the same request sent again gets the same answer instead of acting twice.
 //!
+//! A request is named by its fingerprint: the caller's digest of it, stored only as an HMAC
+//! under a key derived from the access key ([`AccessSecrets`](crate::AccessSecrets)). The
+//! digest is a plain hash of the request, password and all when a note is signed; kept for
+//! the retention period, it would let anyone with a copy of the database test guesses.
+//!
 //! A request claims its key before it acts ([`Accounts::reserve_idempotency_key`]): one
 //! `INSERT .. ON CONFLICT` decides, on either backend, which of several simultaneous requests
 //! runs. The claim is a row without an answer (status and body NULL) that lives for
@@ -71,6 +76,7 @@ impl Accounts {
         now: Timestamp,
     ) -> Result<Option<StoredResponse>, IdempotencyError> {
         let key_hash = key_digest(key)?;
+        let request_fingerprint = self.secrets().request_fingerprint(&request_fingerprint);
         match self
             .recorded(user, &key_hash, request_fingerprint, now)
             .await?
@@ -91,6 +97,7 @@ impl Accounts {
         now: Timestamp,
     ) -> Result<IdempotencyClaim, IdempotencyError> {
         let key_hash = key_digest(key)?;
+        let request_fingerprint = self.secrets().request_fingerprint(&request_fingerprint);
         let reserved_at_us = now.unix_micros();
         let expires_at_us = plus(now, IDEMPOTENCY_IN_PROGRESS_TIMEOUT);
         // A look first: a replay, and a request polling a key in progress, then only read,
@@ -268,6 +275,7 @@ impl Accounts {
         now: Timestamp,
     ) -> Result<(), AccessError> {
         let key_hash = key_digest(key)?;
+        let request_fingerprint = self.secrets().request_fingerprint(&request_fingerprint);
         assert!(
             (100..=599).contains(&response.status),
             "an HTTP status is between 100 and 599"

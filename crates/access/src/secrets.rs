@@ -1,6 +1,7 @@
 //! The access data key: what seals TOTP secrets, break-glass reasons and idempotent response
-//! bodies at rest. It lives in its own key file (`access-key.json`) in the key directory,
-//! never in the database, so a copy of the database alone opens none of them.
+//! bodies at rest, and keys the fingerprints of idempotent requests. It lives in its own key
+//! file (`access-key.json`) in the key directory, never in the database, so a copy of the
+//! database alone opens none of them and tests no guess against a fingerprint.
 //!
 //! `chartlog_crypto` builds a [`DataKey`] from bytes only by unwrapping it under a KEK (by
 //! design: no caller holds a bare data key's bytes). So the file holds a file-local KEK and
@@ -12,8 +13,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chartlog_crypto::{
-    DataKey, DataKeyId, KEK_BYTES, KekId, KeyFileError, KeyRing, WrappedDataKey,
-    load_or_create_key_file, open_record, read_key_file, seal_record,
+    DataKey, DataKeyId, KEK_BYTES, KekId, KeyFileError, KeyRing, MacKey, WrappedDataKey,
+    derive_mac_key, hmac_sha256, load_or_create_key_file, open_record, read_key_file, seal_record,
 };
 use chartlog_domain::StreamId;
 use serde::{Deserialize, Serialize};
@@ -29,11 +30,18 @@ const ACCESS_KEY_FILE_FORMAT: &str = "chartlog-access-key/v1";
 const ACCESS_KEY_OWNER: &str = "access-secrets";
 /// Domain-separation tag opening the associated data of every record sealed here.
 const SEAL_TAG: &[u8] = b"chartlog-access/v1";
+/// What the fingerprint key is derived for, from the data key.
+const FINGERPRINT_KEY_PURPOSE: &[u8] = b"chartlog-access/idempotency-fingerprint-key/v1";
 
 /// The key that seals access secrets at rest. Cheap to clone (shared); prints no key.
 #[derive(Clone)]
 pub struct AccessSecrets {
     key: Arc<DataKey>,
+    /// Keys the fingerprints of idempotent requests. Derived from the data key rather than
+    /// kept in a file of its own: every server that opens this key file (as each server on
+    /// one database must, to open the TOTP secrets) computes the same fingerprint, so a retry
+    /// sent to another server still matches.
+    fingerprint_key: Arc<MacKey>,
 }
 
 impl std::fmt::Debug for AccessSecrets {
@@ -46,8 +54,13 @@ impl AccessSecrets {
     /// A fresh key held only in memory: what is sealed under it is lost with the process.
     /// For tests and throwaway instances.
     pub fn ephemeral() -> Self {
+        Self::from_key(DataKey::generate())
+    }
+
+    fn from_key(key: DataKey) -> Self {
         Self {
-            key: Arc::new(DataKey::generate()),
+            fingerprint_key: Arc::new(derive_mac_key(&key, FINGERPRINT_KEY_PURPOSE)),
+            key: Arc::new(key),
         }
     }
 
@@ -75,7 +88,7 @@ impl AccessSecrets {
             serde_json::to_writer_pretty(&mut *json, &file)
                 .expect("serializing strings cannot fail");
             json.push(b'\n');
-            (Self { key: Arc::new(key) }, json)
+            (Self::from_key(key), json)
         })
     }
 
@@ -130,7 +143,7 @@ impl AccessSecrets {
                 origin: path.display().to_string(),
                 source,
             })?;
-        Ok(Self { key: Arc::new(key) })
+        Ok(Self::from_key(key))
     }
 
     /// Seals `plaintext` for the row named by `parts` (after the crate's own tag).
@@ -141,6 +154,20 @@ impl AccessSecrets {
     /// Opens what [`AccessSecrets::seal`] sealed for the same `parts`.
     pub(crate) fn open(&self, parts: &[&[u8]], sealed: &[u8]) -> Result<Vec<u8>, AccessError> {
         Ok(open_record(&self.key, &associated_data(parts), sealed)?)
+    }
+
+    /// The fingerprint stored for a request whose digest is `request_digest`: an HMAC under
+    /// the fingerprint key. A request's digest is a plain hash of what it held (for signing a
+    /// note, the signer's password), which anyone with a copy of the row could test guesses
+    /// against; the HMAC cannot be tested without the key file.
+    pub(crate) fn request_fingerprint(&self, request_digest: &[u8; 32]) -> [u8; 32] {
+        hmac_sha256(
+            &self.fingerprint_key,
+            &[
+                b"chartlog-access/idempotency-fingerprint/v1",
+                request_digest,
+            ],
+        )
     }
 }
 

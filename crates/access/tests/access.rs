@@ -141,6 +141,7 @@ on_both_backends!(
     a_released_idempotency_claim_frees_the_key,
     an_abandoned_idempotency_claim_expires,
     simultaneous_idempotency_claims_have_one_winner,
+    idempotency_fingerprints_are_keyed_by_the_access_key,
     identity_provider_accounts_sign_in_there_only,
 );
 
@@ -1960,6 +1961,85 @@ async fn simultaneous_idempotency_claims_have_one_winner(fixture: Fixture) {
         }
     }
     assert_eq!((won, waiting), (1, RACERS - 1));
+}
+
+/// Bug this catches: the fingerprint of a note's signing, whose body holds the signer's
+/// password, kept for a day as its plain SHA-256, which a copy of the database lets anyone
+/// test password guesses against.
+async fn idempotency_fingerprints_are_keyed_by_the_access_key(fixture: Fixture) {
+    use sha2::Digest as _;
+    let keys = tempfile::tempdir().expect("key dir");
+    let secrets = AccessSecrets::load_or_create(keys.path()).expect("access key");
+    let server = Accounts::new(fixture.db.clone(), secrets, settings());
+    let user = active_user(
+        &server,
+        "dr.keyed",
+        Role::Physician,
+        "keyed passphrase",
+        at(0),
+    )
+    .await;
+    // What the API hashes for POST /patients/{id}/notes/sign: route, patient, body.
+    let body = br#"{"note_id":"3f1e","password":"keyed passphrase"}"#;
+    let mut hasher = sha2::Sha256::new();
+    for part in [&b"/patients/{patient_id}/notes/sign"[..], b"0b9a", body] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    let IdempotencyClaim::Reserved(reservation) = server
+        .reserve_idempotency_key(user, "sign-1", digest, at(1))
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is reserved");
+    };
+    let signed = StoredResponse {
+        status: 200,
+        body: br#"{"signed":true}"#.to_vec(),
+    };
+    assert!(
+        server
+            .complete_idempotency_key(reservation, &signed, at(1))
+            .await
+            .unwrap()
+    );
+    let stored = fixture
+        .db
+        .fetch_all(
+            "SELECT fingerprint FROM chartlog_access_idempotency_records",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    let stored = stored[0].bytes(0).unwrap();
+    assert_eq!(stored.len(), 32);
+    assert_ne!(stored, digest.to_vec(), "not the request's plain digest");
+    let hashed_again: [u8; 32] = sha2::Sha256::digest(digest).into();
+    assert_ne!(stored, hashed_again.to_vec());
+    // Another server with the same key file finds the same fingerprint: the retry replays.
+    let other_server = Accounts::new(
+        fixture.db.clone(),
+        AccessSecrets::load(&keys.path().join(chartlog_access::ACCESS_KEY_FILE_NAME))
+            .expect("the same key file"),
+        settings(),
+    );
+    assert_eq!(
+        other_server
+            .idempotent_replay(user, "sign-1", digest, at(2))
+            .await
+            .unwrap(),
+        Some(signed)
+    );
+    // Under another access key the same request is another fingerprint.
+    assert!(matches!(
+        fixture
+            .with_settings(settings())
+            .idempotent_replay(user, "sign-1", digest, at(2))
+            .await,
+        Err(IdempotencyError::KeyReusedForDifferentRequest)
+    ));
 }
 
 /// A token the identity provider issued for `subject`, as the server verified it: each call a

@@ -54,7 +54,7 @@ pub use key_files::{
 pub use key_files::{load_or_create as load_or_create_key_file, read_private as read_key_file};
 pub use key_ring::{KEK_BYTES, KEKS_MAX, KeyRing, WrappedDataKey};
 pub use key_store::{DataKeyRecord, KeyInsert, KeyStore, KeyStoreError};
-pub use mac::{MAC_BYTES, MAC_KEY_BYTES, MacKey, hmac_sha256};
+pub use mac::{MAC_BYTES, MAC_KEY_BYTES, MacKey, derive_mac_key, hmac_sha256};
 pub use seal::{
     DATA_KEY_BYTES, DataKey, SEAL_OVERHEAD_BYTES, open, open_record, seal, seal_record,
 };

@@ -1,5 +1,6 @@
 //! Keyed hashes (HMAC-SHA-256) for values that must be stable and unlinkable without a
-//! secret: de-identification pseudonyms and blind indexes.
+//! secret: de-identification pseudonyms, blind indexes, and the fingerprints of requests kept
+//! for idempotent replay.
 //!
 //! A plain hash of a patient id or an MRN could be recomputed by anyone who can guess the
 //! input; an HMAC under a server-side secret cannot (45 CFR 164.514(c): a re-identification
@@ -10,6 +11,8 @@ use std::fmt;
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
 use sha2::Sha256;
+
+use crate::seal::DataKey;
 
 /// Bytes of a [`MacKey`]: the output size of SHA-256, the key size RFC 2104 recommends.
 pub const MAC_KEY_BYTES: usize = 32;
@@ -40,6 +43,24 @@ impl fmt::Debug for MacKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("MacKey(<secret>)")
     }
+}
+
+/// A MAC key for `purpose`, derived from a data key: HKDF-Expand (RFC 5869) with the data key
+/// as the pseudorandom key and `purpose` as the info, one block. For a secret that must be the
+/// same wherever the data key is (every server sharing a key file) without a key file of its
+/// own; a distinct `purpose` gives an independent key.
+pub fn derive_mac_key(key: &DataKey, purpose: &[u8]) -> MacKey {
+    let derived = zeroize::Zeroizing::new(hkdf_expand_one_block(key.expose_secret(), purpose));
+    MacKey::from_bytes(&derived)
+}
+
+/// HKDF-Expand's first block, T(1) = HMAC(PRK, info || 0x01): its output for L = 32.
+fn hkdf_expand_one_block(prk: &[u8], info: &[u8]) -> [u8; MAC_BYTES] {
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(prk).expect("HMAC accepts keys of any length");
+    mac.update(info);
+    mac.update(&[1]);
+    mac.finalize().into_bytes().into()
 }
 
 /// HMAC-SHA-256 under `key` over `parts`, each written with a u64 big-endian length prefix
@@ -73,6 +94,28 @@ mod tests {
             hmac_sha256(&MacKey::generate(), &[b"x"])
         );
         assert_eq!(format!("{key:?}"), "MacKey(<secret>)");
+    }
+
+    #[test]
+    fn derivation_is_hkdf_expand_of_rfc_5869() {
+        // RFC 5869 A.1: PRK and info of test case 1; T(1) is the OKM's first 32 bytes.
+        let prk = hex::decode("077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5")
+            .unwrap();
+        let info = hex::decode("f0f1f2f3f4f5f6f7f8f9").unwrap();
+        assert_eq!(
+            hex::encode(hkdf_expand_one_block(&prk, &info)),
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
+        );
+        let data_key = DataKey::from_bytes(&[9; crate::seal::DATA_KEY_BYTES]);
+        let one = derive_mac_key(&data_key, b"one purpose");
+        assert_eq!(
+            hmac_sha256(&one, &[b"x"]),
+            hmac_sha256(&derive_mac_key(&data_key, b"one purpose"), &[b"x"])
+        );
+        assert_ne!(
+            hmac_sha256(&one, &[b"x"]),
+            hmac_sha256(&derive_mac_key(&data_key, b"another purpose"), &[b"x"])
+        );
     }
 
     #[test]
