@@ -95,7 +95,8 @@ impl fmt::Debug for Decimal {
 }
 
 /// A unit in UCUM case-sensitive syntax (`mg`, `mm[Hg]`, `[degF]`, `10*3/uL`, `%`).
-/// Checked for shape, not against the full UCUM grammar. Not PHI: it prints.
+/// Parsing checks its shape only, so that every stored event decodes whatever the UCUM
+/// tables say; commands are held to full UCUM by [`Unit::is_ucum`]. Not PHI: it prints.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Unit(String);
@@ -114,6 +115,18 @@ impl Unit {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether the unit is UCUM (case-sensitive): its grammar, and only atoms and prefixes
+    /// of UCUM's tables. A unit that is not could be any text a sender typed, an identifier
+    /// included, so new commands must send UCUM and the de-identified views keep no other.
+    pub fn is_ucum(&self) -> bool {
+        is_ucum(&self.0)
+    }
+}
+
+/// Whether `text` is a UCUM (case-sensitive) unit expression; see [`Unit::is_ucum`].
+pub fn is_ucum(text: &str) -> bool {
+    ucum::validate(text).is_ok()
 }
 
 /// UCUM brackets (`[...]` for special units, `{...}` for annotations) never nest.
@@ -200,6 +213,40 @@ mod tests {
         }
         for bad in ["", "m g", "[degF", "mm]Hg[", "[a[b]]", &"m".repeat(33)] {
             assert!(Unit::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ucum_units_are_told_from_text_of_their_shape() {
+        for ucum in [
+            "mg",
+            "ug",
+            "mm[Hg]",
+            "[degF]",
+            "Cel",
+            "10*3/uL",
+            "%",
+            "kg/m2",
+            "{beats}/min",
+            "/min",
+            "mg/dL",
+            "[iU]/L",
+            "mL/min/{1.73_m2}",
+        ] {
+            assert!(Unit::parse(ucum).unwrap().is_ucum(), "{ucum}");
+        }
+        // Shaped like units, but text: identifiers, words, formulas.
+        for text in [
+            "123-45-6789",
+            "jdoe@x.org",
+            "555-867-5309",
+            "[MRN_A12345]",
+            "smith",
+            "=HYPERLINK(1)",
+            "@SUM(1+1)",
+        ] {
+            let unit = Unit::parse(text).unwrap();
+            assert!(!unit.is_ucum(), "{text}");
         }
     }
 }

@@ -87,8 +87,16 @@ pub fn decide(
                 return Err(Rejection::DuplicateObservation { observation_id });
             }
             check_purpose(&code, CodePurpose::Observation)?;
-            if let ObservationValue::Coded(answer) = &value {
-                check_purpose(answer, CodePurpose::ObservationValue)?;
+            match &value {
+                ObservationValue::Coded(answer) => {
+                    check_purpose(answer, CodePurpose::ObservationValue)?;
+                }
+                ObservationValue::Quantity(quantity) if !quantity.unit.is_ucum() => {
+                    return Err(Rejection::UnitNotUcum {
+                        field: "the observation's value",
+                    });
+                }
+                _ => {}
             }
             if in_future(effective_at, now) {
                 return Err(Rejection::ObservationInFuture { observation_id });
@@ -193,6 +201,9 @@ pub fn decide(
                 });
             }
             check_purpose(&medication, CodePurpose::Medication)?;
+            if !dose.unit.is_ucum() {
+                return Err(Rejection::UnitNotUcum { field: "the dose" });
+            }
             if !dose.value.is_positive() {
                 return Err(Rejection::DoseNotPositive {
                     medication_order_id,

@@ -70,6 +70,9 @@ pub enum Rejection {
     DuplicateMedicationOrder {
         medication_order_id: MedicationOrderId,
     },
+    /// The unit is never echoed: text that is not UCUM may be anything.
+    #[error("the unit of {field} is not a UCUM unit (e.g. mg, mm[Hg], 10*3/uL, [degF])")]
+    UnitNotUcum { field: &'static str },
     #[error("medication order {medication_order_id} needs a dose greater than zero")]
     DoseNotPositive {
         medication_order_id: MedicationOrderId,
@@ -177,6 +180,7 @@ impl Rejection {
             Rejection::UnknownAllergy { .. } => "unknown_allergy",
             Rejection::AllergyAlreadyRefuted { .. } => "allergy_already_refuted",
             Rejection::DuplicateMedicationOrder { .. } => "duplicate_medication_order",
+            Rejection::UnitNotUcum { .. } => "unit_not_ucum",
             Rejection::DoseNotPositive { .. } => "dose_not_positive",
             Rejection::UnknownMedicationOrder { .. } => "unknown_medication_order",
             Rejection::MedicationOrderAlreadyDiscontinued { .. } => {

@@ -347,6 +347,24 @@ fn observations() {
 }
 
 #[test]
+fn quantities_must_carry_ucum_units() {
+    let patient = registered();
+    let mut typed = observation(1, now());
+    if let PatientCommand::RecordObservation { value, .. } = &mut typed {
+        *value = ObservationValue::Quantity(quantity("37.2", "123-45-6789"));
+    }
+    let refused = rejection(&patient, typed);
+    assert_eq!(refused.code(), "unit_not_ucum");
+    assert!(!refused.to_string().contains("123-45-6789"), "{refused}");
+    let mut typed = prescribe(2, "5");
+    if let PatientCommand::PrescribeMedication { dose, .. } = &mut typed {
+        *dose = quantity("5", "jdoe@x.org");
+    }
+    assert_eq!(rejection(&patient, typed).code(), "unit_not_ucum");
+    chart(vec![register(), observation(1, now()), prescribe(2, "5")]);
+}
+
+#[test]
 fn code_systems_are_checked_per_purpose() {
     let patient = registered();
     let snomed = Code::parse(CodeSystem::SnomedCt, "38341003", None).unwrap();

@@ -370,7 +370,8 @@ fn csv_line(cells: Vec<Cell>) -> String {
             line.push(',');
         }
         match cell {
-            Cell::Text(text) | Cell::Decimal(text) => csv_field(&mut line, &text),
+            Cell::Text(text) => csv_text_field(&mut line, &text),
+            Cell::Decimal(text) => csv_field(&mut line, &text),
             Cell::Integer(n) => line.push_str(&n.to_string()),
             Cell::Boolean(b) => line.push_str(if b { "true" } else { "false" }),
             Cell::Null => {}
@@ -380,12 +381,21 @@ fn csv_line(cells: Vec<Cell>) -> String {
     line
 }
 
-/// RFC 4180 quoting; also quotes a leading `=`, `+`, `-` or `@` so a spreadsheet does not
-/// run it as a formula (CSV injection), though no de-identified value should start so.
+/// A text cell: RFC 4180 quoting, and a cell a spreadsheet would run as a formula (CSV
+/// injection: a leading `=`, `+`, `-`, `@`, tab or carriage return) is prefixed with `'`,
+/// as OWASP advises; quoting alone does not stop it, spreadsheets drop the quotes. No
+/// de-identified text should start so (codes and units are checked); this holds if one does.
+pub(crate) fn csv_text_field(line: &mut String, value: &str) {
+    if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        csv_field(line, &format!("'{value}"));
+    } else {
+        csv_field(line, value);
+    }
+}
+
+/// RFC 4180 quoting. Decimals come here as written: a leading `-` is a negative number.
 fn csv_field(line: &mut String, value: &str) {
-    let needs_quotes = value.contains([',', '"', '\r', '\n'])
-        || value.starts_with(['=', '+', '@'])
-        || (value.starts_with('-') && value.parse::<f64>().is_err());
+    let needs_quotes = value.contains([',', '"', '\r', '\n']);
     if needs_quotes {
         line.push('"');
         line.push_str(&value.replace('"', "\"\""));

@@ -242,11 +242,23 @@ pub struct DeidQuantity {
     unit: String,
 }
 
+/// The unit the views show in place of one that is not UCUM once its annotations are gone:
+/// such a unit is text a sender typed (events recorded before commands were held to UCUM, or
+/// by another writer) and could hold an identifier. Itself a UCUM annotation, so the column
+/// stays UCUM: the unit 1, with the reason in braces.
+pub const UNIT_WITHHELD: &str = "{withheld}";
+
 impl DeidQuantity {
     pub fn from_quantity(quantity: &Quantity) -> Self {
+        let unit = strip_unit_annotations(quantity.unit.as_str());
+        let unit = if chartlog_domain::quantity::is_ucum(&unit) {
+            unit
+        } else {
+            UNIT_WITHHELD.to_owned()
+        };
         Self {
             value: quantity.value.expose_phi().to_owned(),
-            unit: strip_unit_annotations(quantity.unit.as_str()),
+            unit,
         }
     }
 

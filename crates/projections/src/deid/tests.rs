@@ -17,7 +17,7 @@ use chartlog_domain::{
 };
 use uuid::Uuid;
 
-use super::export::{DeidExportWriter, DeidRecord, DeidTable, ExportFormat};
+use super::export::{DeidExportWriter, DeidRecord, DeidTable, ExportFormat, csv_text_field};
 use super::*;
 
 /// Every identifying or free-text value of the fixtures contains this.
@@ -607,6 +607,36 @@ fn unit_annotations_are_removed_without_changing_the_unit() {
     assert_eq!(strip("10*3/{cells}"), "10*3/1");
     assert_eq!(strip("{Qzmarker}"), "1");
     assert_eq!(strip("mm[Hg]"), "mm[Hg]");
+}
+
+#[test]
+fn a_unit_that_is_not_ucum_is_withheld() {
+    for text in [
+        "123-45-6789",
+        "jdoe@x.org",
+        "555-867-5309",
+        "[MRN_A12345]",
+        "=HYPERLINK(1)",
+        "smith{note}",
+    ] {
+        let unit = DeidQuantity::from_quantity(&quantity("1", text))
+            .unit()
+            .to_owned();
+        assert_eq!(unit, crate::deid::safe_harbor::UNIT_WITHHELD, "{text}");
+    }
+}
+
+#[test]
+fn a_text_cell_a_spreadsheet_would_run_is_defused() {
+    for formula in ["=1+1", "+1", "-1+1", "@SUM(1)", "\t=1", "\r=1"] {
+        let mut line = String::new();
+        csv_text_field(&mut line, formula);
+        let cell = line.strip_prefix('"').unwrap_or(&line);
+        assert!(cell.starts_with('\''), "{formula}: {line}");
+    }
+    let mut line = String::new();
+    csv_text_field(&mut line, "mg");
+    assert_eq!(line, "mg");
 }
 
 #[test]
