@@ -264,7 +264,7 @@ impl Accounts {
         let one_time = generate_one_time_password();
         let hash = hash_blocking(self.settings().password_hashing, &one_time.to_password()).await?;
         let mut tx = self.db().begin().await?;
-        set_password(&mut tx, id, &hash, true, now).await?;
+        set_password(&mut tx, id, &hash, PasswordKind::OneTime, now).await?;
         revoke_sessions(&mut tx, id, now).await?;
         clear_account_failures(&mut tx, &user.username).await?;
         tx.commit().await?;
@@ -363,15 +363,21 @@ impl Accounts {
         // The current password was right: what follows is the new one's policy, not a guess.
         self.forget_attempt(attempt).await?;
         password::check_policy(self.settings(), user.role, &user.username, new)?;
-        let history = self.password_history(id).await?;
-        if verify_any_blocking(new, history).await? {
+        let mut refused = self.password_history(id).await?;
+        // A one-time password stays out of the history, where it would push out one the user
+        // chose; but the administrator who issued it has seen it, so it cannot become the
+        // user's own either.
+        if user.must_change_password {
+            refused.push(user.password_hash.clone());
+        }
+        if verify_any_blocking(new, refused).await? {
             return Err(PasswordChangeError::Reused {
                 generations: PASSWORD_HISTORY_GENERATIONS,
             });
         }
         let hash = hash_blocking(self.settings().password_hashing, new).await?;
         let mut tx = self.db().begin().await.map_err(AccessError::from)?;
-        set_password(&mut tx, id, &hash, false, now).await?;
+        set_password(&mut tx, id, &hash, PasswordKind::Chosen, now).await?;
         revoke_sessions(&mut tx, id, now).await?;
         clear_account_failures(&mut tx, &user.username).await?;
         tx.commit().await.map_err(AccessError::from)?;
@@ -1249,7 +1255,8 @@ impl SessionRow {
     }
 }
 
-/// Inserts an account and its first password-history entry; `false` if the name is taken.
+/// Inserts an account with a one-time password (not entered in the history); `false` if the
+/// name is taken.
 async fn insert_user(
     tx: &mut ProjectionTx,
     user_id: UserId,
@@ -1278,20 +1285,27 @@ async fn insert_user(
             ],
         )
         .await?;
-    if inserted == 0 {
-        return Ok(false);
-    }
-    add_password_history(tx, user_id, password_hash, now).await?;
-    Ok(true)
+    Ok(inserted == 1)
 }
 
-/// Sets the account's password hash (and whether it must be changed at the next login), and
-/// records it in the history.
+/// Whose choice a password is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PasswordKind {
+    /// Issued by chartlog (at creation or an administrator's reset), to be changed at the next
+    /// login.
+    OneTime,
+    /// Chosen by the user.
+    Chosen,
+}
+
+/// Sets the account's password hash; a one-time password must be changed at the next login,
+/// and only a chosen one enters the history: the history is the passwords the user chose, so
+/// that a reset cannot push one of them out and let it back in.
 async fn set_password(
     tx: &mut ProjectionTx,
     id: UserId,
     password_hash: &str,
-    must_change: bool,
+    kind: PasswordKind,
     now: Timestamp,
 ) -> Result<(), AccessError> {
     // The UPDATE comes first: on PostgreSQL its row lock orders concurrent changes of one
@@ -1303,7 +1317,7 @@ async fn set_password(
              WHERE user_id = $4",
             vec![
                 SqlArg::Text(password_hash.to_owned()),
-                SqlArg::Bool(must_change),
+                SqlArg::Bool(kind == PasswordKind::OneTime),
                 at_arg(now),
                 user_arg(id),
             ],
@@ -1312,7 +1326,10 @@ async fn set_password(
     if updated == 0 {
         return Err(AccessError::UserNotFound { user_id: id });
     }
-    add_password_history(tx, id, password_hash, now).await
+    match kind {
+        PasswordKind::OneTime => Ok(()),
+        PasswordKind::Chosen => add_password_history(tx, id, password_hash, now).await,
+    }
 }
 
 /// Appends a hash to the account's history and drops all but the last

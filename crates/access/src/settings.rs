@@ -8,8 +8,8 @@ use chartlog_domain::Role;
 pub const PASSWORD_LENGTH_MAX_FLOOR: usize = 64;
 /// NIST SP 800-63B 5.1.1.2: memorized secrets are at least 8 characters.
 pub const PASSWORD_LENGTH_MIN_FLOOR: usize = 8;
-/// Password hashes kept per account (the current one included); a new password may be none
-/// of them.
+/// Passwords the user chose kept per account (the current one included), as hashes; a new
+/// password may be none of them. One-time passwords are not kept, so a reset pushes none out.
 pub const PASSWORD_HISTORY_GENERATIONS: usize = 5;
 /// Failed logins of one account name within [`LOGIN_FAILURE_WINDOW`] before it is throttled.
 pub const LOGIN_FAILURES_PER_ACCOUNT_MAX: usize = 5;

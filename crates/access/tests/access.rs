@@ -122,6 +122,7 @@ on_both_backends!(
     account_creation_checks_names_and_links,
     password_rules,
     password_reuse_of_the_last_five_is_refused,
+    one_time_passwords_push_no_chosen_password_out_of_the_history,
     unknown_user_wrong_password_and_disabled_answer_alike,
     throttling_per_account,
     throttling_per_address,
@@ -620,6 +621,60 @@ async fn password_reuse_of_the_last_five_is_refused(fixture: Fixture) {
     )
     .await;
     assert_eq!(kept, 5);
+}
+
+/// Bug this catches: the one-time password of an administrator's reset entered the history
+/// of five, pushing out the oldest password the user chose, which they could then choose again.
+async fn one_time_passwords_push_no_chosen_password_out_of_the_history(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let id = active_user(accounts, "dr.reset", Role::Physician, "chosen-01", at(0)).await;
+    let mut current = "chosen-01".to_owned();
+    for (i, next) in ["chosen-02", "chosen-03", "chosen-04", "chosen-05"]
+        .into_iter()
+        .enumerate()
+    {
+        accounts
+            .change_password(id, &password(&current), &password(next), at(i as i64 + 1))
+            .await
+            .unwrap();
+        current = next.to_owned();
+    }
+    let one_time = accounts.reset_password(id, at(10)).await.unwrap();
+    let one_time = one_time.to_password();
+    for (old, why) in [
+        ("chosen-01", "the oldest of the five the user chose"),
+        ("chosen-05", "the newest"),
+        (
+            one_time.expose(),
+            "the one-time password the administrator saw",
+        ),
+    ] {
+        assert!(
+            matches!(
+                accounts
+                    .change_password(id, &one_time, &password(old), at(11))
+                    .await,
+                Err(PasswordChangeError::Reused { generations: 5 })
+            ),
+            "{why} is refused after a reset"
+        );
+    }
+    accounts
+        .change_password(id, &one_time, &password("chosen-06"), at(12))
+        .await
+        .expect("a new password");
+    // Only what the user chose is kept.
+    let kept = scalar_count(
+        &fixture.db,
+        "SELECT COUNT(*) FROM chartlog_access_password_history WHERE user_id = $1",
+        vec![SqlArg::Uuid(id.as_uuid())],
+    )
+    .await;
+    assert_eq!(kept, 5);
+    accounts
+        .change_password(id, &password("chosen-06"), &password("chosen-01"), at(13))
+        .await
+        .expect("chosen-01 is six chosen passwords back");
 }
 
 async fn unknown_user_wrong_password_and_disabled_answer_alike(fixture: Fixture) {
