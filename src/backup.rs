@@ -37,7 +37,16 @@
 //! their key comes back: nothing in the backup itself can know of a later erasure.
 //!
 //! After the commit the log is verified again from the database with
-//! `chartlog_store::verify::verify_log`.
+//! `chartlog_store::verify::verify_log`, and the restore is recorded on the audit trail. Once
+//! committed, the restore is never reported as failed: the target is no longer empty, and a
+//! retry would be refused. If that check cannot confirm the log (PostgreSQL holding the
+//! global log back past `--verify-wait-seconds`, a database error) or finds a break, or if the
+//! audit record cannot be written, the summary still says what was restored, with
+//! `"committed": true` and the check's outcome, a warning on stderr says what is missing, and
+//! the exit status is 3, not 1 (which promises an untouched target) nor 0 (someone has to
+//! look). The audit record's outcome is `success` whenever the restore committed: it records
+//! that the rows entered this database, which they did; the check's verdict is the
+//! command's exit status and message.
 
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
 use std::collections::{BTreeMap, BTreeSet};
@@ -77,9 +86,13 @@ const PAGE_ROWS: usize = 1_000;
 const WRITE_CHUNK_BYTES: usize = 1 << 20;
 /// Chunks or batches in flight between the database task and the file thread.
 const CHANNEL_DEPTH: usize = 4;
-/// How long a restore waits for the global log to show every restored event to
+/// How long a restore waits, by default, for the global log to show every restored event to
 /// `verify_log` (on PostgreSQL, any transaction open in the cluster holds readers back).
-const VERIFY_WAIT_MAX: Duration = Duration::from_secs(60);
+const VERIFY_WAIT_SECONDS_DEFAULT: u64 = 60;
+/// The exit status of a restore that committed but whose check after the commit did not
+/// confirm it, or whose audit record could not be written: not 1, which promises an
+/// untouched target, and not 0, since someone has to look.
+const EXIT_COMMITTED_UNCONFIRMED: i32 = 3;
 const BACKUP_PROGRESS_TEMPLATE: &str =
     "backup [{elapsed_precise}] [{wide_bar}] {pos}/{len} rows, {per_sec}, {eta} left";
 const RESTORE_PROGRESS_TEMPLATE: &str = "restore [{elapsed_precise}] [{wide_bar}] \
@@ -135,7 +148,10 @@ Positions are kept. On PostgreSQL they derive from transaction ids, so a restore
 PostgreSQL cluster needs that cluster's transaction ids to be past the backup's last position
 divided by 1024; the restore checks it and refuses otherwise.
 
-Exit status: 0 on success; 1 on any error (the target is left as it was); 2 on a usage error.";
+Exit status: 0 on success; 1 on any error before the commit (the target is left as it was); 2
+on a usage error; 3 when the backup was restored and committed but the check after the commit
+could not confirm the log or found a problem, or the audit record could not be written (the
+target is no longer empty: do not restore again; read the warning, run `chartlog verify`).";
 
 #[derive(Args)]
 #[command(after_long_help = BACKUP_HELP)]
@@ -190,6 +206,11 @@ pub(crate) struct RestoreArgs {
     /// Repeatable. The target's own `<data-dir>/keys/erasure-ledger.jsonl` is always read.
     #[arg(long = "erasures-from", value_name = "DATABASE_URL|FILE")]
     erasures_from: Vec<ErasuresFrom>,
+
+    /// How long the check after the commit waits for PostgreSQL to show every restored event
+    /// (a transaction open elsewhere in the cluster holds the global log back).
+    #[arg(long, value_name = "SECONDS", default_value_t = VERIFY_WAIT_SECONDS_DEFAULT)]
+    verify_wait_seconds: u64,
 
     /// Print a one-line JSON summary on stdout.
     #[arg(long)]
@@ -1041,6 +1062,16 @@ struct Restored {
     ledgers: Vec<LedgerReport>,
 }
 
+/// What the check after the commit found.
+enum AfterCheck {
+    /// Every restored event verified; how many events `verify_log` read.
+    Intact(u64),
+    /// The check could not finish (the global log held back, a database error).
+    Unconfirmed(String),
+    /// The log read back does not verify.
+    Broken(String),
+}
+
 pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let key_dir = args.storage.data_dir.join(KEY_DIR_NAME);
     let signing_path = key_dir.join(SIGNING_FILE_NAME);
@@ -1120,30 +1151,28 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let restored = restore_into(&database, plaintext, &verifier, &ring, ledgers, &bar).await;
     bar.finish_and_clear();
-    let checked = match restored {
-        Ok(restored) => check_restored(&database, &verifier, &restored.0)
-            .await
-            .map(|report| (restored, report)),
-        Err(error) => Err(error),
-    };
-    // A restore is on the restored store's own audit trail; a failed one left the target
-    // empty, and must leave it so (a retry needs an empty target).
-    let audited = match &checked {
-        Ok(_) => {
-            crate::wiring::audit_operator_action(
-                &database,
-                &args.storage.data_dir.join(KEY_DIR_NAME),
-                AuditEntity::Backup,
-                AuditAction::Create,
-                AuditOutcome::Success,
-            )
-            .await
+    let (restored, verified) = match restored {
+        Ok(restored) => restored,
+        Err(error) => {
+            // Nothing was committed: the target is as it was, empty, and a retry needs it so.
+            database.close().await;
+            return Err(error);
         }
-        Err(_) => Ok(()),
     };
+
+    // Committed: from here on nothing may be reported as a failed restore. What goes wrong
+    // is reported as what it is, the data restored and the check or the record missing.
+    let wait = Duration::from_secs(args.verify_wait_seconds);
+    let after_check = check_restored(&database, &verifier, &restored, wait).await;
+    let audited = crate::wiring::audit_operator_action(
+        &database,
+        &key_dir,
+        AuditEntity::Backup,
+        AuditAction::Create,
+        AuditOutcome::Success,
+    )
+    .await;
     database.close().await;
-    let ((restored, verified), report_events) = checked?;
-    audited?;
     let seconds = started.elapsed().as_secs_f64();
     let manifest = verified.manifest;
     tracing::info!(events = manifest.events, seconds, "restored");
@@ -1165,8 +1194,19 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         withheld.join("; ")
     );
 
+    let (check_name, problem, verified_events) = match &after_check {
+        AfterCheck::Intact(events) => ("intact", None, Some(*events)),
+        AfterCheck::Unconfirmed(problem) => ("unconfirmed", Some(problem.as_str()), None),
+        AfterCheck::Broken(problem) => ("broken", Some(problem.as_str()), None),
+    };
+    let audit_problem = audited.as_ref().err().map(|error| format!("{error:#}"));
     let summary = serde_json::json!({
         "file": args.file.display().to_string(),
+        "committed": true,
+        "after_check": check_name,
+        "after_check_problem": problem,
+        "audit_recorded": audit_problem.is_none(),
+        "audit_problem": audit_problem,
         "events": manifest.events,
         "streams": manifest.streams,
         "last_position": manifest.last_position,
@@ -1176,16 +1216,21 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         "erased_keys": restored.tombstones,
         "keys_withheld_for_erasure": restored.keys_withheld,
         "erasure_ledgers": restored.ledgers,
-        "verified_events": report_events,
+        "verified_events": verified_events,
         "source_backend": manifest.source_backend,
         "backup_created_at": manifest.created_at,
         "signer_key_id": manifest.signer_key_id,
         "seconds": seconds,
     });
+    let checked = if verified_events.is_some() {
+        "the log verifies"
+    } else {
+        "the check after the commit did NOT confirm it (see below)"
+    };
     let human = format!(
         "restored {} events of {} streams (last position {}, root hash {}), {} data keys, {} \
          erasure tombstones ({} keys withheld because the patient is erased) and {} accounts \
-         from {} in {seconds:.1} s; the log verifies.\n\
+         from {} in {seconds:.1} s; {checked}.\n\
          Next: rebuild the read models with `chartlog rebuild` on this database.",
         manifest.events,
         manifest.streams,
@@ -1197,7 +1242,37 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         restored.rows.get(TABLES[USERS].name).copied().unwrap_or(0),
         args.file.display(),
     );
-    print_summary(args.json, &summary, &human)
+    print_summary(args.json, &summary, &human)?;
+
+    let mut problems = Vec::new();
+    match &after_check {
+        AfterCheck::Intact(_) => {}
+        AfterCheck::Unconfirmed(problem) => problems.push(format!(
+            "the check after the commit could not confirm the restored log: {problem}. Run \
+             `chartlog verify` on this database once that is resolved"
+        )),
+        AfterCheck::Broken(problem) => problems.push(format!(
+            "the check after the commit found a problem: {problem}. Every event verified \
+             before the commit, so something changed the database since; do not serve it \
+             before `chartlog verify` passes"
+        )),
+    }
+    if let Some(problem) = &audit_problem {
+        problems.push(format!(
+            "the restore's audit record could not be written ({problem}); note the restore in \
+             your own records"
+        ));
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "WARNING: the backup IS restored and committed: the target is no longer empty and \
+         running restore again would be refused. But {}.",
+        problems.join("; and ")
+    );
+    // After the pool is closed and stdout flushed: nothing is left to clean up.
+    std::process::exit(EXIT_COMMITTED_UNCONFIRMED);
 }
 
 /// Counts the encrypted bytes read, for the progress bar.
@@ -1449,12 +1524,13 @@ async fn insert_rows(
 }
 
 /// After the commit: `verify_log` over the restored database must find every event intact.
-/// Returns the number of events it verified.
+/// Never an error: the restore is committed whatever it finds, and says so.
 async fn check_restored(
     database: &Database,
     verifier: &SignatureVerifier,
     restored: &Restored,
-) -> anyhow::Result<u64> {
+    wait: Duration,
+) -> AfterCheck {
     let expected = restored.rows.get(TABLES[EVENTS].name).copied().unwrap_or(0);
     let spinner = ProgressBar::new_spinner();
     spinner.set_style(
@@ -1468,11 +1544,16 @@ async fn check_restored(
         let report = match database {
             Database::Sqlite(store, _) => verify_log(store, verifier).await,
             Database::Postgres(store) => verify_log(store, verifier).await,
-        }
-        .context("cannot verify the restored log")?;
+        };
+        let report = match report {
+            Ok(report) => report,
+            Err(error) => {
+                break AfterCheck::Unconfirmed(format!("cannot verify the restored log: {error}"));
+            }
+        };
         if !report.is_intact() {
             let first = &report.breaks[0];
-            break Err(anyhow!(
+            break AfterCheck::Broken(format!(
                 "the restored log does not verify: {} broken streams, the first {} at version {} \
                  (position {}): {:?}",
                 report.breaks.len(),
@@ -1483,17 +1564,17 @@ async fn check_restored(
             ));
         }
         if report.events >= expected {
-            break Ok(report.events);
+            break AfterCheck::Intact(report.events);
         }
         // On PostgreSQL the global log shows events only below the oldest transaction open
         // in the cluster; wait for it rather than report events as missing.
-        if started.elapsed() > VERIFY_WAIT_MAX {
-            break Err(anyhow!(
+        if started.elapsed() > wait {
+            break AfterCheck::Unconfirmed(format!(
                 "the restored log showed {} of {expected} events to verification after {} s \
-                 (a long transaction elsewhere in the cluster holds it back); run `chartlog \
-                 verify` later",
+                 (a long transaction elsewhere in the cluster holds it back; \
+                 --verify-wait-seconds waits longer)",
                 report.events,
-                VERIFY_WAIT_MAX.as_secs()
+                wait.as_secs()
             ));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

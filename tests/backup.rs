@@ -11,6 +11,9 @@
 #[allow(dead_code)]
 #[path = "support/api_client.rs"]
 mod api_client;
+#[allow(dead_code)]
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/fresh_postgres.rs"]
 mod fresh_postgres;
 #[allow(dead_code)]
@@ -1215,6 +1218,93 @@ async fn a_patient_erased_over_http_stays_erased_when_only_an_older_backup_is_le
         1
     );
     assert_erased(&target, erased, kept).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_its_check_cannot_confirm_after_the_commit_says_it_committed_and_exits_3() {
+    let dir = TempDir::new().expect("temp dir");
+    let key = backup_key(&dir);
+    let (source, _) = source_site(&dir, 100).await;
+    let from_sqlite = dir.path().join("from-sqlite.age");
+    backup(&source, &key, &from_sqlite, &[]);
+
+    // A cluster of the test's own: the transaction below holds back every reader of the
+    // global log in the cluster, which must not be the shared server's other tests.
+    let cluster = cluster::PrivatePostgres::start();
+    let first_url = cluster.url();
+    let pool = sqlx::PgPool::connect(&first_url).await.expect("connect");
+    sqlx::query("CREATE DATABASE second")
+        .execute(&pool)
+        .await
+        .expect("create the second database");
+    let second_url = first_url.replace("/chartlog", "/second");
+    // Open, with a transaction id, before anything below is written: events committed after
+    // it sort above it, and readers of the global log see none of them until it ends.
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *holder)
+        .await
+        .expect("take a transaction id");
+
+    // The first restore's own audit record lands after the holder's transaction id; the
+    // restored events, from SQLite, sort below it and verify at once.
+    let first = source.with_same_keys(&dir, "first");
+    restore(&first, &key, &from_sqlite, &["--database-url", &first_url]);
+    let from_postgres = dir.path().join("from-postgres.age");
+    let backed_up = backup(
+        &first,
+        &key,
+        &from_postgres,
+        &["--database-url", &first_url],
+    );
+
+    // Restored again, that record is an event the global log holds back: the check after
+    // the commit cannot see it in time.
+    let second = source.with_same_keys(&dir, "second");
+    let args = restore_args(
+        &second,
+        &key,
+        &from_postgres,
+        &["--database-url", &second_url, "--verify-wait-seconds", "1"],
+    );
+    let output = chartlog(&args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("IS restored and committed"), "{stderr}");
+    assert!(stderr.contains("could not confirm"), "{stderr}");
+    let summary = json(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(summary["committed"], true, "{summary}");
+    assert_eq!(summary["after_check"], "unconfirmed", "{summary}");
+    assert_eq!(summary["audit_recorded"], true, "{summary}");
+    assert_eq!(summary["events"], backed_up["events"]);
+
+    // Committed indeed, its audit record included, and a retry is refused as it should be.
+    let restored = sqlx::PgPool::connect(&second_url).await.expect("connect");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM chartlog_events")
+        .fetch_one(&restored)
+        .await
+        .expect("count");
+    let backed_up_events = backed_up["events"].as_i64().expect("events");
+    assert_eq!(
+        events,
+        backed_up_events + 1,
+        "the backup's events and the restore's record"
+    );
+    restored.close().await;
+    let refused = fails(&args);
+    assert!(refused.contains("not empty"), "{refused}");
+
+    // Once the transaction ends, the log verifies.
+    holder.rollback().await.expect("end the transaction");
+    pool.close().await;
+    let verified = succeeds(&[
+        "verify",
+        "--data-dir",
+        second.arg(),
+        "--database-url",
+        &second_url,
+    ]);
+    assert!(verified.contains("intact"), "{verified}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
