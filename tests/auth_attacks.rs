@@ -1,7 +1,8 @@
 //! Attacks on authentication, against the real binary over HTTPS: password guessing is
 //! throttled per account and per client address, an attacker cannot tell unknown accounts from
 //! wrong passwords (by answer or by timing), and a session stolen before a logout, a disable, a
-//! password change or a second-factor reset is worth nothing afterwards.
+//! password change or a second-factor reset is worth nothing afterwards; and a patient has one
+//! account.
 
 #[allow(dead_code)]
 #[path = "support/api_client.rs"]
@@ -453,6 +454,42 @@ async fn fresh_session(api: &Api<'_>, username: &str) -> String {
         .as_str()
         .expect("token")
         .to_owned()
+}
+
+/// A patient has one account: an administrator cannot bind a second to the same patient, a
+/// second way into one record, even once the first is disabled. The refusal names no patient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_gets_one_account() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new();
+    let server = Server::start(dir.data_dir(), &[]);
+    let (api, admin, _) = setup(&server, &dir, &[], false).await;
+    let patient = uuid::Uuid::new_v4().to_string();
+    let (first, _) = api
+        .create_user(&admin, "pat.only", "patient", Some(&patient))
+        .await;
+    let second = json!({ "username": "pat.again", "role": "patient", "patient_id": patient });
+    let refused = api
+        .post("/users", &admin, second.clone())
+        .await
+        .expect(StatusCode::CONFLICT)
+        .json();
+    assert_eq!(refused["error"], "patient_account_exists", "{refused}");
+    assert!(!refused.to_string().contains(&patient), "{refused}");
+    api.post(&format!("/users/{first}/disable"), &admin, json!({}))
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    api.post("/users", &admin, second)
+        .await
+        .expect(StatusCode::CONFLICT);
+    // Another patient still gets theirs.
+    api.create_user(
+        &admin,
+        "pat.other",
+        "patient",
+        Some(&uuid::Uuid::new_v4().to_string()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,11 @@ pub const PRUNE_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest identity-provider subject (OIDC caps `sub` at 255 ASCII characters).
 pub const SSO_SUBJECT_LENGTH_MAX: usize = 255;
 
+/// The first key of the advisory locks that order the creation of patient accounts (the
+/// second is taken from the patient id). Two-key advisory locks are a space of their own: no
+/// single-key lock, such as the projection runner's, can collide with them.
+const PATIENT_ACCOUNT_LOCK_CLASS: i64 = 0x6368_6c70;
+
 /// What the session table says about a token's session.
 const END_LOGOUT: &str = "logout";
 const END_EXPIRED: &str = "expired";
@@ -142,7 +147,9 @@ impl Accounts {
         Ok(Some(one_time))
     }
 
-    /// Creates an account with a one-time password it must change at its first login.
+    /// Creates an account with a one-time password it must change at its first login. A
+    /// patient has one account: a patient id an account (enabled or disabled) already reads
+    /// as is refused with [`AccessError::PatientAccountExists`].
     #[tracing::instrument(skip_all, fields(role = new.role.as_str()))]
     pub async fn create_user(
         &self,
@@ -167,6 +174,11 @@ impl Accounts {
         let hash = hash_blocking(self.settings().password_hashing, &one_time.to_password()).await?;
         let user_id = UserId::from_uuid(Uuid::new_v4());
         let mut tx = self.db().begin().await?;
+        if let Some(patient_id) = new.patient_id
+            && patient_has_account(&mut tx, patient_id).await?
+        {
+            return Err(AccessError::PatientAccountExists);
+        }
         if !insert_user(
             &mut tx,
             user_id,
@@ -1408,6 +1420,38 @@ async fn forget_attempt(tx: &mut ProjectionTx, attempt: Uuid) -> Result<(), Acce
     )
     .await?;
     Ok(())
+}
+
+/// Whether an account (enabled or disabled) reads as `patient_id`. On PostgreSQL the
+/// transaction first takes a lock on the patient id, held until it ends, so two creations for
+/// one patient cannot both find none: there is no unique index to decide, since databases
+/// made before the rule may hold two accounts for a patient. On SQLite the file's write lock
+/// already orders the transactions.
+async fn patient_has_account(
+    tx: &mut ProjectionTx,
+    patient_id: chartlog_domain::PatientId,
+) -> Result<bool, AccessError> {
+    if tx.backend() == Backend::Postgres {
+        let id = patient_id.as_uuid();
+        let bytes = id.as_bytes();
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(CAST($1 AS integer), CAST($2 AS integer))",
+            vec![
+                SqlArg::I64(PATIENT_ACCOUNT_LOCK_CLASS),
+                SqlArg::I64(i64::from(i32::from_be_bytes([
+                    bytes[0], bytes[1], bytes[2], bytes[3],
+                ]))),
+            ],
+        )
+        .await?;
+    }
+    Ok(tx
+        .fetch_optional(
+            "SELECT 1 FROM chartlog_access_users WHERE patient_id = $1 LIMIT 1",
+            vec![SqlArg::Uuid(patient_id.as_uuid())],
+        )
+        .await?
+        .is_some())
 }
 
 async fn user_exists(tx: &mut ProjectionTx, id: UserId) -> Result<bool, AccessError> {

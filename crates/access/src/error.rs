@@ -11,6 +11,10 @@ pub enum AccessError {
     /// Another account already has this name.
     #[error("the username is already taken")]
     UsernameTaken,
+    /// The patient already has an account (enabled or disabled): a second one would be a
+    /// second way into the same record.
+    #[error("the patient already has an account")]
+    PatientAccountExists,
     #[error("user {user_id} not found")]
     UserNotFound { user_id: UserId },
     /// A patient account needs the patient id it reads as.

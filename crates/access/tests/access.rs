@@ -120,6 +120,7 @@ on_both_backends!(
     bootstrap_happens_once,
     new_accounts_change_password_then_enroll,
     account_creation_checks_names_and_links,
+    a_patient_has_one_account,
     password_rules,
     password_reuse_of_the_last_five_is_refused,
     one_time_passwords_push_no_chosen_password_out_of_the_history,
@@ -483,6 +484,74 @@ async fn account_creation_checks_names_and_links(fixture: Fixture) {
             .await,
         Err(AccessError::UserNotFound { .. })
     ));
+}
+
+/// Bug this catches: a second account bound to a patient who already has one, a second
+/// way into the same record (after the first was disabled, too).
+async fn a_patient_has_one_account(fixture: Fixture) {
+    const RACERS: usize = 8;
+    let accounts = &fixture.accounts;
+    let new = |username: &str, patient_id| NewUser {
+        username: name(username),
+        role: Role::Patient,
+        patient_id: Some(patient_id),
+        sso_subject: None,
+    };
+    let patient = PatientId::from_uuid(Uuid::new_v4());
+    let (first, _) = accounts
+        .create_user(new("pat.first", patient), at(0))
+        .await
+        .unwrap();
+    assert!(matches!(
+        accounts
+            .create_user(new("pat.second", patient), at(1))
+            .await,
+        Err(AccessError::PatientAccountExists)
+    ));
+    accounts.disable_user(first.user_id, at(2)).await.unwrap();
+    let refused = accounts
+        .create_user(new("pat.second", patient), at(3))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, AccessError::PatientAccountExists));
+    assert!(!refused.to_string().contains(&patient.to_string()));
+    accounts
+        .create_user(
+            new("pat.other", PatientId::from_uuid(Uuid::new_v4())),
+            at(4),
+        )
+        .await
+        .expect("another patient's account");
+    // Simultaneous creations for one patient: one account.
+    let contested = PatientId::from_uuid(Uuid::new_v4());
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(RACERS));
+    let mut racers = tokio::task::JoinSet::new();
+    for n in 0..RACERS {
+        let (accounts, start) = (accounts.clone(), start.clone());
+        let user = new(&format!("pat.race{n}"), contested);
+        racers.spawn(async move {
+            start.wait().await;
+            accounts.create_user(user, at(5)).await.map(|_| ())
+        });
+    }
+    let mut created = 0;
+    for outcome in racers.join_all().await {
+        match outcome {
+            Ok(()) => created += 1,
+            Err(AccessError::PatientAccountExists) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(
+        scalar_count(
+            &fixture.db,
+            "SELECT COUNT(*) FROM chartlog_access_users WHERE patient_id = $1",
+            vec![SqlArg::Uuid(contested.as_uuid())],
+        )
+        .await,
+        1
+    );
 }
 
 async fn password_rules(fixture: Fixture) {

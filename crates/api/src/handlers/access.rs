@@ -632,6 +632,10 @@ pub(crate) fn access_error(error: AccessError) -> ApiError {
             code: "username_taken",
             message: "an account with this user name exists".to_owned(),
         },
+        AccessError::PatientAccountExists => ApiError::Conflict {
+            code: "patient_account_exists",
+            message: error.to_string(),
+        },
         AccessError::UserNotFound { .. } | AccessError::GrantNotFound { .. } => ApiError::NotFound,
         AccessError::PatientIdRequired
         | AccessError::PatientIdNotAllowed { .. }
