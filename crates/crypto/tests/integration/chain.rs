@@ -2,8 +2,8 @@
 //! signer rotation.
 
 use chartlog_crypto::{
-    DataKey, DataKeyId, EventHash, IntegrityError, SignatureVerifier, SignerKeyId, SigningKeys,
-    seal_event, verify_chain,
+    DataKey, DataKeyId, EventHash, IntegrityError, SealedEvent, SignatureVerifier, SignerKeyId,
+    SigningKeys, seal_event, verify_chain,
 };
 
 use crate::support::{header, patient_stream, signer, stream_events};
@@ -161,18 +161,73 @@ fn batch_verification_names_the_culprit() {
     verify_chain(EventHash::GENESIS, 1, &events).unwrap();
 }
 
+fn with_bad_signature(events: &[SealedEvent], version: u64) -> Vec<SealedEvent> {
+    let mut events = events.to_vec();
+    let event = &mut events[usize::try_from(version - 1).unwrap()];
+    assert_eq!(event.header.stream_version, version);
+    let mut signature = *event.signature.as_bytes();
+    signature[40] ^= 1;
+    event.signature = chartlog_crypto::EventSignature::from_bytes(signature);
+    events
+}
+
+fn with_bad_hash(events: &[SealedEvent], version: u64) -> Vec<SealedEvent> {
+    let mut events = events.to_vec();
+    let event = &mut events[usize::try_from(version - 1).unwrap()];
+    assert_eq!(event.header.stream_version, version);
+    let mut hash = *event.hash.as_bytes();
+    hash[7] ^= 1;
+    event.hash = EventHash::from_bytes(hash);
+    events
+}
+
+/// A tampered event past the first chunk is found and named: every chunk is checked, not
+/// only the first, and a one-event tail is checked like any other.
+fn assert_tampering_found(verifier: &SignatureVerifier, events: &[SealedEvent], version: u64) {
+    let stream = events[0].header.stream_id.clone();
+    let result = verifier.verify_batch(&with_bad_signature(events, version));
+    assert!(
+        matches!(
+            &result,
+            Err(IntegrityError::BadSignature { stream_id, stream_version, .. })
+                if *stream_id == stream && *stream_version == version
+        ),
+        "bad signature at version {version} of {}: {result:?}",
+        events.len()
+    );
+    let result = verifier.verify_batch(&with_bad_hash(events, version));
+    assert!(
+        matches!(
+            &result,
+            Err(IntegrityError::HashMismatch { stream_id, stream_version })
+                if *stream_id == stream && *stream_version == version
+        ),
+        "bad hash at version {version} of {}: {result:?}",
+        events.len()
+    );
+}
+
 #[test]
 fn large_batches_verify_in_chunks() {
     let signer = signer("signer-a");
-    let count = chartlog_crypto::VERIFY_BATCH_EVENTS_MAX as u64 + 3;
+    let verifier = verifier_for(&[&signer]);
+    let chunk = chartlog_crypto::VERIFY_BATCH_EVENTS_MAX as u64;
     let events = stream_events(
         &signer,
         &DataKey::generate(),
         DataKeyId::generate(),
         &patient_stream(1),
-        count,
+        chunk + 3,
     );
-    verifier_for(&[&signer]).verify_batch(&events).unwrap();
+    verifier.verify_batch(&events).unwrap();
+    // Versions 257..=259 form the second chunk, of three events.
+    assert_tampering_found(&verifier, &events, chunk + 2);
+    assert_tampering_found(&verifier, &events, chunk + 3);
+
+    // A tail of one event (version 257) is verified alone, and still verified.
+    let events = &events[..usize::try_from(chunk + 1).unwrap()];
+    verifier.verify_batch(events).unwrap();
+    assert_tampering_found(&verifier, events, chunk + 1);
 }
 
 #[test]
