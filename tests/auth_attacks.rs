@@ -725,7 +725,7 @@ impl IdentityProvider {
         header.kid = Some("clinic-1".to_owned());
         let claims = json!({
             "iss": ISSUER, "aud": AUDIENCE, "sub": subject, "iat": now, "exp": now + 300,
-            "amr": methods, "nonce": uuid::Uuid::new_v4().to_string(),
+            "auth_time": now, "amr": methods, "nonce": uuid::Uuid::new_v4().to_string(),
         });
         jsonwebtoken::encode(&header, &claims, &self.key).expect("token")
     }

@@ -91,6 +91,31 @@ pub enum TokenRefusal {
     Invalid,
     #[error("issued too long ago, or in the future")]
     Stale,
+    #[error(
+        "the token does not show a sign-in at the identity provider within the last 5 minutes \
+         (auth_time); ask the provider to sign the user in again (max_age=0 or prompt=login)"
+    )]
+    NoFreshSignIn,
+}
+
+/// What a token is presented for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenUse {
+    /// Signing in: a token issued within [`LOGIN_TOKEN_AGE_MAX`].
+    Login,
+    /// Proving the user is at the keyboard (signing a note): the user must have signed in at
+    /// the provider (`auth_time`) within [`REAUTHENTICATION_TOKEN_AGE_MAX`]. A token's `iat`
+    /// is not enough: a provider reissues tokens silently (`prompt=none`) on an old sign-in.
+    Reauthentication,
+}
+
+impl TokenUse {
+    fn age_max(self) -> Duration {
+        match self {
+            TokenUse::Login => LOGIN_TOKEN_AGE_MAX,
+            TokenUse::Reauthentication => REAUTHENTICATION_TOKEN_AGE_MAX,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -100,6 +125,21 @@ struct Claims {
     exp: i64,
     #[serde(default)]
     amr: Vec<String>,
+    /// When the user last authenticated at the provider (OpenID Connect Core, 2).
+    #[serde(default)]
+    auth_time: Option<i64>,
+    aud: Audience,
+    /// The party the token was issued to, when it has several audiences.
+    #[serde(default)]
+    azp: Option<String>,
+}
+
+/// `aud`: one audience or several (RFC 7519, 4.1.3).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(#[allow(dead_code)] String),
+    Many(Vec<String>),
 }
 
 struct Keys {
@@ -138,14 +178,15 @@ impl IdentityProvider {
         &self.settings.issuer
     }
 
-    /// Verifies an ID token issued at most `age_max` before `now`. The token is not spent
-    /// here: the accounts service spends the assertion's digest when it signs the user in.
+    /// Verifies an ID token for `token_use` at `now`. The token is not spent here: the
+    /// accounts service spends the assertion's digest when it signs the user in.
     pub fn verify(
         &self,
         token: &str,
         now: chartlog_domain::Timestamp,
-        age_max: Duration,
+        token_use: TokenUse,
     ) -> Result<IdentityAssertion, TokenRefusal> {
+        let age_max = token_use.age_max();
         // JWT times are whole seconds since the epoch.
         let now_unix = now.unix_micros().div_euclid(1_000_000);
         if token.len() > TOKEN_BYTES_MAX {
@@ -173,6 +214,23 @@ impl IdentityProvider {
         }
         if claims.sub.is_empty() {
             return Err(TokenRefusal::Invalid);
+        }
+        // OpenID Connect Core 3.1.3.7: a token for several audiences names the party it was
+        // issued to, and that party must be this server; otherwise another client's token
+        // that merely lists this server would sign its user in here.
+        let several_audiences = matches!(&claims.aud, Audience::Many(all) if all.len() > 1);
+        match &claims.azp {
+            Some(azp) if *azp != self.settings.audience => return Err(TokenRefusal::Invalid),
+            None if several_audiences => return Err(TokenRefusal::Invalid),
+            _ => {}
+        }
+        if token_use == TokenUse::Reauthentication {
+            let signed_in_recently = claims.auth_time.is_some_and(|auth_time| {
+                auth_time <= now_unix + skew && auth_time >= now_unix - age_max - skew
+            });
+            if !signed_in_recently {
+                return Err(TokenRefusal::NoFreshSignIn);
+            }
         }
         // No token is accepted past its expiry or past the longest age any use allows.
         let age_max_any = i64::try_from(
@@ -357,7 +415,7 @@ mod tests {
         let trusted = trusting(dir.path(), &provider.jwks("k1"));
         let token = provider.token("k1", claims());
         let identity = trusted
-            .verify(&token, now(), LOGIN_TOKEN_AGE_MAX)
+            .verify(&token, now(), TokenUse::Login)
             .expect("verified");
         assert_eq!(identity.subject, "248289761001");
         assert!(identity.second_factor);
@@ -374,11 +432,7 @@ mod tests {
         let mut long_lived = claims();
         long_lived["exp"] = json!(*NOW + 86_400);
         let identity = trusted
-            .verify(
-                &provider.token("k1", long_lived),
-                now(),
-                LOGIN_TOKEN_AGE_MAX,
-            )
+            .verify(&provider.token("k1", long_lived), now(), TokenUse::Login)
             .expect("verified");
         let age_max = LOGIN_TOKEN_AGE_MAX.as_secs() as i64;
         assert_eq!(
@@ -447,10 +501,10 @@ mod tests {
         assert_ne!(twin, token);
 
         let spent = trusted
-            .verify(&token, now(), LOGIN_TOKEN_AGE_MAX)
+            .verify(&token, now(), TokenUse::Login)
             .expect("verified");
         let replayed = trusted
-            .verify(&twin, now(), LOGIN_TOKEN_AGE_MAX)
+            .verify(&twin, now(), TokenUse::Login)
             .expect("(r, n - s) verifies too");
         assert_eq!(replayed.token_digest, spent.token_digest);
         // Another token of the same provider is another token.
@@ -461,11 +515,76 @@ mod tests {
                 .expect("token");
         assert_ne!(
             trusted
-                .verify(&other, now(), LOGIN_TOKEN_AGE_MAX)
+                .verify(&other, now(), TokenUse::Login)
                 .expect("verified")
                 .token_digest,
             spent.token_digest
         );
+    }
+
+    #[test]
+    fn re_authentication_needs_a_sign_in_at_the_provider_moments_ago() {
+        let dir = tempfile::tempdir().expect("dir");
+        let provider = Provider::new();
+        let trusted = trusting(dir.path(), &provider.jwks("k1"));
+        let with_auth_time = |auth_time: Option<i64>| {
+            let mut claims = claims();
+            if let Some(auth_time) = auth_time {
+                claims["auth_time"] = json!(auth_time);
+            }
+            provider.token("k1", claims)
+        };
+        // A token issued just now on a sign-in of an hour ago (a silent renewal), or one that
+        // does not say when the user signed in, proves nobody is at the keyboard.
+        for auth_time in [None, Some(*NOW - 3600), Some(*NOW + 600)] {
+            let token = with_auth_time(auth_time);
+            assert_eq!(
+                trusted.verify(&token, now(), TokenUse::Reauthentication),
+                Err(TokenRefusal::NoFreshSignIn),
+                "{auth_time:?}"
+            );
+            assert!(trusted.verify(&token, now(), TokenUse::Login).is_ok());
+        }
+        let fresh = with_auth_time(Some(*NOW - 30));
+        assert!(
+            trusted
+                .verify(&fresh, now(), TokenUse::Reauthentication)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_token_for_several_audiences_must_have_been_issued_to_this_server() {
+        let dir = tempfile::tempdir().expect("dir");
+        let provider = Provider::new();
+        let trusted = trusting(dir.path(), &provider.jwks("k1"));
+        let with = |aud: serde_json::Value, azp: Option<&str>| {
+            let mut claims = claims();
+            claims["aud"] = aud;
+            if let Some(azp) = azp {
+                claims["azp"] = json!(azp);
+            }
+            provider.token("k1", claims)
+        };
+        let both = json!([AUDIENCE, "another-app"]);
+        for (case, token, accepted) in [
+            ("one audience", with(json!(AUDIENCE), None), true),
+            ("issued to us", with(both.clone(), Some(AUDIENCE)), true),
+            (
+                "issued to them",
+                with(both.clone(), Some("another-app")),
+                false,
+            ),
+            ("issued to nobody named", with(both, None), false),
+            (
+                "one audience, another party",
+                with(json!(AUDIENCE), Some("another-app")),
+                false,
+            ),
+        ] {
+            let verified = trusted.verify(&token, now(), TokenUse::Login);
+            assert_eq!(verified.is_ok(), accepted, "{case}: {verified:?}");
+        }
     }
 
     #[test]
@@ -513,7 +632,7 @@ mod tests {
             ("not a JWT", "not.a.jwt".to_owned(), TokenRefusal::Malformed),
         ] {
             assert_eq!(
-                trusted.verify(&token, now(), LOGIN_TOKEN_AGE_MAX),
+                trusted.verify(&token, now(), TokenUse::Login),
                 Err(refusal),
                 "{case}"
             );
@@ -521,7 +640,7 @@ mod tests {
         // Another key under the trusted key's id: the signature fails.
         let impostor = Provider::new();
         assert_eq!(
-            trusted.verify(&impostor.token("k1", claims()), now(), LOGIN_TOKEN_AGE_MAX),
+            trusted.verify(&impostor.token("k1", claims()), now(), TokenUse::Login),
             Err(TokenRefusal::Invalid)
         );
         // An HMAC token, even one naming the trusted key, is never looked at.
@@ -534,7 +653,7 @@ mod tests {
         )
         .expect("token");
         assert_eq!(
-            trusted.verify(&hmac, now(), LOGIN_TOKEN_AGE_MAX),
+            trusted.verify(&hmac, now(), TokenUse::Login),
             Err(TokenRefusal::AlgorithmNotAccepted)
         );
     }

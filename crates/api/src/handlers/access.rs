@@ -202,7 +202,7 @@ pub(crate) async fn sso_login(
     };
     let client_address = request.peer_addr().map(|address| address.ip());
     let now = crate::now();
-    let identity = match provider.verify(&body.id_token, now, crate::sso::LOGIN_TOKEN_AGE_MAX) {
+    let identity = match provider.verify(&body.id_token, now, crate::sso::TokenUse::Login) {
         Ok(identity) => identity,
         Err(refusal) => {
             // Why, for the operator; the client gets the one answer every failed login gets.

@@ -89,11 +89,7 @@ async fn reauthenticate(
                 return Err(ApiError::InvalidCredentials);
             };
             let identity = provider
-                .verify(
-                    token,
-                    crate::now(),
-                    crate::sso::REAUTHENTICATION_TOKEN_AGE_MAX,
-                )
+                .verify(token, crate::now(), crate::sso::TokenUse::Reauthentication)
                 .inspect_err(|refusal| {
                     tracing::warn!(%refusal, "re-authentication token refused");
                 })
