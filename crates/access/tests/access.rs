@@ -1194,6 +1194,22 @@ async fn sessions_expire_when_idle(fixture: Fixture) {
             .windows(8)
             .any(|w| token.as_bytes().windows(8).any(|t| t == w))
     );
+    // Nor as the 32 random bytes the token's text encodes: the same length as a digest.
+    use base64::Engine as _;
+    let token_bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&token)
+        .expect("a session token is base64url");
+    assert_ne!(digest, token_bytes.as_slice());
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"chartlog-access/session-token/v1\0");
+    hasher.update(token.as_bytes());
+    let expected: [u8; 32] = hasher.finalize().into();
+    assert_eq!(
+        digest,
+        expected.as_slice(),
+        "the token's domain-separated SHA-256"
+    );
 }
 
 async fn sessions_expire_after_the_absolute_lifetime(fixture: Fixture) {
