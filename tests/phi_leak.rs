@@ -634,23 +634,67 @@ async fn workload(server: &Server, data_dir: &Path) -> Outcome {
         "{}",
         history.text
     );
+    // The trail holds one row per event of the patient's stream (each event type at least as
+    // often as the history shows it) and the nurse's break-glass opening. Polled, then
+    // asserted: a poll that timed out on a short or empty trail fails here.
+    let history_event_types: Vec<String> = history.json()["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|entry| entry["event_type"].as_str().expect("event type").to_owned())
+        .collect();
+    let trail_is_complete = |trail: &Value| -> Result<(), String> {
+        let rows = trail["rows"].as_array().ok_or("no rows array")?;
+        let opened = rows.iter().any(|row| {
+            row["action"] == "break_glass"
+                && row["break_glass"] == true
+                && row["outcome"] == "success"
+                && row["user_id"] == nurse_id.as_str()
+                && row["patient_id"] == patient.as_str()
+        });
+        if !opened {
+            return Err("no break-glass row for the nurse".to_owned());
+        }
+        for event_type in &history_event_types {
+            let in_history = history_event_types
+                .iter()
+                .filter(|t| *t == event_type)
+                .count();
+            let in_trail = rows
+                .iter()
+                .filter(|row| row["event_type"] == event_type.as_str())
+                .count();
+            if in_trail < in_history {
+                return Err(format!(
+                    "{event_type}: {in_trail} row(s), {in_history} in the history"
+                ));
+            }
+        }
+        Ok(())
+    };
     let trail = api
         .eventually(
             &format!("/audit-trail?patient_id={patient}&limit=500"),
             &auditor.token,
-            |r| {
-                r.status == StatusCode::OK
-                    && r.json()["rows"]
-                        .as_array()
-                        .is_some_and(|rows| rows.iter().any(|row| row["break_glass"] == true))
-            },
+            |r| r.status == StatusCode::OK && trail_is_complete(&r.json()).is_ok(),
         )
         .await
         .expect(StatusCode::OK);
+    if let Err(missing) = trail_is_complete(&trail.json()) {
+        panic!("the audit trail misses rows: {missing}\n{}", trail.text);
+    }
     let everything = api
         .get("/audit-trail?limit=500", &auditor.token)
         .await
         .expect(StatusCode::OK);
+    assert!(
+        everything.json()["rows"]
+            .as_array()
+            .is_some_and(|rows| rows.len() > history_event_types.len()
+                && rows.iter().any(|row| row["action"] == "login")),
+        "the whole trail holds at least the patient's rows and the logins: {}",
+        everything.text
+    );
     let reviews = api
         .get("/break-glass/reviews", &auditor.token)
         .await
@@ -1050,10 +1094,17 @@ fn scan(
         database.iter().any(|(_, rows)| rows.contains("dr.scan")),
         "positive control: the table dump reads plaintext columns (user names)"
     );
-    assert!(
-        outcome.audit_trail.contains("\"rows\""),
-        "the audit trail was read"
-    );
+    // The workload checked the trail's rows; here, that the text scanned is that trail.
+    for expected in [
+        "\"break_glass\":true",
+        "\"event_type\":\"",
+        "\"action\":\"login\"",
+    ] {
+        assert!(
+            outcome.audit_trail.contains(expected),
+            "the audit trail read holds {expected}"
+        );
+    }
     let audit_tables: Vec<&(String, String)> = database
         .iter()
         .filter(|(table, rows)| table.contains("audit") && !rows.is_empty())
