@@ -994,8 +994,10 @@ async fn sqlite_file_dump(path: &Path, table_prefix: &str) -> Dump {
     dump
 }
 
-/// Every row of every table and view outside the system schemas, as `t::text` (bytea shows
-/// as hex, so sealed columns cannot match).
+/// Every row of every table and view outside the system schemas, as `t::text`, and every
+/// bytea column again through `encode(.., 'escape')`: `t::text` shows bytea as hex, where
+/// plaintext PHI stored in a bytea column would never match a marker. Sealed bytes come out
+/// as random escapes, which match no marker.
 async fn postgres_dump(url: &str) -> Dump {
     let pool = sqlx::PgPool::connect(url).await.expect("connect");
     let tables = sqlx::query(
@@ -1006,6 +1008,7 @@ async fn postgres_dump(url: &str) -> Dump {
     .await
     .expect("list tables");
     let mut dump = Vec::new();
+    let mut bytea_read = Vec::new();
     for row in tables {
         let schema: String = row.get(0);
         let table: String = row.get(1);
@@ -1014,13 +1017,42 @@ async fn postgres_dump(url: &str) -> Dump {
             schema.replace('"', "\"\""),
             table.replace('"', "\"\"")
         );
-        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        let mut rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .fetch_all(&pool)
             .await
             .unwrap_or_else(|error| panic!("read {schema}.{table}: {error}"));
+        let bytea_columns: Vec<String> = sqlx::query_scalar(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = $1 AND table_name = $2 AND data_type = 'bytea'",
+        )
+        .bind(&schema)
+        .bind(&table)
+        .fetch_all(&pool)
+        .await
+        .expect("list bytea columns");
+        for column in bytea_columns {
+            let sql = format!(
+                "SELECT encode(\"{}\", 'escape') FROM \"{}\".\"{}\"",
+                column.replace('"', "\"\""),
+                schema.replace('"', "\"\""),
+                table.replace('"', "\"\"")
+            );
+            let values: Vec<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_else(|error| panic!("read {schema}.{table}.{column}: {error}"));
+            rows.extend(values.into_iter().flatten());
+            bytea_read.push(format!("{table}.{column}"));
+        }
         dump.push((format!("{schema}.{table}"), rows.join("\n")));
     }
     pool.close().await;
+    assert!(
+        bytea_read
+            .iter()
+            .any(|column| column.ends_with(".ciphertext")),
+        "the dump read the bytea columns, the events' ciphertext among them: {bytea_read:?}"
+    );
     dump
 }
 
