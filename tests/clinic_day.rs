@@ -506,12 +506,47 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
         .expect(StatusCode::FORBIDDEN)
         .json();
     assert_eq!(refused["error"], "access_change_refused", "{refused}");
-    let nurse_view = api
+    let nurse_chart = api
         .get(&format!("/patients/{patient}/chart"), &nurse)
         .await
-        .expect(StatusCode::OK)
-        .json();
+        .expect(StatusCode::OK);
+    let nurse_view = nurse_chart.json();
     assert!(nurse_view["notes"].is_null(), "{nurse_view}");
+    // The note's text is nowhere in what the nurse reads: not in the chart under another
+    // name, not in the history's changes. The physician's history shows it (the control).
+    let note_text = "Seen for palpitations";
+    assert!(nurse_chart.text.contains(&mrn_a), "{}", nurse_chart.text);
+    assert!(
+        !nurse_chart.text.contains(note_text),
+        "the nurse's chart holds the hidden note: {}",
+        nurse_chart.text
+    );
+    let history_path = format!("/patients/{patient}/history?limit=200");
+    let physician_history = eventually(&api, &history_path, &physician, |r| {
+        r.status == StatusCode::OK && r.text.contains(note_text)
+    })
+    .await
+    .expect(StatusCode::OK);
+    assert!(
+        physician_history.text.contains(note_text),
+        "{}",
+        physician_history.text
+    );
+    let nurse_history = api.get(&history_path, &nurse).await.expect(StatusCode::OK);
+    let nurse_entries = nurse_history.json()["entries"]
+        .as_array()
+        .expect("entries")
+        .len();
+    assert!(
+        nurse_entries > 0,
+        "the nurse reads the rest of the history: {}",
+        nurse_history.text
+    );
+    assert!(
+        !nurse_history.text.contains(note_text),
+        "the nurse's history holds the hidden note: {}",
+        nurse_history.text
+    );
     api.post(
         &format!("/patients/{patient}/assign-care-relationship"),
         &physician,
