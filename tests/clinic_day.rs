@@ -1042,9 +1042,118 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
             .is_some_and(|message| message.contains("10 year(s)")),
         "{refused}"
     );
+    // The de-identified rows before the erasure: the patient with the observation stays;
+    // the other patient row is the one to be erased.
+    let pseudonyms = |export: &Response| -> Vec<String> {
+        export
+            .text
+            .lines()
+            .map(|line| {
+                let row: Value = serde_json::from_str(line).expect("an NDJSON row");
+                row["pseudonym"].as_str().expect("pseudonym").to_owned()
+            })
+            .collect()
+    };
+    let observations = api
+        .get("/deidentified/observations?format=ndjson", &analyst)
+        .await
+        .expect(StatusCode::OK);
+    let kept = pseudonyms(&observations);
+    assert_eq!(kept.len(), 1, "{}", observations.text);
+    let kept = kept[0].clone();
+    let patients = api
+        .get("/deidentified/patients?format=ndjson", &analyst)
+        .await
+        .expect(StatusCode::OK);
+    let erased: Vec<String> = pseudonyms(&patients)
+        .into_iter()
+        .filter(|pseudonym| *pseudonym != kept)
+        .collect();
+    assert_eq!(erased.len(), 1, "{}", patients.text);
+    let erased = erased[0].clone();
+    let other_mrn = demographics(12).2;
+    let found = api
+        .post("/patients/search", &physician, json!({ "mrn": other_mrn }))
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(found["patient_ids"], json!([other_patient]), "{found}");
+
     api.post(&erase, &admin, json!({ "reason": "patient_request" }))
         .await
         .expect(StatusCode::OK);
+
+    // The erasure takes effect on the running server: the chart and history answer that
+    // the record was erased, the MRN finds no one, and the de-identified views drop the
+    // patient's rows. Each is polled (read models follow the log), then asserted. The care
+    // relationship went with the record: the physician is refused like any outsider, and
+    // a clinician who breaks the glass is told the record was erased.
+    api.post(
+        &format!("/patients/{other_patient}/break-glass"),
+        &nurse,
+        json!({ "reason": "Readmitted unconscious; checking the earlier record." }),
+    )
+    .await
+    .expect(StatusCode::CREATED);
+    for read in ["chart", "history"] {
+        let path = format!("/patients/{other_patient}/{read}");
+        let gone = eventually(&api, &path, &nurse, |r| r.status == StatusCode::GONE)
+            .await
+            .expect(StatusCode::GONE);
+        assert_eq!(gone.json()["error"], "erased", "{read}: {}", gone.text);
+        assert!(!gone.text.contains(&other_family), "{read}: {}", gone.text);
+        let refused = api
+            .get(&path, &physician)
+            .await
+            .expect(StatusCode::FORBIDDEN);
+        assert!(
+            !refused.text.contains(&other_family),
+            "{read}: {}",
+            refused.text
+        );
+    }
+    let search_deadline = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let found = api
+            .post("/patients/search", &physician, json!({ "mrn": other_mrn }))
+            .await
+            .expect(StatusCode::OK)
+            .json();
+        if found["patient_ids"] == json!([]) || Instant::now() > search_deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        found["patient_ids"],
+        json!([]),
+        "the erased MRN finds no one: {found}"
+    );
+    let export = eventually(
+        &api,
+        "/deidentified/patients?format=ndjson",
+        &analyst,
+        |r| r.status == StatusCode::OK && !r.text.contains(&erased),
+    )
+    .await
+    .expect(StatusCode::OK);
+    assert_eq!(
+        pseudonyms(&export),
+        vec![kept.clone()],
+        "only the patient not erased is left"
+    );
+    for table in [
+        "observations",
+        "conditions",
+        "medication_orders",
+        "allergies",
+    ] {
+        let export = api
+            .get(&format!("/deidentified/{table}?format=ndjson"), &analyst)
+            .await
+            .expect(StatusCode::OK);
+        assert!(!export.text.contains(&erased), "{table}: {}", export.text);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
