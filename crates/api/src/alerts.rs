@@ -2,10 +2,10 @@
 //! turned away (a clinician probing records outside their care, a stolen session trying
 //! routes, passwords being guessed), instead of finding it at the next audit review.
 //!
-//! Every row the API audits passes through [`RefusalWatch::observe`] as it is recorded, and
-//! the alerts it raises are sent once the rows are durable. Denied and failed rows are counted
-//! per subject over a sliding window: the user when the request
-//! carried a session, else the client's address. The request that reaches the threshold
+//! Every refusal the API audits passes through [`RefusalWatch::observe`] once it is durable,
+//! never before: rows the audit trail did not take count for nothing. Denied and failed rows
+//! are counted per subject over a sliding window: the user when the request carried a
+//! session, else the client's address. The request that reaches the threshold
 //! raises one [`RefusalAlert`]; the subject raises no other until a window has passed, so a
 //! long attack pages once per window, not once per request.
 //!
@@ -103,11 +103,9 @@ impl RefusalWatch {
     /// Counts the refusals among `rows` and returns the alerts they raise, with links under
     /// `base_url`.
     pub fn observe(&self, rows: &[AuditRow], base_url: &str) -> Vec<RefusalAlert> {
-        let is_refusal =
-            |row: &&AuditRow| matches!(row.outcome, AuditOutcome::Denied | AuditOutcome::Failure);
         let mut alerts = Vec::new();
         // Almost every audited request is a success: those never wait for the lock.
-        if !rows.iter().any(|row| is_refusal(&row)) {
+        if !rows.iter().any(is_refusal) {
             return alerts;
         }
         // A poisoned lock means a panic mid-update of counters: alerting is best effort, and
@@ -117,7 +115,7 @@ impl RefusalWatch {
         };
         let window = micros(self.settings.window);
         let threshold = usize::try_from(self.settings.refusals).unwrap_or(usize::MAX);
-        for row in rows.iter().filter(is_refusal) {
+        for row in rows.iter().filter(|row| is_refusal(row)) {
             let subject = match (&row.actor, row.client_address) {
                 (Some(actor), _) => Subject::User(actor.user_id, actor.role),
                 (None, Some(address)) => Subject::Address(address),
@@ -190,6 +188,11 @@ impl RefusalWatch {
             audit_link,
         }
     }
+}
+
+/// Whether `row` is one the watch counts.
+pub(crate) fn is_refusal(row: &AuditRow) -> bool {
+    matches!(row.outcome, AuditOutcome::Denied | AuditOutcome::Failure)
 }
 
 fn micros(duration: Duration) -> i64 {

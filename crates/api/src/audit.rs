@@ -80,12 +80,22 @@ impl AuditSink for DatabaseAuditSink {
 /// Records `rows`, or fails the request with 503. Refusals among them are counted once
 /// they are durable; an alert they raise is sent beside the request, which never waits for it.
 pub(crate) async fn record(config: &ApiConfig, rows: Vec<AuditRow>) -> Result<(), ApiError> {
-    let alerts = config.refusal_watch.observe(&rows, &config.public_base_url);
+    // The rows go to the sink, so the watch reads a copy, and only after the write: an alert
+    // raised by rows that were never recorded would be dropped with them, yet still start the
+    // subject's quiet window, silencing its alerts for a window once the trail is back.
+    let refusals: Vec<AuditRow> = rows
+        .iter()
+        .filter(|row| crate::alerts::is_refusal(row))
+        .cloned()
+        .collect();
     config
         .audit
         .record(rows)
         .await
         .map_err(|AuditUnavailable| ApiError::AuditUnavailable)?;
+    let alerts = config
+        .refusal_watch
+        .observe(&refusals, &config.public_base_url);
     for alert in alerts {
         let notifier = config.notifier.clone();
         actix_web::rt::spawn(async move { notifier.repeated_refusals(&alert).await });

@@ -425,6 +425,94 @@ async fn a_failing_audit_trail_fails_the_request_with_503() {
     assert_eq!(body["error"], "audit_unavailable");
 }
 
+/// An audit trail that is down until told otherwise.
+struct AuditUntilUp {
+    up: std::sync::atomic::AtomicBool,
+    sink: DatabaseAuditSink,
+}
+
+#[async_trait::async_trait]
+impl AuditSink for AuditUntilUp {
+    async fn record(&self, rows: Vec<AuditRow>) -> Result<(), AuditUnavailable> {
+        if !self.up.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AuditUnavailable);
+        }
+        self.sink.record(rows).await
+    }
+}
+
+/// Hands every refusal alert to the test.
+struct AlertsTo(tokio::sync::mpsc::UnboundedSender<crate::alerts::RefusalAlert>);
+
+#[async_trait::async_trait]
+impl crate::notify::Notifier for AlertsTo {
+    async fn break_glass_opened(&self, _notice: &crate::notify::BreakGlassNotice) {}
+
+    async fn repeated_refusals(&self, alert: &crate::alerts::RefusalAlert) {
+        let _ = self.0.send(alert.clone());
+    }
+
+    async fn backup_failed(&self, _notice: &crate::notify::BackupFailedNotice) {}
+}
+
+/// Bug this catches: refusals were counted before their rows were written, so a write that
+/// failed still started the subject's quiet window, and the refusals that followed once the
+/// audit trail was back raised no alert for a whole window.
+#[actix_web::test]
+async fn refusals_the_audit_trail_did_not_take_start_no_quiet_window() {
+    const THRESHOLD: u32 = 3;
+    let (mut config, _dir) = config(Transport::Tls, Arc::new(Ready)).await;
+    let audit = Arc::new(AuditUntilUp {
+        up: std::sync::atomic::AtomicBool::new(false),
+        sink: DatabaseAuditSink::new(config.read_models.clone()),
+    });
+    config.audit = audit.clone();
+    let (sent, mut alerts) = tokio::sync::mpsc::unbounded_channel();
+    config.notifier = Arc::new(AlertsTo(sent));
+    config.refusal_watch = Arc::new(crate::alerts::RefusalWatch::new(
+        crate::alerts::RefusalAlertSettings {
+            refusals: THRESHOLD,
+            ..crate::alerts::RefusalAlertSettings::default()
+        },
+    ));
+    let actor = chartlog_domain::Actor {
+        user_id: chartlog_domain::UserId::from_uuid(uuid::Uuid::new_v4()),
+        role: chartlog_domain::Role::Nurse,
+        purpose_of_use: chartlog_domain::PurposeOfUse::Treatment,
+        break_glass: false,
+    };
+    let refusals = || {
+        (0..THRESHOLD)
+            .map(|_| {
+                let mut row = crate::audit::access_row(
+                    actor,
+                    None,
+                    Some(chartlog_domain::PatientId::from_uuid(uuid::Uuid::new_v4())),
+                    chartlog_projections::audit::AuditEntity::Patient,
+                    chartlog_projections::audit::AuditAction::Read,
+                );
+                row.outcome = chartlog_projections::audit::AuditOutcome::Denied;
+                row
+            })
+            .collect::<Vec<_>>()
+    };
+
+    assert!(matches!(
+        crate::audit::record(&config, refusals()).await,
+        Err(crate::ApiError::AuditUnavailable)
+    ));
+    audit.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    crate::audit::record(&config, refusals())
+        .await
+        .expect("recorded");
+    let alert = tokio::time::timeout(std::time::Duration::from_secs(5), alerts.recv())
+        .await
+        .expect("an alert for the refusals that were recorded")
+        .expect("the notifier is alive");
+    assert_eq!(alert.user_id, Some(actor.user_id));
+    assert_eq!(alert.refusals, THRESHOLD);
+}
+
 #[test]
 fn the_openapi_document_lists_every_route() {
     let document = serde_json::to_value(crate::openapi::document()).expect("serialize");
