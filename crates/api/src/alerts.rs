@@ -14,7 +14,7 @@
 //! address or name tied to this clinic would be PHI. The audit trail keeps the addresses.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -23,10 +23,12 @@ use chartlog_projections::audit::{AuditOutcome, AuditRow};
 use serde::Serialize;
 use uuid::Uuid;
 
-/// Subjects watched at once. Users are bounded by the accounts; addresses are not, so past
-/// this the watch forgets subjects whose last refusal left the window, and if none has, it
-/// stops taking new ones until some do (the rate limiter and a proxy answer a flood).
-pub const WATCHED_SUBJECTS_MAX: usize = 16_384;
+/// Addresses watched at once. Users are watched apart and never forgotten for want of room:
+/// there are only as many as there are accounts. Addresses are the client's to choose, so past
+/// this many the watch forgets the address refused least recently to make room for a new one:
+/// a flood of addresses costs the flood's own oldest members their counts, never a user's
+/// (the rate limiter and a proxy answer the flood itself).
+pub const WATCHED_ADDRESSES_MAX: usize = 16_384;
 
 /// When to alert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,9 +75,32 @@ pub struct RefusalAlert {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Subject {
     User(UserId, Role),
-    Address(IpAddr),
+    Address(Network),
     /// No session and no address (a listener that reports none).
     Unknown,
+}
+
+/// Where requests without a session come from, as far as counting goes: an IPv4 address, or
+/// the /64 of an IPv6 address. A /64 is what one site or subscriber is handed, and any address
+/// in it is theirs to send from: counted one by one, a client rotating through them would
+/// never reach the threshold, and would fill the watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Network {
+    V4(Ipv4Addr),
+    V6([u8; 8]),
+}
+
+impl Network {
+    fn of(address: IpAddr) -> Self {
+        // An IPv4 client reaching a dual-stack listener shows as ::ffff:a.b.c.d.
+        match address.to_canonical() {
+            IpAddr::V4(address) => Network::V4(address),
+            IpAddr::V6(address) => {
+                let [a, b, c, d, e, f, g, h, ..] = address.octets();
+                Network::V6([a, b, c, d, e, f, g, h])
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -86,17 +111,108 @@ struct Watched {
     quiet_until: Option<Timestamp>,
 }
 
+impl Watched {
+    /// Counts a refusal at `at`; returns the first and the count of the refusals in the
+    /// window when this one should raise an alert.
+    fn refused(
+        &mut self,
+        at: Timestamp,
+        threshold: usize,
+        window: i64,
+    ) -> Option<(Timestamp, usize)> {
+        let within_window =
+            |then: &Timestamp| at.unix_micros().saturating_sub(then.unix_micros()) <= window;
+        self.refused_at.push_back(at);
+        while self.refused_at.len() > threshold
+            || self
+                .refused_at
+                .front()
+                .is_some_and(|first| !within_window(first))
+        {
+            self.refused_at.pop_front();
+        }
+        if self.refused_at.len() < threshold || self.quiet_until.is_some_and(|quiet| quiet > at) {
+            return None;
+        }
+        self.quiet_until = Timestamp::from_unix_micros(at.unix_micros().saturating_add(window))
+            .ok()
+            .or(Some(at));
+        Some((
+            self.refused_at.front().copied().unwrap_or(at),
+            self.refused_at.len(),
+        ))
+    }
+}
+
+/// The watched addresses, and the order they were last refused in.
+#[derive(Default)]
+struct Addresses {
+    /// Each address's counts, and the stamp of its latest refusal.
+    watched: HashMap<Network, (Watched, u64)>,
+    /// `(address, stamp)` for each refusal, oldest first. An entry whose stamp is no longer
+    /// its address's is stale and skipped: finding the least recent address costs a pop, not
+    /// a scan of the table under the lock every request takes.
+    recency: VecDeque<(Network, u64)>,
+    stamp: u64,
+}
+
+impl Addresses {
+    /// `network`'s counts, making room for it when it is new and the table full.
+    fn refused(&mut self, network: Network) -> &mut Watched {
+        if !self.watched.contains_key(&network) {
+            while self.watched.len() >= WATCHED_ADDRESSES_MAX {
+                // Every watched address has its live entry in the queue: an empty queue here
+                // would be a bug, and is no reason to spin.
+                let Some((oldest, stamp)) = self.recency.pop_front() else {
+                    break;
+                };
+                if self
+                    .watched
+                    .get(&oldest)
+                    .is_some_and(|(_, latest)| *latest == stamp)
+                {
+                    self.watched.remove(&oldest);
+                }
+            }
+        }
+        self.stamp = self.stamp.wrapping_add(1);
+        let stamp = self.stamp;
+        self.watched.entry(network).or_default().1 = stamp;
+        self.recency.push_back((network, stamp));
+        // Stale entries pile up while addresses are refused again and again; dropping them
+        // once they outnumber the live ones keeps the queue bounded at a cost amortized over
+        // the refusals that made them.
+        if self.recency.len() > 2 * WATCHED_ADDRESSES_MAX {
+            let watched = &self.watched;
+            self.recency.retain(|(network, stamp)| {
+                watched
+                    .get(network)
+                    .is_some_and(|(_, latest)| latest == stamp)
+            });
+        }
+        &mut self.watched.entry(network).or_default().0
+    }
+}
+
+/// What the watch keeps.
+#[derive(Default)]
+struct Tables {
+    /// Users, and requests with neither a session nor an address: never forgotten for room.
+    others: HashMap<Subject, Watched>,
+    addresses: Addresses,
+}
+
 /// Counts refusals per subject and says when to alert.
 pub struct RefusalWatch {
     settings: RefusalAlertSettings,
-    watched: Mutex<HashMap<Subject, Watched>>,
+    tables: Mutex<Tables>,
 }
 
 impl RefusalWatch {
     pub fn new(settings: RefusalAlertSettings) -> Self {
         Self {
             settings,
-            watched: Mutex::new(HashMap::new()),
+            tables: Mutex::new(Tables::default()),
         }
     }
 
@@ -110,7 +226,7 @@ impl RefusalWatch {
         }
         // A poisoned lock means a panic mid-update of counters: alerting is best effort, and
         // the audit trail is the record.
-        let Ok(mut watched) = self.watched.lock() else {
+        let Ok(mut tables) = self.tables.lock() else {
             return alerts;
         };
         let window = micros(self.settings.window);
@@ -118,42 +234,16 @@ impl RefusalWatch {
         for row in rows.iter().filter(|row| is_refusal(row)) {
             let subject = match (&row.actor, row.client_address) {
                 (Some(actor), _) => Subject::User(actor.user_id, actor.role),
-                (None, Some(address)) => Subject::Address(address),
+                (None, Some(address)) => Subject::Address(Network::of(address)),
                 (None, None) => Subject::Unknown,
             };
-            let at = row.occurred_at;
-            let within_window =
-                |then: &Timestamp| at.unix_micros().saturating_sub(then.unix_micros()) <= window;
-            if !watched.contains_key(&subject) && watched.len() >= WATCHED_SUBJECTS_MAX {
-                watched.retain(|_, state| {
-                    state.refused_at.back().is_some_and(within_window)
-                        || state.quiet_until.is_some_and(|quiet| quiet > at)
-                });
-                if watched.len() >= WATCHED_SUBJECTS_MAX {
-                    continue;
-                }
+            let watched = match subject {
+                Subject::Address(network) => tables.addresses.refused(network),
+                Subject::User(..) | Subject::Unknown => tables.others.entry(subject).or_default(),
+            };
+            if let Some((first, refusals)) = watched.refused(row.occurred_at, threshold, window) {
+                alerts.push(self.alert(subject, first, row.occurred_at, refusals, base_url));
             }
-            let state = watched.entry(subject).or_default();
-            state.refused_at.push_back(at);
-            while state.refused_at.len() > threshold
-                || state
-                    .refused_at
-                    .front()
-                    .is_some_and(|first| !within_window(first))
-            {
-                state.refused_at.pop_front();
-            }
-            if state.refused_at.len() < threshold
-                || state.quiet_until.is_some_and(|quiet| quiet > at)
-            {
-                continue;
-            }
-            state.quiet_until =
-                Timestamp::from_unix_micros(at.unix_micros().saturating_add(window))
-                    .ok()
-                    .or(Some(at));
-            let first = state.refused_at.front().copied().unwrap_or(at);
-            alerts.push(self.alert(subject, first, at, state.refused_at.len(), base_url));
         }
         alerts
     }
@@ -201,7 +291,7 @@ fn micros(duration: Duration) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use chartlog_domain::{Actor, PurposeOfUse};
     use chartlog_projections::audit::{AuditAction, AuditEntity};
@@ -319,32 +409,152 @@ mod tests {
         assert!(watch.observe(&[elsewhere], BASE).is_empty());
     }
 
+    fn from(mut row: AuditRow, address: IpAddr) -> AuditRow {
+        row.client_address = Some(address);
+        row
+    }
+
+    fn flood_address(index: usize) -> IpAddr {
+        let index = u64::try_from(index).unwrap();
+        // A /64 of its own each: 2001:db8:<index>::1.
+        IpAddr::V6(Ipv6Addr::from_bits(
+            (0x2001_0db8_u128 << 96) | (u128::from(index) << 64) | 1,
+        ))
+    }
+
+    /// Bug this catches: once the watch held 16,384 subjects in their window, every new
+    /// subject was dropped, a signed-in user too, so a flood of failed logins from rotating
+    /// addresses hid a clinician probing records.
     #[test]
-    fn a_full_watch_forgets_quiet_subjects_before_refusing_new_ones() {
-        let watch = watch(2);
-        let address_row = |index: usize, when| {
-            let mut row = row(None, AuditOutcome::Failure, when);
-            let index = u32::try_from(index).unwrap();
-            row.client_address = Some(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + index)));
-            row
-        };
-        let rows: Vec<AuditRow> = (0..WATCHED_SUBJECTS_MAX)
-            .map(|index| address_row(index, at(0, 0)))
+    fn a_flood_of_addresses_does_not_stop_a_user_from_raising_an_alert() {
+        let watch = watch(3);
+        let flood: Vec<AuditRow> = (0..WATCHED_ADDRESSES_MAX + 1_000)
+            .map(|index| {
+                from(
+                    row(None, AuditOutcome::Failure, at(0, 0)),
+                    flood_address(index),
+                )
+            })
             .collect();
-        assert!(watch.observe(&rows, BASE).is_empty());
-        // Full, and every subject still in its window: a new one is not taken.
-        let newcomer = |when| row(Some(nurse()), AuditOutcome::Denied, when);
-        assert!(
-            watch
-                .observe(&[newcomer(at(1, 0)), newcomer(at(1, 1))], BASE)
-                .is_empty()
-        );
-        // Once the others' window has passed, they make room.
+        assert!(watch.observe(&flood, BASE).is_empty());
+        let probing = |micros| row(Some(nurse()), AuditOutcome::Denied, at(1, micros));
+        let alerts = watch.observe(&[probing(0), probing(1), probing(2)], BASE);
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        assert_eq!(alerts[0].user_id, Some(nurse()));
+        // A new address is still watched too, the flood's oldest making room for it.
+        let newcomer = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 9));
+        let guessing = |micros| from(row(None, AuditOutcome::Failure, at(2, micros)), newcomer);
         assert_eq!(
             watch
-                .observe(&[newcomer(at(20, 0)), newcomer(at(20, 1))], BASE)
+                .observe(&[guessing(0), guessing(1), guessing(2)], BASE)
                 .len(),
             1
         );
+    }
+
+    /// Bug this catches: each IPv6 address was a subject of its own, so a client rotating
+    /// through its /64 never reached the threshold.
+    #[test]
+    fn ipv6_addresses_in_one_64_count_as_one_subject() {
+        let watch = watch(3);
+        let failed = |minute, address: &str| {
+            from(
+                row(None, AuditOutcome::Failure, at(minute, 0)),
+                address.parse().unwrap(),
+            )
+        };
+        assert!(
+            watch
+                .observe(
+                    &[
+                        failed(0, "2001:db8:7:1::1"),
+                        failed(1, "2001:db8:7:1:ffff:ffff:ffff:ffff"),
+                        // The next /64: another subject.
+                        failed(1, "2001:db8:7:2::1"),
+                    ],
+                    BASE
+                )
+                .is_empty()
+        );
+        let alerts = watch.observe(&[failed(2, "2001:db8:7:1:abcd::42")], BASE);
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        assert_eq!(alerts[0].refusals, 3);
+        assert!(!alerts[0].audit_link.contains("2001"), "{alerts:?}");
+
+        // An IPv4 client seen through a dual-stack listener is its IPv4 address.
+        assert!(
+            watch
+                .observe(
+                    &[failed(3, "192.0.2.50"), failed(3, "::ffff:192.0.2.50")],
+                    BASE
+                )
+                .is_empty()
+        );
+        assert_eq!(watch.observe(&[failed(4, "192.0.2.50")], BASE).len(), 1);
+    }
+
+    #[test]
+    fn a_full_address_table_forgets_the_address_refused_least_recently() {
+        let watch = watch(3);
+        let failed = |index, micros| {
+            from(
+                row(None, AuditOutcome::Failure, at(0, micros)),
+                flood_address(index),
+            )
+        };
+        let rows: Vec<AuditRow> = (0..WATCHED_ADDRESSES_MAX)
+            .map(|index| failed(index, 0))
+            .collect();
+        assert!(watch.observe(&rows, BASE).is_empty());
+        // The first address is refused again; the second is now the least recent.
+        assert!(watch.observe(&[failed(0, 1)], BASE).is_empty());
+        assert!(
+            watch
+                .observe(&[failed(WATCHED_ADDRESSES_MAX, 2)], BASE)
+                .is_empty()
+        );
+        // The first kept its count: its third refusal alerts.
+        assert_eq!(watch.observe(&[failed(0, 3)], BASE).len(), 1);
+        // The second was forgotten: two more refusals are two, not three.
+        assert!(
+            watch
+                .observe(&[failed(1, 4), failed(1, 5)], BASE)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn addresses_refused_again_and_again_keep_the_recency_queue_bounded() {
+        let watch = watch(3);
+        let failed = |index, micros| {
+            from(
+                row(None, AuditOutcome::Failure, at(0, micros)),
+                flood_address(index),
+            )
+        };
+        let rows: Vec<AuditRow> = (0..WATCHED_ADDRESSES_MAX)
+            .map(|index| failed(index, 0))
+            .collect();
+        watch.observe(&rows, BASE);
+        let again: Vec<AuditRow> = (0..3 * WATCHED_ADDRESSES_MAX)
+            .map(|micros| failed(0, i64::try_from(micros).unwrap()))
+            .collect();
+        watch.observe(&again, BASE);
+        let queued = watch.tables.lock().unwrap().addresses.recency.len();
+        assert!(queued <= 2 * WATCHED_ADDRESSES_MAX, "{queued}");
+        // The queue still knows the order: the second address is the least recent, and the
+        // first, refused throughout, is kept.
+        watch.observe(&[failed(WATCHED_ADDRESSES_MAX, 0)], BASE);
+        let tables = watch.tables.lock().unwrap();
+        let watched = |index| {
+            tables
+                .addresses
+                .watched
+                .contains_key(&Network::of(flood_address(index)))
+        };
+        assert!(watched(0));
+        assert!(!watched(1));
+        assert!(watched(2));
+        assert!(watched(WATCHED_ADDRESSES_MAX));
     }
 }
