@@ -279,14 +279,12 @@ async fn unknown_accounts_and_wrong_passwords_look_the_same() {
     let accounts_per_round = ENUMERATION_TRIALS.div_ceil(TRIALS_PER_ACCOUNT);
     let mut unknown: Vec<Trial> = Vec::new();
     let mut wrong: Vec<Trial> = Vec::new();
-    let mut disabled_id = None;
     let mut last_account = String::new();
     for round in 0..ENUMERATION_ROUNDS_MAX {
         let mut names = Vec::new();
         for index in 0..accounts_per_round {
             let name = format!("usr{round}.{index:03}");
-            let (id, _) = api.create_user(&admin, &name, "auditor", None).await;
-            disabled_id = Some(id);
+            api.create_user(&admin, &name, "auditor", None).await;
             last_account.clone_from(&name);
             names.push(name);
         }
@@ -345,19 +343,35 @@ async fn unknown_accounts_and_wrong_passwords_look_the_same() {
     assert_eq!(reference.status, StatusCode::UNAUTHORIZED);
     let body: Value = serde_json::from_slice(&reference.body).expect("JSON");
     assert_eq!(body["error"], "invalid_credentials");
-    // A disabled account answers like an unknown one.
-    api.post(
-        &format!("/users/{}/disable", disabled_id.expect("an account")),
-        &admin,
-        json!({}),
-    )
-    .await
-    .expect(StatusCode::NO_CONTENT);
-    let from_disabled = timed_login(
-        &client_from(&dir, [2, 0, 1]),
+    // A disabled account answers like an unknown one, even to its correct password: the
+    // account has a password of its own, which logs in until the account is disabled.
+    let disabled_name = "dsb0.000";
+    let (disabled_id, one_time) = api
+        .create_user(&admin, disabled_name, "auditor", None)
+        .await;
+    api.first_login(disabled_name, &one_time).await;
+    let disabled_client = client_from(&dir, [2, 0, 1]);
+    let before = timed_login(
+        &disabled_client,
         &server,
-        &last_account,
-        "a wrong password",
+        disabled_name,
+        &passphrase(disabled_name),
+    )
+    .await;
+    assert_eq!(
+        before.status,
+        StatusCode::OK,
+        "the password logs in before the disable: {}",
+        String::from_utf8_lossy(&before.body)
+    );
+    api.post(&format!("/users/{disabled_id}/disable"), &admin, json!({}))
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    let from_disabled = timed_login(
+        &disabled_client,
+        &server,
+        disabled_name,
+        &passphrase(disabled_name),
     )
     .await;
     for (index, trial) in unknown
