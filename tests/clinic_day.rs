@@ -1014,13 +1014,37 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
     )
     .await
     .expect(StatusCode::FORBIDDEN);
-    api.post(
-        &format!("/patients/{other_patient}/release-legal-hold"),
-        &admin,
-        json!({ "hold_id": hold_id }),
-    )
-    .await
-    .expect(StatusCode::OK);
+    let released = api
+        .post(
+            &format!("/patients/{other_patient}/release-legal-hold"),
+            &admin,
+            json!({ "hold_id": hold_id }),
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    // The hold is the administrators' business: the record history shows it to no role
+    // that reads history (the physician caring for the patient here), as the chart does.
+    // Read once the history has folded the release.
+    let history = api
+        .get(
+            &format!(
+                "/patients/{other_patient}/history?min_position={}",
+                released["position"]
+            ),
+            &physician,
+        )
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let kinds: Vec<&str> = history["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|entry| entry["entry_kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"demographics"), "{history}");
+    assert!(!kinds.contains(&"legal_hold"), "{history}");
     // The record was written minutes ago: its retention period (10 years by default) has
     // not elapsed, and the answer says so without the patient's birth date.
     let refused = api

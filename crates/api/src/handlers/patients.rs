@@ -576,10 +576,18 @@ pub(crate) async fn history(
         .loaded
         .as_ref()
         .is_some_and(|loaded| policy::notes_hidden_from(&loaded.patient, caller.session.role));
+    // The history shows what the chart would: each entry only to a role that may read its
+    // part of the record (a legal hold to nobody who reads history), notes not to a role the
+    // patient hid them from.
+    let role = caller.session.role;
     let entries: Vec<HistoryEntryView> = page
         .entries
         .iter()
-        .filter(|entry| !(hide_notes && entry.entry_kind == chartlog_projections::EntryKind::Note))
+        .filter(|entry| {
+            let entity = history_entity(entry.entry_kind);
+            policy::allows(role, Grant(entity, Action::Read))
+                && !(hide_notes && entity == Entity::Note)
+        })
         .map(|entry| HistoryEntryView {
             stream_version: entry.stream_version,
             recorded_at: rfc3339(entry.recorded_at),
@@ -613,6 +621,22 @@ pub(crate) async fn history(
         entries,
         next_before_version: page.next_before_version,
     }))
+}
+
+/// The part of the record a history entry is about, for the role's read grant.
+const fn history_entity(kind: chartlog_projections::EntryKind) -> Entity {
+    use chartlog_projections::EntryKind;
+    match kind {
+        EntryKind::Demographics => Entity::Demographics,
+        EntryKind::Observation => Entity::Observation,
+        EntryKind::Condition => Entity::Condition,
+        EntryKind::Allergy => Entity::Allergy,
+        EntryKind::MedicationOrder => Entity::Medication,
+        EntryKind::Note => Entity::Note,
+        EntryKind::ConsentRestriction => Entity::Consent,
+        EntryKind::CareRelationship => Entity::CareRelationship,
+        EntryKind::LegalHold => Entity::LegalHold,
+    }
 }
 
 #[derive(Deserialize)]
