@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail, ensure};
 use chartlog_crypto::{
-    DataKeys, KEK_BYTES, KEK_FILE_NAME, KEKS_MAX, KekId, KeyRing, KeyStore, RETIRED_SIGNERS_MAX,
-    SIGNING_FILE_NAME, SignatureVerifier, SignerKeyId, SigningKeys, load_or_create_kek_ring,
+    DataKeys, KEK_BYTES, KEK_FILE_NAME, KEKS_MAX, KekId, KeyError, KeyRing, KeyStore,
+    RETIRED_SIGNERS_MAX, SIGNING_FILE_NAME, SignatureVerifier, SignerKeyId, SigningKeys,
+    UnreadableKey, load_or_create_kek_ring,
 };
 use chartlog_projections::db::{ProjectionDb, SqlArg};
 use chartlog_store::postgres::PostgresKeyStore;
@@ -39,6 +40,8 @@ pub(crate) const PUBLIC_KEYS_FORMAT: &str = "chartlog-public-keys/v1";
 const PUBLIC_KEYS_FILE_BYTES_MAX: u64 = 1024 * 1024;
 /// How often the KEK rotation's progress bar counts the keys left.
 const PROGRESS_REFRESH: Duration = Duration::from_secs(1);
+/// Keys that do not unwrap named in the text of `keys rotate-kek` (`--json` names them all).
+const UNREADABLE_KEYS_NAMED_MAX: usize = 20;
 /// The KEK rotation's progress bar.
 const ROTATION_PROGRESS_TEMPLATE: &str =
     "rotate-kek [{elapsed_precise}] [{wide_bar}] {pos}/{len} data keys, {per_sec}, {eta} left";
@@ -458,9 +461,38 @@ struct KekRotation {
     /// interrupted run, or, with [`KEK_ENV`], by the operator putting a new KEK first in it.
     resumed: bool,
     rewrapped_data_keys: u64,
+    /// Data keys that do not unwrap under the ring, left as they were: the rotation is not
+    /// complete while there are any, and running it again does not change them.
+    unreadable_data_keys: Vec<UnreadableKeyReport>,
     retired_kek_ids: Vec<String>,
     /// `key_file` or `environment` ([`KEK_ENV`]).
     kek_source: &'static str,
+}
+
+/// A data key the rotation could not unwrap: ids only.
+#[derive(Serialize)]
+struct UnreadableKeyReport {
+    owner: String,
+    key_id: String,
+    kek_id: String,
+    /// `kek_missing` (the KEK is not in the ring) or `does_not_unwrap` (it is, and the wrapped
+    /// bytes do not open under it: altered, or moved from another owner).
+    problem: &'static str,
+}
+
+impl UnreadableKeyReport {
+    fn of(key: &UnreadableKey) -> Self {
+        Self {
+            owner: key.owner.as_str().to_owned(),
+            key_id: key.key_id.as_uuid().to_string(),
+            kek_id: key.kek_id.as_str().to_owned(),
+            problem: if key.kek_missing {
+                "kek_missing"
+            } else {
+                "does_not_unwrap"
+            },
+        }
+    }
 }
 
 async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
@@ -484,10 +516,51 @@ async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
     let rotation = rotated?;
 
     if args.json {
-        return write_stdout(
-            &serde_json::to_string(&rotation).context("cannot encode the summary")?,
-        );
+        write_stdout(&serde_json::to_string(&rotation).context("cannot encode the summary")?)?;
+    } else {
+        write_stdout(&rotation_text(&rotation))?;
     }
+    unreadable_keys_refusal(&rotation)
+}
+
+/// The error a rotation that left keys it could not unwrap ends with.
+fn unreadable_keys_refusal(rotation: &KekRotation) -> anyhow::Result<()> {
+    let unreadable = &rotation.unreadable_data_keys;
+    if unreadable.is_empty() {
+        return Ok(());
+    }
+    let mut named: Vec<String> = unreadable
+        .iter()
+        .take(UNREADABLE_KEYS_NAMED_MAX)
+        .map(|key| {
+            format!(
+                "{} (key {} under {}, {})",
+                key.owner, key.key_id, key.kek_id, key.problem
+            )
+        })
+        .collect();
+    if unreadable.len() > UNREADABLE_KEYS_NAMED_MAX {
+        named.push(format!(
+            "and {} more (--json names them all)",
+            unreadable.len() - UNREADABLE_KEYS_NAMED_MAX
+        ));
+    }
+    bail!(
+        "the rotation is not complete: {} data keys do not unwrap under the KEK ring and were \
+         left as they were; every other data key is wrapped under {} ({} re-wrapped by this \
+         run). Running this again will not \
+         change them: a key whose KEK is missing needs that KEK back in the ring (`chartlog keys \
+         show` names the missing KEKs); a key that does not unwrap under a KEK of the ring was \
+         altered and cannot be recovered from this database. No KEK was retired. The keys: {}",
+        unreadable.len(),
+        rotation.active_kek_id,
+        rotation.rewrapped_data_keys,
+        named.join(", ")
+    )
+}
+
+/// The text summary of `keys rotate-kek`.
+fn rotation_text(rotation: &KekRotation) -> String {
     let from_environment = rotation.kek_source == KekSource::Environment.name();
     let mut text = match (&rotation.previous_kek_id, rotation.resumed) {
         (_, true) if from_environment => format!(
@@ -510,8 +583,14 @@ async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
             rotation.retired_kek_ids.join(", ")
         ));
     }
+    if !rotation.unreadable_data_keys.is_empty() {
+        text.push_str(&format!(
+            "\n{} data keys do not unwrap under the KEK ring and were left as they were",
+            rotation.unreadable_data_keys.len()
+        ));
+    }
     text.push_str("\nrestart the server (it holds the old key ring in memory)");
-    write_stdout(&text)
+    text
 }
 
 /// The rotation protocol. A rotation is resumable because of its order:
@@ -559,7 +638,7 @@ async fn rotate_kek_on(
     let ring = Arc::new(ring);
     let active = ring.active_kek_id().clone();
     let pending = keys_to_rewrap(&db, &active).await?;
-    let rewrapped = match database {
+    let (rewrapped, unreadable) = match database {
         Database::Sqlite(store, _) => {
             let keys = DataKeys::new(ring.clone(), SqliteKeyStore::new(store.pool().clone()));
             rewrap_with_progress(&db, &keys, ring.clone(), pending).await?
@@ -569,16 +648,21 @@ async fn rotate_kek_on(
             rewrap_with_progress(&db, &keys, ring.clone(), pending).await?
         }
     };
-    // `rotate_kek` returns once no key is left under an older KEK; one found now was created
-    // by a process still using the old ring.
-    let left = keys_to_rewrap(&db, &active).await?;
+    // `rotate_kek` returns once no key is left under an older KEK but those it cannot unwrap;
+    // another one found now was created by a process still using the old ring.
+    let left = keys_to_rewrap(&db, &active)
+        .await?
+        .saturating_sub(unreadable.len() as u64);
     ensure!(
         left == 0,
         "{left} data keys were wrapped under an older KEK during the rotation (is a server still \
          running on the old key file?); stop it and run `chartlog keys rotate-kek` again"
     );
     let mut retired_kek_ids = Vec::new();
-    if let (true, KekSource::KeyFile(kek_path)) = (retire_old, source) {
+    // A KEK is retired only after a complete rotation: with keys left unread, one of them
+    // could still be under it.
+    if let (true, KekSource::KeyFile(kek_path), true) = (retire_old, source, unreadable.is_empty())
+    {
         let mut ring = KeyRing::load(kek_path)
             .with_context(|| format!("cannot reload the KEK ring {}", kek_path.display()))?;
         for kek in ring.kek_ids() {
@@ -604,19 +688,21 @@ async fn rotate_kek_on(
         previous_kek_id,
         resumed,
         rewrapped_data_keys: rewrapped,
+        unreadable_data_keys: unreadable.iter().map(UnreadableKeyReport::of).collect(),
         retired_kek_ids,
         kek_source: source.name(),
     })
 }
 
 /// Re-wraps every data key under `ring`'s active KEK with a progress bar on stderr (drawn only
-/// at a terminal), counting the keys left once a second.
+/// at a terminal), counting the keys left once a second. Returns how many it re-wrapped, and
+/// the keys it left because they do not unwrap under `ring`.
 async fn rewrap_with_progress<K: KeyStore>(
     db: &ProjectionDb,
     keys: &DataKeys<K>,
     ring: Arc<KeyRing>,
     pending: u64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Vec<UnreadableKey>)> {
     let bar = progress_bar(pending, ROTATION_PROGRESS_TEMPLATE);
     let progress = tokio::spawn({
         let bar = bar.clone();
@@ -636,10 +722,19 @@ async fn rewrap_with_progress<K: KeyStore>(
     let rewrapped = keys.rotate_kek(ring).await;
     progress.abort();
     bar.finish_and_clear();
-    rewrapped.context(
-        "re-wrapping the data keys failed; every key is still readable: run \
-         `chartlog keys rotate-kek` again to finish",
-    )
+    match rewrapped {
+        Ok(rewrapped) => Ok((rewrapped, Vec::new())),
+        Err(KeyError::RotationLeftUnreadable {
+            rewrapped,
+            unreadable,
+        }) => Ok((rewrapped, unreadable)),
+        // Each key is wrapped as before or under the new KEK, both in the saved ring.
+        Err(error) => Err(error).context(
+            "re-wrapping the data keys stopped before the end; no key was lost (each is \
+             wrapped as before or under the new KEK): run `chartlog keys rotate-kek` again to \
+             finish",
+        ),
+    }
 }
 
 /// A progress bar on stderr with `template` (a constant, checked by a test).

@@ -1694,3 +1694,85 @@ async fn erase_for_an_elapsed_retention_period_waits_the_period_out() {
     let (_, wrapped, destroyed) = data_key_row(data_dir, patients[0]).await;
     assert!(!wrapped && destroyed, "the period has elapsed");
 }
+
+/// Flips one bit of the wrapped data key of `owner`, as a damaged or tampered row would.
+async fn alter_wrapped_key(data_dir: &Path, owner: &StreamId) {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", sqlite_path(data_dir).display()))
+        .await
+        .expect("open");
+    let mut wrapped: Vec<u8> =
+        sqlx::query_scalar("SELECT wrapped_key FROM chartlog_data_keys WHERE owner_stream_id = ?1")
+            .bind(owner.as_str())
+            .fetch_one(&pool)
+            .await
+            .expect("the wrapped key");
+    wrapped[0] ^= 1;
+    sqlx::query("UPDATE chartlog_data_keys SET wrapped_key = ?1 WHERE owner_stream_id = ?2")
+        .bind(wrapped)
+        .bind(owner.as_str())
+        .execute(&pool)
+        .await
+        .expect("alter the wrapped key");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn rotate_kek_rewraps_every_other_key_past_one_that_does_not_unwrap_and_names_it() {
+    let (dir, patients) = sqlite_clinic(&[71, 72, 73]).await;
+    let data_dir = dir.data_dir();
+    let (first_kek, _) = kek_ids(data_dir);
+    // The key listed first: a rotation that stopped at it would re-wrap nothing.
+    let mut owners: Vec<StreamId> = patients.iter().map(|&p| StreamId::patient(p)).collect();
+    owners.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let damaged = owners[0].clone();
+    alter_wrapped_key(data_dir, &damaged).await;
+
+    for run in 0..2 {
+        let output = chartlog(
+            &["keys", "rotate-kek"],
+            data_dir,
+            &["--json", "--retire-old"],
+        );
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        let summary: Value = serde_json::from_str(stdout(&output).trim()).expect("a summary");
+        let active = summary["active_kek_id"]
+            .as_str()
+            .expect("active")
+            .to_owned();
+        assert_eq!(summary["rewrapped_data_keys"], if run == 0 { 2 } else { 0 });
+        let unreadable = summary["unreadable_data_keys"].as_array().expect("named");
+        assert_eq!(unreadable.len(), 1, "{summary}");
+        assert_eq!(unreadable[0]["owner"], damaged.as_str());
+        assert_eq!(unreadable[0]["kek_id"], first_kek.as_str());
+        assert_eq!(unreadable[0]["problem"], "does_not_unwrap");
+        assert_eq!(summary["retired_kek_ids"].as_array().map(Vec::len), Some(0));
+        let message = stderr(&output);
+        assert!(
+            message.contains("1 data keys do not unwrap")
+                && message.contains(damaged.as_str())
+                && message.contains("Running this again will not change them"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("every key is still readable"),
+            "{message}"
+        );
+        let mut wrapping = wrapping_keks(data_dir).await;
+        wrapping.sort();
+        let mut expected = vec![first_kek.clone(), active.clone(), active];
+        expected.sort();
+        assert_eq!(
+            wrapping, expected,
+            "every other key re-wrapped; none retired"
+        );
+        assert!(kek_ids(data_dir).1.contains(&first_kek));
+    }
+    // The others open under the ring.
+    let ledger = sqlite_ledger(data_dir).await;
+    for &patient in &patients {
+        if StreamId::patient(patient) != damaged {
+            ledger.load(patient).await.expect("the record opens");
+        }
+    }
+    ledger.store().pool().close().await;
+}

@@ -1,7 +1,7 @@
 //! The data-key service the store uses: find or create an owner's key, cache it briefly,
 //! destroy it, and re-wrap every key when the KEK rotates.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,33 @@ pub enum KeyError {
         /// Keys in the stuck batch.
         remaining: usize,
     },
+    /// A KEK rotation re-wrapped every key it could, but these did not unwrap under the ring:
+    /// they are left as they were, and running the rotation again changes nothing for them.
+    #[error(
+        "{} data keys do not unwrap under the key ring and were left as they were \
+         ({rewrapped} others re-wrapped)",
+        unreadable.len()
+    )]
+    RotationLeftUnreadable {
+        /// Keys this run re-wrapped.
+        rewrapped: u64,
+        /// The keys left, in the key table's order.
+        unreadable: Vec<UnreadableKey>,
+    },
+}
+
+/// A data key a KEK rotation could not unwrap, and left as it was. Ids only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableKey {
+    /// Whose key it is.
+    pub owner: StreamId,
+    /// The data key's id.
+    pub key_id: DataKeyId,
+    /// The KEK its row names.
+    pub kek_id: KekId,
+    /// True when that KEK is not in the ring; false when it is and the wrapped bytes do not
+    /// unwrap under it (tampered, or moved from another owner).
+    pub kek_missing: bool,
 }
 
 struct CachedKey {
@@ -180,6 +207,11 @@ impl<S: KeyStore> DataKeys<S> {
     /// in batches, by compare-and-swap. Events are never touched. Resumable: if interrupted,
     /// run it again. Returns how many keys this run re-wrapped.
     ///
+    /// A key that does not unwrap under `ring` (its KEK is missing, or its wrapped bytes were
+    /// altered) is left as it is and the rotation goes on with the others: stopping at it
+    /// would leave every key listed after it under the old KEK, run after run. Such keys are
+    /// returned in [`KeyError::RotationLeftUnreadable`], once every other key is re-wrapped.
+    ///
     /// `ring` must hold every KEK of the current ring (retire old KEKs only after a completed
     /// rotation). A key created under the old KEK by an append racing the ring swap may stay
     /// under it: a second run (which should return 0) confirms completion.
@@ -191,14 +223,32 @@ impl<S: KeyStore> DataKeys<S> {
         *self.ring.write().unwrap_or_else(PoisonError::into_inner) = ring.clone();
         let active = ring.active_kek_id().clone();
         let mut rewrapped: u64 = 0;
+        let mut unreadable: Vec<UnreadableKey> = Vec::new();
+        let mut skipped: HashSet<StreamId> = HashSet::new();
         let mut idle_batch: Option<Vec<(StreamId, WrappedDataKey)>> = None;
         loop {
-            let batch = self
+            // The keys skipped stay in the listing (they are still under an older KEK), so
+            // each listing asks for that many more: a batch never shrinks to nothing but
+            // skipped keys while others wait behind them. The cost, a re-read of the skipped
+            // keys per batch, is paid only by a table with keys this ring cannot open.
+            let limit = u32::try_from(skipped.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(KEK_ROTATION_BATCH_KEYS);
+            let batch: Vec<(StreamId, WrappedDataKey)> = self
                 .store
-                .list_for_rewrap(&active, KEK_ROTATION_BATCH_KEYS)
-                .await?;
+                .list_for_rewrap(&active, limit)
+                .await?
+                .into_iter()
+                .filter(|(owner, _)| !skipped.contains(owner))
+                .collect();
             if batch.is_empty() {
-                return Ok(rewrapped);
+                if unreadable.is_empty() {
+                    return Ok(rewrapped);
+                }
+                return Err(KeyError::RotationLeftUnreadable {
+                    rewrapped,
+                    unreadable,
+                });
             }
             if idle_batch.as_ref() == Some(&batch) {
                 return Err(KeyError::RotationStalled {
@@ -206,8 +256,22 @@ impl<S: KeyStore> DataKeys<S> {
                 });
             }
             let mut replaced: u64 = 0;
+            let mut newly_skipped = false;
             for (owner, wrapped) in &batch {
-                let key = ring.unwrap(owner, wrapped)?;
+                let key = match ring.unwrap(owner, wrapped) {
+                    Ok(key) => key,
+                    Err(_) => {
+                        skipped.insert(owner.clone());
+                        unreadable.push(UnreadableKey {
+                            owner: owner.clone(),
+                            key_id: wrapped.key_id,
+                            kek_id: wrapped.kek_id.clone(),
+                            kek_missing: !ring.contains(&wrapped.kek_id),
+                        });
+                        newly_skipped = true;
+                        continue;
+                    }
+                };
                 let replacement = ring.wrap(owner, wrapped.key_id, &key);
                 if self
                     .store
@@ -218,7 +282,7 @@ impl<S: KeyStore> DataKeys<S> {
                 }
             }
             rewrapped += replaced;
-            idle_batch = (replaced == 0).then_some(batch);
+            idle_batch = (replaced == 0 && !newly_skipped).then_some(batch);
         }
     }
 

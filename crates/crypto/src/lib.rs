@@ -40,6 +40,7 @@ mod sign;
 
 pub use data_keys::{
     DATA_KEY_CACHE_ENTRIES_MAX, DATA_KEY_CACHE_TTL, DataKeys, KEK_ROTATION_BATCH_KEYS, KeyError,
+    UnreadableKey,
 };
 pub use digest::ContentDigest;
 pub use error::{CryptoError, IdError, IntegrityError, KeyFileError, ManifestSignatureError};

@@ -257,3 +257,68 @@ fn ring_from<S: KeyStore>(keys: &DataKeys<S>) -> KeyRing {
     keys.ring().save(&path).unwrap();
     KeyRing::load(&path).unwrap()
 }
+
+#[tokio::test]
+async fn kek_rotation_skips_keys_it_cannot_unwrap_and_rewraps_every_other_key() {
+    let store = MemoryKeyStore::default();
+    let keys = DataKeys::new(Arc::new(KeyRing::generate(kek("kek-old"))), store.clone());
+    // More keys than a batch that no KEK of the ring unwraps (their KEK was lost), listed
+    // before every readable key, and one whose wrapped bytes were altered.
+    let lost = KeyRing::generate(kek("kek-lost"));
+    let lost_owners = u128::from(KEK_ROTATION_BATCH_KEYS) + 44;
+    for n in 0..lost_owners {
+        let owner = patient_stream(n);
+        let wrapped = lost.wrap(&owner, DataKeyId::generate(), &DataKey::generate());
+        store.insert(&owner, &wrapped).await.unwrap();
+    }
+    let tampered = patient_stream(lost_owners);
+    let mut wrapped = keys
+        .ring()
+        .wrap(&tampered, DataKeyId::generate(), &DataKey::generate());
+    wrapped.wrapped[0] ^= 1;
+    store.insert(&tampered, &wrapped).await.unwrap();
+    let readable: Vec<_> = (1_000..1_005).map(patient_stream).collect();
+    for owner in &readable {
+        keys.key_for_append(owner).await.unwrap();
+    }
+
+    let mut ring = ring_from(&keys);
+    ring.add_generated(kek("kek-new")).unwrap();
+    ring.set_active(&kek("kek-new")).unwrap();
+    let ring = Arc::new(ring);
+    let Err(KeyError::RotationLeftUnreadable {
+        rewrapped,
+        unreadable,
+    }) = keys.rotate_kek(ring.clone()).await
+    else {
+        panic!("the unreadable keys are reported");
+    };
+    assert_eq!(rewrapped, readable.len() as u64);
+    assert_eq!(store.wrapped_under(&kek("kek-new")), readable.len());
+    assert_eq!(unreadable.len() as u128, lost_owners + 1);
+    assert!(
+        unreadable[..lost_owners as usize]
+            .iter()
+            .all(|key| key.kek_missing && key.kek_id == kek("kek-lost"))
+    );
+    let last = unreadable.last().unwrap();
+    assert_eq!(last.owner, tampered);
+    assert_eq!(
+        (last.kek_id.clone(), last.kek_missing),
+        (kek("kek-old"), false)
+    );
+    for owner in &readable {
+        keys.key_for_read(owner).await.unwrap();
+    }
+
+    // Run again: nothing more to re-wrap, the same keys reported.
+    let Err(KeyError::RotationLeftUnreadable {
+        rewrapped,
+        unreadable: again,
+    }) = keys.rotate_kek(ring).await
+    else {
+        panic!("reported again");
+    };
+    assert_eq!(rewrapped, 0);
+    assert_eq!(again, unreadable);
+}
