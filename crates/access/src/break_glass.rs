@@ -2,7 +2,7 @@
 //! sealed at rest and a review queue for auditors.
 
 use chartlog_domain::{PatientId, Role, Timestamp, UserId};
-use chartlog_projections::db::{DbRow, SqlArg};
+use chartlog_projections::db::{Backend, DbRow, ProjectionTx, SqlArg};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -21,9 +21,17 @@ macro_rules! grant_columns {
 /// Most grants one review listing returns (oldest first).
 pub const BREAK_GLASS_REVIEWS_PER_LISTING_MAX: i64 = 1000;
 
+/// The first key of the advisory locks that order openings of break-glass grants (the second
+/// is taken from the user and patient ids). Two-key advisory locks are a space of their own:
+/// no single-key lock, such as the projection runner's, can collide with them, and this class
+/// differs from the patient-account lock's.
+const BREAK_GLASS_LOCK_CLASS: i64 = 0x6368_6267;
+
 impl Accounts {
     /// Opens a grant for `user` (acting as `role`) to `patient`'s chart, lasting the
-    /// configured break-glass duration from `now`.
+    /// configured break-glass duration from `now`. While a grant of `user` to `patient` is
+    /// open, opening another is refused with [`AccessError::BreakGlassAlreadyOpen`] and
+    /// records nothing: access ends when the grant does, and a grant is reviewed as given.
     #[tracing::instrument(skip_all, fields(user_id = %user, patient_id = %patient, role = role.as_str()))]
     pub async fn open_break_glass(
         &self,
@@ -43,22 +51,30 @@ impl Accounts {
             &[b"break-glass-reason", grant_id.as_bytes()],
             reason.expose().as_bytes(),
         );
-        self.db()
-            .execute(
-                "INSERT INTO chartlog_access_break_glass_grants \
-                 (grant_id, user_id, role, patient_id, opened_at_us, expires_at_us, reason_sealed) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                vec![
-                    uuid_arg(grant_id),
-                    user_arg(user),
-                    SqlArg::Text(role.as_str().to_owned()),
-                    SqlArg::Uuid(patient.as_uuid()),
-                    at_arg(now),
-                    at_arg(expires_at),
-                    SqlArg::Bytes(sealed),
-                ],
-            )
-            .await?;
+        let mut tx = self.db().begin().await?;
+        if let Some(open) = open_grant(&mut tx, user, patient, now).await? {
+            tracing::info!(grant_id = %open.0, "break-glass grant already open");
+            return Err(AccessError::BreakGlassAlreadyOpen {
+                grant_id: open.0,
+                expires_at: open.1,
+            });
+        }
+        tx.execute(
+            "INSERT INTO chartlog_access_break_glass_grants \
+             (grant_id, user_id, role, patient_id, opened_at_us, expires_at_us, reason_sealed) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            vec![
+                uuid_arg(grant_id),
+                user_arg(user),
+                SqlArg::Text(role.as_str().to_owned()),
+                SqlArg::Uuid(patient.as_uuid()),
+                at_arg(now),
+                at_arg(expires_at),
+                SqlArg::Bytes(sealed),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
         tracing::info!(grant_id = %grant_id, "break-glass grant opened");
         Ok(BreakGlassGrant {
             grant_id,
@@ -216,4 +232,47 @@ fn read_grant(row: &DbRow) -> Result<BreakGlassGrant, AccessError> {
         opened_at: timestamp(row.i64(4)?)?,
         expires_at: timestamp(row.i64(5)?)?,
     })
+}
+
+/// The id and end of a grant of `user` to `patient` that has not ended at `now`, if any (one
+/// opened after `now` counts too: it would overlap a grant opened now). On PostgreSQL the
+/// transaction first takes a lock on the pair, held until it ends, so two openings cannot both
+/// find none: no unique index can say "not ended", which depends on the time. On SQLite the
+/// file's write lock, taken by `begin`, already orders the transactions.
+async fn open_grant(
+    tx: &mut ProjectionTx,
+    user: UserId,
+    patient: PatientId,
+    now: Timestamp,
+) -> Result<Option<(Uuid, Timestamp)>, AccessError> {
+    if tx.backend() == Backend::Postgres {
+        // Random bits of both ids (the tail of a v4 or v7 UUID): pairs that share a key only
+        // wait for each other.
+        let (user_bytes, patient_bytes) =
+            (user.as_uuid().into_bytes(), patient.as_uuid().into_bytes());
+        let key = i32::from_be_bytes([
+            user_bytes[12] ^ patient_bytes[12],
+            user_bytes[13] ^ patient_bytes[13],
+            user_bytes[14] ^ patient_bytes[14],
+            user_bytes[15] ^ patient_bytes[15],
+        ]);
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(CAST($1 AS integer), CAST($2 AS integer))",
+            vec![
+                SqlArg::I64(BREAK_GLASS_LOCK_CLASS),
+                SqlArg::I64(i64::from(key)),
+            ],
+        )
+        .await?;
+    }
+    let row = tx
+        .fetch_optional(
+            "SELECT grant_id, expires_at_us FROM chartlog_access_break_glass_grants \
+             WHERE user_id = $1 AND patient_id = $2 AND expires_at_us > $3 \
+             ORDER BY expires_at_us DESC LIMIT 1",
+            vec![user_arg(user), SqlArg::Uuid(patient.as_uuid()), at_arg(now)],
+        )
+        .await?;
+    row.map(|row| Ok((row.uuid(0)?, timestamp(row.i64(1)?)?)))
+        .transpose()
 }

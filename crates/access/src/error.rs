@@ -38,6 +38,13 @@ pub enum AccessError {
     /// The code given to confirm an enrollment is not the authenticator's current code.
     #[error("the second-factor code does not match the enrollment")]
     InvalidSecondFactorCode,
+    /// The user already holds an open grant to this patient: a second would overlap it and
+    /// stretch the emergency access past the duration a grant is given.
+    #[error("break-glass grant {grant_id} to this patient is already open, until {expires_at}")]
+    BreakGlassAlreadyOpen {
+        grant_id: Uuid,
+        expires_at: chartlog_domain::Timestamp,
+    },
     #[error("break-glass grant {grant_id} not found")]
     GrantNotFound { grant_id: Uuid },
     #[error("break-glass grant {grant_id} is already reviewed")]

@@ -138,6 +138,7 @@ on_both_backends!(
     a_burst_of_wrong_reauthentications_is_checked_at_most_the_limit_times,
     inactive_accounts_are_deactivated,
     break_glass_grants_expire_and_are_reviewed,
+    a_break_glass_grant_is_not_opened_again_while_open,
     idempotent_responses_replay_and_refuse_mismatches,
     idempotency_keys_are_claimed_before_the_request_runs,
     a_released_idempotency_claim_frees_the_key,
@@ -1717,6 +1718,105 @@ async fn break_glass_grants_expire_and_are_reviewed(fixture: Fixture) {
             .await
             .is_err()
     );
+}
+
+/// Bug this catches: each opening inserted a new grant even while one was open for the same
+/// user and patient, so grants overlapped and the emergency access was stretched at will.
+async fn a_break_glass_grant_is_not_opened_again_while_open(fixture: Fixture) {
+    const RACERS: usize = 8;
+    let accounts = &fixture.accounts;
+    let doctor = active_user(accounts, "dr.night", Role::Physician, "night shift", at(0)).await;
+    let patient = PatientId::from_uuid(Uuid::new_v4());
+    let reason = BreakGlassReason::parse("arrest on the ward, chart needed now").unwrap();
+    let grants_of = |patient: PatientId| {
+        scalar_count(
+            &fixture.db,
+            "SELECT COUNT(*) FROM chartlog_access_break_glass_grants \
+             WHERE user_id = $1 AND patient_id = $2",
+            vec![
+                SqlArg::Uuid(doctor.as_uuid()),
+                SqlArg::Uuid(patient.as_uuid()),
+            ],
+        )
+    };
+
+    let first = accounts
+        .open_break_glass(doctor, Role::Physician, patient, &reason, at(100))
+        .await
+        .unwrap();
+    let refused = accounts
+        .open_break_glass(
+            doctor,
+            Role::Physician,
+            patient,
+            &reason,
+            at(100 + minutes(30)),
+        )
+        .await
+        .unwrap_err();
+    match &refused {
+        AccessError::BreakGlassAlreadyOpen {
+            grant_id,
+            expires_at,
+        } => {
+            assert_eq!(*grant_id, first.grant_id);
+            assert_eq!(*expires_at, first.expires_at);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!refused.to_string().contains(&patient.to_string()));
+    assert_eq!(grants_of(patient).await, 1, "nothing recorded");
+    assert_eq!(
+        accounts
+            .active_break_glass(doctor, patient, at(100 + minutes(60)))
+            .await
+            .unwrap(),
+        None,
+        "the access still ends with the first grant"
+    );
+
+    // Another patient, or the same once the grant has ended, opens as before.
+    let other = PatientId::from_uuid(Uuid::new_v4());
+    accounts
+        .open_break_glass(doctor, Role::Physician, other, &reason, at(200))
+        .await
+        .expect("another patient");
+    let again = accounts
+        .open_break_glass(
+            doctor,
+            Role::Physician,
+            patient,
+            &reason,
+            at(100 + minutes(60)),
+        )
+        .await
+        .expect("after the first ended");
+    assert_ne!(again.grant_id, first.grant_id);
+
+    // Simultaneous openings for one user and patient: one grant.
+    let contested = PatientId::from_uuid(Uuid::new_v4());
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(RACERS));
+    let mut racers = tokio::task::JoinSet::new();
+    for _ in 0..RACERS {
+        let (accounts, start, reason) = (accounts.clone(), start.clone(), reason.clone());
+        racers.spawn(async move {
+            start.wait().await;
+            accounts
+                .open_break_glass(doctor, Role::Physician, contested, &reason, at(300))
+                .await
+                .map(|_| ())
+        });
+    }
+    let mut opened = 0;
+    for outcome in racers.join_all().await {
+        match outcome {
+            Ok(()) => opened += 1,
+            Err(AccessError::BreakGlassAlreadyOpen { .. }) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(opened, 1);
+    assert_eq!(grants_of(contested).await, 1);
 }
 
 async fn idempotent_responses_replay_and_refuse_mismatches(fixture: Fixture) {

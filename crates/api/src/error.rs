@@ -134,6 +134,17 @@ pub enum ApiError {
         /// What conflicts.
         message: String,
     },
+    /// The caller already holds an open break-glass grant to this patient; the answer names
+    /// it and its end, so the client carries on with it. Nothing new was recorded.
+    #[error(
+        "your break-glass grant {grant_id} to this patient is open until {expires_at}; it is not extended or replaced"
+    )]
+    BreakGlassAlreadyOpen {
+        /// The open grant.
+        grant_id: uuid::Uuid,
+        /// RFC 3339, UTC: when the open grant ends.
+        expires_at: String,
+    },
     /// Another request with the same Idempotency-Key and body is still running: its answer
     /// will be replayed to a retry.
     #[error(
@@ -192,6 +203,7 @@ impl ApiError {
             ApiError::NoAccessToRecord { .. } => "no_access_to_record",
             ApiError::AccessChangeRefused { .. } => "access_change_refused",
             ApiError::Unprocessable { code, .. } | ApiError::Conflict { code, .. } => code,
+            ApiError::BreakGlassAlreadyOpen { .. } => "break_glass_already_open",
             ApiError::IdempotencyKeyInProgress => "idempotency_key_in_progress",
             ApiError::PreconditionFailed { .. } => "precondition_failed",
             ApiError::Erased => "erased",
@@ -255,6 +267,11 @@ impl ApiError {
 struct ErrorBody<'a> {
     error: &'a str,
     message: String,
+    /// With `break_glass_already_open`: the grant already open, and when it ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grant_id: Option<uuid::Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<&'a str>,
 }
 
 impl ResponseError for ApiError {
@@ -282,7 +299,9 @@ impl ResponseError for ApiError {
             | ApiError::NoAccessToRecord { .. }
             | ApiError::AccessChangeRefused { .. } => StatusCode::FORBIDDEN,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Conflict { .. } | ApiError::IdempotencyKeyInProgress => StatusCode::CONFLICT,
+            ApiError::Conflict { .. }
+            | ApiError::BreakGlassAlreadyOpen { .. }
+            | ApiError::IdempotencyKeyInProgress => StatusCode::CONFLICT,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::Erased => StatusCode::GONE,
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
@@ -311,9 +330,18 @@ impl ResponseError for ApiError {
         ) {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
+        let (grant_id, expires_at) = match self {
+            ApiError::BreakGlassAlreadyOpen {
+                grant_id,
+                expires_at,
+            } => (Some(*grant_id), Some(expires_at.as_str())),
+            _ => (None, None),
+        };
         response.json(ErrorBody {
             error: self.code(),
             message: self.to_string(),
+            grant_id,
+            expires_at,
         })
     }
 }

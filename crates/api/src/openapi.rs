@@ -331,6 +331,25 @@ fn error_schema() -> Schema {
                 .schema_type(Type::String)
                 .description(Some("For people; never carries PHI.")),
         )
+        .property(
+            "grant_id",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)))
+                .description(Some(
+                    "With `break_glass_already_open`: the caller's grant to this patient that \
+                     is still open.",
+                )),
+        )
+        .property(
+            "expires_at",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+                .description(Some(
+                    "With `break_glass_already_open`: when that grant ends (RFC 3339).",
+                )),
+        )
         .required("error")
         .required("message")
         .additional_properties(Some(

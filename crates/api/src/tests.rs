@@ -513,6 +513,122 @@ async fn refusals_the_audit_trail_did_not_take_start_no_quiet_window() {
     assert_eq!(alert.refusals, THRESHOLD);
 }
 
+/// A signed-in account of `role` with a full session, for tests that need a caller and
+/// not the login flow (the configuration must not require it a second factor).
+async fn full_session(
+    accounts: &Accounts,
+    username: &str,
+    role: chartlog_domain::Role,
+) -> (chartlog_domain::UserId, String) {
+    let (account, one_time) = accounts
+        .create_user(
+            chartlog_access::NewUser {
+                username: chartlog_access::Username::parse(username).expect("name"),
+                role,
+                patient_id: None,
+                sso_subject: None,
+            },
+            crate::now(),
+        )
+        .await
+        .expect("account");
+    let chosen = chartlog_access::Password::new("seven quiet lanterns over the harbour".to_owned());
+    accounts
+        .change_password(
+            account.user_id,
+            &one_time.to_password(),
+            &chosen,
+            crate::now(),
+        )
+        .await
+        .expect("password changed");
+    let login = accounts
+        .login(
+            chartlog_access::LoginAttempt {
+                username: username.to_owned(),
+                password: chosen,
+                second_factor: None,
+                client_address: std::net::IpAddr::from([192, 0, 2, 20]),
+            },
+            crate::now(),
+        )
+        .await
+        .expect("login");
+    assert_eq!(login.session.stage, chartlog_access::SessionStage::Full);
+    (account.user_id, login.token.expose().to_owned())
+}
+
+/// Bug this catches: each opening inserted a new grant even while the caller's grant to the
+/// patient was open, so grants overlapped and the emergency access was extended at will.
+#[actix_web::test]
+async fn break_glass_is_not_opened_again_while_open_and_the_attempt_is_audited() {
+    let access = AccessSettings {
+        second_factor_required_for: Vec::new(),
+        ..AccessSettings::default()
+    };
+    let (config, _dir, _) = config_and_runner(Transport::Tls, Arc::new(Ready), access).await;
+    let (accounts, db) = (config.accounts.clone(), config.read_models.clone());
+    let service = test::init_service(app(config)).await;
+    let document = serde_json::to_value(crate::openapi::document()).expect("serialize");
+    let (_, token) = full_session(&accounts, "dr.ward", chartlog_domain::Role::Physician).await;
+    let patient = uuid::Uuid::new_v4();
+    let open = || {
+        TestRequest::post()
+            .uri(&format!("/patients/{patient}/break-glass"))
+            .insert_header(("authorization", format!("Bearer {token}")))
+            .insert_header(("content-type", "application/json"))
+            .set_payload(r#"{"reason":"found unresponsive, no care team on shift"}"#)
+            .to_request()
+    };
+
+    let first = test::call_service(&service, open()).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = test::read_body_json(first).await;
+    let again = test::call_service(&service, open()).await;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    let again: Value = test::read_body_json(again).await;
+    assert_eq!(again["error"], "break_glass_already_open", "{again}");
+    assert_eq!(again["grant_id"], first["grant_id"], "{again}");
+    assert_eq!(again["expires_at"], first["expires_at"], "{again}");
+    assert!(!again.to_string().contains("unresponsive"), "{again}");
+    crate::openapi::schema_check::answer_conforms(
+        &document,
+        &serde_json::json!({ "$ref": "#/components/schemas/Error" }),
+        &again,
+        "error",
+    )
+    .expect("the error as documented");
+
+    let grant_id: uuid::Uuid = first["grant_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("grant id");
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            db.fetch_all(sql, vec![chartlog_projections::db::SqlArg::Uuid(grant_id)])
+                .await
+                .expect("count")[0]
+                .i64(0)
+                .expect("count")
+        }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM chartlog_access_break_glass_grants WHERE grant_id <> $1").await,
+        0,
+        "no second grant"
+    );
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM chartlog_audit_trail WHERE record_id = $1 \
+             AND action = 'break_glass' AND outcome = 'denied'"
+        )
+        .await,
+        1,
+        "the refused opening is audited, naming the open grant"
+    );
+}
+
 #[test]
 fn the_openapi_document_lists_every_route() {
     let document = serde_json::to_value(crate::openapi::document()).expect("serialize");

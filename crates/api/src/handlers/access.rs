@@ -636,6 +636,13 @@ pub(crate) fn access_error(error: AccessError) -> ApiError {
             code: "patient_account_exists",
             message: error.to_string(),
         },
+        AccessError::BreakGlassAlreadyOpen {
+            grant_id,
+            expires_at,
+        } => ApiError::BreakGlassAlreadyOpen {
+            grant_id,
+            expires_at: expires_at.to_string(),
+        },
         AccessError::UserNotFound { .. } | AccessError::GrantNotFound { .. } => ApiError::NotFound,
         AccessError::PatientIdRequired
         | AccessError::PatientIdNotAllowed { .. }
