@@ -26,7 +26,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::{Database, KEY_DIR_NAME, StorageArgs, open_database, wiring};
+use crate::{Database, DatabaseLocation, KEY_DIR_NAME, StorageArgs, wiring};
 
 /// Supplies the KEK ring instead of `<keys>/kek.json`, so that the key which unwraps every
 /// data key can be kept in a secret manager, apart from the data directory and its backups:
@@ -339,7 +339,7 @@ struct SignerReport {
 async fn show(args: ShowArgs) -> anyhow::Result<()> {
     let (ring, source) = kek_ring(&key_dir(&args.storage.data_dir), CreateKekFile::No)?;
     let signing = load_signing_keys(&args.storage.data_dir)?;
-    let database = open_database(&args.storage.database_location()).await?;
+    let database = wiring::open_existing_database(&args.storage.database_location()).await?;
     let counts = data_key_counts(&wiring::log_db(&database)).await;
     database.close().await;
     let (mut by_kek, destroyed) = counts?;
@@ -507,9 +507,14 @@ async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
         "--retire-old edits the key file, and {KEK_ENV} supplies the KEK ring: remove the older \
          KEKs from {KEK_ENV} yourself once `chartlog keys show` reports that they wrap no data keys"
     );
-    let database = open_database(&args.storage.database_location()).await?;
+    let location = args.storage.database_location();
+    let database = wiring::open_existing_database(&location).await?;
     let rotated = match ensure_ring_fits(&database, &ring).await {
-        Ok(()) => rotate_kek_on(&database, ring, &source, args.retire_old).await,
+        Ok(()) if args.retire_old => match ensure_keys_are_wrapped(&database, &location).await {
+            Ok(()) => rotate_kek_on(&database, ring, &source, true).await,
+            Err(error) => Err(error),
+        },
+        Ok(()) => rotate_kek_on(&database, ring, &source, false).await,
         Err(error) => Err(error),
     };
     database.close().await;
@@ -591,6 +596,26 @@ fn rotation_text(rotation: &KekRotation) -> String {
     }
     text.push_str("\nrestart the server (it holds the old key ring in memory)");
     text
+}
+
+/// Refuses a database whose key table wraps no data key at all: retiring KEKs on it would
+/// check nothing, since no key is under any of them, and it is most likely not the server's
+/// database (an empty one created by mistake, or the default SQLite file of a server that
+/// runs on PostgreSQL), whose keys may well be under the KEKs to be removed.
+async fn ensure_keys_are_wrapped(
+    database: &Database,
+    location: &DatabaseLocation,
+) -> anyhow::Result<()> {
+    let (by_kek, _) = data_key_counts(&wiring::log_db(database)).await?;
+    ensure!(
+        !by_kek.is_empty(),
+        "nothing is wrapped under any KEK in the {}: is this the server's database? \
+         --retire-old removes KEKs from the key file, and a KEK removed while another database \
+         still has keys under it loses them for good; pass --database-url as the server has it \
+         (nothing was changed)",
+        location.describe()
+    );
+    Ok(())
 }
 
 /// The rotation protocol. A rotation is resumable because of its order:

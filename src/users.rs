@@ -8,7 +8,7 @@ use chartlog_domain::{PatientId, Role, UserId};
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
 use clap::{Args, Subcommand};
 
-use crate::{KEY_DIR_NAME, StorageArgs, create_data_dir, open_database, wiring};
+use crate::{KEY_DIR_NAME, StorageArgs, wiring};
 
 #[derive(Subcommand)]
 pub(crate) enum UsersCommand {
@@ -85,9 +85,9 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
         | UsersCommand::ResetSecondFactor(args) => &args.storage,
         UsersCommand::LinkSso(args) => &args.user.storage,
     };
-    create_data_dir(&storage.data_dir)?;
     let storage_key_dir = storage.data_dir.join(KEY_DIR_NAME);
-    let database = open_database(&storage.database_location()).await?;
+    // Accounts live in the server's database: a new empty one would hold none.
+    let database = wiring::open_existing_database(&storage.database_location()).await?;
     let accounts = wiring::accounts(&database, &storage_key_dir, AccessSettings::default())?;
     let now = chartlog_api::now();
     // Each branch: what it does to which account, for the audit trail, and how it went.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, ensure};
 use chartlog_access::{AccessSecrets, AccessSettings, Accounts, Username};
 use chartlog_api::audit::{AuditSink, SignedAuditSink};
 use chartlog_api::notify::{LogNotifier, Notifier, Notifiers, WebhookNotifier};
@@ -29,7 +29,7 @@ use chartlog_store::postgres::{PostgresKeyStore, PostgresSnapshotStore};
 use chartlog_store::sqlite::{SqliteKeyStore, SqliteSnapshotStore};
 
 use crate::erasure_ledger::LedgeredKeyStore;
-use crate::{Database, keys};
+use crate::{Database, DatabaseLocation, keys, open_database};
 
 /// The user name of the administrator created on first start.
 pub const FIRST_ADMINISTRATOR: &str = "admin";
@@ -37,6 +37,39 @@ pub const FIRST_ADMINISTRATOR: &str = "admin";
 pub const FIRST_ADMINISTRATOR_PASSWORD_FILE: &str = "first-administrator-password";
 /// How often accounts unused for the configured period are looked for and disabled.
 const INACTIVITY_SWEEP_INTERVAL: Duration = Duration::from_secs(60 * 60);
+
+/// Opens the database the flags name for a command that only makes sense on a store that
+/// exists: never creates a SQLite file. Opening a missing one would create an empty database,
+/// and a command run on it would act on nothing, or worse: a key rotation on an empty
+/// database finds no data key under the old KEK and could retire the KEK that the server's
+/// real database (on PostgreSQL, named only in the server's environment) needs.
+pub(crate) async fn open_existing_database(
+    location: &DatabaseLocation,
+) -> anyhow::Result<Database> {
+    if let Some(path) = sqlite_file(location) {
+        ensure!(
+            path.is_file(),
+            "no database at {}: check --data-dir, and if the server runs on PostgreSQL pass \
+             --database-url (or set CHARTLOG_DATABASE_URL) as the server has it",
+            path.display()
+        );
+    }
+    open_database(location).await
+}
+
+/// The SQLite file `location` names, if it names one.
+fn sqlite_file(location: &DatabaseLocation) -> Option<PathBuf> {
+    match location {
+        DatabaseLocation::SqliteFile(path) => Some(path.clone()),
+        // As `open_database` reads a `sqlite:` URL.
+        DatabaseLocation::Url(url) if url.scheme() == "sqlite" => Some(PathBuf::from(
+            url.expose()
+                .trim_start_matches("sqlite:")
+                .trim_start_matches("//"),
+        )),
+        DatabaseLocation::Url(_) => None,
+    }
+}
 
 /// The database the read models live in: on SQLite their own file, on PostgreSQL the store's.
 pub fn read_models(database: &Database) -> ProjectionDb {

@@ -1776,3 +1776,72 @@ async fn rotate_kek_rewraps_every_other_key_past_one_that_does_not_unwrap_and_na
     }
     ledger.store().pool().close().await;
 }
+
+/// The bytes of every file in the key directory, by name.
+fn key_files_of(data_dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(key_dir(data_dir))
+        .expect("the key directory")
+        .map(|entry| {
+            let entry = entry.expect("an entry");
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                std::fs::read(entry.path()).expect("a key file"),
+            )
+        })
+        .filter(|(name, _)| name != "rotation.lock")
+        .collect();
+    files.sort();
+    files
+}
+
+#[tokio::test]
+async fn operator_commands_never_create_a_database_and_retire_old_refuses_one_without_keys() {
+    // The key directory of a server whose database is on PostgreSQL, named only in the
+    // server's environment: there is no SQLite file in the data directory.
+    let dir = TestDir::new();
+    let data_dir = dir.data_dir();
+    load_or_create_key_files(&key_dir(data_dir)).expect("key files");
+    let keys_before = key_files_of(data_dir);
+    let database = sqlite_path(data_dir);
+    for args in [
+        &["keys", "rotate-kek", "--retire-old"][..],
+        &["keys", "rotate-kek"],
+        &["keys", "show"],
+        &["users", "list"],
+        &["users", "add", "--username", "a.nurse", "--role", "nurse"],
+    ] {
+        let output = chartlog(args, data_dir, &[]);
+        assert!(!output.status.success(), "{args:?}: {}", stdout(&output));
+        let message = stderr(&output);
+        assert!(
+            message.contains(&format!("no database at {}", database.display()))
+                && message.contains("--database-url"),
+            "{args:?}: {message}"
+        );
+        assert!(
+            !database.exists(),
+            "{args:?} created {}",
+            database.display()
+        );
+        assert_eq!(key_files_of(data_dir), keys_before, "{args:?}");
+    }
+
+    // A database that exists but wraps no data key (made by mistake, or by an older chartlog
+    // that created one here): retiring KEKs on it would check nothing.
+    succeeds(&["migrate"], data_dir, &[]);
+    let output = chartlog(&["keys", "rotate-kek"], data_dir, &["--retire-old"]);
+    assert!(!output.status.success(), "{}", stdout(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!(
+            "nothing is wrapped under any KEK in the sqlite file {}",
+            database.display()
+        )) && message.contains("is this the server's database?"),
+        "{message}"
+    );
+    assert_eq!(
+        key_files_of(data_dir),
+        keys_before,
+        "no KEK made or retired"
+    );
+}
