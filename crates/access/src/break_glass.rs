@@ -1,6 +1,8 @@
 //! Break-glass grants: time-limited emergency access to one patient's chart, with the reason
 //! sealed at rest and a review queue for auditors.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chartlog_domain::{PatientId, Role, Timestamp, UserId};
 use chartlog_projections::db::{Backend, DbRow, ProjectionTx, SqlArg};
 use uuid::Uuid;
@@ -18,8 +20,89 @@ macro_rules! grant_columns {
     };
 }
 
-/// Most grants one review listing returns (oldest first).
-pub const BREAK_GLASS_REVIEWS_PER_LISTING_MAX: i64 = 1000;
+/// Most grants one page of the review listing returns; a larger limit is clamped to it.
+pub const BREAK_GLASS_REVIEWS_PER_LISTING_MAX: usize = 1000;
+
+/// The review listing's SELECT, up to its WHERE: the grant columns, then the reason and the
+/// review, as [`Accounts::read_review`] reads them.
+macro_rules! review_select {
+    () => {
+        concat!(
+            "SELECT ",
+            grant_columns!(),
+            ", reason_sealed, verdict, reviewed_by, reviewed_at_us \
+             FROM chartlog_access_break_glass_grants"
+        )
+    };
+}
+
+/// The listing's order within each part, and its limit as `$1`. Grants opened in the same
+/// microsecond are told apart by id, so a page boundary never skips or repeats one.
+macro_rules! newest_first {
+    () => {
+        "ORDER BY opened_at_us DESC, grant_id DESC LIMIT $1"
+    };
+}
+
+/// Where the next page of the review listing starts: just after this grant, in the listing's
+/// order (pending first, then newest first). Opaque to callers: [`ReviewCursor::encode`] gives
+/// URL-safe text and [`ReviewCursor::decode`] reads it back. It holds whether the grant was
+/// pending, when it was opened and its id: nothing a URL must not carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReviewCursor {
+    pending: bool,
+    opened_at_us: i64,
+    grant_id: Uuid,
+}
+
+/// Bytes of an encoded cursor: pending (1), the time (8, big-endian) and the id (16).
+const CURSOR_BYTES: usize = 25;
+
+impl ReviewCursor {
+    /// The position just after `review`.
+    pub fn after(review: &BreakGlassReview) -> Self {
+        Self {
+            pending: review.verdict.is_none(),
+            opened_at_us: review.grant.opened_at.unix_micros(),
+            grant_id: review.grant.grant_id,
+        }
+    }
+
+    /// URL-safe text (base64url without padding).
+    pub fn encode(&self) -> String {
+        let mut bytes = [0u8; CURSOR_BYTES];
+        bytes[0] = u8::from(self.pending);
+        bytes[1..9].copy_from_slice(&self.opened_at_us.to_be_bytes());
+        bytes[9..].copy_from_slice(self.grant_id.as_bytes());
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// `None` for anything [`ReviewCursor::encode`] did not produce.
+    pub fn decode(raw: &str) -> Option<Self> {
+        let bytes: [u8; CURSOR_BYTES] = URL_SAFE_NO_PAD.decode(raw).ok()?.try_into().ok()?;
+        let pending = match bytes[0] {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let opened_at_us = i64::from_be_bytes(bytes[1..9].try_into().ok()?);
+        // Only times a grant can have: a cursor names a grant that was read.
+        Timestamp::from_unix_micros(opened_at_us).ok()?;
+        Some(Self {
+            pending,
+            opened_at_us,
+            grant_id: Uuid::from_bytes(bytes[9..].try_into().ok()?),
+        })
+    }
+}
+
+/// One page of the review listing.
+#[derive(Debug)]
+pub struct ReviewPage {
+    pub reviews: Vec<BreakGlassReview>,
+    /// Where the next page starts; `None` when this page reached the end.
+    pub next: Option<ReviewCursor>,
+}
 
 /// The first key of the advisory locks that order openings of break-glass grants (the second
 /// is taken from the user and patient ids). Two-key advisory locks are a space of their own:
@@ -110,65 +193,132 @@ impl Accounts {
         row.map(|row| read_grant(&row)).transpose()
     }
 
-    /// Grants with their reasons, oldest first: all of them, or only those not yet reviewed.
-    /// At most [`BREAK_GLASS_REVIEWS_PER_LISTING_MAX`].
+    /// A page of grants with their reasons: those not yet reviewed first, then (unless
+    /// `pending_only`) the reviewed ones, each newest first; after `after` (from the start
+    /// when `None`), at most `limit` of them (clamped to
+    /// `1..=`[`BREAK_GLASS_REVIEWS_PER_LISTING_MAX`]).
     pub async fn break_glass_reviews(
         &self,
         pending_only: bool,
-    ) -> Result<Vec<BreakGlassReview>, AccessError> {
-        let rows = if pending_only {
-            self.db()
-                .fetch_all(
-                    concat!(
-                        "SELECT ",
-                        grant_columns!(),
-                        ", reason_sealed, verdict, reviewed_by, reviewed_at_us \
-                         FROM chartlog_access_break_glass_grants WHERE verdict IS NULL \
-                         ORDER BY opened_at_us, grant_id LIMIT $1"
-                    ),
-                    vec![SqlArg::I64(BREAK_GLASS_REVIEWS_PER_LISTING_MAX)],
-                )
-                .await?
+        after: Option<&ReviewCursor>,
+        limit: u32,
+    ) -> Result<ReviewPage, AccessError> {
+        let limit = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .clamp(1, BREAK_GLASS_REVIEWS_PER_LISTING_MAX);
+        // One row more than asked says whether there is a next page. Each part is read in
+        // its own query, so the pending part is served by the index of pending grants.
+        let mut rows = Vec::new();
+        if after.is_none_or(|after| after.pending) {
+            rows = self.review_rows(true, after, limit + 1).await?;
+        }
+        if !pending_only && rows.len() <= limit {
+            let after = after.filter(|after| !after.pending);
+            let reviewed = self
+                .review_rows(false, after, limit + 1 - rows.len())
+                .await?;
+            rows.extend(reviewed);
+        }
+        let more = rows.len() > limit;
+        let reviews = rows
+            .iter()
+            .take(limit)
+            .map(|row| self.read_review(row))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if more {
+            reviews.last().map(ReviewCursor::after)
         } else {
-            self.db()
-                .fetch_all(
-                    concat!(
-                        "SELECT ",
-                        grant_columns!(),
-                        ", reason_sealed, verdict, reviewed_by, reviewed_at_us \
-                         FROM chartlog_access_break_glass_grants \
-                         ORDER BY opened_at_us, grant_id LIMIT $1"
-                    ),
-                    vec![SqlArg::I64(BREAK_GLASS_REVIEWS_PER_LISTING_MAX)],
-                )
-                .await?
+            None
         };
-        rows.iter()
-            .map(|row| {
-                let grant = read_grant(row)?;
-                let reason = Zeroizing::new(self.secrets().open(
-                    &[b"break-glass-reason", grant.grant_id.as_bytes()],
-                    &row.bytes(6)?,
-                )?);
-                let reason = std::str::from_utf8(&reason)
-                    .ok()
-                    .and_then(|reason| BreakGlassReason::parse(reason).ok())
-                    .ok_or(AccessError::Corrupt("break-glass reason"))?;
-                let verdict = row
-                    .opt_text(7)?
-                    .map(|verdict| {
-                        ReviewVerdict::parse(&verdict).ok_or(AccessError::Corrupt("verdict"))
-                    })
-                    .transpose()?;
-                Ok(BreakGlassReview {
-                    grant,
-                    reason,
-                    verdict,
-                    reviewed_by: row.opt_uuid(8)?.map(UserId::from_uuid),
-                    reviewed_at: row.opt_i64(9)?.map(timestamp).transpose()?,
-                })
-            })
-            .collect()
+        Ok(ReviewPage { reviews, next })
+    }
+
+    /// Pending or reviewed grants, newest first, after `after`, at most `fetch`.
+    async fn review_rows(
+        &self,
+        pending: bool,
+        after: Option<&ReviewCursor>,
+        fetch: usize,
+    ) -> Result<Vec<DbRow>, AccessError> {
+        let fetch = SqlArg::I64(i64::try_from(fetch).unwrap_or(i64::MAX));
+        let rows = match (pending, after) {
+            (true, None) => {
+                self.db()
+                    .fetch_all(
+                        concat!(review_select!(), " WHERE verdict IS NULL ", newest_first!()),
+                        vec![fetch],
+                    )
+                    .await?
+            }
+            (false, None) => {
+                self.db()
+                    .fetch_all(
+                        concat!(
+                            review_select!(),
+                            " WHERE verdict IS NOT NULL ",
+                            newest_first!()
+                        ),
+                        vec![fetch],
+                    )
+                    .await?
+            }
+            (true, Some(after)) => {
+                self.db()
+                    .fetch_all(
+                        concat!(
+                            review_select!(),
+                            " WHERE verdict IS NULL AND (opened_at_us, grant_id) < ($2, $3) ",
+                            newest_first!()
+                        ),
+                        vec![
+                            fetch,
+                            SqlArg::I64(after.opened_at_us),
+                            uuid_arg(after.grant_id),
+                        ],
+                    )
+                    .await?
+            }
+            (false, Some(after)) => {
+                self.db()
+                    .fetch_all(
+                        concat!(
+                            review_select!(),
+                            " WHERE verdict IS NOT NULL AND (opened_at_us, grant_id) < ($2, $3) ",
+                            newest_first!()
+                        ),
+                        vec![
+                            fetch,
+                            SqlArg::I64(after.opened_at_us),
+                            uuid_arg(after.grant_id),
+                        ],
+                    )
+                    .await?
+            }
+        };
+        Ok(rows)
+    }
+
+    fn read_review(&self, row: &DbRow) -> Result<BreakGlassReview, AccessError> {
+        let grant = read_grant(row)?;
+        let reason = Zeroizing::new(self.secrets().open(
+            &[b"break-glass-reason", grant.grant_id.as_bytes()],
+            &row.bytes(6)?,
+        )?);
+        let reason = std::str::from_utf8(&reason)
+            .ok()
+            .and_then(|reason| BreakGlassReason::parse(reason).ok())
+            .ok_or(AccessError::Corrupt("break-glass reason"))?;
+        let verdict = row
+            .opt_text(7)?
+            .map(|verdict| ReviewVerdict::parse(&verdict).ok_or(AccessError::Corrupt("verdict")))
+            .transpose()?;
+        Ok(BreakGlassReview {
+            grant,
+            reason,
+            verdict,
+            reviewed_by: row.opt_uuid(8)?.map(UserId::from_uuid),
+            reviewed_at: row.opt_i64(9)?.map(timestamp).transpose()?,
+        })
     }
 
     /// Records an auditor's verdict on a grant, once. An auditor cannot review their own grant.

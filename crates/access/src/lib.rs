@@ -34,7 +34,7 @@ mod settings;
 mod types;
 
 pub use accounts::{Accounts, PRUNE_GRACE, SESSION_TOUCH_INTERVAL, SSO_SUBJECT_LENGTH_MAX};
-pub use break_glass::BREAK_GLASS_REVIEWS_PER_LISTING_MAX;
+pub use break_glass::{BREAK_GLASS_REVIEWS_PER_LISTING_MAX, ReviewCursor, ReviewPage};
 pub use error::{
     AccessError, BreakGlassReasonError, ExpiryReason, IdempotencyError, LoginError,
     PasswordChangeError, SecondFactorCodeError, SessionError, UsernameError,

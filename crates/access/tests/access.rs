@@ -9,8 +9,8 @@ use chartlog_access::{
     IDEMPOTENCY_IN_PROGRESS_TIMEOUT, IdempotencyClaim, IdempotencyError, IdentityAssertion,
     LOGIN_FAILURE_WINDOW, LOGIN_FAILURES_PER_ACCOUNT_MAX, LOGIN_FAILURES_PER_ADDRESS_MAX,
     LoginAttempt, LoginError, LoginSuccess, NewUser, OneTimePassword, PRUNE_GRACE, Password,
-    PasswordChangeError, PasswordHashing, RecoveryCodes, ReviewVerdict, SecondFactorCode,
-    SessionError, SessionStage, StoredResponse, Username,
+    PasswordChangeError, PasswordHashing, RecoveryCodes, ReviewCursor, ReviewVerdict,
+    SecondFactorCode, SessionError, SessionStage, StoredResponse, Username,
 };
 use chartlog_domain::{PatientId, Role, Timestamp, UserId};
 use chartlog_projections::db::{ProjectionDb, SqlArg};
@@ -139,6 +139,7 @@ on_both_backends!(
     inactive_accounts_are_deactivated,
     break_glass_grants_expire_and_are_reviewed,
     a_break_glass_grant_is_not_opened_again_while_open,
+    break_glass_reviews_list_pending_first_then_newest_first_in_pages,
     idempotent_responses_replay_and_refuse_mismatches,
     idempotency_keys_are_claimed_before_the_request_runs,
     a_released_idempotency_claim_frees_the_key,
@@ -1665,7 +1666,11 @@ async fn break_glass_grants_expire_and_are_reviewed(fixture: Fixture) {
         .unwrap();
     assert!(!sealed.windows(11).any(|w| w == b"unconscious"));
 
-    let pending = accounts.break_glass_reviews(true).await.unwrap();
+    let pending = accounts
+        .break_glass_reviews(true, None, 100)
+        .await
+        .unwrap()
+        .reviews;
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].grant, grant);
     assert_eq!(pending[0].reason.expose(), reason.expose());
@@ -1694,8 +1699,19 @@ async fn break_glass_grants_expire_and_are_reviewed(fixture: Fixture) {
             .await,
         Err(AccessError::GrantNotFound { .. })
     ));
-    assert!(accounts.break_glass_reviews(true).await.unwrap().is_empty());
-    let all = accounts.break_glass_reviews(false).await.unwrap();
+    assert!(
+        accounts
+            .break_glass_reviews(true, None, 100)
+            .await
+            .unwrap()
+            .reviews
+            .is_empty()
+    );
+    let all = accounts
+        .break_glass_reviews(false, None, 100)
+        .await
+        .unwrap()
+        .reviews;
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].verdict, Some(ReviewVerdict::Justified));
     assert_eq!(all[0].reviewed_by, Some(auditor));
@@ -1817,6 +1833,93 @@ async fn a_break_glass_grant_is_not_opened_again_while_open(fixture: Fixture) {
     }
     assert_eq!(opened, 1);
     assert_eq!(grants_of(contested).await, 1);
+}
+
+/// Bug this catches: the listing of all grants returned the 1,000 oldest ever, with no way
+/// to the rest, though the route promised pending reviews first.
+async fn break_glass_reviews_list_pending_first_then_newest_first_in_pages(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let doctor = active_user(
+        accounts,
+        "dr.pager",
+        Role::Physician,
+        "emergency pager on call",
+        at(0),
+    )
+    .await;
+    let auditor = active_user(
+        accounts,
+        "auditor.p",
+        Role::Auditor,
+        "weekly reviews of access",
+        at(0),
+    )
+    .await;
+    let reason = BreakGlassReason::parse("no care team reachable").unwrap();
+    // Opened at these seconds; two in the same microsecond, told apart by id.
+    let mut grants = Vec::new();
+    for second in [100, 200, 300, 400, 400, 500] {
+        let patient = PatientId::from_uuid(Uuid::new_v4());
+        let grant = accounts
+            .open_break_glass(doctor, Role::Physician, patient, &reason, at(second))
+            .await
+            .unwrap();
+        grants.push(grant.grant_id);
+    }
+    for reviewed in [grants[0], grants[2]] {
+        accounts
+            .review_break_glass(reviewed, auditor, ReviewVerdict::Justified, at(600))
+            .await
+            .unwrap();
+    }
+    let (tie_high, tie_low) = if grants[3] > grants[4] {
+        (grants[3], grants[4])
+    } else {
+        (grants[4], grants[3])
+    };
+    let pending_order = vec![grants[5], tie_high, tie_low, grants[1]];
+    let mut everything = pending_order.clone();
+    everything.extend([grants[2], grants[0]]);
+
+    let read_all = |pending_only: bool, limit: u32| async move {
+        let (mut seen, mut pages, mut after) = (Vec::new(), 0, None::<ReviewCursor>);
+        loop {
+            let page = accounts
+                .break_glass_reviews(pending_only, after.as_ref(), limit)
+                .await
+                .unwrap();
+            assert!(page.reviews.len() <= limit.max(1) as usize);
+            seen.extend(page.reviews.iter().map(|review| review.grant.grant_id));
+            pages += 1;
+            match page.next {
+                // The cursor goes through a URL and back.
+                Some(next) => after = Some(ReviewCursor::decode(&next.encode()).unwrap()),
+                None => return (seen, pages),
+            }
+        }
+    };
+    assert_eq!(read_all(false, 100).await, (everything.clone(), 1));
+    // Page boundaries inside each part, on the tie, and between the parts.
+    for limit in [1, 2, 3, 4, 5] {
+        let (seen, pages) = read_all(false, limit).await;
+        assert_eq!(seen, everything, "limit {limit}");
+        assert_eq!(
+            pages,
+            everything.len().div_ceil(limit as usize),
+            "limit {limit}"
+        );
+        assert_eq!(
+            read_all(true, limit).await.0,
+            pending_order,
+            "limit {limit}"
+        );
+    }
+    // A limit of 0 is one; the page says there is more.
+    let first = accounts.break_glass_reviews(false, None, 0).await.unwrap();
+    assert_eq!(first.reviews.len(), 1);
+    assert!(first.next.is_some());
+    assert_eq!(ReviewCursor::decode("not a cursor"), None);
+    assert_eq!(ReviewCursor::decode(""), None);
 }
 
 async fn idempotent_responses_replay_and_refuse_mismatches(fixture: Fixture) {

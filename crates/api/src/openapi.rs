@@ -479,11 +479,27 @@ fn query_parameters(route: &Route) -> Vec<(&'static str, &'static str, Schema)> 
     } else if std::ptr::eq(route, &routes::DISCLOSURES) {
         page()
     } else if std::ptr::eq(route, &routes::BREAK_GLASS_REVIEWS) {
-        vec![(
-            "pending",
-            "Only the reviews still open (default true).",
-            ObjectBuilder::new().schema_type(Type::Boolean).into(),
-        )]
+        vec![
+            (
+                "pending",
+                "Only the reviews still open (default true).",
+                ObjectBuilder::new().schema_type(Type::Boolean).into(),
+            ),
+            (
+                "after",
+                "The `next` value of the previous page.",
+                string_schema().into(),
+            ),
+            (
+                "limit",
+                "Reviews per page (1-1000, default 100).",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0))
+                    .maximum(Some(u32::MAX))
+                    .into(),
+            ),
+        ]
     } else if std::ptr::eq(route, &routes::DEIDENTIFIED_EXPORT) {
         vec![(
             "format",

@@ -137,7 +137,7 @@ routes! {
     ERASE_PATIENT: Post "/patients/{patient_id}/erase", grant(Entity::Erasure, C), "commands", "Crypto-erase the patient: their key is destroyed. Refused under a legal hold, and for the reason retention_period_elapsed while the retention period runs.";
 
     AUDIT_TRAIL: Get "/audit-trail", grant(Entity::AuditTrail, R), "oversight", "The audit trail, filtered by user, patient, action and time, paginated.";
-    BREAK_GLASS_REVIEWS: Get "/break-glass/reviews", grant(Entity::BreakGlassReview, R), "oversight", "Break-glass openings, pending review first.";
+    BREAK_GLASS_REVIEWS: Get "/break-glass/reviews", grant(Entity::BreakGlassReview, R), "oversight", "Break-glass openings, pending review first, then newest first, paginated.";
     REVIEW_BREAK_GLASS: Post "/break-glass/reviews/{grant_id}", grant(Entity::BreakGlassReview, U), "oversight", "Close a break-glass review with a verdict.";
     DEIDENTIFIED_EXPORT: Get "/deidentified/{table}", grant(Entity::DeidentifiedData, R), "analytics", "Stream a de-identified (Safe Harbor) table as NDJSON or CSV.";
 }

@@ -629,6 +629,117 @@ async fn break_glass_is_not_opened_again_while_open_and_the_attempt_is_audited()
     );
 }
 
+/// Bug this catches: `pending=false` listed the 1,000 oldest grants ever, with no paging,
+/// though the route promised pending reviews first.
+#[actix_web::test]
+async fn break_glass_reviews_are_pending_first_then_newest_first_and_paged() {
+    use crate::routes as r;
+
+    let access = AccessSettings {
+        second_factor_required_for: Vec::new(),
+        ..AccessSettings::default()
+    };
+    let (config, _dir, _) = config_and_runner(Transport::Tls, Arc::new(Ready), access).await;
+    let accounts = config.accounts.clone();
+    let service = test::init_service(app(config)).await;
+    let document = serde_json::to_value(crate::openapi::document()).expect("serialize");
+    let (_, physician) = full_session(&accounts, "dr.page", chartlog_domain::Role::Physician).await;
+    let (auditor_id, auditor) =
+        full_session(&accounts, "auditor.page", chartlog_domain::Role::Auditor).await;
+    let mut opened = Vec::new();
+    for _ in 0..3 {
+        let patient = uuid::Uuid::new_v4();
+        let (status, grant) = call_checked(
+            &service,
+            &document,
+            &r::BREAK_GLASS,
+            &format!("/patients/{patient}/break-glass"),
+            Some(&physician),
+            Some(serde_json::json!({ "reason": "unresponsive in the corridor" })),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{grant}");
+        opened.push(grant["grant_id"].as_str().expect("grant id").to_owned());
+    }
+    let oldest: uuid::Uuid = opened[0].parse().expect("uuid");
+    accounts
+        .review_break_glass(
+            oldest,
+            auditor_id,
+            chartlog_access::ReviewVerdict::Justified,
+            crate::now(),
+        )
+        .await
+        .expect("reviewed");
+    let listed = |answer: &Value| -> Vec<String> {
+        answer["reviews"]
+            .as_array()
+            .expect("reviews")
+            .iter()
+            .map(|review| review["grant_id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let expected = vec![opened[2].clone(), opened[1].clone(), opened[0].clone()];
+
+    let (status, all) = call_checked(
+        &service,
+        &document,
+        &r::BREAK_GLASS_REVIEWS,
+        "/break-glass/reviews?pending=false",
+        Some(&auditor),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    assert_eq!(listed(&all), expected, "{all}");
+    assert!(all.get("next").is_none(), "{all}");
+
+    let (_, first) = call_checked(
+        &service,
+        &document,
+        &r::BREAK_GLASS_REVIEWS,
+        "/break-glass/reviews?pending=false&limit=2",
+        Some(&auditor),
+        None,
+    )
+    .await;
+    assert_eq!(listed(&first), expected[..2], "{first}");
+    let next = first["next"].as_str().expect("a next page");
+    let (_, second) = call_checked(
+        &service,
+        &document,
+        &r::BREAK_GLASS_REVIEWS,
+        &format!("/break-glass/reviews?pending=false&limit=2&after={next}"),
+        Some(&auditor),
+        None,
+    )
+    .await;
+    assert_eq!(listed(&second), expected[2..], "{second}");
+    assert!(second.get("next").is_none(), "{second}");
+
+    let (_, pending) = call_checked(
+        &service,
+        &document,
+        &r::BREAK_GLASS_REVIEWS,
+        "/break-glass/reviews",
+        Some(&auditor),
+        None,
+    )
+    .await;
+    assert_eq!(listed(&pending), expected[..2], "{pending}");
+
+    let (status, refused) = call_checked(
+        &service,
+        &document,
+        &r::BREAK_GLASS_REVIEWS,
+        "/break-glass/reviews?after=not-a-cursor",
+        Some(&auditor),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+}
+
 #[test]
 fn the_openapi_document_lists_every_route() {
     let document = serde_json::to_value(crate::openapi::document()).expect("serialize");

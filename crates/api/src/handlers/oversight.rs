@@ -2,7 +2,7 @@
 //! de-identified export.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use chartlog_access::ReviewVerdict;
+use chartlog_access::{ReviewCursor, ReviewVerdict};
 use chartlog_domain::{PatientId, Role, UserId};
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditRow};
 use chartlog_projections::audit_queries::{AuditCursor, AuditFilter, AuditPage};
@@ -152,17 +152,24 @@ pub(crate) async fn audit_trail(
     Ok(HttpResponse::Ok().json(AuditPageView::of(&page)))
 }
 
+pub(crate) const REVIEWS_PAGE_LIMIT_DEFAULT: u32 = 100;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReviewsQuery {
     /// Only the reviews still open (default true).
     pending: Option<bool>,
+    after: Option<String>,
+    limit: Option<u32>,
 }
 
-/// Break-glass openings, pending review first.
+/// Break-glass openings, pending review first, then newest first, one page of them.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ReviewList {
     reviews: Vec<ReviewView>,
+    /// Pass as `after` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -186,9 +193,22 @@ pub(crate) async fn break_glass_reviews(
     caller: Caller,
     query: super::Query<ReviewsQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let reviews = config
+    let after = query
+        .after
+        .as_deref()
+        .map(|raw| {
+            ReviewCursor::decode(raw).ok_or(ApiError::InvalidHeader {
+                message: "the after cursor is malformed; pass back the next value of a page",
+            })
+        })
+        .transpose()?;
+    let page = config
         .accounts
-        .break_glass_reviews(query.pending.unwrap_or(true))
+        .break_glass_reviews(
+            query.pending.unwrap_or(true),
+            after.as_ref(),
+            query.limit.unwrap_or(REVIEWS_PAGE_LIMIT_DEFAULT),
+        )
         .await
         .map_err(internal("break-glass reviews"))?;
     audit::record(
@@ -202,7 +222,8 @@ pub(crate) async fn break_glass_reviews(
         )],
     )
     .await?;
-    let reviews: Vec<ReviewView> = reviews
+    let reviews: Vec<ReviewView> = page
+        .reviews
         .iter()
         .map(|review| ReviewView {
             grant_id: review.grant.grant_id,
@@ -220,7 +241,10 @@ pub(crate) async fn break_glass_reviews(
             reviewed_at: review.reviewed_at.map(|at| at.to_string()),
         })
         .collect();
-    Ok(HttpResponse::Ok().json(ReviewList { reviews }))
+    Ok(HttpResponse::Ok().json(ReviewList {
+        reviews,
+        next: page.next.as_ref().map(ReviewCursor::encode),
+    }))
 }
 
 #[derive(Deserialize)]
