@@ -8,7 +8,7 @@
 //! audit trail shows who wrote it.
 
 use anyhow::{Context, bail};
-use chartlog_access::{AccessSettings, NewUser, Username};
+use chartlog_access::{NewUser, Username};
 use chartlog_domain::{Actor, PatientCommand, PurposeOfUse, Role, synthetic};
 use chartlog_projections::db::SqlArg;
 use chartlog_store::ExecuteOptions;
@@ -75,9 +75,15 @@ async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()>
         );
     }
     let key_dir = args.storage.data_dir.join(KEY_DIR_NAME);
-    let (ring, _) = wiring::key_files(&key_dir)?;
+    // Keys are made only with a new database, as the server's first start makes them; a
+    // database in use was sealed and signed with keys that exist already, and keys made in a
+    // mistyped --data-dir would sign records no verifier trusts.
+    if is_new(&log).await? {
+        wiring::create_key_files(&key_dir)?;
+    }
+    let (ring, _) = wiring::existing_key_files(&key_dir)?;
     keys::ensure_ring_fits(database, &ring).await?;
-    let accounts = wiring::accounts(database, &key_dir, AccessSettings::default())?;
+    let accounts = wiring::operator_accounts(database, &key_dir)?;
     let records = wiring::records(database, &key_dir)?;
     let now = chartlog_api::now();
 
@@ -186,4 +192,22 @@ async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()>
         );
     }
     Ok(())
+}
+
+/// Whether the database holds nothing yet: no event, no data key, no account.
+async fn is_new(log: &chartlog_projections::db::ProjectionDb) -> anyhow::Result<bool> {
+    for statement in [
+        "SELECT 1 FROM chartlog_events LIMIT 1",
+        "SELECT 1 FROM chartlog_data_keys LIMIT 1",
+        "SELECT 1 FROM chartlog_access_users LIMIT 1",
+    ] {
+        let row = log
+            .fetch_optional(statement, Vec::new())
+            .await
+            .context("cannot tell whether the database is new")?;
+        if row.is_some() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -118,7 +118,7 @@ pub(crate) fn key_dir(data_dir: &Path) -> PathBuf {
 
 /// Fails unless the key file exists: the operator commands never create keys (that is the
 /// server's first start), since keys made here would seal nothing anyone has.
-fn require_key_file(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn require_key_file(path: &Path) -> anyhow::Result<()> {
     ensure!(
         path.exists(),
         "no key file at {}: check --data-dir (the server creates the keys on first start)",
@@ -232,7 +232,12 @@ pub(crate) async fn ensure_ring_fits(database: &Database, ring: &KeyRing) -> any
 
 /// The signing keys of the data directory; never creates them.
 pub(crate) fn load_signing_keys(data_dir: &Path) -> anyhow::Result<SigningKeys> {
-    let path = key_dir(data_dir).join(SIGNING_FILE_NAME);
+    load_signing_keys_in(&key_dir(data_dir))
+}
+
+/// The signing keys in `key_dir`; never creates them.
+pub(crate) fn load_signing_keys_in(key_dir: &Path) -> anyhow::Result<SigningKeys> {
+    let path = key_dir.join(SIGNING_FILE_NAME);
     require_key_file(&path)?;
     SigningKeys::load(&path)
         .with_context(|| format!("cannot load the signing keys {}", path.display()))

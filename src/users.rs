@@ -3,7 +3,7 @@
 //! are (the command line's operator as the actor, the account touched, the outcome).
 
 use anyhow::Context;
-use chartlog_access::{AccessSettings, NewUser, Username};
+use chartlog_access::{NewUser, Username};
 use chartlog_domain::{PatientId, Role, UserId};
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
 use clap::{Args, Subcommand};
@@ -88,7 +88,7 @@ pub(crate) async fn run(command: UsersCommand) -> anyhow::Result<()> {
     let storage_key_dir = storage.data_dir.join(KEY_DIR_NAME);
     // Accounts live in the server's database: a new empty one would hold none.
     let database = wiring::open_existing_database(&storage.database_location()).await?;
-    let accounts = wiring::accounts(&database, &storage_key_dir, AccessSettings::default())?;
+    let accounts = wiring::operator_accounts(&database, &storage_key_dir)?;
     let now = chartlog_api::now();
     // Each branch: what it does to which account, for the audit trail, and how it went.
     let (action, account, result): (AuditAction, Option<UserId>, anyhow::Result<()>) = match command

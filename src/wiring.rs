@@ -9,19 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use chartlog_access::{AccessSecrets, AccessSettings, Accounts, Username};
+use chartlog_access::{ACCESS_KEY_FILE_NAME, AccessSecrets, AccessSettings, Accounts, Username};
 use chartlog_api::audit::{AuditSink, SignedAuditSink};
 use chartlog_api::notify::{LogNotifier, Notifier, Notifiers, WebhookNotifier};
 use chartlog_api::records::{LedgerRecords, Records};
 use chartlog_crypto::{
-    DataKeys, EventSigner, INDEX_KEY_FILE_NAME, KeyRing, SigningKeys, load_or_create_mac_key,
-    load_or_create_signing_keys,
+    DataKeys, EventSigner, INDEX_KEY_FILE_NAME, KeyRing, MacKey, SigningKeys, load_mac_key,
+    load_or_create_mac_key, load_or_create_signing_keys,
 };
 use chartlog_domain::patient::RetentionPolicy;
 use chartlog_domain::{Actor, PurposeOfUse, Role, UserId};
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome, AuditRow};
 use chartlog_projections::audit_log::{AuditLog, new_audit_stream};
 use chartlog_projections::db::ProjectionDb;
+use chartlog_projections::deid::DEID_KEY_FILE_NAME;
 use chartlog_store::PatientLedger;
 use chartlog_store::checkpoints::LogCheckpointer;
 use chartlog_store::ledger::SNAPSHOT_EVERY_EVENTS;
@@ -87,7 +88,8 @@ pub fn log_db(database: &Database) -> ProjectionDb {
     }
 }
 
-/// The accounts service on the backend's database, its secrets from `key_dir`.
+/// The accounts service on the backend's database, its secrets from `key_dir`, the file
+/// created on first use: for the server. Operator commands use [`operator_accounts`].
 pub fn accounts(
     database: &Database,
     key_dir: &Path,
@@ -102,9 +104,30 @@ pub fn accounts(
     Ok(Accounts::new(log_db(database), secrets, settings))
 }
 
+/// The accounts service for the operator's account commands (`users`, `demo`): never creates
+/// the access key file. Those commands seal and open nothing under it (it seals TOTP secrets,
+/// break-glass reasons and stored responses, all written over HTTP), so when the file is
+/// missing an in-memory key stands in and nothing is written where the server would not look;
+/// when it is there, it is loaded, and a file that does not load is an error.
+pub fn operator_accounts(database: &Database, key_dir: &Path) -> anyhow::Result<Accounts> {
+    let path = key_dir.join(ACCESS_KEY_FILE_NAME);
+    let secrets = if path.exists() {
+        AccessSecrets::load(&path)
+            .with_context(|| format!("cannot load the access key {}", path.display()))?
+    } else {
+        AccessSecrets::ephemeral()
+    };
+    Ok(Accounts::new(
+        log_db(database),
+        secrets,
+        AccessSettings::default(),
+    ))
+}
+
 /// Commands and reads over the backend, and the signed audit log, both signing with the
 /// active signing key. Erasures wait out `retention`, and each is written to the erasure
-/// ledger in `key_dir` before the patient's key is destroyed.
+/// ledger in `key_dir` before the patient's key is destroyed. The key files are created on
+/// first use: for the server.
 pub fn records_and_audit(
     database: &Database,
     key_dir: &Path,
@@ -113,6 +136,17 @@ pub fn records_and_audit(
     let (ring, signing) = key_files(key_dir)?;
     let index_key = load_or_create_mac_key(key_dir, INDEX_KEY_FILE_NAME)
         .with_context(|| format!("cannot load the blind-index key in {}", key_dir.display()))?;
+    assemble_records_and_audit(database, key_dir, ring, &signing, index_key, retention)
+}
+
+fn assemble_records_and_audit(
+    database: &Database,
+    key_dir: &Path,
+    ring: KeyRing,
+    signing: &SigningKeys,
+    index_key: MacKey,
+    retention: RetentionPolicy,
+) -> anyhow::Result<(Arc<dyn Records>, Arc<dyn AuditSink>)> {
     let ring = Arc::new(ring);
     let signer = Arc::clone(signing.active());
     let verifier = Arc::new(signing.verifier());
@@ -166,10 +200,24 @@ pub fn records_and_audit(
 }
 
 /// Commands and reads over the backend (for operator commands; the server also needs the
-/// audit log, see [`records_and_audit`]). Must be called inside the runtime. Erasures wait
-/// out the default retention period; `chartlog erase` builds its own ledger.
+/// audit log, see [`records_and_audit`]), from the key files as they are: never creates one.
+/// Must be called inside the runtime. Erasures wait out the default retention period;
+/// `chartlog erase` builds its own ledger.
 pub fn records(database: &Database, key_dir: &Path) -> anyhow::Result<Arc<dyn Records>> {
-    records_and_audit(database, key_dir, RetentionPolicy::DEFAULT).map(|(records, _audit)| records)
+    let (ring, signing) = existing_key_files(key_dir)?;
+    let index_path = key_dir.join(INDEX_KEY_FILE_NAME);
+    keys::require_key_file(&index_path)?;
+    let index_key = load_mac_key(&index_path)
+        .with_context(|| format!("cannot load the blind-index key {}", index_path.display()))?;
+    assemble_records_and_audit(
+        database,
+        key_dir,
+        ring,
+        &signing,
+        index_key,
+        RetentionPolicy::DEFAULT,
+    )
+    .map(|(records, _audit)| records)
 }
 
 /// Records one operator action (a backup, a restore, an export, a rebuild) in the signed audit
@@ -193,7 +241,7 @@ pub async fn audit_operator_action_on(
     action: AuditAction,
     outcome: AuditOutcome,
 ) -> anyhow::Result<()> {
-    let (ring, signing) = key_files(key_dir)?;
+    let (ring, signing) = existing_key_files(key_dir)?;
     keys::ensure_ring_fits(database, &ring).await?;
     let ring = Arc::new(ring);
     let signer = Arc::clone(signing.active());
@@ -252,7 +300,10 @@ pub fn operator_audit_row(
 }
 
 /// The KEK ring ([`keys::kek_ring`]: from `CHARTLOG_KEK` or `key_dir`) and the signing keys
-/// of `key_dir`, the key files created on first use.
+/// of `key_dir`, the key files created on first use: for the server's first start only.
+/// Every other command uses [`existing_key_files`]: keys made in a mistyped --data-dir would
+/// sign events no verifier trusts (an audit record signed so, appended to the real log,
+/// stops the server's projections and fails `verify`) or seal what nothing else can open.
 pub(crate) fn key_files(key_dir: &Path) -> anyhow::Result<(KeyRing, SigningKeys)> {
     let (ring, _) = keys::kek_ring(key_dir, keys::CreateKekFile::IfMissing)?;
     let signing = load_or_create_signing_keys(key_dir).with_context(|| {
@@ -262,6 +313,32 @@ pub(crate) fn key_files(key_dir: &Path) -> anyhow::Result<(KeyRing, SigningKeys)
         )
     })?;
     Ok((ring, signing))
+}
+
+/// The KEK ring and the signing keys of `key_dir` as they are, failing with the missing
+/// file's path: never creates one.
+pub(crate) fn existing_key_files(key_dir: &Path) -> anyhow::Result<(KeyRing, SigningKeys)> {
+    let (ring, _) = keys::kek_ring(key_dir, keys::CreateKekFile::No)?;
+    let signing = keys::load_signing_keys_in(key_dir)?;
+    Ok((ring, signing))
+}
+
+/// Makes every key file the server's first start makes that is missing in `key_dir` (the KEK
+/// ring's only when `CHARTLOG_KEK` is unset): for `chartlog demo` on a database it creates,
+/// so the server started on it afterwards finds its keys.
+pub(crate) fn create_key_files(key_dir: &Path) -> anyhow::Result<()> {
+    key_files(key_dir)?;
+    for name in [INDEX_KEY_FILE_NAME, DEID_KEY_FILE_NAME] {
+        load_or_create_mac_key(key_dir, name)
+            .with_context(|| format!("cannot load or create {name} in {}", key_dir.display()))?;
+    }
+    AccessSecrets::load_or_create(key_dir).with_context(|| {
+        format!(
+            "cannot load or create the access secrets in {}",
+            key_dir.display()
+        )
+    })?;
+    Ok(())
 }
 
 /// How often the server signs a checkpoint over the global log.

@@ -1845,3 +1845,75 @@ async fn operator_commands_never_create_a_database_and_retire_old_refuses_one_wi
         "no KEK made or retired"
     );
 }
+
+/// Moves the KEK ring of the key file into a `CHARTLOG_KEK` value, as an operator who keeps it
+/// in a secret manager has it, and removes the file.
+fn kek_file_to_variable(data_dir: &Path) -> String {
+    let path = key_dir(data_dir).join(KEK_FILE_NAME);
+    let file = read_json(&path);
+    let active = file["active"].as_str().expect("active");
+    let key = file["keys"]
+        .as_array()
+        .expect("KEKs")
+        .iter()
+        .find(|entry| entry["id"] == active)
+        .and_then(|entry| entry["key"].as_str())
+        .expect("the active KEK");
+    std::fs::remove_file(&path).expect("remove the key file");
+    format!("{active}:{key}")
+}
+
+/// The events on audit streams.
+async fn audit_events(data_dir: &Path) -> i64 {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", sqlite_path(data_dir).display()))
+        .await
+        .expect("open");
+    let count =
+        sqlx::query_scalar("SELECT COUNT(*) FROM chartlog_events WHERE stream_id LIKE 'audit-%'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    pool.close().await;
+    count
+}
+
+#[tokio::test]
+async fn operator_commands_in_a_wrong_data_directory_make_no_key_and_sign_nothing() {
+    let (dir, _patients) = sqlite_clinic(&[81]).await;
+    let data_dir = dir.data_dir();
+    let kek = kek_file_to_variable(data_dir);
+    // The database named by URL, as on a server whose data directory is elsewhere; the KEK
+    // ring in the variable, which fits it: only the signing key is missing.
+    let url = format!("sqlite:{}", sqlite_path(data_dir).display());
+    let wrong = TestDir::new();
+    for args in [&["users", "list"][..], &["keys", "show"]] {
+        let output = chartlog_with_env(
+            args,
+            wrong.data_dir(),
+            &["--database-url", &url],
+            &[("CHARTLOG_KEK", &kek)],
+        );
+        assert!(!output.status.success(), "{args:?}: {}", stdout(&output));
+        let message = stderr(&output);
+        let signing = key_dir(wrong.data_dir()).join(SIGNING_FILE_NAME);
+        assert!(
+            message.contains(&format!("no key file at {}", signing.display())),
+            "{args:?}: {message}"
+        );
+        let made: Vec<_> = std::fs::read_dir(key_dir(wrong.data_dir()))
+            .map(|entries| {
+                entries
+                    .map(|entry| entry.expect("entry").file_name())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(made.is_empty(), "{args:?} made key files: {made:?}");
+    }
+    assert_eq!(
+        audit_events(data_dir).await,
+        0,
+        "nothing signed into the log"
+    );
+    let report = succeeds_json(&["verify"], data_dir, &[]);
+    assert_eq!(report["intact"], true, "{report}");
+}
