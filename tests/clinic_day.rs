@@ -712,6 +712,12 @@ async fn a_day_at_the_clinic(extra_args: &[&str]) {
         rows.iter().all(|row| row["role"] != "patient"),
         "own reads are not disclosures"
     );
+    // Who, when, what and why; not the staff's workstation addresses, which the trail keeps
+    // for auditors.
+    assert!(
+        rows.iter().all(|row| row["client_address"].is_null()),
+        "{disclosures}"
+    );
     // The patient sees the restrictions recorded on their behalf, and records their own: a
     // block on their physician holds inside the care team until they revoke it.
     let consent = api

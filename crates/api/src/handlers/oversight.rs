@@ -64,6 +64,17 @@ impl AuditPageView {
             next: page.next.as_ref().map(AuditCursor::encode),
         }
     }
+
+    /// The accounting of disclosures as the patient reads it: who, when, what and why (45
+    /// CFR 164.528(b)(2)), without the address of the workstation each came from, which is
+    /// the staff's and stays with the auditors.
+    pub(crate) fn for_patient(page: &AuditPage) -> Self {
+        let mut view = Self::of(page);
+        for row in &mut view.rows {
+            row.client_address = None;
+        }
+        view
+    }
 }
 
 fn row_view(row: &AuditRow) -> AuditRowView {

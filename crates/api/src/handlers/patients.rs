@@ -672,7 +672,12 @@ pub(crate) async fn disclosures(
     .await
     .map_err(internal("disclosures read"))?;
     audit_read(&config, &caller, &reach, AuditEntity::Disclosures).await?;
-    Ok(HttpResponse::Ok().json(super::oversight::AuditPageView::of(&page)))
+    let view = if caller.session.role == Role::Patient {
+        super::oversight::AuditPageView::for_patient(&page)
+    } else {
+        super::oversight::AuditPageView::of(&page)
+    };
+    Ok(HttpResponse::Ok().json(view))
 }
 
 /// One consent restriction, as the patient and their care team see it.
