@@ -391,6 +391,10 @@ fn run_users(subcommand: &str, data_dir: &std::path::Path, extra: &[&str]) -> st
 #[tokio::test]
 async fn users_are_added_listed_reset_and_disabled_from_the_command_line() {
     let dir = TestDir::new();
+    // The store and the key files the server's first start makes: the account commands work
+    // on an existing store, and create neither.
+    assert!(run_migrate(dir.data_dir(), &[]).status.success());
+    chartlog_crypto::load_or_create_key_files(&dir.data_dir().join("keys")).expect("key files");
     let added = run_users(
         "add",
         dir.data_dir(),
