@@ -241,34 +241,65 @@ pub async fn audit_operator_action_on(
     action: AuditAction,
     outcome: AuditOutcome,
 ) -> anyhow::Result<()> {
-    let (ring, signing) = existing_key_files(key_dir)?;
-    keys::ensure_ring_fits(database, &ring).await?;
-    let ring = Arc::new(ring);
-    let signer = Arc::clone(signing.active());
-    let log = match database {
-        Database::Sqlite(store, _) => AuditLog::spawn(
-            Arc::new(store.clone()),
-            Arc::new(DataKeys::new(
-                ring,
-                SqliteKeyStore::new(store.pool().clone()),
-            )),
-            signer,
-            new_audit_stream(),
-        ),
-        Database::Postgres(store) => AuditLog::spawn(
-            Arc::new(store.clone()),
-            Arc::new(DataKeys::new(
-                ring,
-                PostgresKeyStore::new(store.pool().clone()),
-            )),
-            signer,
-            new_audit_stream(),
-        ),
-    };
-    let row = operator_audit_row(entity, record_id, action, outcome);
-    log.record(vec![row])
+    OperatorAudit::open(database, key_dir)
+        .await?
+        .record(entity, record_id, action, outcome)
         .await
-        .context("cannot record the operation in the audit log")
+}
+
+/// The signed audit log of one operator command, opened before the command changes anything:
+/// a change whose audit record then cannot be written would be a change with no record.
+pub struct OperatorAudit {
+    log: AuditLog,
+}
+
+impl OperatorAudit {
+    /// Checks what recording needs, with the key files as they are: the signing key, a KEK
+    /// ring that fits the database, and the data key of a new audit stream, created now
+    /// (wrapped under the active KEK), so the key table is known to take it.
+    pub async fn open(database: &Database, key_dir: &Path) -> anyhow::Result<Self> {
+        let (ring, signing) = existing_key_files(key_dir)?;
+        keys::ensure_ring_fits(database, &ring).await?;
+        let ring = Arc::new(ring);
+        let signer = Arc::clone(signing.active());
+        let stream = new_audit_stream();
+        let key_error = "cannot create the data key of the operator's audit stream";
+        let log = match database {
+            Database::Sqlite(store, _) => {
+                let keys = Arc::new(DataKeys::new(
+                    ring,
+                    SqliteKeyStore::new(store.pool().clone()),
+                ));
+                keys.key_for_append(&stream).await.context(key_error)?;
+                AuditLog::spawn(Arc::new(store.clone()), keys, signer, stream)
+            }
+            Database::Postgres(store) => {
+                let keys = Arc::new(DataKeys::new(
+                    ring,
+                    PostgresKeyStore::new(store.pool().clone()),
+                ));
+                keys.key_for_append(&stream).await.context(key_error)?;
+                AuditLog::spawn(Arc::new(store.clone()), keys, signer, stream)
+            }
+        };
+        Ok(Self { log })
+    }
+
+    /// Records one operator action on `record_id` of `entity`, with the command-line operator
+    /// as the actor; returns once it is durable.
+    pub async fn record(
+        &self,
+        entity: AuditEntity,
+        record_id: Option<uuid::Uuid>,
+        action: AuditAction,
+        outcome: AuditOutcome,
+    ) -> anyhow::Result<()> {
+        let row = operator_audit_row(entity, record_id, action, outcome);
+        self.log
+            .record(vec![row])
+            .await
+            .context("cannot record the operation in the audit log")
+    }
 }
 
 /// The audit row of an action chartlog takes for the operator (a command, or the server's

@@ -1917,3 +1917,81 @@ async fn operator_commands_in_a_wrong_data_directory_make_no_key_and_sign_nothin
     let report = succeeds_json(&["verify"], data_dir, &[]);
     assert_eq!(report["intact"], true, "{report}");
 }
+
+/// The accounts of the SQLite database of `data_dir`, by user name.
+async fn usernames(data_dir: &Path) -> Vec<String> {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", sqlite_path(data_dir).display()))
+        .await
+        .expect("open");
+    let names = sqlx::query_scalar("SELECT username FROM chartlog_access_users ORDER BY username")
+        .fetch_all(&pool)
+        .await
+        .expect("accounts");
+    pool.close().await;
+    names
+}
+
+#[tokio::test]
+async fn an_account_change_is_made_only_when_its_audit_record_can_be_written() {
+    let (dir, _patients) = sqlite_clinic(&[91]).await;
+    let data_dir = dir.data_dir();
+    let kek = kek_file_to_variable(data_dir);
+    let add = ["--username", "x.nurse", "--role", "nurse"];
+
+    // A KEK ring the audit record cannot be sealed under: refused before the account is made.
+    let (other, _) = kek_entry("kek-other");
+    let output = chartlog_with_env(
+        &["users", "add"],
+        data_dir,
+        &add,
+        &[("CHARTLOG_KEK", &other)],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("holds none of the KEKs that wrap this database's"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stdout(&output).is_empty(), "{}", stdout(&output));
+    assert!(usernames(data_dir).await.is_empty(), "no account made");
+
+    // An audit append that fails after the change: the one-time password is withheld, and
+    // the message says how to get one once the audit log can be written.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", sqlite_path(data_dir).display()))
+        .await
+        .expect("open");
+    sqlx::query(
+        "CREATE TRIGGER refuse_audit BEFORE INSERT ON chartlog_events \
+         WHEN NEW.stream_id LIKE 'audit-%' BEGIN SELECT RAISE(ABORT, 'audit refused'); END",
+    )
+    .execute(&pool)
+    .await
+    .expect("a trigger");
+    let output = chartlog_with_env(&["users", "add"], data_dir, &add, &[("CHARTLOG_KEK", &kek)]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let user_id = user_id_of(&stdout(&output));
+    assert!(
+        !stdout(&output).contains("one-time password"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(
+        stderr(&output).contains(&format!("chartlog users reset-password {user_id}")),
+        "{}",
+        stderr(&output)
+    );
+    sqlx::query("DROP TRIGGER refuse_audit")
+        .execute(&pool)
+        .await
+        .expect("drop the trigger");
+    pool.close().await;
+
+    let reset = succeeds_with_env(
+        &["users", "reset-password", &user_id],
+        data_dir,
+        &[],
+        &[("CHARTLOG_KEK", &kek)],
+    );
+    assert!(reset.contains("one-time password: "), "{reset}");
+    assert_eq!(audit_events(data_dir).await, 1, "the reset's record");
+}
