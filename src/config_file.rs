@@ -1,18 +1,26 @@
 //! The configuration file layer: defaults, then a TOML file, then the environment, then the
 //! command line, each overriding the one before.
 //!
-//! The file is named by `--config <file>` or `CHARTLOG_CONFIG`. Its keys are the subcommand's
-//! long flag names, at the top level (shared by every subcommand that has the flag) or in a
-//! table named after the subcommand:
+//! The file is named by `--config <file>` or `CHARTLOG_CONFIG`. Its keys are the commands'
+//! long flag names: at the top level (shared by every command that has the flag), in a table
+//! named after a command, or, for a command with subcommands (`users`, `keys`, `deid`), in a
+//! table of the subcommand, or in the command's table for all its subcommands that have the
+//! flag. The more specific table wins:
 //!
 //! ```toml
 //! data-dir = "/var/lib/chartlog"
 //! [serve]
 //! listen = "0.0.0.0:8443"
 //! idle-timeout-minutes = 15
+//! [users]                  # every `chartlog users ...`
+//! database-url = "postgres://chartlog@db/chartlog"
+//! [keys.rotate-kek]        # `chartlog keys rotate-kek` only
+//! retire-old = true
 //! ```
 //!
-//! A key becomes the flag's value only when neither the command line nor the flag's
+//! A key or table no command knows is an error that names it (with the closest known name),
+//! whichever command runs: a misspelt key must not leave a server on the default data
+//! directory. A key becomes the flag's value only when neither the command line nor the flag's
 //! environment variable gives one. Secrets never come from the file (DESIGN.md): a database
 //! URL carrying a password, and the webhook URL (which usually carries a token), are refused
 //! with an error that says to use the environment instead.
@@ -110,6 +118,124 @@ mod tests {
         assert!(fine.contains(&"--database-url=postgres://chartlog@db/chartlog".to_owned()));
         let unknown = merged(&["chartlog", "serve"], "[serve]\nlisten-port = 1\n");
         assert!(unknown.is_err_and(|error| error.to_string().contains("listen-port")));
+    }
+
+    #[test]
+    fn nested_commands_take_top_level_keys_and_their_own_tables() {
+        // `users`, `keys` and `deid` have no flags of their own: their subcommands do.
+        let out = merged(
+            &["chartlog", "users", "add", "--username", "dr.grey"],
+            "data-dir = \"/srv/chartlog\"\n",
+        )
+        .expect("merged");
+        assert_eq!(
+            out,
+            [
+                "chartlog",
+                "users",
+                "add",
+                "--data-dir=/srv/chartlog",
+                "--username",
+                "dr.grey"
+            ],
+            "the top-level key reaches `users add`"
+        );
+        let text = "data-dir = \"/srv/top\"\n\
+                    [users]\ndata-dir = \"/srv/users\"\n\
+                    [users.add]\ndata-dir = \"/srv/users-add\"\nrole = \"nurse\"\n\
+                    [keys.rotate-kek]\nretire-old = true\n\
+                    [deid.export]\nformat = \"csv\"\n";
+        let add = merged(&["chartlog", "users", "add"], text).expect("merged");
+        assert!(
+            add.contains(&"--data-dir=/srv/users-add".to_owned()),
+            "{add:?}"
+        );
+        assert!(add.contains(&"--role=nurse".to_owned()), "{add:?}");
+        assert_eq!(
+            add.iter()
+                .filter(|arg| arg.starts_with("--data-dir"))
+                .count(),
+            1,
+            "the most specific table wins: {add:?}"
+        );
+        let list = merged(&["chartlog", "users", "list"], text).expect("merged");
+        assert_eq!(list, ["chartlog", "users", "list", "--data-dir=/srv/users"]);
+        let rotate = merged(&["chartlog", "keys", "rotate-kek"], text).expect("merged");
+        assert!(rotate.contains(&"--retire-old".to_owned()), "{rotate:?}");
+        assert!(
+            rotate.contains(&"--data-dir=/srv/top".to_owned()),
+            "{rotate:?}"
+        );
+        let export = merged(
+            &["chartlog", "--log", "warn", "deid", "export", "patients"],
+            text,
+        )
+        .expect("merged");
+        assert_eq!(
+            export,
+            [
+                "chartlog",
+                "--log",
+                "warn",
+                "deid",
+                "export",
+                "--data-dir=/srv/top",
+                "--format=csv",
+                "patients"
+            ]
+        );
+        let unknown = merged(&["chartlog", "serve"], "[users.add]\nlisten = \"x\"\n")
+            .expect_err("listen is not a setting of users add")
+            .to_string();
+        assert!(
+            unknown.contains("[users.add]") && unknown.contains("listen"),
+            "{unknown}"
+        );
+        let unknown = merged(&["chartlog", "serve"], "[users.ad]\nrole = \"nurse\"\n")
+            .expect_err("no such command")
+            .to_string();
+        assert!(unknown.contains("[users.add]"), "suggested: {unknown}");
+    }
+
+    #[test]
+    fn keys_and_tables_no_command_knows_are_refused_by_name() {
+        for command in [&["chartlog", "serve"][..], &["chartlog", "users", "list"]] {
+            let misspelt = merged(command, "data_dir = \"/srv/chartlog\"\n")
+                .expect_err("data_dir is no flag")
+                .to_string();
+            assert!(misspelt.contains("\"data_dir\""), "{misspelt}");
+            assert!(misspelt.contains("\"data-dir\""), "suggested: {misspelt}");
+        }
+        let section = merged(
+            &["chartlog", "serve"],
+            "[server]\nlisten = \"0.0.0.0:8443\"\n",
+        )
+        .expect_err("server is no command")
+        .to_string();
+        assert!(section.contains("[server]"), "{section}");
+        assert!(section.contains("[serve]"), "suggested: {section}");
+        let nonsense = merged(&["chartlog", "migrate"], "colour = \"blue\"\n")
+            .expect_err("no command has --colour")
+            .to_string();
+        assert!(nonsense.contains("colour"), "{nonsense}");
+        // A key another command has is fine where this one lacks it, and the global --log
+        // is a setting too.
+        let out = merged(
+            &["chartlog", "migrate"],
+            "listen = \"0.0.0.0:8443\"\nlog = \"warn\"\n",
+        )
+        .expect("merged");
+        assert_eq!(out, ["chartlog", "migrate", "--log=warn"]);
+        let given = merged(
+            &["chartlog", "--log", "debug", "migrate"],
+            "log = \"warn\"\n",
+        )
+        .expect("merged");
+        assert_eq!(
+            given,
+            ["chartlog", "--log", "debug", "migrate"],
+            "the command line wins"
+        );
     }
 
     #[test]

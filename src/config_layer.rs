@@ -2,16 +2,25 @@
 //! become flags. `chartlog`'s `config_file` module reads the file and hands it here with the
 //! real command definition; the fuzz target hands arbitrary text.
 //!
+//! Keys are long flag names. A key at the top level applies to every command that has the
+//! flag; a table named after a command (`[serve]`) holds settings of that command; a command
+//! with subcommands of its own takes a table for each (`[users.add]`), and its table's plain
+//! keys (`[users]`) apply to each of its subcommands that has the flag. The more specific
+//! table wins: `[users.add]` over `[users]` over the top level. A key or table no command
+//! knows is refused, naming it (a misspelt `data_dir` must not start a server on the default
+//! data directory).
+//!
 //! A key becomes the flag's value only when neither the command line nor the flag's
 //! environment variable gives one. Secrets never come from the file: a database URL carrying
 //! a password, and the webhook URL (which usually carries a token), are refused with an error
 //! that says to use the environment instead, and the error never quotes the value.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use clap::Command;
+use clap::{Arg, ArgAction, Command};
 
 /// Flags whose values are secrets: never read from the file.
 const SECRET_FLAGS: [&str; 1] = ["break-glass-webhook"];
@@ -49,66 +58,79 @@ pub fn layer(
     merge(args, &table, path, command)
 }
 
-/// Adds the file's settings to `args` as `--flag=value` right after the subcommand, for every
-/// flag neither `args` nor the environment gives.
+/// Adds the file's settings to `args` as `--flag=value` right after the (innermost)
+/// subcommand, for every flag neither `args` nor the environment gives. The whole file is
+/// checked first, whichever command runs: an unknown key or table, or a secret, is an error.
 pub fn merge(
     mut args: Vec<OsString>,
     file: &toml::Table,
     path: &Path,
     command: &Command,
 ) -> anyhow::Result<Vec<OsString>> {
-    // The subcommand is the first argument that names one; flags of the top level come first.
-    let Some((position, subcommand)) = args.iter().enumerate().skip(1).find_map(|(at, arg)| {
-        let name = arg.to_str()?;
-        command.find_subcommand(name).map(|sub| (at, sub.clone()))
-    }) else {
+    check_table(file, command, command, &[], path)?;
+
+    // The subcommand is the first argument that names one; flags of the level above come
+    // first. A command with subcommands of its own is followed down to the one that runs.
+    let mut chain: Vec<&Command> = Vec::new();
+    let mut position = 0;
+    let mut current = command;
+    while current.has_subcommands() {
+        let found = args
+            .iter()
+            .enumerate()
+            .skip(position + 1)
+            .take_while(|(_, arg)| *arg != "--")
+            .find_map(|(at, arg)| {
+                let name = arg.to_str()?;
+                current.find_subcommand(name).map(|sub| (at, sub))
+            });
+        let Some((at, sub)) = found else {
+            // No command to run (or only a parent of some): clap says what is missing.
+            return Ok(args);
+        };
+        chain.push(sub);
+        position = at;
+        current = sub;
+    }
+    let Some(&leaf) = chain.last() else {
         return Ok(args);
     };
-    let name = subcommand.get_name().to_owned();
-    let section = file.get(&name).and_then(toml::Value::as_table);
-    let given: Vec<String> = args[position + 1..]
-        .iter()
-        .filter_map(|arg| arg.to_str())
-        .filter_map(|arg| arg.strip_prefix("--"))
-        .map(|flag| flag.split('=').next().unwrap_or(flag).to_owned())
-        .collect();
+
+    // Least specific first, so a later table's value replaces an earlier one.
+    let mut layers: Vec<&toml::Table> = vec![file];
+    let mut table = Some(file);
+    for sub in &chain {
+        table = table
+            .and_then(|table| table.get(sub.get_name()))
+            .and_then(toml::Value::as_table);
+        match table {
+            Some(table) => layers.push(table),
+            None => break,
+        }
+    }
+    let mut chosen: Vec<(&str, &Arg, &toml::Value)> = Vec::new();
+    for layer in layers {
+        for (key, value) in layer.iter().filter(|(_, value)| !value.is_table()) {
+            // Checked above: a key this command lacks belongs to another command.
+            let Some(flag) = find_flag(leaf, command, key) else {
+                continue;
+            };
+            match chosen
+                .iter_mut()
+                .find(|(chosen, _, _)| *chosen == key.as_str())
+            {
+                Some(entry) => entry.2 = value,
+                None => chosen.push((key.as_str(), flag, value)),
+            }
+        }
+    }
 
     let mut added: Vec<OsString> = Vec::new();
-    let keys = file
-        .iter()
-        .filter(|(_, value)| !value.is_table())
-        .chain(section.into_iter().flat_map(|table| table.iter()));
-    for (key, value) in keys {
-        let Some(flag) = subcommand
-            .get_arguments()
-            .find(|arg| arg.get_long() == Some(key.as_str()))
-        else {
-            // A top-level key another subcommand uses is fine; one in this subcommand's own
-            // table must be one of its flags.
-            if section.is_some_and(|table| table.contains_key(key)) {
-                bail!(
-                    "{}: [{name}] has no setting {key:?} (see chartlog {name} --help)",
-                    path.display()
-                );
-            }
-            continue;
-        };
-        if SECRET_FLAGS.contains(&key.as_str())
-            || (key == "database-url" && url_has_password(value.as_str().unwrap_or_default()))
-        {
-            bail!(
-                "{}: {key} holds a secret and is not read from the configuration file; set {} in \
-                 the environment instead",
-                path.display(),
-                flag.get_env()
-                    .and_then(|env| env.to_str())
-                    .unwrap_or("its environment variable")
-            );
-        }
+    for (key, flag, value) in chosen {
         let from_environment = flag
             .get_env()
             .is_some_and(|env| std::env::var_os(env).is_some());
-        if given.iter().any(|given| given == key) || from_environment {
+        if from_environment || given_on_command_line(&args, flag) {
             continue;
         }
         let value = match value {
@@ -133,9 +155,214 @@ pub fn merge(
     Ok(args)
 }
 
+/// Whether the command line (up to `--`) gives `flag`, as `--long`, `--long=...` or `-s...`.
+fn given_on_command_line(args: &[OsString], flag: &Arg) -> bool {
+    args.iter()
+        .skip(1)
+        .filter_map(|arg| arg.to_str())
+        .take_while(|arg| *arg != "--")
+        .any(|arg| match arg.strip_prefix("--") {
+            Some(long) => flag.get_long() == Some(long.split('=').next().unwrap_or(long)),
+            None => arg
+                .strip_prefix('-')
+                .and_then(|short| short.chars().next())
+                .is_some_and(|short| flag.get_short() == Some(short)),
+        })
+}
+
+/// The flag `key` of `leaf`, or a global flag of the top level (`log`), that a file may set.
+fn find_flag<'a>(leaf: &'a Command, root: &'a Command, key: &str) -> Option<&'a Arg> {
+    let settable = |arg: &&Arg| {
+        arg.get_long() == Some(key)
+            && key != "config"
+            && !matches!(
+                arg.get_action(),
+                ArgAction::Help | ArgAction::HelpShort | ArgAction::HelpLong | ArgAction::Version
+            )
+    };
+    leaf.get_arguments().find(settable).or_else(|| {
+        root.get_arguments()
+            .filter(|arg| arg.is_global_set())
+            .find(settable)
+    })
+}
+
+/// Every command under `command` (itself included) that runs: those without subcommands.
+fn leaves(command: &Command) -> Vec<&Command> {
+    if command.has_subcommands() {
+        command.get_subcommands().flat_map(leaves).collect()
+    } else {
+        vec![command]
+    }
+}
+
+/// The flag `key` of any command under `command` (or a global one).
+fn find_flag_under<'a>(command: &'a Command, root: &'a Command, key: &str) -> Option<&'a Arg> {
+    leaves(command)
+        .into_iter()
+        .find_map(|leaf| find_flag(leaf, root, key))
+}
+
+/// Checks one table of the file: the top level (`names` empty) or the table of the command
+/// `names` leads to (`command`). Each key must be a flag of some command under it, each
+/// table a subcommand of it, and no value a secret.
+fn check_table(
+    table: &toml::Table,
+    command: &Command,
+    root: &Command,
+    names: &[&str],
+    path: &Path,
+) -> anyhow::Result<()> {
+    let here = if names.is_empty() {
+        "the top level".to_owned()
+    } else {
+        format!("[{}]", names.join("."))
+    };
+    for (key, value) in table {
+        if let toml::Value::Table(inner) = value {
+            let parent = names.join(".");
+            let qualified = |name: &str| match parent.as_str() {
+                "" => format!("[{name}]"),
+                parent => format!("[{parent}.{name}]"),
+            };
+            let Some(sub) = command.find_subcommand(key) else {
+                let known: Vec<&str> = command.get_subcommands().map(Command::get_name).collect();
+                let close = suggestion(key, &known).map_or_else(String::new, |close| {
+                    format!(" (did you mean {}?)", qualified(close))
+                });
+                let usage = if known.is_empty() {
+                    format!("chartlog {} has no subcommands", names.join(" "))
+                } else {
+                    let tables: Vec<String> = known.iter().map(|name| qualified(name)).collect();
+                    format!("tables are named after the commands: {}", tables.join(", "))
+                };
+                bail!(
+                    "{}: {} is not a chartlog command{close}; {usage}",
+                    path.display(),
+                    qualified(key),
+                );
+            };
+            let mut names = names.to_vec();
+            names.push(sub.get_name());
+            check_table(inner, sub, root, &names, path)?;
+            continue;
+        }
+        if key == "config" {
+            bail!(
+                "{}: config (in {here}) cannot be set inside the configuration file",
+                path.display()
+            );
+        }
+        if find_flag_under(command, root, key).is_none() {
+            let mut known: Vec<&str> = leaves(command)
+                .into_iter()
+                .flat_map(Command::get_arguments)
+                .chain(root.get_arguments().filter(|arg| arg.is_global_set()))
+                .filter_map(Arg::get_long)
+                .filter(|long| *long != "config")
+                .collect();
+            known.sort_unstable();
+            known.dedup();
+            let close = suggestion(key, &known)
+                .map_or_else(String::new, |close| format!("; did you mean {close:?}?"));
+            let help = if names.is_empty() {
+                "keys are the long flag names of chartlog's commands".to_owned()
+            } else {
+                format!("see chartlog {} --help", names.join(" "))
+            };
+            bail!(
+                "{}: {here} has no setting {key:?}{close} ({help})",
+                path.display()
+            );
+        }
+        let holds_password = key == "database-url" && value.as_str().is_some_and(url_has_password);
+        if SECRET_FLAGS.contains(&key.as_str()) || holds_password {
+            let environment = leaves(command)
+                .into_iter()
+                .filter_map(|leaf| find_flag(leaf, root, key))
+                .find_map(|flag| flag.get_env())
+                .and_then(|env| env.to_str());
+            let instead = match environment {
+                Some(env) => format!("set {env} in the environment instead"),
+                None => "leave the password out of it".to_owned(),
+            };
+            let database = if key.contains("database") || key == "erasures-from" {
+                " (or leave the password out of the URL and give it to PostgreSQL's client in \
+                 PGPASSWORD or a .pgpass file)"
+            } else {
+                ""
+            };
+            bail!(
+                "{}: {key} (in {here}) holds a secret and is not read from the configuration \
+                 file; {instead}{database}",
+                path.display()
+            );
+        }
+        if !matches!(
+            value,
+            toml::Value::String(_)
+                | toml::Value::Integer(_)
+                | toml::Value::Float(_)
+                | toml::Value::Boolean(_)
+        ) {
+            bail!(
+                "{}: {key} (in {here}) must be a string, a number or a boolean",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The known name closest to `key` (a `_` for a `-`, a letter or two off), if any is close.
+fn suggestion<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    let normalized = key.to_ascii_lowercase().replace('_', "-");
+    if let Some(exact) = known.iter().find(|name| **name == normalized) {
+        return Some(exact);
+    }
+    let limit = if normalized.chars().count() < 5 { 1 } else { 2 };
+    known
+        .iter()
+        .map(|name| (edit_distance(&normalized, name), *name))
+        .filter(|(distance, _)| *distance <= limit)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, name)| name)
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions), for suggestions only.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = Vec::with_capacity(b.len() + 1);
+        current.push(i + 1);
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
 /// Whether a URL's user info carries a password (`scheme://user:password@host`).
 fn url_has_password(url: &str) -> bool {
     url.split_once("://")
         .and_then(|(_, rest)| rest.split_once('@'))
         .is_some_and(|(user_info, _)| user_info.contains(':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions_catch_underscores_and_small_typos() {
+        let known = ["data-dir", "database-url", "listen"];
+        assert_eq!(suggestion("data_dir", &known), Some("data-dir"));
+        assert_eq!(suggestion("databse-url", &known), Some("database-url"));
+        assert_eq!(suggestion("colour", &known), None);
+        assert_eq!(suggestion("server", &["serve", "users"]), Some("serve"));
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
 }

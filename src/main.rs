@@ -74,9 +74,11 @@ struct Cli {
     #[arg(long, global = true, env = "CHARTLOG_LOG", default_value = "info")]
     log: String,
 
-    /// A TOML file of settings: keys are the long flag names, at the top level or under
-    /// `[<subcommand>]`. The command line and the environment override it; secrets (a
-    /// database password, the webhook URL) are refused there.
+    /// A TOML file of settings: keys are the long flag names, at the top level (every command
+    /// with the flag) or under `[<command>]`, e.g. `[serve]`; `[users]` applies to every
+    /// `users` subcommand and `[users.add]` to one. An unknown key or table is an error. The
+    /// command line and the environment override it; secrets (a database password, the
+    /// webhook URL) are refused there.
     #[arg(long, global = true, env = "CHARTLOG_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 

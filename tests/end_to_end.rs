@@ -659,3 +659,151 @@ async fn a_stopping_server_signs_a_checkpoint_that_verify_agrees_with() {
         "the shutdown signed a checkpoint: {report}"
     );
 }
+
+// ---- The configuration file, secrets on the command line, the development certificate ----
+
+/// `chartlog <args>` run in `cwd`, with none of the developer's chartlog settings inherited.
+fn chartlog_in(cwd: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_chartlog"));
+    command
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("CHARTLOG_CONFIG")
+        .env_remove("CHARTLOG_DATABASE_URL")
+        .env_remove("CHARTLOG_DATA_DIR")
+        .env_remove("CHARTLOG_ERASURES_FROM")
+        .env_remove("CHARTLOG_KEK")
+        .env_remove("CHARTLOG_LOG")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
+/// Runs `command` to its exit. One still running after the startup timeout is killed and
+/// fails the test: a command that should have refused to start is serving instead.
+fn run_bounded(mut command: std::process::Command) -> std::process::Output {
+    let mut child = command.spawn().expect("run chartlog");
+    let deadline = std::time::Instant::now() + support::STARTUP_TIMEOUT;
+    while child.try_wait().expect("poll chartlog").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("chartlog's output");
+            panic!(
+                "chartlog still running after {:?}; stdout:\n{}\nstderr:\n{}",
+                support::STARTUP_TIMEOUT,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("chartlog's output")
+}
+
+fn utf8(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn the_configuration_file_reaches_the_subcommands_of_users() {
+    let dir = TestDir::new();
+    let root = dir.data_dir().parent().expect("the test directory");
+    let data_dir = dir.data_dir().to_str().expect("utf-8 path");
+    // What the server's first start makes: the account commands create neither.
+    let migrated = run_bounded(chartlog_in(root, &["migrate", "--data-dir", data_dir]));
+    assert!(migrated.status.success(), "{}", utf8(&migrated.stderr));
+    chartlog_crypto::load_or_create_key_files(&dir.data_dir().join("keys")).expect("key files");
+    let top_level = root.join("top-level.toml");
+    fs::write(&top_level, format!("data-dir = {data_dir:?}\n")).expect("write");
+    let top_level = top_level.to_str().expect("utf-8 path");
+    let added = run_bounded(chartlog_in(
+        root,
+        &[
+            "--config",
+            top_level,
+            "users",
+            "add",
+            "--username",
+            "dr.grey",
+            "--role",
+            "physician",
+        ],
+    ));
+    assert!(added.status.success(), "{}", utf8(&added.stderr));
+    assert!(
+        !root.join("chartlog-data").exists(),
+        "the account went to the default data directory, not the file's"
+    );
+    let listed = run_bounded(chartlog_in(
+        root,
+        &["users", "list", "--data-dir", data_dir],
+    ));
+    assert!(listed.status.success(), "{}", utf8(&listed.stderr));
+    assert!(
+        utf8(&listed.stdout).contains("dr.grey"),
+        "{}",
+        utf8(&listed.stdout)
+    );
+
+    // A table for `users` applies to each of its subcommands.
+    let section = root.join("section.toml");
+    fs::write(&section, format!("[users]\ndata-dir = {data_dir:?}\n")).expect("write");
+    let listed = run_bounded(chartlog_in(
+        root,
+        &[
+            "--config",
+            section.to_str().expect("utf-8"),
+            "users",
+            "list",
+        ],
+    ));
+    assert!(listed.status.success(), "{}", utf8(&listed.stderr));
+    assert!(
+        utf8(&listed.stdout).contains("dr.grey"),
+        "{}",
+        utf8(&listed.stdout)
+    );
+    assert!(!root.join("chartlog-data").exists());
+}
+
+#[test]
+fn a_misspelt_setting_stops_serve_before_it_creates_anything() {
+    let dir = TestDir::new();
+    let root = dir.data_dir().parent().expect("the test directory");
+    let data_dir = dir.data_dir().to_str().expect("utf-8 path");
+    for (text, named, suggested) in [
+        (
+            format!("data_dir = {data_dir:?}\n"),
+            "\"data_dir\"",
+            "\"data-dir\"",
+        ),
+        (
+            format!("data-dir = {data_dir:?}\n[server]\ninsecure-http = true\n"),
+            "[server]",
+            "[serve]",
+        ),
+    ] {
+        let config = root.join("chartlog.toml");
+        fs::write(&config, text).expect("write");
+        let output = run_bounded(chartlog_in(
+            root,
+            &[
+                "--config",
+                config.to_str().expect("utf-8"),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+        ));
+        assert!(!output.status.success(), "served with a misspelt setting");
+        let stderr = utf8(&output.stderr);
+        assert!(
+            stderr.contains(named) && stderr.contains(suggested),
+            "{stderr}"
+        );
+        assert!(!root.join("chartlog-data").exists());
+        assert!(!dir.data_dir().exists());
+    }
+}
