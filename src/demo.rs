@@ -1,6 +1,8 @@
 //! `chartlog demo`: synthetic patients with realistic coded data and one demo account per
 //! role, so a new user can try every feature minutes after `serve`. Never run by default; it
-//! refuses a database that already holds patients unless `--force`.
+//! refuses a database that already holds patients unless `--force`, and, even then, one with
+//! accounts other than the first administrator and its own: demo data never goes where people
+//! work. Each demo account it creates is on the audit trail, as `chartlog users add` is.
 //!
 //! The patients come from `chartlog_domain::synthetic`, the generator the benchmarks use:
 //! LOINC vital signs and labs, ICD-10-CM conditions, RxNorm medications and allergies, notes.
@@ -8,13 +10,14 @@
 //! audit trail shows who wrote it.
 
 use anyhow::{Context, bail};
-use chartlog_access::{NewUser, Username};
+use chartlog_access::{Accounts, NewUser, OneTimePassword, UserAccount, Username};
 use chartlog_domain::{Actor, PatientCommand, PurposeOfUse, Role, synthetic};
-use chartlog_projections::db::SqlArg;
+use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
+use chartlog_projections::db::{ProjectionDb, SqlArg};
 use chartlog_store::ExecuteOptions;
 use clap::Args;
 
-use crate::{KEY_DIR_NAME, StorageArgs, create_data_dir, keys, open_database, wiring};
+use crate::{KEY_DIR_NAME, StorageArgs, create_data_dir, open_database, wiring};
 
 /// Commands after registration per demo patient: about two months of vitals and labs, a
 /// condition, a prescription, an allergy and a note.
@@ -31,6 +34,9 @@ pub(crate) struct DemoArgs {
     #[arg(long)]
     force: bool,
 }
+
+/// The demo accounts' user names begin with this.
+const DEMO_USERNAME_PREFIX: &str = "demo.";
 
 /// Seeds stay below this (see [`run`]); the largest load stays within 10 digits.
 const SEED_RANGE: u64 = 900_000_000;
@@ -74,6 +80,15 @@ async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()>
              (pass --force to add it anyway)"
         );
     }
+    // --force adds patients, never demo accounts next to people's own.
+    let others = accounts_of_others(&log).await?;
+    if others > 0 {
+        bail!(
+            "this database holds {others} accounts besides '{}' and the demo's: demo data is \
+             for a database of its own, never one people work in (--force does not change that)",
+            wiring::FIRST_ADMINISTRATOR
+        );
+    }
     let key_dir = args.storage.data_dir.join(KEY_DIR_NAME);
     // Keys are made only with a new database, as the server's first start makes them; a
     // database in use was sealed and signed with keys that exist already, and keys made in a
@@ -81,8 +96,8 @@ async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()>
     if is_new(&log).await? {
         wiring::create_key_files(&key_dir)?;
     }
-    let (ring, _) = wiring::existing_key_files(&key_dir)?;
-    keys::ensure_ring_fits(database, &ring).await?;
+    // Opened before any account is made: each is recorded as it is created.
+    let audit = wiring::OperatorAudit::open(database, &key_dir).await?;
     let accounts = wiring::operator_accounts(database, &key_dir)?;
     let records = wiring::records(database, &key_dir)?;
     let now = chartlog_api::now();
@@ -90,16 +105,13 @@ async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()>
     let mut created = Vec::new();
     for (name, role) in DEMO_USERS {
         let username = Username::parse(name).map_err(|error| anyhow::anyhow!("{name}: {error}"))?;
-        let (user, password) = accounts
-            .create_user(
-                NewUser {
-                    username,
-                    role,
-                    patient_id: None,
-                    sso_subject: None,
-                },
-                now,
-            )
+        let new = NewUser {
+            username,
+            role,
+            patient_id: None,
+            sso_subject: None,
+        };
+        let (user, password) = create_account(&accounts, &audit, new, now)
             .await
             .with_context(|| format!("cannot create the demo account {name} (already loaded?)"))?;
         created.push((name.to_owned(), role, user.user_id, password));
@@ -152,16 +164,13 @@ async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()>
         Some(patient_id) => {
             let username = Username::parse("demo.patient")
                 .map_err(|error| anyhow::anyhow!("demo.patient: {error}"))?;
-            let (user, password) = accounts
-                .create_user(
-                    NewUser {
-                        username,
-                        role: Role::Patient,
-                        patient_id: Some(patient_id),
-                        sso_subject: None,
-                    },
-                    now,
-                )
+            let new = NewUser {
+                username,
+                role: Role::Patient,
+                patient_id: Some(patient_id),
+                sso_subject: None,
+            };
+            let (user, password) = create_account(&accounts, &audit, new, now)
                 .await
                 .context("cannot create the demo patient's account")?;
             Some((user.user_id, patient_id, password))
@@ -194,8 +203,47 @@ async fn load(args: &DemoArgs, database: &crate::Database) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Creates a demo account and records it on the audit trail, as `chartlog users add` does:
+/// the command-line operator as the actor, the account, the outcome.
+async fn create_account(
+    accounts: &Accounts,
+    audit: &wiring::OperatorAudit,
+    new: NewUser,
+    now: chartlog_domain::Timestamp,
+) -> anyhow::Result<(UserAccount, OneTimePassword)> {
+    let created = accounts.create_user(new, now).await;
+    let (account, outcome) = match &created {
+        Ok((user, _)) => (Some(user.user_id.as_uuid()), AuditOutcome::Success),
+        Err(_) => (None, AuditOutcome::Failure),
+    };
+    let audited = audit
+        .record(AuditEntity::User, account, AuditAction::Create, outcome)
+        .await;
+    let created = created?;
+    audited?;
+    Ok(created)
+}
+
+/// Accounts that are neither the first administrator nor the demo's.
+async fn accounts_of_others(log: &ProjectionDb) -> anyhow::Result<i64> {
+    let row = log
+        .fetch_optional(
+            "SELECT COUNT(*) FROM chartlog_access_users WHERE username <> $1 AND username NOT LIKE $2",
+            vec![
+                SqlArg::Text(wiring::FIRST_ADMINISTRATOR.to_owned()),
+                SqlArg::Text(format!("{DEMO_USERNAME_PREFIX}%")),
+            ],
+        )
+        .await
+        .context("cannot count the accounts")?;
+    row.map(|row| row.i64(0))
+        .transpose()
+        .context("cannot count the accounts")
+        .map(Option::unwrap_or_default)
+}
+
 /// Whether the database holds nothing yet: no event, no data key, no account.
-async fn is_new(log: &chartlog_projections::db::ProjectionDb) -> anyhow::Result<bool> {
+async fn is_new(log: &ProjectionDb) -> anyhow::Result<bool> {
     for statement in [
         "SELECT 1 FROM chartlog_events LIMIT 1",
         "SELECT 1 FROM chartlog_data_keys LIMIT 1",

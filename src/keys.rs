@@ -19,6 +19,7 @@ use chartlog_crypto::{
     RETIRED_SIGNERS_MAX, SIGNING_FILE_NAME, SignatureVerifier, SignerKeyId, SigningKeys,
     UnreadableKey, load_or_create_kek_ring,
 };
+use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
 use chartlog_projections::db::{ProjectionDb, SqlArg};
 use chartlog_store::postgres::PostgresKeyStore;
 use chartlog_store::sqlite::SqliteKeyStore;
@@ -53,10 +54,13 @@ pub(crate) enum KeysCommand {
     Show(ShowArgs),
     /// Make a new key-encryption key active and re-wrap every data key under it; events are
     /// not touched. An interrupted rotation is finished by running this again. Stop the server
-    /// first and start it again afterwards: it holds the old key ring in memory.
+    /// first and start it again afterwards: it holds the old key ring in memory. Recorded on
+    /// the audit trail, with its outcome.
     RotateKek(RotateKekArgs),
     /// Make a new event-signing key active. The old key's public half stays trusted, so events
     /// signed before still verify. Stop the server first and start it again afterwards.
+    /// Recorded on the audit trail, with its outcome: it needs the KEK ring as the server has
+    /// it.
     RotateSigning(JsonArgs),
     /// Print the public signing keys (active and retired) as JSON, for
     /// `chartlog verify --public-keys` and other external verifiers.
@@ -106,7 +110,7 @@ pub(crate) async fn run(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Show(args) => show(args).await,
         KeysCommand::RotateKek(args) => rotate_kek(args).await,
-        KeysCommand::RotateSigning(args) => rotate_signing(&args),
+        KeysCommand::RotateSigning(args) => rotate_signing(&args).await,
         KeysCommand::ExportPublic(args) => export_public(&args.data_dir),
     }
 }
@@ -504,6 +508,9 @@ async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
     let key_dir = key_dir(&args.storage.data_dir);
     // Checked before the lock, which would create the key directory.
     kek_ring(&key_dir, CreateKekFile::No)?;
+    // The rotation's audit record is signed with the server's signing key: it must be there
+    // before anything changes.
+    load_signing_keys_in(&key_dir)?;
     let _lock = lock_rotation(&key_dir)?;
     // Loaded under the lock: a rotation that finished meanwhile is seen.
     let (ring, source) = kek_ring(&key_dir, CreateKekFile::No)?;
@@ -514,13 +521,24 @@ async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
     );
     let location = args.storage.database_location();
     let database = wiring::open_existing_database(&location).await?;
-    let rotated = match ensure_ring_fits(&database, &ring).await {
-        Ok(()) if args.retire_old => match ensure_keys_are_wrapped(&database, &location).await {
-            Ok(()) => rotate_kek_on(&database, ring, &source, true).await,
-            Err(error) => Err(error),
-        },
-        Ok(()) => rotate_kek_on(&database, ring, &source, false).await,
-        Err(error) => Err(error),
+    // Refusals before the rotation starts (a ring or a database that is not the server's)
+    // change nothing and are not recorded: a record sealed here could be in the wrong place.
+    let checked = match ensure_ring_fits(&database, &ring).await {
+        Ok(()) if args.retire_old => ensure_keys_are_wrapped(&database, &location).await,
+        other => other,
+    };
+    let (rotated, audited) = match checked {
+        Ok(()) => {
+            let rotated = rotate_kek_on(&database, ring, &source, args.retire_old).await;
+            let complete = rotated
+                .as_ref()
+                .is_ok_and(|rotation| rotation.unreadable_data_keys.is_empty());
+            // With the key files as the rotation left them: its record's data key is wrapped
+            // under the new KEK, and retired KEKs are gone from the ring.
+            let audited = audit_key_rotation(&database, &key_dir, complete).await;
+            (rotated, audited)
+        }
+        Err(error) => (Err(error), Ok(())),
     };
     database.close().await;
     let rotation = rotated?;
@@ -530,7 +548,29 @@ async fn rotate_kek(args: RotateKekArgs) -> anyhow::Result<()> {
     } else {
         write_stdout(&rotation_text(&rotation))?;
     }
+    audited.context("the rotation was made, but its audit record could not be written")?;
     unreadable_keys_refusal(&rotation)
+}
+
+/// Records a key rotation on the audit trail: the command-line operator as the actor, the
+/// key files as the entity, and whether it completed.
+async fn audit_key_rotation(
+    database: &Database,
+    key_dir: &Path,
+    complete: bool,
+) -> anyhow::Result<()> {
+    wiring::audit_operator_action(
+        database,
+        key_dir,
+        AuditEntity::Keys,
+        AuditAction::Update,
+        if complete {
+            AuditOutcome::Success
+        } else {
+            AuditOutcome::Failure
+        },
+    )
+    .await
 }
 
 /// The error a rotation that left keys it could not unwrap ends with.
@@ -780,12 +820,52 @@ pub(crate) fn progress_bar(length: u64, template: &str) -> ProgressBar {
 
 // ---- rotate-signing ----
 
-fn rotate_signing(args: &JsonArgs) -> anyhow::Result<()> {
-    let data_dir = &args.storage.data_dir;
-    let path = key_dir(data_dir).join(SIGNING_FILE_NAME);
-    require_key_file(&path)?;
-    let _lock = lock_rotation(&key_dir(data_dir))?;
-    let mut signing = load_signing_keys(data_dir)?;
+async fn rotate_signing(args: &JsonArgs) -> anyhow::Result<()> {
+    let key_dir = key_dir(&args.storage.data_dir);
+    require_key_file(&key_dir.join(SIGNING_FILE_NAME))?;
+    // The rotation is recorded in the server's database, sealed under its KEK ring: both are
+    // checked before the key changes.
+    let (ring, _) = kek_ring(&key_dir, CreateKekFile::No)?;
+    let database = wiring::open_existing_database(&args.storage.database_location()).await?;
+    let rotated = match ensure_ring_fits(&database, &ring).await {
+        Ok(()) => rotate_signing_on(&database, &key_dir).await,
+        Err(error) => Err(error),
+    };
+    database.close().await;
+    let (active, retired) = rotated?;
+    if args.json {
+        let summary = serde_json::json!({
+            "active_signer_key_id": active.as_str(),
+            "retired_signer_key_id": retired.as_str(),
+        });
+        return write_stdout(&summary.to_string());
+    }
+    write_stdout(&format!(
+        "signing key rotated: {active} signs new events; {retired} is retired and still \
+         verifies the events it signed\nrestart the server (it holds the old signing key in \
+         memory), and give verifiers the new public keys (`chartlog keys export-public`)"
+    ))
+}
+
+/// Rotates the signing key of `key_dir` and records the rotation, signed with the key then
+/// active; returns the new active key's id and the retired one's.
+async fn rotate_signing_on(
+    database: &Database,
+    key_dir: &Path,
+) -> anyhow::Result<(SignerKeyId, SignerKeyId)> {
+    let _lock = lock_rotation(key_dir)?;
+    let rotated = rotate_signing_file(key_dir);
+    let audited = audit_key_rotation(database, key_dir, rotated.is_ok()).await;
+    let rotated = rotated?;
+    audited.context("the signing key was rotated, but its audit record could not be written")?;
+    Ok(rotated)
+}
+
+/// Makes a new signing key active in `key_dir`'s signing file, keeping the old one's public
+/// half; returns the new active key's id and the retired one's.
+fn rotate_signing_file(key_dir: &Path) -> anyhow::Result<(SignerKeyId, SignerKeyId)> {
+    let path = key_dir.join(SIGNING_FILE_NAME);
+    let mut signing = load_signing_keys_in(key_dir)?;
     ensure!(
         signing.retired().count() < RETIRED_SIGNERS_MAX,
         "the key file already keeps {RETIRED_SIGNERS_MAX} retired signing keys"
@@ -799,18 +879,7 @@ fn rotate_signing(args: &JsonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot save the signing keys {}", path.display()))?;
     let active = signing.active().key_id().clone();
     tracing::info!(active = %active, retired = %retired, "signing key rotated");
-    if args.json {
-        let summary = serde_json::json!({
-            "active_signer_key_id": active.as_str(),
-            "retired_signer_key_id": retired.as_str(),
-        });
-        return write_stdout(&summary.to_string());
-    }
-    write_stdout(&format!(
-        "signing key rotated: {active} signs new events; {retired} is retired and still \
-         verifies the events it signed\nrestart the server (it holds the old signing key in \
-         memory), and give verifiers the new public keys (`chartlog keys export-public`)"
-    ))
+    Ok((active, retired))
 }
 
 // ---- export-public ----

@@ -370,14 +370,19 @@ async fn rotate_kek_rewraps_every_data_key_and_finishes_an_interrupted_rotation(
     let (active, keks) = kek_ids(data_dir);
     assert_eq!(active, second_kek);
     assert_eq!(keks.len(), 2, "the old KEK stays until retired");
-    assert_eq!(wrapping_keks(data_dir).await, vec![second_kek.clone(); 3]);
+    // The rotation recorded itself on an audit stream sealed under a data key of its own,
+    // made after the rotation, under the new KEK.
+    assert_eq!(
+        wrapping_keks(data_dir).await,
+        vec![second_kek.clone(); 3 + 1]
+    );
     assert_patients_open(data_dir, &patients).await;
-    // The projections open every event through the rotated keys.
+    // The projections open every event through the rotated keys (and the rotation's record).
     let rebuilt = succeeds_json(&["rebuild"], data_dir, &[]);
-    assert_eq!(rebuilt["events"], 3 * EVENTS_PER_PATIENT);
-    // The rebuild recorded itself on an audit stream sealed under a data key of its own,
-    // wrapped under the active KEK: from here on the rotations re-wrap it with the patients'.
-    let data_keys = 3 + 1;
+    assert_eq!(rebuilt["events"], 3 * EVENTS_PER_PATIENT + 1);
+    // The rebuild recorded itself the same way: from here on the rotations re-wrap both
+    // records' keys with the patients'.
+    let mut data_keys = 3 + 2;
     assert_eq!(
         wrapping_keks(data_dir).await,
         vec![second_kek.clone(); data_keys]
@@ -417,6 +422,7 @@ async fn rotate_kek_rewraps_every_data_key_and_finishes_an_interrupted_rotation(
     assert_eq!(resumed["resumed"], true, "{resumed}");
     assert_eq!(resumed["active_kek_id"], third_kek.as_str());
     assert_eq!(resumed["rewrapped_data_keys"], data_keys - 1);
+    data_keys += 1; // its record
     let (active, keks) = kek_ids(data_dir);
     assert_eq!(active, third_kek.as_str());
     assert_eq!(keks.len(), 3, "resuming makes no new KEK");
@@ -430,6 +436,7 @@ async fn rotate_kek_rewraps_every_data_key_and_finishes_an_interrupted_rotation(
     let retired = succeeds_json(&["keys", "rotate-kek"], data_dir, &["--retire-old"]);
     assert_eq!(retired["resumed"], false);
     assert_eq!(retired["rewrapped_data_keys"], data_keys);
+    data_keys += 1; // its record
     assert_eq!(retired["retired_kek_ids"].as_array().map(Vec::len), Some(3));
     let (active, keks) = kek_ids(data_dir);
     assert_eq!(keks, vec![active.clone()]);
@@ -476,7 +483,8 @@ async fn rotate_signing_keeps_earlier_events_verifiable() {
 
     let report = succeeds_json(&["verify"], data_dir, &[]);
     assert_eq!(report["intact"], true, "{report}");
-    assert_eq!(report["events"], EVENTS_PER_PATIENT + 1);
+    // And the rotation's audit record, signed by the new key too.
+    assert_eq!(report["events"], EVENTS_PER_PATIENT + 1 + 1);
 
     // An external verifier with only the public keys.
     let export = succeeds(&["keys", "export-public"], data_dir, &[]);
@@ -923,7 +931,8 @@ async fn rotate_erase_and_verify_on_postgres() {
     );
     assert_eq!(certificate["patient_id"], erased.to_string().as_str());
     let shown = succeeds_json(&["keys", "show"], data_dir, &db);
-    assert_eq!(shown["data_keys"]["active"], 1, "{shown}");
+    // The other patient's key and the rotation's audit record's.
+    assert_eq!(shown["data_keys"]["active"], 1 + 1, "{shown}");
     assert_eq!(shown["data_keys"]["destroyed"], 1, "{shown}");
     assert_eq!(
         shown["key_encryption_keys"][0]["id"], rotated["active_kek_id"],
@@ -931,7 +940,8 @@ async fn rotate_erase_and_verify_on_postgres() {
     );
     let report = succeeds_json(&["verify"], data_dir, &db);
     assert_eq!(report["intact"], true, "{report}");
-    assert_eq!(report["events"], 2 * EVENTS_PER_PATIENT + 1);
+    // The erasure's tombstone, and the rotation's audit record.
+    assert_eq!(report["events"], 2 * EVENTS_PER_PATIENT + 1 + 1);
 
     // The rotated key still opens the other patient.
     let ledger = postgres_ledger(data_dir, url).await;
@@ -1571,9 +1581,11 @@ async fn a_kek_ring_in_chartlog_kek_never_touches_the_data_directory() {
     );
     printed.push_str(&again);
     printed.push_str(&retire);
+    // With the audit records of the rotation and of the refused second run, each under a
+    // data key of its own (the refusal of --retire-old came before the database was opened).
     assert_eq!(
         wrapping_keks(data_dir).await,
-        vec!["kek-vault-2".to_owned(); usize::try_from(data_keys).expect("a count")]
+        vec!["kek-vault-2".to_owned(); usize::try_from(data_keys).expect("a count") + 2]
     );
 
     // The new KEK alone opens every record now: the rebuild decrypts every event.
@@ -1759,7 +1771,9 @@ async fn rotate_kek_rewraps_every_other_key_past_one_that_does_not_unwrap_and_na
         );
         let mut wrapping = wrapping_keks(data_dir).await;
         wrapping.sort();
-        let mut expected = vec![first_kek.clone(), active.clone(), active];
+        // Two patients' keys, and each run's audit record's key, under the new KEK.
+        let mut expected = vec![active; 2 + run + 1];
+        expected.push(first_kek.clone());
         expected.sort();
         assert_eq!(
             wrapping, expected,
@@ -1994,4 +2008,108 @@ async fn an_account_change_is_made_only_when_its_audit_record_can_be_written() {
     );
     assert!(reset.contains("one-time password: "), "{reset}");
     assert_eq!(audit_events(data_dir).await, 1, "the reset's record");
+}
+
+/// The audit trail's rows of `entity` after a rebuild of it: (user id, role, action, outcome,
+/// record id), oldest first.
+async fn audit_rows_of(
+    data_dir: &Path,
+    entity: &str,
+) -> Vec<(String, String, String, String, Option<String>)> {
+    succeeds(&["rebuild"], data_dir, &["audit_trail"]);
+    let read_models = sqlite_read_models(data_dir).await;
+    let rows = sqlx::query_as(
+        "SELECT lower(hex(user_id)), role, action, outcome, nullif(lower(hex(record_id)), '') \
+         FROM chartlog_audit_trail WHERE entity = ?1 ORDER BY occurred_at_us, audit_id",
+    )
+    .bind(entity)
+    .fetch_all(&read_models)
+    .await
+    .expect("audit rows");
+    read_models.close().await;
+    rows
+}
+
+#[tokio::test]
+async fn key_rotations_are_on_the_audit_trail_with_the_operator_as_actor_and_their_outcome() {
+    let (dir, patients) = sqlite_clinic(&[101, 102]).await;
+    let data_dir = dir.data_dir();
+    succeeds(&["keys", "rotate-kek"], data_dir, &[]);
+    succeeds(&["keys", "rotate-signing"], data_dir, &[]);
+    // A rotation that cannot complete (a key that does not unwrap) is recorded as a failure.
+    alter_wrapped_key(data_dir, &StreamId::patient(patients[0])).await;
+    let failed = chartlog(&["keys", "rotate-kek"], data_dir, &[]);
+    assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
+    // Flipped back (the key was left under the old KEK), so the rebuild below opens it.
+    alter_wrapped_key(data_dir, &StreamId::patient(patients[0])).await;
+
+    let operator = CLI_OPERATOR_USER_ID.replace('-', "");
+    let row = |outcome: &str| {
+        (
+            operator.clone(),
+            "system".to_owned(),
+            "update".to_owned(),
+            outcome.to_owned(),
+            None,
+        )
+    };
+    assert_eq!(
+        audit_rows_of(data_dir, "keys").await,
+        vec![row("success"), row("success"), row("failure")]
+    );
+}
+
+#[test]
+fn demo_records_its_accounts_and_refuses_a_database_with_accounts_of_its_own() {
+    let dir = TestDir::new();
+    let out = succeeds(&["demo"], dir.data_dir(), &["--patients", "1"]);
+    let created: Vec<String> = succeeds(&["users", "list"], dir.data_dir(), &[])
+        .lines()
+        .filter(|line| line.contains("\tdemo."))
+        .map(|line| line.split('\t').next().expect("a user id").replace('-', ""))
+        .collect();
+    assert_eq!(created.len(), 7, "{out}");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let rows = runtime.block_on(audit_rows_of(dir.data_dir(), "user"));
+    let operator = CLI_OPERATOR_USER_ID.replace('-', "");
+    let mut recorded: Vec<String> = rows
+        .iter()
+        .filter(|row| row.2 == "create")
+        .map(|(user, role, _, outcome, record)| {
+            assert_eq!(
+                (user, role.as_str(), outcome.as_str()),
+                (&operator, "system", "success")
+            );
+            record.clone().expect("the account")
+        })
+        .collect();
+    recorded.sort();
+    let mut created = created;
+    created.sort();
+    assert_eq!(
+        recorded, created,
+        "each demo account's creation is recorded"
+    );
+
+    // A database people work in: patients, and an account of its own. --force adds patients
+    // to a database of demo data; it never puts demo accounts next to people's.
+    let (clinic, _patients) = runtime.block_on(sqlite_clinic(&[111]));
+    succeeds(
+        &["users", "add"],
+        clinic.data_dir(),
+        &["--username", "real.nurse", "--role", "nurse"],
+    );
+    let refused = chartlog(
+        &["demo"],
+        clinic.data_dir(),
+        &["--force", "--patients", "1"],
+    );
+    assert!(!refused.status.success(), "{}", stdout(&refused));
+    assert!(
+        stderr(&refused).contains("holds 1 accounts besides 'admin' and the demo's"),
+        "{}",
+        stderr(&refused)
+    );
+    let listed = succeeds(&["users", "list"], clinic.data_dir(), &[]);
+    assert!(!listed.contains("demo."), "{listed}");
 }

@@ -55,10 +55,12 @@ pub enum AuditEntity {
     /// The read models (chart, history, audit trail, de-identified views), rebuilt from the
     /// log by an operator: every patient's events are decrypted to re-create them.
     ReadModels,
+    /// The key files: a key-encryption key or the event-signing key, rotated by an operator.
+    Keys,
 }
 
 impl AuditEntity {
-    pub const ALL: [AuditEntity; 18] = [
+    pub const ALL: [AuditEntity; 19] = [
         AuditEntity::Patient,
         AuditEntity::Observation,
         AuditEntity::Condition,
@@ -77,6 +79,7 @@ impl AuditEntity {
         AuditEntity::BreakGlassReview,
         AuditEntity::Backup,
         AuditEntity::ReadModels,
+        AuditEntity::Keys,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -99,6 +102,7 @@ impl AuditEntity {
             AuditEntity::BreakGlassReview => "break_glass_review",
             AuditEntity::Backup => "backup",
             AuditEntity::ReadModels => "read_models",
+            AuditEntity::Keys => "keys",
         }
     }
 
