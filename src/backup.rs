@@ -204,7 +204,16 @@ pub(crate) struct RestoreArgs {
     /// destroyed data keys count, e.g. the live database after later erasures, or an erasure
     /// ledger file (`erasure-ledger.jsonl`) of another key directory, e.g. another server's.
     /// Repeatable. The target's own `<data-dir>/keys/erasure-ledger.jsonl` is always read.
-    #[arg(long = "erasures-from", value_name = "DATABASE_URL|FILE")]
+    /// A database URL holding a password belongs in CHARTLOG_ERASURES_FROM (one value, read
+    /// only when no --erasures-from is given), or leave the password out and give it in
+    /// PGPASSWORD or a .pgpass file: the command line shows in `ps`.
+    // hide_env_values: the URL can carry a password, and --help would print it.
+    #[arg(
+        long = "erasures-from",
+        value_name = "DATABASE_URL|FILE",
+        env = "CHARTLOG_ERASURES_FROM",
+        hide_env_values = true
+    )]
     erasures_from: Vec<ErasuresFrom>,
 
     /// How long the check after the commit waits for PostgreSQL to show every restored event

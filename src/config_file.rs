@@ -21,9 +21,10 @@
 //! A key or table no command knows is an error that names it (with the closest known name),
 //! whichever command runs: a misspelt key must not leave a server on the default data
 //! directory. A key becomes the flag's value only when neither the command line nor the flag's
-//! environment variable gives one. Secrets never come from the file (DESIGN.md): a database
-//! URL carrying a password, and the webhook URL (which usually carries a token), are refused
-//! with an error that says to use the environment instead.
+//! environment variable gives one. Secrets never come from the file (DESIGN.md): any URL
+//! carrying a password (in its user info or as a `password`/`sslpassword` parameter), whatever
+//! the key, and the webhook URL (which usually carries a token), are refused with an error
+//! that says to use the environment instead.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -235,6 +236,47 @@ mod tests {
             given,
             ["chartlog", "--log", "debug", "migrate"],
             "the command line wins"
+        );
+    }
+
+    #[test]
+    fn a_password_in_any_url_is_refused_without_being_echoed() {
+        for (text, variable) in [
+            (
+                "database-url = \"postgres://u@db/x?password=s3cret\"\n",
+                "CHARTLOG_DATABASE_URL",
+            ),
+            (
+                "[migrate]\ndatabase-url = \"postgres://u@db/x?sslmode=require&sslpassword=s3cret\"\n",
+                "CHARTLOG_DATABASE_URL",
+            ),
+            (
+                "[restore]\nerasures-from = \"postgres://u:s3cret@db/live\"\n",
+                "CHARTLOG_ERASURES_FROM",
+            ),
+            (
+                "[users.add]\ndatabase-url = \"postgres://u:s3cret@db/x\"\n",
+                "CHARTLOG_DATABASE_URL",
+            ),
+        ] {
+            // Refused whichever command runs: the file holds the secret either way.
+            let message = merged(&["chartlog", "serve"], text)
+                .expect_err("a password is refused")
+                .to_string();
+            assert!(message.contains(variable), "{message}");
+            assert!(
+                !message.contains("s3cret"),
+                "the secret is not echoed: {message}"
+            );
+        }
+        let fine = merged(
+            &["chartlog", "restore", "b.backup"],
+            "[restore]\nerasures-from = \"postgres://u@db/live?sslmode=require\"\n",
+        )
+        .expect("no password");
+        assert!(
+            fine.contains(&"--erasures-from=postgres://u@db/live?sslmode=require".to_owned()),
+            "{fine:?}"
         );
     }
 

@@ -11,9 +11,10 @@
 //! data directory).
 //!
 //! A key becomes the flag's value only when neither the command line nor the flag's
-//! environment variable gives one. Secrets never come from the file: a database URL carrying
-//! a password, and the webhook URL (which usually carries a token), are refused with an error
-//! that says to use the environment instead, and the error never quotes the value.
+//! environment variable gives one. Secrets never come from the file: the webhook URL (which
+//! usually carries a token) and any URL carrying a password (`user:password@`, or a
+//! `password`/`sslpassword` query parameter), whatever the key, are refused with an error that
+//! says to use the environment instead, and the error never quotes the value.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -275,7 +276,14 @@ fn check_table(
                 path.display()
             );
         }
-        let holds_password = key == "database-url" && value.as_str().is_some_and(url_has_password);
+        let holds_password = match value {
+            toml::Value::String(text) => may_hold_password(text),
+            toml::Value::Array(items) => items
+                .iter()
+                .filter_map(toml::Value::as_str)
+                .any(may_hold_password),
+            _ => false,
+        };
         if SECRET_FLAGS.contains(&key.as_str()) || holds_password {
             let environment = leaves(command)
                 .into_iter()
@@ -345,16 +353,95 @@ fn edit_distance(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
-/// Whether a URL's user info carries a password (`scheme://user:password@host`).
-fn url_has_password(url: &str) -> bool {
-    url.split_once("://")
-        .and_then(|(_, rest)| rest.split_once('@'))
-        .is_some_and(|(user_info, _)| user_info.contains(':'))
+/// Whether `text` is (or holds) a URL that may carry a password: user info with one
+/// (`scheme://user:password@host`), or a query parameter naming one (`?password=`,
+/// `sslpassword=`, percent-encoded or not). Errs towards yes: a refusal costs a retry, a
+/// password in a file or a log costs the password.
+pub fn may_hold_password(text: &str) -> bool {
+    let Some((_, rest)) = text.split_once("://") else {
+        return query_names_password(text);
+    };
+    let before_query = rest.split(['?', '#']).next().unwrap_or(rest);
+    let user_info_has_password = before_query
+        .rsplit_once('@')
+        .is_some_and(|(user_info, _)| user_info.contains(':'));
+    user_info_has_password || query_names_password(rest)
+}
+
+/// Whether a `?key=value&...` part of `text` names a password.
+fn query_names_password(text: &str) -> bool {
+    !password_parameters(text).is_empty()
+}
+
+/// The names (decoded, lower case) of the query parameters of `text` that name a password,
+/// e.g. `password` and `sslpassword`. Names only: never a value.
+pub fn password_parameters(text: &str) -> Vec<String> {
+    let Some((_, query)) = text.split_once('?') else {
+        return Vec::new();
+    };
+    query
+        .split(['&', ';', '#'])
+        .map(|pair| pair.split('=').next().unwrap_or(pair))
+        .map(|name| percent_decode(name).to_ascii_lowercase())
+        .filter(|name| {
+            name.contains("password") || name.contains("passwd") || name == "pwd" || name == "pass"
+        })
+        .collect()
+}
+
+/// `%XX` escapes decoded (an invalid one kept as it is); for matching names only.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escaped = (bytes[at] == b'%')
+            .then(|| bytes.get(at + 1..at + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                at += 3;
+            }
+            None => {
+                out.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_found_in_user_info_and_in_the_query() {
+        for url in [
+            "postgres://u:s3cret@db/x",
+            "postgresql+ssl://u:s3cret@db/x",
+            "postgres://u@db/x?password=s3cret",
+            "postgres://u@db/x?sslmode=require&sslpassword=s3cret",
+            "postgres://u@db/x?pass%77ord=s3cret",
+            "postgres://u@db/x?PASSWORD=s3cret",
+            "postgres://u:@db/x",
+        ] {
+            assert!(may_hold_password(url), "{url}");
+        }
+        for url in [
+            "postgres://u@db/x",
+            "postgres://db/x?sslmode=require",
+            "postgres://u@db/x?user=a@b",
+            "sqlite:/var/lib/chartlog/chartlog.db",
+            "/srv/other/keys/erasure-ledger.jsonl",
+            "0.0.0.0:8443",
+        ] {
+            assert!(!may_hold_password(url), "{url}");
+        }
+    }
 
     #[test]
     fn suggestions_catch_underscores_and_small_typos() {

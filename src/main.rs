@@ -77,7 +77,7 @@ struct Cli {
     /// A TOML file of settings: keys are the long flag names, at the top level (every command
     /// with the flag) or under `[<command>]`, e.g. `[serve]`; `[users]` applies to every
     /// `users` subcommand and `[users.add]` to one. An unknown key or table is an error. The
-    /// command line and the environment override it; secrets (a database password, the
+    /// command line and the environment override it; secrets (a URL with a password, the
     /// webhook URL) are refused there.
     #[arg(long, global = true, env = "CHARTLOG_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -379,14 +379,31 @@ impl std::str::FromStr for DatabaseUrl {
     fn from_str(raw: &str) -> Result<DatabaseUrl, String> {
         // Checked here so a typo fails at the command line, not deep inside the driver. The
         // message must not echo the value: it may hold a password.
-        if raw.starts_with("postgres://")
+        if !(raw.starts_with("postgres://")
             || raw.starts_with("postgresql://")
-            || raw.starts_with("sqlite:")
+            || raw.starts_with("sqlite:"))
         {
-            Ok(DatabaseUrl(raw.to_owned()))
-        } else {
-            Err("expected a postgres://, postgresql:// or sqlite: URL".to_owned())
+            return Err("expected a postgres://, postgresql:// or sqlite: URL".to_owned());
         }
+        // The driver takes `password` and logs any parameter it does not know with its value
+        // (a warning): `sslpassword` would reach the log in clear.
+        let parameters = chartlog::config_layer::password_parameters(raw);
+        if let Some(name) = parameters.iter().find(|name| *name != "password") {
+            // A name is printed only when it can hold nothing else (`password%3Dvalue`).
+            let name = if name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                format!("{name:?} parameter")
+            } else {
+                "password parameter".to_owned()
+            };
+            return Err(format!(
+                "the URL's {name} is not supported by the database driver, which would write \
+                 its value to the log; leave it out"
+            ));
+        }
+        Ok(DatabaseUrl(raw.to_owned()))
     }
 }
 
@@ -419,7 +436,7 @@ impl StorageArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse_from(config_file::layered_args(std::env::args_os().collect())?);
+    let cli = parse_cli(config_file::layered_args(std::env::args_os().collect())?);
     init_tracing(&cli.log)?;
     // Before anything opens a TLS connection (database drivers, the server).
     tls::install_default_crypto_provider();
@@ -441,6 +458,75 @@ fn main() -> anyhow::Result<()> {
         Command::Deid(command) => runtime.block_on(deid::run(command)),
         Command::Demo(args) => runtime.block_on(demo::run(args)),
     }
+}
+
+/// Flags whose values may hold a password: an error about their value never quotes it.
+const SECRET_VALUED_FLAGS: [&str; 3] =
+    ["--database-url", "--erasures-from", "--break-glass-webhook"];
+
+/// What stands in an error for a value that may hold a password.
+const NOT_SHOWN: &str = "<not shown: it may hold a password>";
+
+/// The command line parsed, or clap's error printed and the process ended, as `parse_from`
+/// would, except that a value that may hold a password is never printed: clap quotes the
+/// value it rejects (`invalid value '...' for '--database-url'`), and stderr ends up in
+/// journald and terminal scrollback.
+fn parse_cli(args: Vec<std::ffi::OsString>) -> Cli {
+    let error = match Cli::try_parse_from(args) {
+        Ok(cli) => return cli,
+        Err(error) => error,
+    };
+    match redacted_parse_error(&error) {
+        Some(message) => {
+            let mut stderr = std::io::stderr().lock();
+            // Nothing better to do with a failed write to stderr than to exit anyway.
+            let _ = stderr
+                .write_all(message.as_bytes())
+                .and_then(|()| stderr.flush());
+            std::process::exit(error.exit_code());
+        }
+        None => error.exit(),
+    }
+}
+
+/// clap's message for `error` without any value that may hold a password, or `None` when it
+/// quotes none.
+fn redacted_parse_error(error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = |kind| match error.get(kind) {
+        Some(ContextValue::String(text)) => Some(text.as_str()),
+        _ => None,
+    };
+    let argument = text(ContextKind::InvalidArg);
+    let value = text(ContextKind::InvalidValue);
+    let secret_flag = argument.is_some_and(|argument| {
+        SECRET_VALUED_FLAGS
+            .iter()
+            .any(|flag| argument.split([' ', '=']).next() == Some(flag))
+    });
+    if error.kind() == ErrorKind::ValueValidation && secret_flag {
+        // Our own message: clap's quotes the value in more than one place.
+        let argument = argument.unwrap_or("the argument");
+        let reason = std::error::Error::source(error)
+            .map_or_else(String::new, |source| format!(": {source}"));
+        return Some(format!(
+            "error: invalid value {NOT_SHOWN} for '{argument}'{reason}\n\nFor more \
+             information, try '--help'.\n"
+        ));
+    }
+    let secrets: Vec<&str> = [argument, value]
+        .into_iter()
+        .flatten()
+        .filter(|text| chartlog::config_layer::may_hold_password(text))
+        .collect();
+    if secrets.is_empty() {
+        return None;
+    }
+    let mut message = error.render().to_string();
+    for secret in secrets {
+        message = message.replace(secret, NOT_SHOWN);
+    }
+    Some(message)
 }
 
 fn init_tracing(filter: &str) -> anyhow::Result<()> {

@@ -807,3 +807,82 @@ fn a_misspelt_setting_stops_serve_before_it_creates_anything() {
         assert!(!dir.data_dir().exists());
     }
 }
+
+#[test]
+fn a_database_password_never_reaches_stderr() {
+    let dir = TestDir::new();
+    let root = dir.data_dir().parent().expect("the test directory");
+    let secret = "s3cretPassw0rd";
+    let refused = |mut command: std::process::Command, names: &str| {
+        command.env("CHARTLOG_LOG", "trace");
+        let output = run_bounded(command);
+        let stderr = utf8(&output.stderr);
+        assert!(!output.status.success(), "accepted: {stderr}");
+        assert!(!stderr.contains(secret), "the password is echoed: {stderr}");
+        assert!(
+            !utf8(&output.stdout).contains(secret),
+            "the password is echoed"
+        );
+        assert!(stderr.contains(names), "{names} is not named: {stderr}");
+    };
+
+    let bad_scheme = format!("postgresql+ssl://chartlog:{secret}@db/chartlog");
+    let mut from_environment = chartlog_in(root, &["migrate"]);
+    from_environment.env("CHARTLOG_DATABASE_URL", &bad_scheme);
+    refused(from_environment, "--database-url");
+    refused(
+        chartlog_in(root, &["migrate", "--database-url", &bad_scheme]),
+        "--database-url",
+    );
+    // The driver would log a parameter it does not know, value and all.
+    let mut unsupported = chartlog_in(root, &["migrate"]);
+    unsupported.env(
+        "CHARTLOG_DATABASE_URL",
+        format!("postgres://chartlog@127.0.0.1:1/x?sslpassword={secret}"),
+    );
+    refused(unsupported, "sslpassword");
+    refused(
+        chartlog_in(
+            root,
+            &["migrate", &format!("postgres://chartlog:{secret}@db/x")],
+        ),
+        "unexpected argument",
+    );
+
+    // --erasures-from has an environment variable, and its value is not echoed either.
+    let mut erasures = chartlog_in(root, &["restore", "-i", "identity.txt", "old.backup"]);
+    erasures.env(
+        "CHARTLOG_ERASURES_FROM",
+        format!("mysql://u:{secret}@db/live"),
+    );
+    refused(erasures, "--erasures-from");
+
+    // Nor from the configuration file, under any database-URL key or in the query.
+    for (text, variable) in [
+        (
+            format!("database-url = \"postgres://chartlog@db/x?password={secret}\"\n"),
+            "CHARTLOG_DATABASE_URL",
+        ),
+        (
+            format!("[restore]\nerasures-from = \"postgres://chartlog:{secret}@db/live\"\n"),
+            "CHARTLOG_ERASURES_FROM",
+        ),
+    ] {
+        let config = root.join("chartlog.toml");
+        fs::write(&config, text).expect("write");
+        refused(
+            chartlog_in(
+                root,
+                &[
+                    "--config",
+                    config.to_str().expect("utf-8"),
+                    "restore",
+                    "-i",
+                    "identity.txt",
+                    "old.backup",
+                ],
+            ),
+            variable,
+        );
+    }
+}
