@@ -165,6 +165,12 @@ struct ServeArgs {
     #[arg(long)]
     insecure_http: bool,
 
+    /// Serve the self-signed development certificate (used when no --tls-cert is given) on
+    /// an address other than loopback. Without it such a --listen is refused: clients
+    /// elsewhere would have to be told to trust a certificate no authority vouches for.
+    #[arg(long)]
+    allow_development_certificate: bool,
+
     #[command(flatten)]
     access: AccessArgs,
 
@@ -545,6 +551,20 @@ fn init_tracing(filter: &str) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let access_settings = args.access.settings()?;
     let backup_schedule = args.backup_schedule.schedule()?;
+    let development_certificate =
+        !args.insecure_http && args.tls_cert.is_none() && args.tls_key.is_none();
+    // Before anything is created: a typo should cost nothing.
+    if development_certificate
+        && !args.listen.ip().is_loopback()
+        && !args.allow_development_certificate
+    {
+        bail!(
+            "--listen {} is reachable from other machines, and no --tls-cert was given: they \
+             would be served the self-signed development certificate. Give --tls-cert and \
+             --tls-key, listen on a loopback address, or add --allow-development-certificate",
+            args.listen
+        );
+    }
     let data_dir = &args.storage.data_dir;
     create_data_dir(data_dir)?;
     if let Some(schedule) = &backup_schedule {
@@ -567,6 +587,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             (None, None) => {
                 let files = tls::ensure_development_certificate(data_dir)
                     .context("cannot prepare the development TLS certificate")?;
+                // On stderr whatever --log says, as --insecure-http's warning is.
+                eprintln!(
+                    "WARNING: no --tls-cert: serving a self-signed development certificate \
+                     ({}). Clients must be told to trust that file, and no authority vouches \
+                     for it. Use it only for local development; give --tls-cert and --tls-key \
+                     in production.",
+                    files.certificate_chain.display()
+                );
                 tracing::warn!(
                     certificate = %files.certificate_chain.display(),
                     "no --tls-cert given; serving a self-signed development certificate"

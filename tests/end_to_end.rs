@@ -886,3 +886,63 @@ fn a_database_password_never_reaches_stderr() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_development_certificate_is_announced_and_kept_to_loopback() {
+    let dir = TestDir::new();
+    // On stderr whatever the log filter: an operator must not miss it.
+    let server = Server::start_with_log(dir.data_dir(), "error", &[]);
+    server.wait_for_stderr("WARNING: no --tls-cert");
+    drop(server);
+
+    let root = dir.data_dir().parent().expect("the test directory");
+    let other = root.join("other");
+    let other_dir = other.to_str().expect("utf-8 path");
+    let refused = run_bounded(chartlog_in(
+        root,
+        &["serve", "--data-dir", other_dir, "--listen", "0.0.0.0:0"],
+    ));
+    assert!(
+        !refused.status.success(),
+        "served the development certificate on 0.0.0.0"
+    );
+    let stderr = utf8(&refused.stderr);
+    assert!(
+        stderr.contains("--allow-development-certificate"),
+        "{stderr}"
+    );
+    assert!(!other.exists(), "refused before anything was created");
+
+    // Allowed when asked for.
+    let mut command = chartlog_in(
+        root,
+        &[
+            "serve",
+            "--data-dir",
+            other_dir,
+            "--listen",
+            "0.0.0.0:0",
+            "--allow-development-certificate",
+        ],
+    );
+    command.stderr(std::process::Stdio::null());
+    let mut child = command.spawn().expect("run chartlog");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let _ = sender.send(lines.next());
+    });
+    let line = receiver.recv_timeout(support::STARTUP_TIMEOUT);
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line
+        .expect("a line in time")
+        .expect("a line")
+        .expect("utf-8");
+    assert!(
+        line.starts_with("chartlog listening on https://0.0.0.0:"),
+        "{line}"
+    );
+}
