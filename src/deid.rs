@@ -5,7 +5,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use chartlog_projections::deid::export::{DeidTable, ExportFormat};
@@ -14,7 +14,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};
 
-use crate::{KEY_DIR_NAME, StorageArgs, open_database, wiring};
+use crate::{KEY_DIR_NAME, StorageArgs, wiring};
 
 #[derive(Subcommand)]
 pub(crate) enum DeidCommand {
@@ -58,18 +58,30 @@ pub(crate) async fn run(command: DeidCommand) -> anyhow::Result<()> {
         Format::Ndjson => ExportFormat::Ndjson,
         Format::Csv => ExportFormat::Csv,
     };
-    let mut sink: Box<dyn Write> = match &args.output {
-        Some(path) => Box::new(
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("cannot create {} (it must not exist)", path.display()))?,
-        ),
-        None => Box::new(std::io::stdout().lock()),
+    // Refused before the database opens (a typo should cost nothing), but created only once
+    // the database is open and the audit log ready: a file left behind by a failed start
+    // would refuse the retry ("it must not exist").
+    if let Some(path) = &args.output
+        && path.symlink_metadata().is_ok()
+    {
+        bail!(
+            "cannot create {}: it exists, and an export never overwrites a file",
+            path.display()
+        );
+    }
+    let database = wiring::open_existing_database(&args.storage.database_location()).await?;
+    let key_dir = args.storage.data_dir.join(KEY_DIR_NAME);
+    let started = match wiring::OperatorAudit::open(&database, &key_dir).await {
+        Ok(audit) => create_sink(args.output.as_deref()).map(|sink| (audit, sink)),
+        Err(error) => Err(error),
     };
-    let database = open_database(&args.storage.database_location()).await?;
+    let (audit, mut sink) = match started {
+        Ok(started) => started,
+        Err(error) => {
+            database.close().await;
+            return Err(error);
+        }
+    };
     let read_models = wiring::read_models(&database);
     // Ages leave as of this year: someone who turned 90 since their last event is "90+".
     let release_year = chartlog_api::now().to_datetime().year();
@@ -113,17 +125,46 @@ pub(crate) async fn run(command: DeidCommand) -> anyhow::Result<()> {
     } else {
         AuditOutcome::Failure
     };
-    let audited = wiring::audit_operator_action(
-        &database,
-        &args.storage.data_dir.join(KEY_DIR_NAME),
-        AuditEntity::DeidentifiedData,
-        AuditAction::Export,
-        outcome,
-    )
-    .await;
+    let audited = audit
+        .record(
+            AuditEntity::DeidentifiedData,
+            None,
+            AuditAction::Export,
+            outcome,
+        )
+        .await;
     database.close().await;
+    if (exported.is_err() || audited.is_err())
+        && let Some(path) = &args.output
+    {
+        // A partial export is no export, nor one the audit trail does not show, and either
+        // would refuse the retry. This run created the file (create_new), so removing it
+        // touches nothing of anyone else's.
+        drop(sink);
+        if let Err(error) = std::fs::remove_file(path) {
+            tracing::warn!(
+                %error,
+                file = %path.display(),
+                "the partial export could not be removed"
+            );
+        }
+    }
     exported?;
     audited?;
     tracing::info!(table = table.as_str(), rows, "de-identified export written");
     Ok(())
+}
+
+/// Where the export goes: `output`, created with mode 0600 and never overwritten, or stdout.
+fn create_sink(output: Option<&Path>) -> anyhow::Result<Box<dyn Write>> {
+    match output {
+        Some(path) => OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map(|file| Box::new(file) as Box<dyn Write>)
+            .with_context(|| format!("cannot create {} (it must not exist)", path.display())),
+        None => Ok(Box::new(std::io::stdout().lock())),
+    }
 }

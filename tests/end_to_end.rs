@@ -946,3 +946,43 @@ async fn the_development_certificate_is_announced_and_kept_to_loopback() {
         "{line}"
     );
 }
+
+#[test]
+fn a_deid_export_that_cannot_start_leaves_no_file_to_refuse_the_retry() {
+    let dir = TestDir::new();
+    let root = dir.data_dir().parent().expect("the test directory");
+    let data_dir = dir.data_dir().to_str().expect("utf-8 path");
+    let output = root.join("patients.ndjson");
+    let export = || {
+        chartlog_in(
+            root,
+            &[
+                "deid",
+                "export",
+                "patients",
+                "--data-dir",
+                data_dir,
+                "--output",
+                output.to_str().expect("utf-8"),
+            ],
+        )
+    };
+    // The data directory does not exist yet: there is no database to open.
+    let failed = run_bounded(export());
+    assert!(!failed.status.success());
+    assert!(!output.exists(), "a failed export left a file behind");
+    // A database, but no key files to sign the export's audit record with.
+    let migrated = run_bounded(chartlog_in(root, &["migrate", "--data-dir", data_dir]));
+    assert!(migrated.status.success(), "{}", utf8(&migrated.stderr));
+    let failed = run_bounded(export());
+    assert!(!failed.status.success(), "exported with no audit record");
+    assert!(!output.exists(), "a failed export left a file behind");
+
+    chartlog_crypto::load_or_create_key_files(&dir.data_dir().join("keys")).expect("key files");
+    let retried = run_bounded(export());
+    assert!(retried.status.success(), "{}", utf8(&retried.stderr));
+    assert!(output.exists());
+    assert_eq!(mode(&output), 0o600);
+    let again = run_bounded(export());
+    assert!(!again.status.success(), "an export never overwrites a file");
+}
