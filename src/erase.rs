@@ -22,7 +22,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use chartlog_access::AccessSettings;
 use chartlog_crypto::{DataKeyRecord, DataKeys, KeyRing, KeyStore, SigningKeys};
 use chartlog_domain::patient::ErasureReason;
 use chartlog_domain::{Actor, PatientCommand, PatientId, PurposeOfUse, Role, StreamId, UserId};
@@ -34,7 +33,7 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use crate::erasure_ledger::{ErasureLedger, LedgeredKeyStore};
-use crate::{Database, RetentionArgs, StorageArgs, keys, open_database, wiring};
+use crate::{Database, RetentionArgs, StorageArgs, keys, wiring};
 
 /// The user id recorded as the actor when no `--operator` is given: chartlog's command line,
 /// acting for whoever runs it on the server's machine (role `system`).
@@ -139,7 +138,7 @@ pub(crate) async fn run(args: EraseArgs) -> anyhow::Result<()> {
     let data_dir = &args.storage.data_dir;
     let ring = keys::load_ring(data_dir)?;
     let signing = keys::load_signing_keys(data_dir)?;
-    let database = open_database(&args.storage.database_location()).await?;
+    let database = wiring::open_existing_database(&args.storage.database_location()).await?;
     let erased = erase_on(&database, &args, patient, operator, ring, &signing).await;
     database.close().await;
     let certificate = erased?;
@@ -211,11 +210,7 @@ async fn actor(
             break_glass: false,
         });
     };
-    let accounts = wiring::accounts(
-        database,
-        &keys::key_dir(&args.storage.data_dir),
-        AccessSettings::default(),
-    )?;
+    let accounts = wiring::operator_accounts(database, &keys::key_dir(&args.storage.data_dir))?;
     let account = accounts
         .user(user_id)
         .await

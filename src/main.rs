@@ -614,7 +614,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await
     .context("cannot open the backend")?;
-    let projection_keys = projection_keys(&data_dir.join(KEY_DIR_NAME))?;
+    let projection_keys = projection_keys(&data_dir.join(KEY_DIR_NAME), KeyFiles::CreateMissing)?;
 
     let listener = TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -977,6 +977,13 @@ const PROGRESS_HEAD_REFRESH: Duration = Duration::from_secs(1);
 const PROGRESS_TEMPLATE: &str =
     "rebuild [{elapsed_precise}] [{wide_bar}] {pos}/{len} events, {per_sec}, {eta} left";
 
+/// Whether a command may make the key files it finds missing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyFiles {
+    CreateMissing,
+    Existing,
+}
+
 /// The key material the projections need, from the data directory's key folder.
 struct ProjectionKeys {
     ring: Arc<KeyRing>,
@@ -987,8 +994,17 @@ struct ProjectionKeys {
 /// Every read model, keyed from `key_dir`: the blind-index key for the chart's look-ups and
 /// the de-identification secret for the pseudonyms (both must be the server's own, or the
 /// rebuilt rows would not match the ones it writes).
-fn projection_keys(key_dir: &Path) -> anyhow::Result<ProjectionKeys> {
-    let (ring, signing) = wiring::key_files(key_dir)?;
+///
+/// `serve` makes a missing KEK ring or signing key on its first start; `rebuild`
+/// (`KeyFiles::Existing`) only loads them: made in a wrong `--data-dir`, they would sign its
+/// audit record with a key nobody trusts. The two read-model keys are made when missing by
+/// either, as the server's first start would make them: the folder holds the server's
+/// signing key, so it is the server's.
+fn projection_keys(key_dir: &Path, key_files: KeyFiles) -> anyhow::Result<ProjectionKeys> {
+    let (ring, signing) = match key_files {
+        KeyFiles::CreateMissing => wiring::key_files(key_dir)?,
+        KeyFiles::Existing => wiring::existing_key_files(key_dir)?,
+    };
     let index_key = load_or_create_mac_key(key_dir, INDEX_KEY_FILE_NAME)
         .with_context(|| format!("cannot load the blind-index key in {}", key_dir.display()))?;
     let deid_key = load_or_create_mac_key(key_dir, DEID_KEY_FILE_NAME).with_context(|| {
@@ -1067,9 +1083,9 @@ async fn run_projections<S: EventStore, K: KeyStore + 'static>(
 async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     let location = args.storage.database_location();
     tracing::info!(database = location.describe(), "rebuild");
-    create_data_dir(&args.storage.data_dir)?;
+    wiring::ensure_database_exists(&location)?;
     let key_dir = args.storage.data_dir.join(KEY_DIR_NAME);
-    let mut keys = projection_keys(&key_dir)?;
+    let mut keys = projection_keys(&key_dir, KeyFiles::Existing)?;
     // Checked before the database is opened: a typo should cost nothing.
     if let Some(name) = &args.name {
         let known: Vec<&str> = keys.projections.iter().map(|p| p.name()).collect();
@@ -1083,7 +1099,7 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     }
     let label = args.name.clone().unwrap_or_else(|| "all".to_owned());
 
-    let database = open_database(&location).await?;
+    let database = wiring::open_existing_database(&location).await?;
     // Not recorded: a record sealed under this ring could not be opened with the right one.
     if let Err(error) = keys::ensure_ring_fits(&database, &keys.ring).await {
         database.close().await;

@@ -47,6 +47,13 @@ const INACTIVITY_SWEEP_INTERVAL: Duration = Duration::from_secs(60 * 60);
 pub(crate) async fn open_existing_database(
     location: &DatabaseLocation,
 ) -> anyhow::Result<Database> {
+    ensure_database_exists(location)?;
+    open_database(location).await
+}
+
+/// The check of [`open_existing_database`], for a command that must fail on a missing SQLite
+/// file before it does anything else.
+pub(crate) fn ensure_database_exists(location: &DatabaseLocation) -> anyhow::Result<()> {
     if let Some(path) = sqlite_file(location) {
         ensure!(
             path.is_file(),
@@ -55,7 +62,7 @@ pub(crate) async fn open_existing_database(
             path.display()
         );
     }
-    open_database(location).await
+    Ok(())
 }
 
 /// The SQLite file `location` names, if it names one.

@@ -1823,6 +1823,15 @@ async fn operator_commands_never_create_a_database_and_retire_old_refuses_one_wi
         &["keys", "show"],
         &["users", "list"],
         &["users", "add", "--username", "a.nurse", "--role", "nurse"],
+        &["rebuild"],
+        &[
+            "erase",
+            "01900000-0000-7000-8000-0000000000e1",
+            "--reason",
+            "patient_request",
+            "--yes",
+        ],
+        &["deid", "export", "observations"],
     ] {
         let output = chartlog(args, data_dir, &[]);
         assert!(!output.status.success(), "{args:?}: {}", stdout(&output));
@@ -1900,7 +1909,7 @@ async fn operator_commands_in_a_wrong_data_directory_make_no_key_and_sign_nothin
     // ring in the variable, which fits it: only the signing key is missing.
     let url = format!("sqlite:{}", sqlite_path(data_dir).display());
     let wrong = TestDir::new();
-    for args in [&["users", "list"][..], &["keys", "show"]] {
+    for args in [&["users", "list"][..], &["keys", "show"], &["rebuild"]] {
         let output = chartlog_with_env(
             args,
             wrong.data_dir(),
