@@ -110,14 +110,14 @@ pub struct LedgerRecords<S: EventStore + ?Sized, K: KeyStore> {
 #[derive(Default)]
 struct RecordCache {
     records: std::collections::HashMap<PatientId, LoadedPatient>,
-    forgets: u64,
+    forgets: chartlog_projections::forgets::ForgetCounts,
 }
 
 impl RecordCache {
     /// Keeps `loaded`, read since the cache counted `began` forgets, unless a forget came in
     /// between or a further state of the record is kept already.
     fn remember(&mut self, patient: PatientId, loaded: &LoadedPatient, began: u64) {
-        if self.forgets != began {
+        if self.forgets.of(patient) != began {
             return;
         }
         let version = |loaded: &LoadedPatient| loaded.head.map_or(0, |head| head.version);
@@ -135,7 +135,7 @@ impl RecordCache {
     }
 
     fn forget(&mut self, patient: PatientId) {
-        self.forgets = self.forgets.wrapping_add(1);
+        self.forgets.bump(patient);
         self.records.remove(&patient);
     }
 }
@@ -161,9 +161,12 @@ impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
             .and_then(|cache| cache.records.get(&patient).cloned())
     }
 
-    /// Forgets so far: taken before a load or command reads the store, for `remember`.
-    fn forgets(&self) -> u64 {
-        self.loaded.lock().map_or(0, |cache| cache.forgets)
+    /// Forgets of `patient`'s stripe so far: taken before a load or command reads the
+    /// store, for `remember`.
+    fn forgets(&self, patient: PatientId) -> u64 {
+        self.loaded
+            .lock()
+            .map_or(0, |cache| cache.forgets.of(patient))
     }
 
     fn remember(&self, patient: PatientId, loaded: &LoadedPatient, began: u64) {
@@ -183,7 +186,7 @@ impl<S: EventStore + ?Sized, K: KeyStore> LedgerRecords<S, K> {
 #[async_trait]
 impl<S: EventStore + ?Sized, K: KeyStore + 'static> Records for LedgerRecords<S, K> {
     async fn load(&self, patient: PatientId) -> Result<LoadedPatient, LedgerError> {
-        let began = self.forgets();
+        let began = self.forgets(patient);
         let cached = self.cached(patient);
         match self.ledger.catch_up(patient, cached).await {
             Ok(loaded) => {
@@ -215,7 +218,7 @@ impl<S: EventStore + ?Sized, K: KeyStore + 'static> Records for LedgerRecords<S,
         now: Timestamp,
         options: ExecuteOptions,
     ) -> Result<CommandOutcome, LedgerError> {
-        let began = self.forgets();
+        let began = self.forgets(patient);
         let outcome = self
             .ledger
             .execute_with(patient, command, actor, now, options)
@@ -348,12 +351,20 @@ mod tests {
             }),
         };
         // A load begins, the patient is erased (forget), the load finishes.
-        let began = cache.forgets;
+        let began = cache.forgets.of(patient);
         cache.forget(patient);
         cache.remember(patient, &loaded, began);
         assert!(cache.records.is_empty());
         // A load that began after the forget keeps its record as before.
-        let began = cache.forgets;
+        let began = cache.forgets.of(patient);
+        cache.remember(patient, &loaded, began);
+        assert!(cache.records.contains_key(&patient));
+        // A forget of a patient of another stripe (say, a read of an erased record) leaves
+        // this patient's loads in flight free to keep theirs.
+        let other = PatientId::from_uuid(uuid::Uuid::from_u128(patient.as_uuid().as_u128() ^ 1));
+        let began = cache.forgets.of(patient);
+        cache.forget(other);
+        cache.records.clear();
         cache.remember(patient, &loaded, began);
         assert!(cache.records.contains_key(&patient));
     }

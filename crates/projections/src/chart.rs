@@ -710,8 +710,8 @@ pub struct ChartReader {
 #[derive(Default)]
 struct Kept {
     charts: HashMap<PatientId, KeptChart>,
-    /// Bumped by every forget; compared with its value when a read began.
-    forgets: u64,
+    /// Bumped by every forget; compared with the patient's count when a read began.
+    forgets: crate::forgets::ForgetCounts,
 }
 
 /// A chart as of `head`: the read model's copy, or one folded past it.
@@ -740,7 +740,7 @@ impl ChartReader {
         patient_id: PatientId,
         head: StreamHead,
     ) -> Result<Option<ChartAnswer>, ProjectionError> {
-        let began = self.forgets();
+        let began = self.forgets(patient_id);
         if let Some(chart) = self.kept_at(patient_id, head) {
             return chart.into_answer().map(Some);
         }
@@ -824,14 +824,17 @@ impl ChartReader {
         // A poisoned lock only means another read panicked mid-insert; `keep` then keeps
         // nothing, so there is nothing to drop.
         if let Ok(mut kept) = self.kept.lock() {
-            kept.forgets = kept.forgets.wrapping_add(1);
+            kept.forgets.bump(patient_id);
             kept.charts.remove(&patient_id);
         }
     }
 
-    /// Forgets so far: taken when a read begins, for [`ChartReader::keep`].
-    fn forgets(&self) -> u64 {
-        self.kept.lock().map_or(0, |kept| kept.forgets)
+    /// Forgets of `patient_id`'s stripe so far: taken when a read begins, for
+    /// [`ChartReader::keep`].
+    fn forgets(&self, patient_id: PatientId) -> u64 {
+        self.kept
+            .lock()
+            .map_or(0, |kept| kept.forgets.of(patient_id))
     }
 
     /// A copy of the chart kept at exactly `head`.
@@ -851,7 +854,7 @@ impl ChartReader {
         let Ok(mut kept) = self.kept.lock() else {
             return;
         };
-        if kept.forgets != began {
+        if kept.forgets.of(patient_id) != began {
             return;
         }
         // Two reads of one patient at once: keep the further one.
@@ -1099,12 +1102,12 @@ mod tests {
             chart: StoredChart::empty(patient),
         };
         // A read begins, the patient is erased (forget), the read finishes.
-        let began = reader.forgets();
+        let began = reader.forgets(patient);
         reader.forget(patient);
         reader.keep(patient, chart(), began);
         assert!(reader.kept_at(patient, head).is_none());
         // A read that began after the forget keeps its chart as before.
-        let began = reader.forgets();
+        let began = reader.forgets(patient);
         reader.keep(patient, chart(), began);
         assert!(reader.kept_at(patient, head).is_some());
     }

@@ -31,6 +31,7 @@ pub mod db;
 pub mod deid;
 mod entries;
 mod error;
+pub mod forgets;
 pub mod history;
 pub mod runner;
 
