@@ -1079,23 +1079,32 @@ async fn run_projections<S: EventStore, K: KeyStore + 'static>(
     }
 }
 
+/// The read models, by name, in the order [`projection_keys`] builds them.
+const PROJECTION_NAMES: [&str; 4] = [
+    chartlog_projections::chart::CHART_PROJECTION,
+    chartlog_projections::history::HISTORY_PROJECTION,
+    chartlog_projections::audit::AUDIT_PROJECTION_NAME,
+    chartlog_projections::deid::projection::DEIDENTIFIED_PROJECTION_NAME,
+];
+
 #[tracing::instrument(skip_all)]
 async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     let location = args.storage.database_location();
     tracing::info!(database = location.describe(), "rebuild");
+    // Checked before anything is opened: a typo should cost nothing.
+    if let Some(name) = &args.name
+        && !PROJECTION_NAMES.contains(&name.as_str())
+    {
+        bail!(
+            "no projection named {name:?}; known projections: {}",
+            PROJECTION_NAMES.join(", ")
+        );
+    }
     wiring::ensure_database_exists(&location)?;
     let key_dir = args.storage.data_dir.join(KEY_DIR_NAME);
     let mut keys = projection_keys(&key_dir, KeyFiles::Existing)?;
-    // Checked before the database is opened: a typo should cost nothing.
     if let Some(name) = &args.name {
-        let known: Vec<&str> = keys.projections.iter().map(|p| p.name()).collect();
         keys.projections.retain(|p| p.name() == name);
-        if keys.projections.is_empty() {
-            bail!(
-                "no projection named {name:?}; known projections: {}",
-                known.join(", ")
-            );
-        }
     }
     let label = args.name.clone().unwrap_or_else(|| "all".to_owned());
 
@@ -1235,5 +1244,13 @@ mod tests {
     #[test]
     fn the_progress_template_parses() {
         assert!(ProgressStyle::with_template(PROGRESS_TEMPLATE).is_ok());
+    }
+
+    #[test]
+    fn rebuild_knows_every_projection_by_name() {
+        let dir = tempfile::tempdir().expect("dir");
+        let keys = projection_keys(dir.path(), KeyFiles::CreateMissing).expect("keys");
+        let names: Vec<&str> = keys.projections.iter().map(|p| p.name()).collect();
+        assert_eq!(names, PROJECTION_NAMES);
     }
 }
