@@ -18,8 +18,9 @@ use crate::rows::{UserRow, at_arg, clamped_timestamp, minus, plus, timestamp, us
 use crate::second_factor;
 use crate::secrets::AccessSecrets;
 use crate::settings::{
-    AccessSettings, LOGIN_FAILURE_WINDOW, LOGIN_FAILURES_PER_ACCOUNT_MAX,
-    LOGIN_FAILURES_PER_ADDRESS_MAX, PASSWORD_HISTORY_GENERATIONS,
+    AccessSettings, LOGIN_ATTEMPT_IN_FLIGHT_MAX, LOGIN_FAILURE_WINDOW,
+    LOGIN_FAILURES_PER_ACCOUNT_MAX, LOGIN_FAILURES_PER_ADDRESS_MAX,
+    LOGIN_IN_FLIGHT_RETRY_AFTER_SECONDS, PASSWORD_HISTORY_GENERATIONS,
 };
 use crate::types::{
     IdentityAssertion, LoginAttempt, LoginSuccess, NewUser, OneTimePassword, Password,
@@ -278,7 +279,7 @@ impl Accounts {
         let mut tx = self.db().begin().await?;
         set_password(&mut tx, id, &hash, PasswordKind::OneTime, now).await?;
         revoke_sessions(&mut tx, id, now).await?;
-        clear_account_failures(&mut tx, &user.username).await?;
+        clear_account_failures(&mut tx, &user.username, now).await?;
         tx.commit().await?;
         tracing::info!("password reset");
         Ok(one_time)
@@ -369,9 +370,12 @@ impl Accounts {
                 });
             }
         };
-        if !verify_any_blocking(current, vec![user.password_hash.clone()]).await? {
-            return Err(PasswordChangeError::CurrentPasswordIncorrect);
-        }
+        let verified = match verify_any_blocking(current, vec![user.password_hash.clone()]).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(PasswordChangeError::CurrentPasswordIncorrect),
+            Err(error) => Err(error.into()),
+        };
+        self.settle_attempt(attempt, verified).await?;
         // The current password was right: what follows is the new one's policy, not a guess.
         self.forget_attempt(attempt).await?;
         password::check_policy(self.settings(), user.role, &user.username, new)?;
@@ -391,7 +395,7 @@ impl Accounts {
         let mut tx = self.db().begin().await.map_err(AccessError::from)?;
         set_password(&mut tx, id, &hash, PasswordKind::Chosen, now).await?;
         revoke_sessions(&mut tx, id, now).await?;
-        clear_account_failures(&mut tx, &user.username).await?;
+        clear_account_failures(&mut tx, &user.username, now).await?;
         tx.commit().await.map_err(AccessError::from)?;
         tracing::info!("password changed");
         Ok(())
@@ -592,9 +596,23 @@ impl Accounts {
             .counted_attempt(username.as_ref(), Some(&address), now)
             .await
             .inspect_err(|_| tracing::warn!("login throttled"))?;
-        // From here every way out but a session or a request for the second factor leaves the
-        // attempt counted as a failure.
-        let user = match &username {
+        // Every way out but a session or a request for the second factor leaves the attempt
+        // counted as a failure.
+        let outcome = self
+            .counted_login(&login, username.as_ref(), attempt, now)
+            .await;
+        self.settle_attempt(attempt, outcome).await
+    }
+
+    /// The checks of a login, once its `attempt` is counted.
+    async fn counted_login(
+        &self,
+        login: &LoginAttempt,
+        username: Option<&Username>,
+        attempt: Uuid,
+        now: Timestamp,
+    ) -> Result<LoginSuccess, LoginError> {
+        let user = match username {
             Some(username) => self.user_row_by_name(username).await?,
             None => None,
         };
@@ -642,6 +660,17 @@ impl Accounts {
             .counted_attempt(None, Some(&address), now)
             .await
             .inspect_err(|_| tracing::warn!("identity-provider login throttled"))?;
+        let outcome = self.counted_sso_login(assertion, attempt, now).await;
+        self.settle_attempt(attempt, outcome).await
+    }
+
+    /// The checks of an identity-provider login, once its `attempt` is counted.
+    async fn counted_sso_login(
+        &self,
+        assertion: &IdentityAssertion,
+        attempt: Uuid,
+        now: Timestamp,
+    ) -> Result<LoginSuccess, LoginError> {
         let user = match self.user_row_by_sso_subject(&assertion.subject).await? {
             Some(user) if !user.disabled && self.claim_sso_token(assertion).await? => user,
             _ => return Err(LoginError::InvalidCredentials),
@@ -728,11 +757,12 @@ impl Accounts {
                 if !user.disabled
                     && user.sso_subject.as_deref() == Some(assertion.subject.as_str()) =>
             {
-                self.claim_sso_token(assertion).await?
+                self.claim_sso_token(assertion).await
             }
-            _ => false,
+            _ => Ok(false),
         };
-        self.reauthentication_outcome(&user, attempt, proved).await
+        self.reauthentication_outcome(&user, attempt, proved, now)
+            .await
     }
 
     /// Opens a session for `user`, who just proved who they are, and clears the failures of
@@ -746,7 +776,7 @@ impl Accounts {
         let token = SessionToken::generate();
         let session_id = Uuid::new_v4();
         let mut tx = self.db().begin().await.map_err(AccessError::from)?;
-        clear_account_failures(&mut tx, &user.username).await?;
+        clear_account_failures(&mut tx, &user.username, now).await?;
         // An identity-provider attempt is counted against the address only: clearing the
         // account's failures does not reach it.
         forget_attempt(&mut tx, attempt).await?;
@@ -800,13 +830,17 @@ impl Accounts {
         // An identity-provider account re-authenticates there (`sso_reauthenticate`), never
         // with a chartlog password.
         let refused = user.disabled || user.sso_subject.is_some();
-        let stored = if refused {
-            self.dummy_hash().await?
-        } else {
-            user.password_hash.clone()
-        };
-        let proved = !refused && verify_any_blocking(password, vec![stored]).await?;
-        self.reauthentication_outcome(&user, attempt, proved).await
+        let proved = async {
+            let stored = if refused {
+                self.dummy_hash().await?
+            } else {
+                user.password_hash.clone()
+            };
+            Ok(!refused && verify_any_blocking(password, vec![stored]).await?)
+        }
+        .await;
+        self.reauthentication_outcome(&user, attempt, proved, now)
+            .await
     }
 
     /// The account about to re-authenticate, and its attempt, counted against the account
@@ -825,23 +859,30 @@ impl Accounts {
         Ok((user, attempt))
     }
 
-    /// Leaves a re-authentication that did not prove who is at the keyboard counted as a
-    /// failure, or clears the account's failures (the attempt's own row with them) after one
-    /// that `proved` it.
+    /// Leaves a re-authentication that did not prove who is at the keyboard (or could not be
+    /// checked) counted as a failure, or clears the account's failures (the attempt's own row
+    /// with them) after one that `proved` it.
     async fn reauthentication_outcome(
         &self,
         user: &UserRow,
         attempt: Uuid,
-        proved: bool,
+        proved: Result<bool, AccessError>,
+        now: Timestamp,
     ) -> Result<(), LoginError> {
-        if !proved {
-            return Err(LoginError::InvalidCredentials);
-        }
-        let mut tx = self.db().begin().await.map_err(AccessError::from)?;
-        clear_account_failures(&mut tx, &user.username).await?;
-        forget_attempt(&mut tx, attempt).await?;
-        tx.commit().await.map_err(AccessError::from)?;
-        Ok(())
+        let outcome = match proved {
+            Ok(true) => async {
+                let mut tx = self.db().begin().await?;
+                clear_account_failures(&mut tx, &user.username, now).await?;
+                forget_attempt(&mut tx, attempt).await?;
+                tx.commit().await?;
+                Ok::<_, AccessError>(())
+            }
+            .await
+            .map_err(LoginError::from),
+            Ok(false) => Err(LoginError::InvalidCredentials),
+            Err(error) => Err(error.into()),
+        };
+        self.settle_attempt(attempt, outcome).await
     }
 
     /// [`Accounts::count_attempt`], refused with [`LoginError::Throttled`].
@@ -859,15 +900,21 @@ impl Accounts {
     }
 
     /// Counts an attempt against the account name and the address before anything is
-    /// verified, and returns its id; or, when either has reached its limit of failures within
-    /// the window, the seconds until it may try again.
+    /// verified, and returns its id; or, when either has reached its limit, the seconds until
+    /// it may try again.
     ///
-    /// The attempt's failure row is inserted first and the window counted after, including
-    /// it. Checking first and recording after the argon2 verification let a burst of
-    /// simultaneous attempts all pass the check before any was recorded; now each attempt
-    /// sees the rows of every attempt that came before it, so at most the limit of them go
-    /// on to be verified, however many arrive at once. The row stays, a failure, unless the
-    /// attempt proves who is there: then [`Accounts::forget_attempt`] or a session deletes it.
+    /// The attempt's row is inserted first, in flight (its `attempt_id` set), and the window
+    /// counted after, including it. Checking first and recording after the argon2
+    /// verification let a burst of simultaneous attempts all pass the check before any was
+    /// recorded; now each attempt sees the rows of every attempt that came before it, so at
+    /// most the limit of them, failed or still in flight, go on to be verified, however many
+    /// arrive at once. The row is then settled by the attempt's outcome: deleted if it proves
+    /// who is there, else made a plain failure ([`Accounts::settle_attempt`]).
+    ///
+    /// Attempts in flight hold the limit but are no failures: an attempt refused only because
+    /// of them is asked to wait [`LOGIN_IN_FLIGHT_RETRY_AFTER_SECONDS`], not the failure
+    /// window, so a burst of right passwords (a clinic behind one NAT address, a user's
+    /// clients retrying at once) gets through a second later. See [`Accounts::throttled`].
     ///
     /// An attempt over the limit deletes its row again: refused attempts are not failures,
     /// as when the throttle was checked before anything was recorded, so a user retrying
@@ -914,7 +961,15 @@ impl Accounts {
     }
 
     /// Seconds until the account name or the address may try again, if, besides `attempt`,
-    /// either has reached its limit of failures within the window.
+    /// either has reached its limit of failures and attempts in flight within the window.
+    ///
+    /// A row is in flight while its `attempt_id` is set and it is younger than
+    /// [`LOGIN_ATTEMPT_IN_FLIGHT_MAX`]; a failure once its attempt cleared the id, or once it
+    /// is older (its server stopped before settling it). When the failures alone reach the
+    /// limit, the wait is until the oldest of the last `limit` of them leaves the window;
+    /// when only attempts in flight make up the rest, it is
+    /// [`LOGIN_IN_FLIGHT_RETRY_AFTER_SECONDS`]. One statement reads both kinds, so a row
+    /// settled while it runs is seen once, either way: never in neither count.
     async fn throttled(
         &self,
         attempt: Uuid,
@@ -922,27 +977,40 @@ impl Accounts {
         address: Option<&str>,
         now: Timestamp,
     ) -> Result<Option<u64>, AccessError> {
+        // Up to `$5` rows of each kind (failures, others in flight), newest first.
+        macro_rules! recent_rows {
+            ($column:literal) => {
+                concat!(
+                    "SELECT failed_at_us, attempt_id FROM (\
+                     SELECT failed_at_us, attempt_id, ROW_NUMBER() OVER (\
+                     PARTITION BY CASE WHEN attempt_id IS NOT NULL AND failed_at_us > $3 \
+                     THEN 1 ELSE 0 END ORDER BY failed_at_us DESC) AS nth \
+                     FROM chartlog_access_login_failures \
+                     WHERE ",
+                    $column,
+                    " = $1 AND failed_at_us > $2 \
+                     AND (attempt_id IS NULL OR attempt_id <> $4)\
+                     ) AS recent WHERE nth <= $5 ORDER BY failed_at_us DESC"
+                )
+            };
+        }
         let since = minus(now, LOGIN_FAILURE_WINDOW);
-        let mut retry_after_micros: Option<i64> = None;
+        let in_flight_since = minus(now, LOGIN_ATTEMPT_IN_FLIGHT_MAX);
+        let mut retry_after: Option<u64> = None;
         let checks = [
             (
-                "SELECT failed_at_us, attempt_id FROM chartlog_access_login_failures \
-                 WHERE username = $1 AND failed_at_us > $2 \
-                 ORDER BY failed_at_us DESC LIMIT $3",
+                recent_rows!("username"),
                 username.map(|name| name.as_str().to_owned()),
                 LOGIN_FAILURES_PER_ACCOUNT_MAX,
             ),
             (
-                "SELECT failed_at_us, attempt_id FROM chartlog_access_login_failures \
-                 WHERE client_address = $1 AND failed_at_us > $2 \
-                 ORDER BY failed_at_us DESC LIMIT $3",
+                recent_rows!("client_address"),
                 address.map(str::to_owned),
                 LOGIN_FAILURES_PER_ADDRESS_MAX,
             ),
         ];
         for (sql, key, limit) in checks {
             let Some(key) = key else { continue };
-            // One more than the limit: the attempt's own row is among them.
             let rows = self
                 .db()
                 .fetch_all(
@@ -950,28 +1018,58 @@ impl Accounts {
                     vec![
                         SqlArg::Text(key),
                         SqlArg::I64(since),
-                        SqlArg::I64(limit as i64 + 1),
+                        SqlArg::I64(in_flight_since),
+                        uuid_arg(attempt),
+                        SqlArg::I64(limit as i64),
                     ],
                 )
                 .await?;
-            let mut others = Vec::with_capacity(rows.len());
+            let (mut failures, mut in_flight) = (Vec::with_capacity(rows.len()), 0);
             for row in &rows {
-                if row.opt_uuid(1)? != Some(attempt) {
-                    others.push(row.i64(0)?);
+                let at = row.i64(0)?;
+                if row.opt_uuid(1)?.is_some() && at > in_flight_since {
+                    in_flight += 1;
+                } else {
+                    failures.push(at);
                 }
             }
-            if others.len() < limit {
+            let retry = if failures.len() >= limit {
+                // The oldest of the last `limit` failures leaves the window first.
+                let oldest = failures[limit - 1];
+                let micros =
+                    plus(clamped_timestamp(oldest), LOGIN_FAILURE_WINDOW) - now.unix_micros();
+                u64::try_from(micros.max(1))
+                    .expect("positive")
+                    .div_ceil(1_000_000)
+            } else if failures.len() + in_flight >= limit {
+                LOGIN_IN_FLIGHT_RETRY_AFTER_SECONDS
+            } else {
                 continue;
-            }
-            // The oldest of the last `limit` failures leaves the window first.
-            let oldest = others[limit - 1];
-            let retry = plus(clamped_timestamp(oldest), LOGIN_FAILURE_WINDOW) - now.unix_micros();
-            retry_after_micros = Some(retry_after_micros.map_or(retry, |r| r.max(retry)));
+            };
+            retry_after = Some(retry_after.map_or(retry, |r| r.max(retry)));
         }
-        Ok(retry_after_micros.map(|micros| {
-            let micros = u64::try_from(micros.max(1)).expect("positive");
-            micros.div_ceil(1_000_000)
-        }))
+        Ok(retry_after)
+    }
+
+    /// Settles a counted attempt by its `outcome`: one that failed, for whatever reason, is
+    /// left counted as a failure, its row no longer in flight. One that succeeded, or that
+    /// only asks for the second factor, has already deleted its row: the update finds none.
+    /// Should the update fail, the row counts as a failure anyway once it is older than
+    /// [`LOGIN_ATTEMPT_IN_FLIGHT_MAX`].
+    async fn settle_attempt<T, E>(&self, attempt: Uuid, outcome: Result<T, E>) -> Result<T, E> {
+        if outcome.is_err()
+            && let Err(error) = self
+                .db()
+                .execute(
+                    "UPDATE chartlog_access_login_failures SET attempt_id = NULL \
+                     WHERE attempt_id = $1",
+                    vec![uuid_arg(attempt)],
+                )
+                .await
+        {
+            tracing::warn!(%error, "failed login attempt left in flight");
+        }
+        outcome
     }
 
     /// Deletes the row of an attempt that turned out not to be a failure.
@@ -1401,13 +1499,21 @@ async fn revoke_sessions(
         .await?)
 }
 
+/// Deletes the account's failures (its rows in flight too, once they count as failures),
+/// keeping the rows of attempts still being checked: they hold the limit until they settle,
+/// and stay failures if they fail.
 async fn clear_account_failures(
     tx: &mut ProjectionTx,
     username: &Username,
+    now: Timestamp,
 ) -> Result<(), AccessError> {
     tx.execute(
-        "DELETE FROM chartlog_access_login_failures WHERE username = $1",
-        vec![SqlArg::Text(username.as_str().to_owned())],
+        "DELETE FROM chartlog_access_login_failures \
+         WHERE username = $1 AND (attempt_id IS NULL OR failed_at_us <= $2)",
+        vec![
+            SqlArg::Text(username.as_str().to_owned()),
+            SqlArg::I64(minus(now, LOGIN_ATTEMPT_IN_FLIGHT_MAX)),
+        ],
     )
     .await?;
     Ok(())

@@ -18,6 +18,16 @@ pub const LOGIN_FAILURES_PER_ADDRESS_MAX: usize = 20;
 /// The window failed logins are counted in.
 pub const LOGIN_FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 const _: () = assert!(LOGIN_FAILURES_PER_ACCOUNT_MAX < LOGIN_FAILURES_PER_ADDRESS_MAX);
+/// An attempt whose password is still being checked counts against the limits as a failure
+/// would, but only for this long after it began: past it, its row counts as a failure (a
+/// server that stopped mid-check leaves a failure behind, never a row that holds the limit
+/// without end).
+pub const LOGIN_ATTEMPT_IN_FLIGHT_MAX: Duration = Duration::from_secs(60);
+const _: () = assert!(LOGIN_ATTEMPT_IN_FLIGHT_MAX.as_secs() < LOGIN_FAILURE_WINDOW.as_secs());
+/// The wait asked of an attempt refused only because the limit's worth of attempts for its
+/// account or address are still being checked, not because of failures: a second or so, when
+/// those will have succeeded (and left nothing counted) or failed.
+pub const LOGIN_IN_FLIGHT_RETRY_AFTER_SECONDS: u64 = 1;
 
 /// The access policy. [`AccessSettings::default`] is what chartlog ships: HIPAA automatic
 /// logoff after 10 idle minutes, NIST SP 800-63B password lengths.

@@ -7,10 +7,11 @@ use std::time::Duration;
 use chartlog_access::{
     AccessError, AccessSecrets, AccessSettings, Accounts, BreakGlassReason, ExpiryReason,
     IDEMPOTENCY_IN_PROGRESS_TIMEOUT, IdempotencyClaim, IdempotencyError, IdentityAssertion,
-    LOGIN_FAILURE_WINDOW, LOGIN_FAILURES_PER_ACCOUNT_MAX, LOGIN_FAILURES_PER_ADDRESS_MAX,
-    LoginAttempt, LoginError, LoginSuccess, NewUser, OneTimePassword, PRUNE_GRACE, Password,
-    PasswordChangeError, PasswordHashing, RecoveryCodes, ReviewCursor, ReviewVerdict,
-    SecondFactorCode, SessionError, SessionStage, StoredResponse, Username,
+    LOGIN_ATTEMPT_IN_FLIGHT_MAX, LOGIN_FAILURE_WINDOW, LOGIN_FAILURES_PER_ACCOUNT_MAX,
+    LOGIN_FAILURES_PER_ADDRESS_MAX, LOGIN_IN_FLIGHT_RETRY_AFTER_SECONDS, LoginAttempt, LoginError,
+    LoginSuccess, NewUser, OneTimePassword, PRUNE_GRACE, Password, PasswordChangeError,
+    PasswordHashing, RecoveryCodes, ReviewCursor, ReviewVerdict, SecondFactorCode, SessionError,
+    SessionStage, StoredResponse, Username,
 };
 use chartlog_domain::{PatientId, Role, Timestamp, UserId};
 use chartlog_projections::db::{ProjectionDb, SqlArg};
@@ -136,6 +137,9 @@ on_both_backends!(
     reauthentication_is_throttled,
     a_burst_of_wrong_passwords_is_checked_at_most_the_limit_times,
     a_burst_of_wrong_reauthentications_is_checked_at_most_the_limit_times,
+    a_burst_of_right_passwords_from_one_address_gets_in,
+    a_burst_of_right_passwords_for_one_account_gets_in,
+    attempts_in_flight_hold_the_limit_briefly_then_count_as_failures,
     inactive_accounts_are_deactivated,
     break_glass_grants_expire_and_are_reviewed,
     a_break_glass_grant_is_not_opened_again_while_open,
@@ -1507,6 +1511,205 @@ async fn a_burst_of_wrong_reauthentications_is_checked_at_most_the_limit_times(f
         }
         Err(other) => panic!("{other:?}"),
     }
+}
+
+/// Runs `attempt` (given the time) until it is not throttled, waiting each Retry-After, which
+/// must be short: only attempts in flight, never failures, stand in the way of a right
+/// password here. Returns the final outcome and how many times it was throttled.
+async fn retried<T, F, Fut>(start: i64, mut attempt: F) -> (Result<T, LoginError>, usize)
+where
+    F: FnMut(Timestamp) -> Fut,
+    Fut: std::future::Future<Output = Result<T, LoginError>>,
+{
+    let mut now = start;
+    for throttled in 0..20 {
+        match attempt(at(now)).await {
+            Err(LoginError::Throttled {
+                retry_after_seconds,
+            }) => {
+                assert!(
+                    retry_after_seconds <= LOGIN_IN_FLIGHT_RETRY_AFTER_SECONDS,
+                    "a right password behind attempts in flight was asked to wait \
+                     {retry_after_seconds} s"
+                );
+                tokio::time::sleep(Duration::from_secs(retry_after_seconds)).await;
+                now += i64::try_from(retry_after_seconds).unwrap();
+            }
+            outcome => return (outcome, throttled),
+        }
+    }
+    panic!("still throttled after 20 tries");
+}
+
+/// Bug this catches: attempts still being checked counted as failures, so that a burst of
+/// more right passwords than the address's limit (a clinic behind one NAT address, or every
+/// client behind a proxy) had the latecomers told to come back when the window ends.
+async fn a_burst_of_right_passwords_from_one_address_gets_in(fixture: Fixture) {
+    const BURST: usize = LOGIN_FAILURES_PER_ADDRESS_MAX + 10;
+    let accounts = &fixture.accounts;
+    for n in 0..BURST {
+        active_user(
+            accounts,
+            &format!("clinic{n:02}"),
+            Role::Auditor,
+            "the clinic's passphrase",
+            at(0),
+        )
+        .await;
+    }
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(BURST));
+    let mut logins = tokio::task::JoinSet::new();
+    for n in 0..BURST {
+        let (accounts, start) = (accounts.clone(), start.clone());
+        logins.spawn(async move {
+            start.wait().await;
+            let (username, right) = (format!("clinic{n:02}"), password("the clinic's passphrase"));
+            retried(10, |now| {
+                login_from(&accounts, &username, &right, None, "203.0.113.80", now)
+            })
+            .await
+        });
+    }
+    for (outcome, _) in logins.join_all().await {
+        outcome.expect("a right password gets in");
+    }
+    let left = scalar_count(
+        &fixture.db,
+        "SELECT COUNT(*) FROM chartlog_access_login_failures WHERE client_address = $1",
+        vec![SqlArg::Text("203.0.113.80".to_owned())],
+    )
+    .await;
+    assert_eq!(left, 0, "successes leave nothing counted");
+}
+
+/// The same for one account, whose limit is lower: a user's clients (or a retrying client)
+/// logging in, or signing notes, at once.
+async fn a_burst_of_right_passwords_for_one_account_gets_in(fixture: Fixture) {
+    const BURST: usize = 3 * LOGIN_FAILURES_PER_ACCOUNT_MAX;
+    let accounts = &fixture.accounts;
+    let id = active_user(
+        accounts,
+        "dr.busy",
+        Role::Auditor,
+        "the right passphrase",
+        at(0),
+    )
+    .await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(BURST));
+    let mut logins = tokio::task::JoinSet::new();
+    for n in 0..BURST {
+        let (accounts, start) = (accounts.clone(), start.clone());
+        logins.spawn(async move {
+            start.wait().await;
+            let client = format!("198.51.100.{}", n + 1);
+            let right = password("the right passphrase");
+            retried(10, |now| {
+                login_from(&accounts, "dr.busy", &right, None, &client, now)
+            })
+            .await
+        });
+    }
+    for (outcome, _) in logins.join_all().await {
+        outcome.expect("a right password gets in");
+    }
+    assert_eq!(failures_of(&fixture.db, "dr.busy").await, 0);
+    // Re-authentications before signing, all from one workstation.
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(BURST));
+    let mut signings = tokio::task::JoinSet::new();
+    for _ in 0..BURST {
+        let (accounts, start) = (accounts.clone(), start.clone());
+        signings.spawn(async move {
+            start.wait().await;
+            retried(100, |now| {
+                let accounts = accounts.clone();
+                async move {
+                    accounts
+                        .reauthenticate(
+                            id,
+                            &password("the right passphrase"),
+                            address("192.0.2.44"),
+                            now,
+                        )
+                        .await
+                }
+            })
+            .await
+        });
+    }
+    for (outcome, _) in signings.join_all().await {
+        outcome.expect("a right password re-authenticates");
+    }
+    assert_eq!(failures_of(&fixture.db, "dr.busy").await, 0);
+}
+
+/// An attempt's row while its password is checked, written as `count_attempt` writes it.
+async fn attempt_in_flight(db: &ProjectionDb, username: &str, now: Timestamp) {
+    db.execute(
+        "INSERT INTO chartlog_access_login_failures \
+         (username, client_address, failed_at_us, attempt_id) VALUES ($1, $2, $3, $4)",
+        vec![
+            SqlArg::Text(username.to_owned()),
+            SqlArg::Text("198.51.100.99".to_owned()),
+            SqlArg::I64(now.unix_micros()),
+            SqlArg::Uuid(Uuid::new_v4()),
+        ],
+    )
+    .await
+    .expect("insert an attempt in flight");
+}
+
+/// Attempts in flight fill the limit only while they are checked: one refused because of
+/// them waits a second, not the window; and the row of an attempt never settled (its server
+/// stopped) counts as a failure once it is older than the longest check.
+async fn attempts_in_flight_hold_the_limit_briefly_then_count_as_failures(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    active_user(
+        accounts,
+        "dr.flight",
+        Role::Auditor,
+        "the right passphrase",
+        at(0),
+    )
+    .await;
+    let right = password("the right passphrase");
+    let wrong = password("the wrong passphrase");
+    // Four settled failures and one attempt still in flight fill the account's limit.
+    for i in 0..4 {
+        assert!(matches!(
+            login(accounts, "dr.flight", &wrong, None, at(10 + i)).await,
+            Err(LoginError::InvalidCredentials)
+        ));
+    }
+    attempt_in_flight(&fixture.db, "dr.flight", at(20)).await;
+    assert!(matches!(
+        login(accounts, "dr.flight", &right, None, at(20)).await,
+        Err(LoginError::Throttled {
+            retry_after_seconds: LOGIN_IN_FLIGHT_RETRY_AFTER_SECONDS
+        })
+    ));
+    // The attempt was never settled: past the longest check it is the fifth failure, and the
+    // wait is until the first of the five leaves the window.
+    let stale = 20 + i64::try_from(LOGIN_ATTEMPT_IN_FLIGHT_MAX.as_secs()).unwrap() + 1;
+    let Err(LoginError::Throttled {
+        retry_after_seconds,
+    }) = login(accounts, "dr.flight", &right, None, at(stale)).await
+    else {
+        panic!("five failures throttle the account");
+    };
+    let window = i64::try_from(LOGIN_FAILURE_WINDOW.as_secs()).unwrap();
+    assert_eq!(
+        retry_after_seconds,
+        u64::try_from(10 + window - stale).unwrap()
+    );
+    assert_eq!(failures_of(&fixture.db, "dr.flight").await, 5);
+    // Once they have left the window, a success clears the account's failures, the stale
+    // row with them, but not the row of an attempt still in flight.
+    let later = 10 + window + 5;
+    attempt_in_flight(&fixture.db, "dr.flight", at(later)).await;
+    login(accounts, "dr.flight", &right, None, at(later))
+        .await
+        .expect("the window has passed");
+    assert_eq!(failures_of(&fixture.db, "dr.flight").await, 1);
 }
 
 async fn inactive_accounts_are_deactivated(fixture: Fixture) {
