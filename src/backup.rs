@@ -29,7 +29,8 @@
 //! signature verify, the stream heads match the events, and the manifest's signature (by a
 //! signer the target's key files trust), counts, root hash and content digest match. A data
 //! key is never restored for an owner in an erasure ledger: the target database's, the
-//! backup's own, the target key directory's `erasure-ledger.jsonl` (`crate::erasure_ledger`,
+//! backup's own, the target key directory's `erasure-ledger.jsonl` and, when given,
+//! `--erasure-ledger`'s file (`crate::erasure_ledger`,
 //! written at every erasure and restored with the key backup: the one ledger that survives the
 //! loss of the database), and any named with `--erasures-from` (a database or such a file).
 //! The restore reports how many keys each ledger withheld, and warns when the key directory
@@ -74,7 +75,7 @@ use sqlx::AssertSqlSafe;
 use sqlx::types::Uuid;
 use tokio::sync::mpsc;
 
-use crate::erasure_ledger::ErasureLedger;
+use crate::erasure_ledger::{ErasureLedger, ErasureLedgerArgs};
 use crate::{
     Database, DatabaseLocation, DatabaseUrl, KEY_DIR_NAME, StorageArgs, create_data_dir, keys,
     open_database,
@@ -203,7 +204,8 @@ pub(crate) struct RestoreArgs {
     /// Another erasure ledger to honour: a database (postgres://..., sqlite:...) whose
     /// destroyed data keys count, e.g. the live database after later erasures, or an erasure
     /// ledger file (`erasure-ledger.jsonl`) of another key directory, e.g. another server's.
-    /// Repeatable. The target's own `<data-dir>/keys/erasure-ledger.jsonl` is always read.
+    /// Repeatable. The target's own `<data-dir>/keys/erasure-ledger.jsonl`, and
+    /// --erasure-ledger's file, are always read.
     /// A database URL holding a password belongs in CHARTLOG_ERASURES_FROM (one value, read
     /// only when no --erasures-from is given), or leave the password out and give it in
     /// PGPASSWORD or a .pgpass file: the command line shows in `ps`.
@@ -224,6 +226,9 @@ pub(crate) struct RestoreArgs {
     /// Print a one-line JSON summary on stdout.
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    erasure_ledger: ErasureLedgerArgs,
 }
 
 /// A `--erasures-from` value: a database, or an erasure ledger file.
@@ -934,11 +939,13 @@ async fn read_ledger(db: &ProjectionDb) -> anyhow::Result<BTreeMap<String, Tombs
 /// see which ledger kept which patients erased, and notice one that was missing.
 #[derive(serde::Serialize)]
 struct LedgerReport {
-    /// `target_database`, `key_directory_file`, `file`, `database` or `backup`.
+    /// `target_database`, `key_directory_file`, `erasure_ledger_file` (--erasure-ledger's),
+    /// `file`, `database` or `backup`.
     kind: &'static str,
     /// A path, or a description of a database without credentials.
     source: String,
-    /// Whether the ledger was there (only the key directory's file may be missing).
+    /// Whether the ledger was there (only the key directory's file and --erasure-ledger's may
+    /// be missing).
     present: bool,
     /// Erased owners it names.
     erasures: u64,
@@ -998,19 +1005,23 @@ impl Ledgers {
         });
     }
 
-    /// Reads an erasure ledger file. A missing file is an error unless `may_be_missing`.
+    /// Reads an erasure ledger file; `if_missing` says what a missing one is.
     fn add_file(
         &mut self,
         kind: &'static str,
         ledger: &ErasureLedger,
-        may_be_missing: bool,
+        if_missing: IfMissing,
     ) -> anyhow::Result<()> {
         let source = ledger.path().display().to_string();
         let Some(contents) = ledger.read()? else {
             ensure!(
-                may_be_missing,
+                if_missing != IfMissing::Refuse,
                 "--erasures-from: no erasure ledger at {source}"
             );
+            if if_missing == IfMissing::Skip {
+                self.add(kind, source, false, []);
+                return Ok(());
+            }
             eprintln!(
                 "WARNING: no erasure ledger at {source}. A patient erased after this backup was \
                  taken gets their data key back unless the target database or an \
@@ -1058,6 +1069,17 @@ impl Ledgers {
         self.add("database", source, true, ledger?);
         Ok(())
     }
+}
+
+/// What a missing erasure ledger file is to a restore.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IfMissing {
+    /// An error: the operator named it.
+    Refuse,
+    /// A warning: the ledger the server writes, which may not have been restored.
+    Warn,
+    /// Nothing to say: the key directory's file when the server keeps its ledger elsewhere.
+    Skip,
 }
 
 /// Counts a restore reports.
@@ -1136,18 +1158,26 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             )
         })?;
 
-    // The key directory's ledger is read whether or not it is named: it is the one that
-    // survives the loss of the database, and it arrives with the key backup a restore needs.
+    // The server's ledger is read whether or not it is named: it is the one that survives
+    // the loss of the database, and it arrives with the key backup a restore needs. Kept
+    // outside a read-only key directory (--erasure-ledger), the key directory's own file,
+    // if any, holds the erasures from before it moved.
     let mut ledgers = Ledgers::new();
-    ledgers.add_file(
-        "key_directory_file",
-        &ErasureLedger::in_key_dir(&key_dir),
-        true,
-    )?;
+    let key_directory_file = ErasureLedger::in_key_dir(&key_dir);
+    if args.erasure_ledger.is_given() {
+        ledgers.add_file(
+            "erasure_ledger_file",
+            &args.erasure_ledger.ledger(&key_dir),
+            IfMissing::Warn,
+        )?;
+        ledgers.add_file("key_directory_file", &key_directory_file, IfMissing::Skip)?;
+    } else {
+        ledgers.add_file("key_directory_file", &key_directory_file, IfMissing::Warn)?;
+    }
     for (index, from) in args.erasures_from.iter().enumerate() {
         match from {
             ErasuresFrom::File(path) => {
-                ledgers.add_file("file", &ErasureLedger::at(path.clone()), false)?;
+                ledgers.add_file("file", &ErasureLedger::at(path.clone()), IfMissing::Refuse)?;
             }
             ErasuresFrom::Database(url) => ledgers.add_database(url, index + 1).await?,
         }

@@ -3,8 +3,9 @@
 //! The erasure takes the same path as the HTTP `erase` command: `PatientErased` (a tombstone
 //! with a reason from a closed list, no PHI) is decided and appended through the ledger, its
 //! clear header naming the operator as the actor, the erasure is written to the erasure
-//! ledger in `<data-dir>/keys` (`crate::erasure_ledger`), and the patient's data key is
-//! destroyed. The patient's events in the database are unreadable from then on; the chain
+//! ledger in `<data-dir>/keys` or `--erasure-ledger` (`crate::erasure_ledger`), and the
+//! patient's data key is destroyed. A ledger that cannot be written refuses the erasure before
+//! the tombstone is stored, leaving the record as it was. The patient's events in the database are unreadable from then on; the chain
 //! still verifies. The key table keeps a tombstone row (key id and time), so the patient can
 //! never be given a key again. A server running meanwhile may still hold the key in its cache
 //! for up to `DATA_KEY_CACHE_TTL` (30 s); its projection runner drops the patient's
@@ -32,7 +33,7 @@ use chartlog_store::{EventStore, LedgerError, PatientLedger};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::erasure_ledger::{ErasureLedger, LedgeredKeyStore};
+use crate::erasure_ledger::{ErasureLedgerArgs, LedgeredKeyStore};
 use crate::{Database, RetentionArgs, StorageArgs, keys, wiring};
 
 /// The user id recorded as the actor when no `--operator` is given: chartlog's command line,
@@ -70,6 +71,9 @@ pub(crate) struct EraseArgs {
 
     #[command(flatten)]
     retention: RetentionArgs,
+
+    #[command(flatten)]
+    erasure_ledger: ErasureLedgerArgs,
 }
 
 /// [`ErasureReason`], spelled as the HTTP API spells it.
@@ -167,12 +171,14 @@ async fn erase_on(
     let ring = Arc::new(ring);
     let signer = Arc::clone(signing.active());
     let verifier = Arc::new(signing.verifier());
-    let key_dir = keys::key_dir(&args.storage.data_dir);
+    let erasure_ledger = args
+        .erasure_ledger
+        .ledger(&keys::key_dir(&args.storage.data_dir));
     match database {
         Database::Sqlite(store, _) => {
             let keys = DataKeys::new(
                 ring,
-                LedgeredKeyStore::new(SqliteKeyStore::new(store.pool().clone()), &key_dir),
+                LedgeredKeyStore::new(SqliteKeyStore::new(store.pool().clone()), erasure_ledger),
             );
             let snapshots = Arc::new(SqliteSnapshotStore::new(store.pool().clone()));
             let ledger =
@@ -184,7 +190,7 @@ async fn erase_on(
         Database::Postgres(store) => {
             let keys = DataKeys::new(
                 ring,
-                LedgeredKeyStore::new(PostgresKeyStore::new(store.pool().clone()), &key_dir),
+                LedgeredKeyStore::new(PostgresKeyStore::new(store.pool().clone()), erasure_ledger),
             );
             let snapshots = Arc::new(PostgresSnapshotStore::new(store.pool().clone()));
             let ledger =
@@ -267,8 +273,17 @@ async fn erase_with<S: EventStore, K: KeyStore>(
             "patient {patient} was already erased at {destroyed_at} (data key {key_id} destroyed)"
         );
     }
+    // Checked again by the ledger right before the tombstone is stored; here so that a
+    // ledger that cannot be written is reported before anyone is asked to confirm.
+    ledger
+        .keys()
+        .prepare_destroy(&stream)
+        .await
+        .context("the erasure was refused")?;
     if !args.yes {
-        let ledger = ErasureLedger::in_key_dir(&keys::key_dir(&args.storage.data_dir));
+        let ledger = args
+            .erasure_ledger
+            .ledger(&keys::key_dir(&args.storage.data_dir));
         confirm(patient, ledger.path())?;
     }
 

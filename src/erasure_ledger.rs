@@ -1,4 +1,6 @@
-//! The erasure ledger kept with the key files: `<data-dir>/keys/erasure-ledger.jsonl`.
+//! The erasure ledger kept with the key files: `<data-dir>/keys/erasure-ledger.jsonl`, or the
+//! file `--erasure-ledger` (`CHARTLOG_ERASURE_LEDGER`) names when the key directory is a
+//! read-only mount.
 //!
 //! A backup carries every data key that was active when it was taken. The database's own
 //! tombstones say which patients were erased since, but after the database is lost they are
@@ -12,6 +14,12 @@
 //! Ids and a time only, no PHI: patient ids are random UUIDs. The file is 0600, each line is
 //! fsynced before the key it names is destroyed ([`LedgeredKeyStore`]), and appenders of
 //! several processes (a server, `chartlog erase`) take turns under an exclusive lock.
+//!
+//! An erasure stores the patient's tombstone event before it destroys the key, so a ledger
+//! that cannot be written must refuse the erasure before the tombstone, not at the
+//! destruction after it (which would leave the tombstone over a live key):
+//! [`LedgeredKeyStore`] checks the file at [`KeyStore::prepare_destroy`], and `serve` refuses
+//! to start without a writable ledger.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -25,6 +33,7 @@ use chartlog_crypto::{
     DataKeyId, DataKeyRecord, KekId, KeyInsert, KeyStore, KeyStoreError, WrappedDataKey,
 };
 use chartlog_domain::{StreamId, Timestamp};
+use clap::Args;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -87,6 +96,33 @@ pub(crate) struct LedgerContents {
     pub(crate) torn_tail: bool,
 }
 
+/// Where the erasure ledger is: `serve`, `erase` and `restore` must agree on it.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct ErasureLedgerArgs {
+    /// The erasure ledger file (one JSON line per erased patient; what keeps them erased when
+    /// an older backup is restored). Default: `<data-dir>/keys/erasure-ledger.jsonl`. Give
+    /// another path when the key directory is mounted read-only: the file must be writable
+    /// (an erasure is refused otherwise, and `serve` does not start), on storage that is kept,
+    /// and backed up with the keys. `serve`, `erase` and `restore` must be given the same one.
+    #[arg(long, env = "CHARTLOG_ERASURE_LEDGER", value_name = "FILE")]
+    erasure_ledger: Option<PathBuf>,
+}
+
+impl ErasureLedgerArgs {
+    /// The ledger these arguments name, or the key directory's.
+    pub(crate) fn ledger(&self, key_dir: &Path) -> ErasureLedger {
+        match &self.erasure_ledger {
+            Some(path) => ErasureLedger::at(path.clone()),
+            None => ErasureLedger::in_key_dir(key_dir),
+        }
+    }
+
+    /// Whether `--erasure-ledger` (or its variable) moved the ledger out of the key directory.
+    pub(crate) fn is_given(&self) -> bool {
+        self.erasure_ledger.is_some()
+    }
+}
+
 /// The ledger file of one key directory.
 #[derive(Clone, Debug)]
 pub(crate) struct ErasureLedger {
@@ -108,10 +144,10 @@ impl ErasureLedger {
         &self.path
     }
 
-    /// Appends the erasures the file does not hold yet, durably; returns how many it added.
-    /// Blocking: call it off the async threads.
-    pub(crate) fn record(&self, erasures: &[Erasure]) -> io::Result<usize> {
-        let mut file = OpenOptions::new()
+    /// Opens the file for appending (making it, 0600, if it is missing) and takes its lock,
+    /// as [`ErasureLedger::record`] does.
+    fn open_for_append(&self) -> io::Result<File> {
+        let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
@@ -119,6 +155,46 @@ impl ErasureLedger {
             .open(&self.path)?;
         // Released when the file is closed.
         file.lock()?;
+        Ok(file)
+    }
+
+    /// Checks that [`ErasureLedger::record`] can write the file: opens it for appending
+    /// (making it if it is missing: a new ledger is an empty one), takes its lock and syncs
+    /// it, writing no line. What it cannot foresee is a disk that fills up in between.
+    /// Blocking: call it off the async threads.
+    pub(crate) fn check_writable(&self) -> io::Result<()> {
+        let existed = self.path.exists();
+        let file = self.open_for_append()?;
+        file.sync_all()?;
+        if !existed && let Some(directory) = self.path.parent() {
+            File::open(directory)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// [`ErasureLedger::check_writable`] off the async threads, with an error that names the
+    /// file and says what to do.
+    pub(crate) async fn ensure_writable(&self) -> anyhow::Result<()> {
+        let ledger = self.clone();
+        tokio::task::spawn_blocking(move || ledger.check_writable())
+            .await
+            .context("the erasure ledger check failed")?
+            .with_context(|| {
+                format!(
+                    "the erasure ledger {} cannot be written, so no patient could be erased: \
+                     make it (and, if it does not exist yet, its directory) writable by this \
+                     user, or, if the key directory is mounted read-only, give \
+                     --erasure-ledger (CHARTLOG_ERASURE_LEDGER) a file on writable, kept \
+                     storage, the same for serve, erase and restore",
+                    self.path.display()
+                )
+            })
+    }
+
+    /// Appends the erasures the file does not hold yet, durably; returns how many it added.
+    /// Blocking: call it off the async threads.
+    pub(crate) fn record(&self, erasures: &[Erasure]) -> io::Result<usize> {
+        let mut file = self.open_for_append()?;
         let mut text = Vec::new();
         file.read_to_end(&mut text)?;
         if let Some(last) = text.last()
@@ -209,12 +285,12 @@ fn parse(text: &[u8], path: &Path) -> anyhow::Result<LedgerContents> {
     })
 }
 
-/// Adds to the key directory's ledger every destroyed key of the database's key table that
-/// it does not hold yet: erasures made before the ledger existed, or by a server that keeps
-/// its key files elsewhere. Returns how many it added.
+/// Adds to the ledger every destroyed key of the database's key table that it does not hold
+/// yet: erasures made before the ledger existed, or by a server that keeps its key files or
+/// its ledger elsewhere. Returns how many it added.
 pub(crate) async fn copy_from_database(
     database: &Database,
-    key_dir: &Path,
+    ledger: &ErasureLedger,
 ) -> anyhow::Result<usize> {
     let rows = crate::wiring::log_db(database)
         .fetch_all(
@@ -232,7 +308,7 @@ pub(crate) async fn copy_from_database(
             erased_at: Timestamp::from_unix_micros(row.opt_i64(2)?.unwrap_or(0))?,
         });
     }
-    let ledger = ErasureLedger::in_key_dir(key_dir);
+    let ledger = ledger.clone();
     let path = ledger.path().display().to_string();
     tokio::task::spawn_blocking(move || ledger.record(&erasures))
         .await
@@ -244,24 +320,25 @@ pub(crate) async fn copy_from_database(
 ///
 /// Every destruction goes through [`KeyStore::destroy`], which the ledger of a patient calls
 /// only after the tombstone event is stored, whether the erasure came from HTTP or from
-/// `chartlog erase`, and again on a later load if a crash came between the two. The line is
+/// `chartlog erase`, and again on a later load if a crash came between the two. Before it
+/// stores the tombstone, the patient's ledger calls [`KeyStore::prepare_destroy`], where the
+/// file is opened for appending and locked: a file that cannot be written (a read-only key
+/// mount) refuses the erasure with nothing stored. The line is
 /// made durable first: a crash after it leaves a line for a key that still exists, but whose
 /// tombstone is already in the log, so the next load of the patient finishes the destruction
 /// (and a restore withholding that key withholds what the log already says is erased). The
 /// other order could leave a destroyed key with no line, which an older backup would bring
-/// back. If the line cannot be written the key is not destroyed and the erasure fails loudly;
-/// running it again finishes it.
+/// back. If the line still cannot be written (a disk that filled up since the check) the key
+/// is not destroyed and the erasure fails loudly; the next load of the patient, or running
+/// the erasure again, finishes it once the file can be written.
 pub(crate) struct LedgeredKeyStore<K> {
     inner: K,
     ledger: ErasureLedger,
 }
 
 impl<K: KeyStore> LedgeredKeyStore<K> {
-    pub(crate) fn new(inner: K, key_dir: &Path) -> LedgeredKeyStore<K> {
-        LedgeredKeyStore {
-            inner,
-            ledger: ErasureLedger::in_key_dir(key_dir),
-        }
+    pub(crate) fn new(inner: K, ledger: ErasureLedger) -> LedgeredKeyStore<K> {
+        LedgeredKeyStore { inner, ledger }
     }
 }
 
@@ -277,6 +354,15 @@ impl<K: KeyStore> KeyStore for LedgeredKeyStore<K> {
 
     async fn fetch(&self, owner: &StreamId) -> Result<Option<DataKeyRecord>, KeyStoreError> {
         self.inner.fetch(owner).await
+    }
+
+    async fn prepare_destroy(&self, owner: &StreamId) -> Result<(), KeyStoreError> {
+        self.inner.prepare_destroy(owner).await?;
+        self.ledger.ensure_writable().await.map_err(|error| {
+            KeyStoreError::new(format!(
+                "{error:#}. The erasure of {owner} was refused; nothing was recorded"
+            ))
+        })
     }
 
     async fn destroy(
@@ -367,6 +453,36 @@ mod tests {
         );
         let text = std::fs::read_to_string(ledger.path()).expect("text");
         assert!(text.contains(&format!("\"patient_id\":\"{}\"", Uuid::from_u128(1))));
+    }
+
+    #[test]
+    fn the_writability_check_makes_an_empty_private_ledger_and_refuses_what_cannot_be_written() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ledger = ErasureLedger::in_key_dir(dir.path());
+        ledger.check_writable().expect("a new ledger");
+        let read = ledger.read().expect("read").expect("a file");
+        assert!(read.erasures.is_empty());
+        let mode = std::fs::metadata(ledger.path())
+            .expect("file")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        ledger.record(&[erasure(1)]).expect("record");
+        ledger.check_writable().expect("an existing ledger");
+        assert_eq!(
+            ledger.read().expect("read").expect("a file").erasures.len(),
+            1
+        );
+
+        // A directory in the file's place stops every writer, root included.
+        let blocked = ErasureLedger::at(dir.path().join("blocked"));
+        std::fs::create_dir(blocked.path()).expect("a directory");
+        assert!(blocked.check_writable().is_err());
+        let missing_parent = ErasureLedger::at(dir.path().join("no-such-dir").join("ledger"));
+        assert!(missing_parent.check_writable().is_err());
+        assert!(!missing_parent.path().exists());
     }
 
     #[test]

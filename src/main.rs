@@ -234,6 +234,9 @@ struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(i64::from(postgres::CONNECTIONS_MIN)..=1_000)
     )]
     database_connections: u32,
+
+    #[command(flatten)]
+    erasure_ledger: erasure_ledger::ErasureLedgerArgs,
 }
 
 impl ServeArgs {
@@ -615,6 +618,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await
     .context("cannot open the backend")?;
     let projection_keys = projection_keys(&data_dir.join(KEY_DIR_NAME), KeyFiles::CreateMissing)?;
+    // An erasure stores the patient's tombstone, then writes the erasure ledger, then destroys
+    // the key; each erasure checks the file first, but a file that cannot be written at all (a
+    // read-only key mount) is found here, at start-up, not at the first erasure.
+    let erasure_ledger = args.erasure_ledger.ledger(&data_dir.join(KEY_DIR_NAME));
+    erasure_ledger
+        .ensure_writable()
+        .await
+        .context("refusing to start")?;
+    // Erasures this ledger has not seen (made before it was kept, or by a server with other
+    // key files or another ledger) join it, so that a key backup taken from here holds them.
+    match erasure_ledger::copy_from_database(&backend.database, &erasure_ledger).await {
+        Ok(0) => {}
+        Ok(copied) => tracing::info!(copied, "erasures copied into the erasure ledger"),
+        Err(error) => {
+            return Err(error.context(
+                "refusing to start: the erasure ledger cannot be brought up to date with the \
+                 database's erased patients",
+            ));
+        }
+    }
 
     let listener = TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -642,19 +665,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         "http"
     };
-    // Erasures this key directory has not seen (made before it kept a ledger, or by a server
-    // with other key files) join its ledger, so that a key backup taken from here holds them.
-    match erasure_ledger::copy_from_database(&backend.database, &key_dir).await {
-        Ok(0) => {}
-        Ok(copied) => tracing::info!(copied, "erasures copied into the erasure ledger"),
-        Err(error) => tracing::error!(
-            error = format!("{error:#}"),
-            "the erasure ledger could not be brought up to date; erasures will fail until it \
-             can be written"
-        ),
-    }
-    let (records, audit) =
-        wiring::records_and_audit(&backend.database, &key_dir, args.retention.policy())?;
+    let (records, audit) = wiring::records_and_audit(
+        &backend.database,
+        &key_dir,
+        erasure_ledger,
+        args.retention.policy(),
+    )?;
     let notifier = wiring::notifier(args.break_glass_webhook.as_deref())?;
     let scheduled_backups = backup_schedule.map(|schedule| {
         backup_schedule::spawn(

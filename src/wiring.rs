@@ -29,7 +29,7 @@ use chartlog_store::ledger::SNAPSHOT_EVERY_EVENTS;
 use chartlog_store::postgres::{PostgresKeyStore, PostgresSnapshotStore};
 use chartlog_store::sqlite::{SqliteKeyStore, SqliteSnapshotStore};
 
-use crate::erasure_ledger::LedgeredKeyStore;
+use crate::erasure_ledger::{ErasureLedger, LedgeredKeyStore};
 use crate::{Database, DatabaseLocation, keys, open_database};
 
 /// The user name of the administrator created on first start.
@@ -132,23 +132,31 @@ pub fn operator_accounts(database: &Database, key_dir: &Path) -> anyhow::Result<
 }
 
 /// Commands and reads over the backend, and the signed audit log, both signing with the
-/// active signing key. Erasures wait out `retention`, and each is written to the erasure
-/// ledger in `key_dir` before the patient's key is destroyed. The key files are created on
-/// first use: for the server.
-pub fn records_and_audit(
+/// active signing key. Erasures wait out `retention`, and each is written to `erasure_ledger`
+/// before the patient's key is destroyed (and refused, with nothing stored, when that file
+/// cannot be written). The key files are created on first use: for the server.
+pub(crate) fn records_and_audit(
     database: &Database,
     key_dir: &Path,
+    erasure_ledger: ErasureLedger,
     retention: RetentionPolicy,
 ) -> anyhow::Result<(Arc<dyn Records>, Arc<dyn AuditSink>)> {
     let (ring, signing) = key_files(key_dir)?;
     let index_key = load_or_create_mac_key(key_dir, INDEX_KEY_FILE_NAME)
         .with_context(|| format!("cannot load the blind-index key in {}", key_dir.display()))?;
-    assemble_records_and_audit(database, key_dir, ring, &signing, index_key, retention)
+    assemble_records_and_audit(
+        database,
+        erasure_ledger,
+        ring,
+        &signing,
+        index_key,
+        retention,
+    )
 }
 
 fn assemble_records_and_audit(
     database: &Database,
-    key_dir: &Path,
+    erasure_ledger: ErasureLedger,
     ring: KeyRing,
     signing: &SigningKeys,
     index_key: MacKey,
@@ -164,7 +172,7 @@ fn assemble_records_and_audit(
             let store = Arc::new(store.clone());
             let keys = Arc::new(DataKeys::new(
                 ring,
-                LedgeredKeyStore::new(SqliteKeyStore::new(store.pool().clone()), key_dir),
+                LedgeredKeyStore::new(SqliteKeyStore::new(store.pool().clone()), erasure_ledger),
             ));
             let audit = AuditLog::spawn(
                 store.clone(),
@@ -185,7 +193,7 @@ fn assemble_records_and_audit(
             let store = Arc::new(store.clone());
             let keys = Arc::new(DataKeys::new(
                 ring,
-                LedgeredKeyStore::new(PostgresKeyStore::new(store.pool().clone()), key_dir),
+                LedgeredKeyStore::new(PostgresKeyStore::new(store.pool().clone()), erasure_ledger),
             ));
             let audit = AuditLog::spawn(
                 store.clone(),
@@ -216,9 +224,11 @@ pub fn records(database: &Database, key_dir: &Path) -> anyhow::Result<Arc<dyn Re
     keys::require_key_file(&index_path)?;
     let index_key = load_mac_key(&index_path)
         .with_context(|| format!("cannot load the blind-index key {}", index_path.display()))?;
+    // The operator commands that use these records never erase; the key directory's ledger
+    // stands in for the server's.
     assemble_records_and_audit(
         database,
-        key_dir,
+        ErasureLedger::in_key_dir(key_dir),
         ring,
         &signing,
         index_key,

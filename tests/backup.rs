@@ -153,6 +153,16 @@ impl Site {
 
     /// A new site holding a copy of this one's key files (what the key backup restores).
     fn with_same_keys(&self, parent: &TempDir, name: &str) -> Site {
+        self.with_key_files(parent, name, true)
+    }
+
+    /// [`Site::with_same_keys`] without the key directory's erasure ledger, or whatever is
+    /// in its place.
+    fn with_same_keys_but_the_ledger(&self, parent: &TempDir, name: &str) -> Site {
+        self.with_key_files(parent, name, false)
+    }
+
+    fn with_key_files(&self, parent: &TempDir, name: &str, ledger: bool) -> Site {
         let site = Site::new(parent, name);
         fs::DirBuilder::new()
             .mode(0o700)
@@ -160,6 +170,9 @@ impl Site {
             .expect("key dir");
         for entry in fs::read_dir(self.key_dir()).expect("key files") {
             let entry = entry.expect("key file");
+            if !ledger && entry.file_name() == "erasure-ledger.jsonl" {
+                continue;
+            }
             let to = site.key_dir().join(entry.file_name());
             fs::copy(entry.path(), &to).expect("copy a key file");
             fs::set_permissions(&to, fs::Permissions::from_mode(0o600)).expect("0600");
@@ -167,7 +180,7 @@ impl Site {
         site
     }
 
-    /// Every key file a server and a rebuild use, made now so that copies share them.
+    /// Every key file a server and a rebuild use, made now so that copies share them.    /// Every key file a server and a rebuild use, made now so that copies share them.
     fn make_keys(&self) -> (KeyRing, SigningKeys) {
         let keys = load_or_create_key_files(&self.key_dir()).expect("key files");
         load_or_create_mac_key(&self.key_dir(), INDEX_KEY_FILE_NAME).expect("index key");
@@ -1218,6 +1231,362 @@ async fn a_patient_erased_over_http_stays_erased_when_only_an_older_backup_is_le
         1
     );
     assert_erased(&target, erased, kept).await;
+}
+
+// ---- An erasure ledger that cannot be written -----------------------------------------------
+
+/// The patient's stream version (0: no stream).
+async fn stream_version(site: &Site, patient: PatientId) -> u64 {
+    let store = SqliteEventStore::open(&site.database())
+        .await
+        .expect("open");
+    let head = store
+        .stream_head(&StreamId::patient(patient))
+        .await
+        .expect("stream head");
+    store.pool().close().await;
+    head.map_or(0, |head| head.version)
+}
+
+/// The patient's data key is live and their record loads through the command path, opened:
+/// nothing of an erasure happened to it.
+async fn assert_untouched(site: &Site, patient: PatientId, version: u64) {
+    assert_eq!(
+        stream_version(site, patient).await,
+        version,
+        "nothing was appended to the patient's stream"
+    );
+    let (ring, signing) = load_or_create_key_files(&site.key_dir()).expect("key files");
+    let store = SqliteEventStore::open(&site.database())
+        .await
+        .expect("open");
+    let keys = DataKeys::new(Arc::new(ring), SqliteKeyStore::new(store.pool().clone()));
+    assert!(
+        matches!(
+            keys.store().fetch(&StreamId::patient(patient)).await,
+            Ok(Some(chartlog_crypto::DataKeyRecord::Active(_)))
+        ),
+        "the patient's data key is live"
+    );
+    let ledger = PatientLedger::new(
+        Arc::new(store.clone()),
+        Arc::new(keys),
+        Arc::clone(signing.active()),
+        Arc::new(signing.verifier()),
+    );
+    let loaded = ledger.load(patient).await.expect("the record still loads");
+    assert!(loaded.patient.erased_at().is_none(), "not erased");
+    store.pool().close().await;
+}
+
+/// Runs `chartlog serve` on the site and expects it to refuse to start: exit status 1 within
+/// the start-up timeout, never a listening line. Returns stderr.
+fn serve_refuses(site: &Site, extra: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chartlog"))
+        .args(["serve", "--data-dir", site.arg(), "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("CHARTLOG_DATABASE_URL")
+        .env_remove("CHARTLOG_DATA_DIR")
+        .env_remove("CHARTLOG_KEK")
+        .env_remove("CHARTLOG_ERASURE_LEDGER")
+        .env("CHARTLOG_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the chartlog binary");
+    let deadline = std::time::Instant::now() + support::STARTUP_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll the child") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("reap the child");
+            panic!(
+                "serve started with an erasure ledger it cannot write; stdout: {}; stderr: {}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let output = child.wait_with_output().expect("collect the output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(status.code(), Some(1), "stdout: {stdout}; stderr: {stderr}");
+    assert!(!stdout.contains("listening"), "{stdout}");
+    stderr
+}
+
+fn erase_args<'a>(site: &'a Site, patient: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "erase",
+        "--data-dir",
+        site.arg(),
+        patient,
+        "--reason",
+        "patient_request",
+        "--yes",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// An erasure stores the tombstone event first and destroys the key after it. An erasure
+/// ledger that cannot be written must stop the erasure before the tombstone, over HTTP and
+/// from the command line, and stop `serve` from starting at all; not leave a tombstone over a
+/// live key that every later load trips on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_ledger_that_cannot_be_written_refuses_the_erasure_before_anything_is_stored() {
+    let dir = TempDir::new().expect("temp dir");
+    let (source, patients) = source_site(&dir, 200).await;
+    let patient = patients[0];
+    let patient_arg = patient.to_string();
+    let version = stream_version(&source, patient).await;
+    assert!(version > 0);
+    let ledger = source.key_dir().join("erasure-ledger.jsonl");
+    let one_time = succeeds(&[
+        "users",
+        "add",
+        "--data-dir",
+        source.arg(),
+        "--username",
+        "ada.admin",
+        "--role",
+        "administrator",
+    ])
+    .lines()
+    .find_map(|line| line.strip_prefix("one-time password: "))
+    .expect("a one-time password")
+    .to_owned();
+
+    // Over HTTP: the file goes away while the server runs (a directory in its place stops
+    // any writer, root included). The erasure fails, and leaves the record as it was.
+    let mut server = support::Server::start(&source.data_dir, &[]);
+    assert!(ledger.is_file(), "the starting server made its ledger");
+    let certificate = fs::read(source.data_dir.join("tls").join("dev-cert.pem")).expect("cert");
+    let api = api_client::Api::new(&server, support::https_client(&certificate));
+    let admin = api.first_login("ada.admin", &one_time).await.token;
+    fs::remove_file(&ledger).expect("remove the ledger");
+    fs::create_dir(&ledger).expect("a directory in its place");
+    api.post(
+        &format!("/patients/{patient}/erase"),
+        &admin,
+        serde_json::json!({ "reason": "patient_request" }),
+    )
+    .await
+    .expect(reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(server.signal_and_wait("TERM").success());
+    assert_untouched(&source, patient, version).await;
+
+    // From the command line.
+    let stderr = fails(&erase_args(&source, &patient_arg, &[]));
+    assert!(stderr.contains(path(&ledger)), "{stderr}");
+    assert!(stderr.contains("nothing was recorded"), "{stderr}");
+    assert!(stderr.contains("--erasure-ledger"), "{stderr}");
+    assert_untouched(&source, patient, version).await;
+
+    // The server does not start: a read-only key mount is found at start-up.
+    let stderr = serve_refuses(&source, &[]);
+    assert!(stderr.contains("refusing to start"), "{stderr}");
+    assert!(stderr.contains(path(&ledger)), "{stderr}");
+    assert!(stderr.contains("--erasure-ledger"), "{stderr}");
+    fs::remove_dir(&ledger).expect("remove the directory");
+
+    // A key directory made read-only, the ledger not made yet: the same. Root (or a process
+    // with CAP_DAC_OVERRIDE) writes through the mode bits, so that part is skipped there;
+    // the directory above stands for it.
+    fs::set_permissions(source.key_dir(), fs::Permissions::from_mode(0o500)).expect("chmod");
+    let probe = source.key_dir().join("write-probe");
+    if fs::write(&probe, b"").is_ok() {
+        fs::remove_file(&probe).expect("remove the probe");
+        eprintln!(
+            "SKIPPED the read-only key directory part: this process writes through mode 0500 \
+             (running as root?); the directory in the ledger's place covered the same path"
+        );
+    } else {
+        let stderr = fails(&erase_args(&source, &patient_arg, &[]));
+        assert!(stderr.contains(path(&ledger)), "{stderr}");
+        assert_untouched(&source, patient, version).await;
+        let stderr = serve_refuses(&source, &[]);
+        assert!(stderr.contains(path(&ledger)), "{stderr}");
+        assert!(!ledger.exists());
+    }
+    fs::set_permissions(source.key_dir(), fs::Permissions::from_mode(0o700)).expect("chmod");
+
+    // Once the file can be written, the erasure goes through as if nothing had happened.
+    let certificate = json(&succeeds(&erase_args(&source, &patient_arg, &[])));
+    assert_eq!(certificate["tombstone"]["stream_version"], version + 1);
+    assert_ledger_names(&source, patient);
+}
+
+/// A key directory on a read-only mount: `--erasure-ledger` keeps the ledger elsewhere, the
+/// server starts, `erase` writes there, and `restore` honours it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_ledger_keeps_the_ledger_out_of_a_read_only_key_directory() {
+    let dir = TempDir::new().expect("temp dir");
+    let key = backup_key(&dir);
+    let (source, patients) = source_site(&dir, 200).await;
+    let (erased, kept) = (patients[0], patients[1]);
+    let older = dir.path().join("before-erasure.age");
+    backup(&source, &key, &older, &[]);
+    // The server's first start makes the key files it lacks; after it the key directory is
+    // only read.
+    let mut server = support::Server::start(&source.data_dir, &[]);
+    assert!(server.signal_and_wait("TERM").success());
+    let in_keys = source.key_dir().join("erasure-ledger.jsonl");
+    fs::remove_file(&in_keys).expect("the first start's empty ledger");
+    fs::create_dir(&in_keys).expect("unwritable: a directory in its place");
+    let elsewhere = dir.path().join("ledger").join("erasures.jsonl");
+    fs::create_dir(elsewhere.parent().expect("a parent")).expect("the ledger's directory");
+    let flag = ["--erasure-ledger", path(&elsewhere)];
+
+    let mut server = support::Server::start(&source.data_dir, &flag);
+    assert!(server.signal_and_wait("TERM").success());
+    assert!(elsewhere.is_file(), "the server made its ledger there");
+    let erased_arg = erased.to_string();
+    succeeds(&erase_args(&source, &erased_arg, &flag));
+    let text = fs::read_to_string(&elsewhere).expect("the ledger");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains(&erased_arg), "{text}");
+
+    // The database is lost; the key backup (its key directory without a ledger) and the
+    // ledger file are what is left.
+    let target = source.with_same_keys_but_the_ledger(&dir, "after-the-loss");
+    let restored = restore(&target, &key, &older, &flag);
+    assert_eq!(restored["keys_withheld_for_erasure"], 1, "{restored}");
+    assert_eq!(
+        ledger_report(&restored, "erasure_ledger_file")["keys_withheld"],
+        1
+    );
+    assert_eq!(
+        ledger_report(&restored, "key_directory_file")["present"],
+        false
+    );
+    assert_erased(&target, erased, kept).await;
+}
+
+/// A patient left half-erased by a server of before the check (the tombstone stored, the
+/// ledger unwritable, the key live) is finished by the next load once the file can be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_left_half_erased_is_finished_by_the_next_load_once_the_ledger_is_writable() {
+    let dir = TempDir::new().expect("temp dir");
+    let (source, patients) = source_site(&dir, 200).await;
+    let patient = patients[0];
+    let version = stream_version(&source, patient).await;
+    half_erase(&source, patient).await;
+    assert_eq!(stream_version(&source, patient).await, version + 1);
+    let ledger = source.key_dir().join("erasure-ledger.jsonl");
+    let patient_arg = patient.to_string();
+
+    fs::create_dir(&ledger).expect("unwritable: a directory in its place");
+    fails(&erase_args(&source, &patient_arg, &[]));
+    fs::remove_dir(&ledger).expect("writable again");
+    let pool = source.pool().await;
+    assert!(matches!(
+        sqlite_keys(&source, &pool)
+            .store()
+            .fetch(&StreamId::patient(patient))
+            .await,
+        Ok(Some(chartlog_crypto::DataKeyRecord::Active(_)))
+    ));
+
+    // `erase` loads the record, finds the tombstone, and finishes the destruction.
+    let stderr = fails(&erase_args(&source, &patient_arg, &[]));
+    assert!(stderr.contains("was already erased"), "{stderr}");
+    assert_eq!(stream_version(&source, patient).await, version + 1);
+    assert_ledger_names(&source, patient);
+    assert!(matches!(
+        sqlite_keys(&source, &pool)
+            .key_for_read(&StreamId::patient(patient))
+            .await,
+        Err(KeyError::Erased { .. })
+    ));
+    pool.close().await;
+}
+
+/// A key table whose destruction fails, as one behind an unwritable ledger did.
+struct DestructionFails(SqliteKeyStore);
+
+#[async_trait::async_trait]
+impl KeyStore for DestructionFails {
+    async fn insert(
+        &self,
+        owner: &StreamId,
+        key: &chartlog_crypto::WrappedDataKey,
+    ) -> Result<chartlog_crypto::KeyInsert, chartlog_crypto::KeyStoreError> {
+        self.0.insert(owner, key).await
+    }
+
+    async fn fetch(
+        &self,
+        owner: &StreamId,
+    ) -> Result<Option<chartlog_crypto::DataKeyRecord>, chartlog_crypto::KeyStoreError> {
+        self.0.fetch(owner).await
+    }
+
+    async fn destroy(
+        &self,
+        _owner: &StreamId,
+        _at: Timestamp,
+    ) -> Result<Option<DataKeyId>, chartlog_crypto::KeyStoreError> {
+        Err(chartlog_crypto::KeyStoreError::new(
+            "cannot write the erasure ledger".to_owned(),
+        ))
+    }
+
+    async fn list_for_rewrap(
+        &self,
+        active: &chartlog_crypto::KekId,
+        limit: u32,
+    ) -> Result<Vec<(StreamId, chartlog_crypto::WrappedDataKey)>, chartlog_crypto::KeyStoreError>
+    {
+        self.0.list_for_rewrap(active, limit).await
+    }
+
+    async fn replace_wrapping(
+        &self,
+        owner: &StreamId,
+        expected: &chartlog_crypto::WrappedDataKey,
+        replacement: &chartlog_crypto::WrappedDataKey,
+    ) -> Result<bool, chartlog_crypto::KeyStoreError> {
+        self.0.replace_wrapping(owner, expected, replacement).await
+    }
+}
+
+/// Stores the patient's tombstone and fails to destroy their key.
+async fn half_erase(site: &Site, patient: PatientId) {
+    let (ring, signing) = load_or_create_key_files(&site.key_dir()).expect("key files");
+    let store = SqliteEventStore::open(&site.database())
+        .await
+        .expect("open");
+    let keys = DataKeys::new(
+        Arc::new(ring),
+        DestructionFails(SqliteKeyStore::new(store.pool().clone())),
+    );
+    let ledger = PatientLedger::new(
+        Arc::new(store.clone()),
+        Arc::new(keys),
+        Arc::clone(signing.active()),
+        Arc::new(signing.verifier()),
+    );
+    let failed = ledger
+        .execute(
+            patient,
+            PatientCommand::ErasePatient {
+                reason: ErasureReason::PatientRequest,
+            },
+            physician(),
+            at(),
+        )
+        .await;
+    assert!(
+        matches!(failed, Err(chartlog_store::LedgerError::Key(_))),
+        "{failed:?}"
+    );
+    store.pool().close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -177,6 +177,12 @@ impl<S: KeyStore> DataKeys<S> {
         }
     }
 
+    /// Checks that the key table would let the owner's key be destroyed
+    /// ([`KeyStore::prepare_destroy`]); call it before recording an erasure. Changes nothing.
+    pub async fn prepare_destroy(&self, owner: &StreamId) -> Result<(), KeyError> {
+        Ok(self.store.prepare_destroy(owner).await?)
+    }
+
     /// Destroys the owner's key for good (crypto-erasure) and forgets any cached copy at once.
     /// Idempotent. Returns the destroyed key's id, `None` if the owner never had a key.
     pub async fn destroy(

@@ -70,6 +70,16 @@ pub trait KeyStore: Send + Sync {
     /// The owner's key or tombstone, if any.
     async fn fetch(&self, owner: &StreamId) -> Result<Option<DataKeyRecord>, KeyStoreError>;
 
+    /// Checks, before an erasure of `owner` is recorded anywhere, that [`KeyStore::destroy`]
+    /// will not be refused for a reason this store can see now (a ledger it must write first
+    /// that cannot be written). An erasure stores its tombstone event first and destroys the
+    /// key after it; a destruction refused then leaves the tombstone with a live key, so the
+    /// erasure is refused here instead, before anything is stored. Changes nothing. Default:
+    /// nothing to check.
+    async fn prepare_destroy(&self, _owner: &StreamId) -> Result<(), KeyStoreError> {
+        Ok(())
+    }
+
     /// Destroys the owner's key at `at`, keeping a tombstone. Returns the destroyed key's id
     /// (also when it was destroyed before), `None` if the owner never had a key.
     async fn destroy(

@@ -290,6 +290,15 @@ impl<S: EventStore + ?Sized, K: KeyStore> PatientLedger<S, K> {
                 policy.check_erasure(&loaded.patient, reason, last_entry_at, now)?;
             }
             let erases = erasure.is_some();
+            if erases {
+                // The tombstone goes in before the key is destroyed: a destruction the key
+                // table would refuse (an erasure ledger that cannot be written) must refuse
+                // the erasure now, not leave a stored tombstone over a live key.
+                self.keys
+                    .prepare_destroy(&stream)
+                    .await
+                    .map_err(LedgerError::Key)?;
+            }
 
             let (key_id, key) = self
                 .keys
