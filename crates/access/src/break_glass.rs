@@ -112,9 +112,17 @@ const BREAK_GLASS_LOCK_CLASS: i64 = 0x6368_6267;
 
 impl Accounts {
     /// Opens a grant for `user` (acting as `role`) to `patient`'s chart, lasting the
-    /// configured break-glass duration from `now`. While a grant of `user` to `patient` is
-    /// open, opening another is refused with [`AccessError::BreakGlassAlreadyOpen`] and
-    /// records nothing: access ends when the grant does, and a grant is reviewed as given.
+    /// configured break-glass duration from `now`. The grant is *pending*: it gives no access
+    /// until [`Accounts::mark_break_glass_opening_audited`] records that its opening is on the
+    /// audit trail. While a grant of `user` to `patient` is open and in force, opening another
+    /// is refused with [`AccessError::BreakGlassAlreadyOpen`] and records nothing: access ends
+    /// when the grant does, and a grant is reviewed as given.
+    ///
+    /// While an open grant of `user` to `patient` is still pending (its audit row was never
+    /// written, or the mark never set), that grant is returned instead of a new one, for the
+    /// caller to complete: audit it, announce it, mark it. It keeps its opening time, end and
+    /// sealed reason (`reason` is not stored again): the emergency access is the one first
+    /// asked for, and it is never stretched by retrying.
     #[tracing::instrument(skip_all, fields(user_id = %user, patient_id = %patient, role = role.as_str()))]
     pub async fn open_break_glass(
         &self,
@@ -135,12 +143,22 @@ impl Accounts {
             reason.expose().as_bytes(),
         );
         let mut tx = self.db().begin().await?;
-        if let Some(open) = open_grant(&mut tx, user, patient, now).await? {
-            tracing::info!(grant_id = %open.0, "break-glass grant already open");
-            return Err(AccessError::BreakGlassAlreadyOpen {
-                grant_id: open.0,
-                expires_at: open.1,
-            });
+        match open_grant(&mut tx, user, patient, now).await? {
+            Some(OpenGrant::InForce(open)) => {
+                tracing::info!(grant_id = %open.grant_id, "break-glass grant already open");
+                return Err(AccessError::BreakGlassAlreadyOpen {
+                    grant_id: open.grant_id,
+                    expires_at: open.expires_at,
+                });
+            }
+            Some(OpenGrant::Pending(pending)) => {
+                tracing::warn!(
+                    grant_id = %pending.grant_id,
+                    "break-glass grant resumed: its opening was never audited"
+                );
+                return Ok(pending);
+            }
+            None => {}
         }
         tx.execute(
             "INSERT INTO chartlog_access_break_glass_grants \
@@ -158,7 +176,7 @@ impl Accounts {
         )
         .await?;
         tx.commit().await?;
-        tracing::info!(grant_id = %grant_id, "break-glass grant opened");
+        tracing::info!(grant_id = %grant_id, "break-glass grant opened, pending its audit");
         Ok(BreakGlassGrant {
             grant_id,
             user_id: user,
@@ -169,7 +187,42 @@ impl Accounts {
         })
     }
 
-    /// The grant of `user` to `patient` in force at `now` (the latest-ending one), if any.
+    /// Puts a grant from [`Accounts::open_break_glass`] in force: its opening's success row
+    /// is durable on the audit trail (as of `now`). Call it only after that write returned.
+    /// Marking a grant already marked does nothing (two completions of one pending grant may
+    /// race); an unknown grant is [`AccessError::GrantNotFound`].
+    #[tracing::instrument(skip_all, fields(grant_id = %grant_id))]
+    pub async fn mark_break_glass_opening_audited(
+        &self,
+        grant_id: Uuid,
+        now: Timestamp,
+    ) -> Result<(), AccessError> {
+        let updated = self
+            .db()
+            .execute(
+                "UPDATE chartlog_access_break_glass_grants SET opening_audited_at_us = $1 \
+                 WHERE grant_id = $2 AND opening_audited_at_us IS NULL",
+                vec![at_arg(now), uuid_arg(grant_id)],
+            )
+            .await?;
+        if updated == 0 {
+            let known = self
+                .db()
+                .fetch_optional(
+                    "SELECT 1 FROM chartlog_access_break_glass_grants WHERE grant_id = $1",
+                    vec![uuid_arg(grant_id)],
+                )
+                .await?;
+            if known.is_none() {
+                return Err(AccessError::GrantNotFound { grant_id });
+            }
+        }
+        tracing::info!("break-glass grant in force: its opening is audited");
+        Ok(())
+    }
+
+    /// The grant of `user` to `patient` in force at `now` (the latest-ending one), if any. A
+    /// grant whose opening is not marked audited gives no access, however recent.
     pub async fn active_break_glass(
         &self,
         user: UserId,
@@ -185,6 +238,7 @@ impl Accounts {
                     " FROM chartlog_access_break_glass_grants \
                      WHERE user_id = $1 AND patient_id = $2 \
                        AND opened_at_us <= $3 AND expires_at_us > $3 \
+                       AND opening_audited_at_us IS NOT NULL \
                      ORDER BY expires_at_us DESC LIMIT 1"
                 ),
                 vec![user_arg(user), SqlArg::Uuid(patient.as_uuid()), at_arg(now)],
@@ -384,17 +438,25 @@ fn read_grant(row: &DbRow) -> Result<BreakGlassGrant, AccessError> {
     })
 }
 
-/// The id and end of a grant of `user` to `patient` that has not ended at `now`, if any (one
-/// opened after `now` counts too: it would overlap a grant opened now). On PostgreSQL the
-/// transaction first takes a lock on the pair, held until it ends, so two openings cannot both
-/// find none: no unique index can say "not ended", which depends on the time. On SQLite the
-/// file's write lock, taken by `begin`, already orders the transactions.
+/// A grant that has not ended, as [`open_grant`] finds it.
+enum OpenGrant {
+    /// Its opening is audited: it gives access.
+    InForce(BreakGlassGrant),
+    /// Its opening was never marked audited: it gives no access yet.
+    Pending(BreakGlassGrant),
+}
+
+/// A grant of `user` to `patient` that has not ended at `now`, if any, one in force before a
+/// pending one (one opened after `now` counts too: it would overlap a grant opened now). On
+/// PostgreSQL the transaction first takes a lock on the pair, held until it ends, so two
+/// openings cannot both find none: no unique index can say "not ended", which depends on the
+/// time. On SQLite the file's write lock, taken by `begin`, already orders the transactions.
 async fn open_grant(
     tx: &mut ProjectionTx,
     user: UserId,
     patient: PatientId,
     now: Timestamp,
-) -> Result<Option<(Uuid, Timestamp)>, AccessError> {
+) -> Result<Option<OpenGrant>, AccessError> {
     if tx.backend() == Backend::Postgres {
         // Random bits of both ids (the tail of a v4 or v7 UUID): pairs that share a key only
         // wait for each other.
@@ -417,12 +479,23 @@ async fn open_grant(
     }
     let row = tx
         .fetch_optional(
-            "SELECT grant_id, expires_at_us FROM chartlog_access_break_glass_grants \
-             WHERE user_id = $1 AND patient_id = $2 AND expires_at_us > $3 \
-             ORDER BY expires_at_us DESC LIMIT 1",
+            concat!(
+                "SELECT ",
+                grant_columns!(),
+                ", opening_audited_at_us FROM chartlog_access_break_glass_grants \
+                 WHERE user_id = $1 AND patient_id = $2 AND expires_at_us > $3 \
+                 ORDER BY (opening_audited_at_us IS NULL), expires_at_us DESC LIMIT 1"
+            ),
             vec![user_arg(user), SqlArg::Uuid(patient.as_uuid()), at_arg(now)],
         )
         .await?;
-    row.map(|row| Ok((row.uuid(0)?, timestamp(row.i64(1)?)?)))
-        .transpose()
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let grant = read_grant(&row)?;
+    Ok(Some(if row.opt_i64(6)?.is_some() {
+        OpenGrant::InForce(grant)
+    } else {
+        OpenGrant::Pending(grant)
+    }))
 }

@@ -143,6 +143,7 @@ on_both_backends!(
     inactive_accounts_are_deactivated,
     break_glass_grants_expire_and_are_reviewed,
     a_break_glass_grant_is_not_opened_again_while_open,
+    a_break_glass_grant_gives_no_access_until_its_opening_is_audited,
     break_glass_reviews_list_pending_first_then_newest_first_in_pages,
     idempotent_responses_replay_and_refuse_mismatches,
     idempotency_keys_are_claimed_before_the_request_runs,
@@ -1824,6 +1825,10 @@ async fn break_glass_grants_expire_and_are_reviewed(fixture: Fixture) {
         .await
         .unwrap();
     assert_eq!(grant.expires_at, at(100 + minutes(60)));
+    accounts
+        .mark_break_glass_opening_audited(grant.grant_id, at(100))
+        .await
+        .unwrap();
     assert_eq!(
         accounts
             .active_break_glass(doctor, patient, at(100 + minutes(59)))
@@ -1963,6 +1968,10 @@ async fn a_break_glass_grant_is_not_opened_again_while_open(fixture: Fixture) {
         .open_break_glass(doctor, Role::Physician, patient, &reason, at(100))
         .await
         .unwrap();
+    accounts
+        .mark_break_glass_opening_audited(first.grant_id, at(100))
+        .await
+        .unwrap();
     let refused = accounts
         .open_break_glass(
             doctor,
@@ -2012,7 +2021,8 @@ async fn a_break_glass_grant_is_not_opened_again_while_open(fixture: Fixture) {
         .expect("after the first ended");
     assert_ne!(again.grant_id, first.grant_id);
 
-    // Simultaneous openings for one user and patient: one grant.
+    // Simultaneous openings for one user and patient: one grant. An opening that finds it
+    // still pending (not yet marked audited) is handed the same grant to complete.
     let contested = PatientId::from_uuid(Uuid::new_v4());
     let start = std::sync::Arc::new(tokio::sync::Barrier::new(RACERS));
     let mut racers = tokio::task::JoinSet::new();
@@ -2020,22 +2030,150 @@ async fn a_break_glass_grant_is_not_opened_again_while_open(fixture: Fixture) {
         let (accounts, start, reason) = (accounts.clone(), start.clone(), reason.clone());
         racers.spawn(async move {
             start.wait().await;
-            accounts
+            let grant = accounts
                 .open_break_glass(doctor, Role::Physician, contested, &reason, at(300))
-                .await
-                .map(|_| ())
+                .await?;
+            accounts
+                .mark_break_glass_opening_audited(grant.grant_id, at(300))
+                .await?;
+            Ok::<_, AccessError>(grant.grant_id)
         });
     }
-    let mut opened = 0;
+    let mut opened = std::collections::HashSet::new();
     for outcome in racers.join_all().await {
         match outcome {
-            Ok(()) => opened += 1,
+            Ok(grant_id) => {
+                opened.insert(grant_id);
+            }
             Err(AccessError::BreakGlassAlreadyOpen { .. }) => {}
             Err(other) => panic!("{other:?}"),
         }
     }
-    assert_eq!(opened, 1);
+    assert_eq!(opened.len(), 1);
     assert_eq!(grants_of(contested).await, 1);
+}
+
+/// Bug this catches: the grant was in force as soon as it was committed, before its opening
+/// was audited; when the audit write failed the grant stayed open and usable, and every retry
+/// was refused as overlapping it, so the opening was never audited nor announced.
+async fn a_break_glass_grant_gives_no_access_until_its_opening_is_audited(fixture: Fixture) {
+    let accounts = &fixture.accounts;
+    let doctor = active_user(accounts, "dr.retry", Role::Physician, "trauma bay", at(0)).await;
+    let auditor = active_user(
+        accounts,
+        "auditor.r",
+        Role::Auditor,
+        "checking pending grants",
+        at(0),
+    )
+    .await;
+    let patient = PatientId::from_uuid(Uuid::new_v4());
+    let reason = BreakGlassReason::parse("bleeding out, chart needed for blood type").unwrap();
+    let retold = BreakGlassReason::parse("second try, same emergency").unwrap();
+
+    let pending = accounts
+        .open_break_glass(doctor, Role::Physician, patient, &reason, at(100))
+        .await
+        .unwrap();
+    assert_eq!(
+        accounts
+            .active_break_glass(doctor, patient, at(101))
+            .await
+            .unwrap(),
+        None,
+        "no access before the opening is audited"
+    );
+    // The audit write failed; the retry is handed the pending grant, as first opened.
+    let resumed = accounts
+        .open_break_glass(
+            doctor,
+            Role::Physician,
+            patient,
+            &retold,
+            at(100 + minutes(5)),
+        )
+        .await
+        .expect("the pending grant, not a refusal");
+    assert_eq!(resumed, pending);
+    let reviews = accounts
+        .break_glass_reviews(true, None, 100)
+        .await
+        .unwrap()
+        .reviews;
+    assert_eq!(reviews.len(), 1, "one grant");
+    assert_eq!(reviews[0].reason.expose(), reason.expose());
+
+    // An auditor may judge it before its holder completes it; completing still works.
+    accounts
+        .review_break_glass(pending.grant_id, auditor, ReviewVerdict::Justified, at(200))
+        .await
+        .unwrap();
+    accounts
+        .mark_break_glass_opening_audited(pending.grant_id, at(100 + minutes(5)))
+        .await
+        .unwrap();
+    assert_eq!(
+        accounts
+            .active_break_glass(doctor, patient, at(100 + minutes(6)))
+            .await
+            .unwrap(),
+        Some(pending.clone())
+    );
+    assert!(matches!(
+        accounts
+            .open_break_glass(doctor, Role::Physician, patient, &reason, at(100 + minutes(7)))
+            .await,
+        Err(AccessError::BreakGlassAlreadyOpen { grant_id, .. }) if grant_id == pending.grant_id
+    ));
+    // Marking again (a second completion) changes nothing; an unknown grant is refused.
+    accounts
+        .mark_break_glass_opening_audited(pending.grant_id, at(100 + minutes(8)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        accounts
+            .mark_break_glass_opening_audited(Uuid::new_v4(), at(100))
+            .await,
+        Err(AccessError::GrantNotFound { .. })
+    ));
+    // The schema sets the mark once.
+    assert!(
+        fixture
+            .db
+            .execute(
+                "UPDATE chartlog_access_break_glass_grants SET opening_audited_at_us = NULL",
+                vec![]
+            )
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        scalar_count(
+            &fixture.db,
+            "SELECT opening_audited_at_us FROM chartlog_access_break_glass_grants \
+             WHERE grant_id = $1",
+            vec![SqlArg::Uuid(pending.grant_id)],
+        )
+        .await,
+        at(100 + minutes(5)).unix_micros()
+    );
+    // A pending grant that ended unaudited blocks nothing: the next opening is a new grant.
+    let other = PatientId::from_uuid(Uuid::new_v4());
+    let abandoned = accounts
+        .open_break_glass(doctor, Role::Physician, other, &reason, at(300))
+        .await
+        .unwrap();
+    let fresh = accounts
+        .open_break_glass(
+            doctor,
+            Role::Physician,
+            other,
+            &reason,
+            at(300 + minutes(60)),
+        )
+        .await
+        .unwrap();
+    assert_ne!(fresh.grant_id, abandoned.grant_id);
 }
 
 /// Bug this catches: the listing of all grants returned the 1,000 oldest ever, with no way

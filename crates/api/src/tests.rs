@@ -629,6 +629,131 @@ async fn break_glass_is_not_opened_again_while_open_and_the_attempt_is_audited()
     );
 }
 
+/// Hands every break-glass notice to the test.
+struct NoticesTo(tokio::sync::mpsc::UnboundedSender<crate::notify::BreakGlassNotice>);
+
+#[async_trait::async_trait]
+impl crate::notify::Notifier for NoticesTo {
+    async fn break_glass_opened(&self, notice: &crate::notify::BreakGlassNotice) {
+        let _ = self.0.send(notice.clone());
+    }
+
+    async fn repeated_refusals(&self, _alert: &crate::alerts::RefusalAlert) {}
+
+    async fn backup_failed(&self, _notice: &crate::notify::BackupFailedNotice) {}
+}
+
+/// Bug this catches: the grant was committed (and in force) before its opening was audited.
+/// When the audit write failed the request answered 503 before the notice was sent, the grant
+/// stayed open and usable, and every retry was refused 409 `break_glass_already_open`: the
+/// clinician worked under a grant never audited as opened nor announced.
+#[actix_web::test]
+async fn break_glass_whose_audit_failed_gives_no_access_until_a_retry_audits_and_announces_it() {
+    let access = AccessSettings {
+        second_factor_required_for: Vec::new(),
+        ..AccessSettings::default()
+    };
+    let (mut config, _dir, _) = config_and_runner(Transport::Tls, Arc::new(Ready), access).await;
+    let audit = Arc::new(AuditUntilUp {
+        up: std::sync::atomic::AtomicBool::new(false),
+        sink: DatabaseAuditSink::new(config.read_models.clone()),
+    });
+    config.audit = audit.clone();
+    let (sent, mut notices) = tokio::sync::mpsc::unbounded_channel();
+    config.notifier = Arc::new(NoticesTo(sent));
+    let (accounts, db) = (config.accounts.clone(), config.read_models.clone());
+    let service = test::init_service(app(config)).await;
+    let (doctor, token) =
+        full_session(&accounts, "dr.retry", chartlog_domain::Role::Physician).await;
+    let patient = chartlog_domain::PatientId::from_uuid(uuid::Uuid::new_v4());
+    let open = || {
+        TestRequest::post()
+            .uri(&format!("/patients/{patient}/break-glass"))
+            .insert_header(("authorization", format!("Bearer {token}")))
+            .insert_header(("content-type", "application/json"))
+            .set_payload(r#"{"reason":"collapsed in triage, allergy list needed"}"#)
+            .to_request()
+    };
+    let in_force = || async {
+        accounts
+            .active_break_glass(doctor, patient, crate::now())
+            .await
+            .expect("lookup")
+    };
+    let audited = |outcome: &'static str| {
+        let db = db.clone();
+        async move {
+            db.fetch_all(
+                "SELECT record_id FROM chartlog_audit_trail \
+                 WHERE action = 'break_glass' AND outcome = $1",
+                vec![chartlog_projections::db::SqlArg::Text(outcome.to_owned())],
+            )
+            .await
+            .expect("audit rows")
+            .iter()
+            .map(|row| row.opt_uuid(0).expect("record id"))
+            .collect::<Vec<_>>()
+        }
+    };
+
+    let failed = test::call_service(&service, open()).await;
+    assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let failed: Value = test::read_body_json(failed).await;
+    assert_eq!(failed["error"], "audit_unavailable", "{failed}");
+    assert!(!failed.to_string().contains("collapsed"), "{failed}");
+    assert_eq!(
+        in_force().await,
+        None,
+        "no access without the opening's audit row"
+    );
+
+    // The audit trail is back: the retry completes the opening, audited and announced.
+    audit.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    let retried = test::call_service(&service, open()).await;
+    assert_eq!(retried.status(), StatusCode::CREATED);
+    let retried: Value = test::read_body_json(retried).await;
+    let grant_id: uuid::Uuid = retried["grant_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("grant id");
+    let grant = in_force().await.expect("in force once audited");
+    assert_eq!(grant.grant_id, grant_id);
+    assert_eq!(audited("success").await, vec![Some(grant_id)]);
+    let notice = tokio::time::timeout(std::time::Duration::from_secs(5), notices.recv())
+        .await
+        .expect("a notice for the grant in force")
+        .expect("the notifier is alive");
+    assert_eq!(notice.grant_id, grant_id);
+    assert_eq!(notice.user_id, doctor);
+    assert_eq!(notice.patient_id, patient);
+    let notice = serde_json::to_string(&notice).expect("serialize");
+    assert!(!notice.contains("collapsed"), "{notice}");
+    assert!(
+        notices.try_recv().is_err(),
+        "one notice: none for the failed attempt"
+    );
+    assert_eq!(
+        db.fetch_all(
+            "SELECT count(*) FROM chartlog_access_break_glass_grants WHERE user_id = $1",
+            vec![chartlog_projections::db::SqlArg::Uuid(doctor.as_uuid())],
+        )
+        .await
+        .expect("count")[0]
+            .i64(0)
+            .expect("count"),
+        1,
+        "the retry completed the grant the failed attempt left, and opened no other"
+    );
+
+    // Now it is open and in force: a further opening is refused, naming it.
+    let again = test::call_service(&service, open()).await;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    let again: Value = test::read_body_json(again).await;
+    assert_eq!(again["error"], "break_glass_already_open", "{again}");
+    assert_eq!(again["grant_id"], retried["grant_id"], "{again}");
+    assert_eq!(audited("denied").await, vec![Some(grant_id)]);
+}
+
 /// Bug this catches: `pending=false` listed the 1,000 oldest grants ever, with no paging,
 /// though the route promised pending reviews first.
 #[actix_web::test]

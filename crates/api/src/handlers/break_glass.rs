@@ -1,8 +1,11 @@
 //! POST /patients/{patient_id}/break-glass. The grant is opened, audited and announced by
-//! [`super::patients::break_glass`]; an opening refused because the caller's grant to the
-//! patient is still open (409 `break_glass_already_open`) is audited here. It is refused, not
-//! served, yet it is an attempt at emergency access an auditor should see next to the grant it
-//! names, and it counts toward the refusal alerts.
+//! [`super::patients::break_glass`], and gives access only once all of that is done; an
+//! opening refused because the caller's grant to the patient is still open and in force (409
+//! `break_glass_already_open`) is audited here. It is refused, not served, yet it is an
+//! attempt at emergency access an auditor should see next to the grant it names, and it
+//! counts toward the refusal alerts. A grant whose opening was never audited is not "open"
+//! in this sense: the next opening completes it and is answered 201 (see
+//! [`super::patients::break_glass`]), so a failed audit write never leads to this 409.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use chartlog_projections::audit::{AuditAction, AuditEntity, AuditOutcome};

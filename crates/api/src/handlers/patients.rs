@@ -851,6 +851,26 @@ pub(crate) struct BreakGlassAnswer {
     expires_at: String,
 }
 
+/// Opens break-glass in three steps, each durable before the next, so that a grant gives
+/// access only once its opening is a success row on the audit trail and has been announced:
+///
+/// 1. the grant is committed *pending* (no access);
+/// 2. its success row is written to the audit trail, then its notice sent;
+/// 3. it is marked audited, which puts it in force.
+///
+/// The grant and its audit row live in different stores (the access tables and the signed
+/// audit log) and cannot share a transaction, so one of them has to come first. Writing the
+/// audit row first would record a success for a grant that may never be committed (and, for
+/// an opening refused as overlapping, for one that never existed). Ending the grant when the
+/// audit write fails needs a second write that fails with the first when the database is the
+/// trouble, leaving the grant usable unaudited. A pending grant fails safe at every step: if
+/// the audit write, the notice or the mark does not happen, the grant gives no access, and
+/// the next opening by the same clinician for the same patient resumes it (the accounts
+/// service hands it back instead of refusing it as already open), audits it, announces it
+/// and marks it, and is answered as a fresh opening. The retry never meets 409 for a grant
+/// it could not use. At worst an opening is audited and announced twice (a mark that failed
+/// after both, or two simultaneous completions), never not at all. The notice is sent
+/// before the mark, so a grant in force has always had its notice sent.
 pub(crate) async fn break_glass(
     config: web::Data<ApiConfig>,
     caller: Caller,
@@ -862,7 +882,6 @@ pub(crate) async fn break_glass(
     let body: BreakGlassBody = parse_body(&body)?;
     let reason = chartlog_access::BreakGlassReason::parse(&body.reason)
         .map_err(|error| ApiError::unprocessable("invalid_reason", error.to_string()))?;
-    let now = crate::now();
     let grant = config
         .accounts
         .open_break_glass(
@@ -870,7 +889,7 @@ pub(crate) async fn break_glass(
             caller.session.role,
             path.patient_id,
             &reason,
-            now,
+            crate::now(),
         )
         .await
         .map_err(super::access::access_error)?;
@@ -884,13 +903,19 @@ pub(crate) async fn break_glass(
         AuditAction::BreakGlass,
     );
     row.record_id = Some(grant.grant_id);
-    audit::record(&config, vec![row]).await?;
+    if let Err(error) = audit::record(&config, vec![row]).await {
+        tracing::error!(
+            grant_id = %grant.grant_id,
+            "break-glass grant left pending: its opening was not audited"
+        );
+        return Err(error);
+    }
 
     let notice = BreakGlassNotice::new(
         grant.grant_id,
-        caller.session.user_id,
-        caller.session.role,
-        path.patient_id,
+        grant.user_id,
+        grant.role,
+        grant.patient_id,
         grant.opened_at,
         grant.expires_at,
         format!("{}/break-glass/reviews", config.public_base_url),
@@ -900,6 +925,11 @@ pub(crate) async fn break_glass(
     let notifier = config.notifier.clone();
     actix_web::rt::spawn(async move { notifier.break_glass_opened(&notice).await });
 
+    config
+        .accounts
+        .mark_break_glass_opening_audited(grant.grant_id, crate::now())
+        .await
+        .map_err(internal("break-glass grant not put in force"))?;
     Ok(HttpResponse::Created().json(BreakGlassAnswer {
         grant_id: grant.grant_id,
         patient_id: path.patient_id,
