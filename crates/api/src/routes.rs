@@ -9,7 +9,7 @@
 use actix_web::dev::HttpServiceFactory;
 use actix_web::{FromRequest, Handler, Resource, Responder, web};
 
-use crate::handlers::{access, break_glass, meta, oversight, patients};
+use crate::handlers::{access, meta, oversight, patients};
 use crate::policy::{Action, Entity, Grant};
 
 /// What a caller must hold to use a route.
@@ -185,7 +185,7 @@ pub(crate) fn register(config: &mut web::ServiceConfig) {
     config.service(Mount::new(&DISCLOSURES, patients::disclosures).finish());
     config.service(Mount::new(&CONSENT_RESTRICTIONS, patients::consent_restrictions).finish());
     config.service(Mount::new(&CARE_TEAM, patients::care_team).finish());
-    config.service(Mount::new(&BREAK_GLASS, break_glass::open).finish());
+    config.service(Mount::new(&BREAK_GLASS, patients::break_glass).finish());
 
     use crate::handlers::commands::{self as c, execute};
     config.service(Mount::new(&CORRECT_DEMOGRAPHICS, execute::<c::CorrectDemographics>).finish());

@@ -2,7 +2,6 @@
 //! patient's record, body parsing that never echoes PHI, and idempotent replays.
 
 pub(crate) mod access;
-pub(crate) mod break_glass;
 pub(crate) mod commands;
 pub(crate) mod meta;
 pub(crate) mod oversight;

@@ -882,7 +882,8 @@ pub(crate) async fn break_glass(
     let body: BreakGlassBody = parse_body(&body)?;
     let reason = chartlog_access::BreakGlassReason::parse(&body.reason)
         .map_err(|error| ApiError::unprocessable("invalid_reason", error.to_string()))?;
-    let grant = config
+    let actor = caller.actor(Some(policy::RecordAccess::BreakGlass));
+    let opened = config
         .accounts
         .open_break_glass(
             caller.session.user_id,
@@ -892,9 +893,28 @@ pub(crate) async fn break_glass(
             crate::now(),
         )
         .await
-        .map_err(super::access::access_error)?;
-    let mut actor = caller.actor(Some(policy::RecordAccess::BreakGlass));
-    actor.break_glass = true;
+        .map_err(super::access::access_error);
+    let grant = match opened {
+        Ok(grant) => grant,
+        // Refused, not served, yet an attempt at emergency access that an auditor should see
+        // next to the grant it names, and one that counts toward the refusal alerts. A grant
+        // whose opening was never audited is not open in this sense: the accounts service
+        // hands it back above, so a failed audit write never leads here.
+        Err(refusal @ ApiError::BreakGlassAlreadyOpen { grant_id, .. }) => {
+            let mut row = audit::access_row(
+                actor,
+                caller.client_address,
+                Some(path.patient_id),
+                AuditEntity::Patient,
+                AuditAction::BreakGlass,
+            );
+            row.outcome = AuditOutcome::Denied;
+            row.record_id = Some(grant_id);
+            audit::record(&config, vec![row]).await?;
+            return Err(refusal);
+        }
+        Err(refusal) => return Err(refusal),
+    };
     let mut row = audit::access_row(
         actor,
         caller.client_address,
