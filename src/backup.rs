@@ -430,11 +430,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let written = write_backup(&database, &signing, &recipients, &file).await;
     // Every copy of the store leaving it is on the audit trail, failed attempts too.
-    let outcome = if written.is_ok() {
-        AuditOutcome::Success
-    } else {
-        AuditOutcome::Failure
-    };
+    let outcome = AuditOutcome::of(written.is_ok());
     let audited = crate::wiring::audit_operator_action(
         &database,
         &key_dir,

@@ -120,11 +120,7 @@ pub(crate) async fn run(command: DeidCommand) -> anyhow::Result<()> {
         Ok(())
     }
     .await;
-    let outcome = if exported.is_ok() {
-        AuditOutcome::Success
-    } else {
-        AuditOutcome::Failure
-    };
+    let outcome = AuditOutcome::of(exported.is_ok());
     let audited = audit
         .record(
             AuditEntity::DeidentifiedData,

@@ -564,11 +564,7 @@ async fn audit_key_rotation(
         key_dir,
         AuditEntity::Keys,
         AuditAction::Update,
-        if complete {
-            AuditOutcome::Success
-        } else {
-            AuditOutcome::Failure
-        },
+        AuditOutcome::of(complete),
     )
     .await
 }

@@ -1148,11 +1148,7 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     // A rebuild decrypts every patient's events, so it is on the audit trail, failed attempts
     // too. As for a backup or a de-identified export, the row is written after the work, when
     // its outcome is known; it is therefore not among the events the summary counts.
-    let outcome = if rebuilt.is_ok() {
-        AuditOutcome::Success
-    } else {
-        AuditOutcome::Failure
-    };
+    let outcome = AuditOutcome::of(rebuilt.is_ok());
     let audited = wiring::audit_operator_action(
         &database,
         &key_dir,

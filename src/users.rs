@@ -162,11 +162,7 @@ async fn run_on(database: &Database, key_dir: &Path, change: Change) -> anyhow::
     let audit = wiring::OperatorAudit::open(database, key_dir).await?;
     let accounts = wiring::operator_accounts(database, key_dir)?;
     let (action, account, result) = apply(&accounts, change).await;
-    let outcome = if result.is_ok() {
-        AuditOutcome::Success
-    } else {
-        AuditOutcome::Failure
-    };
+    let outcome = AuditOutcome::of(result.is_ok());
     let audited = audit
         .record(
             AuditEntity::User,

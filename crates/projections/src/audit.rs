@@ -195,6 +195,15 @@ impl AuditOutcome {
             .into_iter()
             .find(|outcome| outcome.as_str() == raw)
     }
+
+    /// Success or failure of work the policy did not refuse (an operator's command).
+    pub const fn of(succeeded: bool) -> Self {
+        if succeeded {
+            AuditOutcome::Success
+        } else {
+            AuditOutcome::Failure
+        }
+    }
 }
 
 macro_rules! display_as_str {

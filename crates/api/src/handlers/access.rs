@@ -298,10 +298,7 @@ pub(crate) async fn change_password(
             crate::now(),
         )
         .await;
-    let outcome = match &changed {
-        Ok(()) => AuditOutcome::Success,
-        Err(_) => AuditOutcome::Failure,
-    };
+    let outcome = AuditOutcome::of(changed.is_ok());
     audit::record(
         &config,
         vec![AuditRow {
