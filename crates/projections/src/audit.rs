@@ -452,35 +452,63 @@ pub const AUDIT_PROJECTION_NAME: &str = "audit_trail";
 pub const AUDIT_PROJECTION_VERSION: u32 = 1;
 
 /// Columns of one `chartlog_audit_trail` row as [`insert_audit_rows`] binds them.
-const AUDIT_COLUMNS: usize = 14;
+const AUDIT_COLUMNS: usize = 15;
 /// `client_address`, which PostgreSQL stores as `inet` and receives as text.
-const AUDIT_CLIENT_ADDRESS_COLUMN: usize = 12;
+const AUDIT_CLIENT_ADDRESS_COLUMN: usize = 13;
 
 /// Inserts [`AuditRow`]s (each with the log position it was folded from, if any) into
 /// `chartlog_audit_trail`, many rows per statement, ignoring a row whose `audit_id` is already
 /// there (a replay or a rebuild). One statement per row cost the projection runner a round
 /// trip per audited event, which on PostgreSQL left it trailing the writers it follows.
+///
+/// Each row gets the next `trail_position`, the order auditors page the trail in (migration
+/// 0014/0013): positions are handed out here, in insertion order, one writer at a time (on
+/// PostgreSQL the table is locked against other writers until the transaction ends; readers
+/// are not held up), so a row inserted later never sorts before a page already read. A row
+/// ignored as already there leaves its position unused: the positions have gaps, never ties.
 pub async fn insert_audit_rows<R: Borrow<AuditRow> + Sync>(
     tx: &mut crate::db::ProjectionTx,
     rows: &[(R, Option<u64>)],
 ) -> Result<(), sqlx::Error> {
     use crate::db::{Backend, SqlArg};
+    if rows.is_empty() {
+        return Ok(());
+    }
     let cast = (tx.backend() == Backend::Postgres).then_some((AUDIT_CLIENT_ADDRESS_COLUMN, "inet"));
+    if tx.backend() == Backend::Postgres {
+        tx.execute(
+            "LOCK TABLE chartlog_audit_trail IN SHARE ROW EXCLUSIVE MODE",
+            vec![],
+        )
+        .await?;
+    }
+    let last = tx
+        .fetch_optional(
+            "SELECT CAST(COALESCE(MAX(trail_position), 0) AS BIGINT) FROM chartlog_audit_trail",
+            vec![],
+        )
+        .await?
+        .map(|row| row.i64(0))
+        .transpose()?
+        .unwrap_or(0);
+    let mut next_position = last;
     for chunk in rows.chunks(tx.rows_per_statement(AUDIT_COLUMNS)) {
         let values = crate::db::values_placeholders_cast(chunk.len(), AUDIT_COLUMNS, 1, cast);
         let sql = format!(
-            "INSERT INTO chartlog_audit_trail (audit_id, source_position, occurred_at_us, \
-             user_id, role, purpose_of_use, break_glass, patient_id, entity, record_id, action, \
-             outcome, client_address, event_type) VALUES {values} \
+            "INSERT INTO chartlog_audit_trail (audit_id, source_position, trail_position, \
+             occurred_at_us, user_id, role, purpose_of_use, break_glass, patient_id, entity, \
+             record_id, action, outcome, client_address, event_type) VALUES {values} \
              ON CONFLICT (audit_id) DO NOTHING"
         );
         let mut args = Vec::with_capacity(chunk.len() * AUDIT_COLUMNS);
         for (row, source_position) in chunk {
             let row: &AuditRow = row.borrow();
             let position = source_position.map(|p| i64::try_from(p).unwrap_or(i64::MAX));
+            next_position += 1;
             args.extend([
                 SqlArg::Uuid(row.audit_id),
                 SqlArg::OptI64(position),
+                SqlArg::I64(next_position),
                 SqlArg::I64(row.occurred_at.unix_micros()),
                 SqlArg::OptUuid(row.actor.map(|a| a.user_id.as_uuid())),
                 SqlArg::OptText(row.actor.map(|a| a.role.as_str().to_owned())),

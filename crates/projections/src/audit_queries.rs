@@ -1,10 +1,15 @@
 //! Reading the audit trail back: the auditor's filtered trail and a patient's accounting of
-//! disclosures (HIPAA 164.528), both oldest first and paged by keyset.
+//! disclosures (HIPAA 164.528), both in the order the trail recorded them and paged by keyset.
 //!
-//! Pages are ordered by `(occurred_at_us, audit_id)`, which is unique, so a page boundary never
-//! skips or repeats a row even when many rows share a microsecond. The position between pages
-//! is an [`AuditCursor`]: the last row's time and id, encoded for a URL. Ids and codes only: a
-//! cursor holds nothing a URL must not carry.
+//! Pages are ordered by `trail_position`, which [`insert_audit_rows`] hands out as rows are
+//! inserted, so a page boundary never skips or repeats a row, including a row inserted after
+//! the page before it was read: rows reach the table a little out of time order (each waits
+//! for its process's audit writer and for the projection runner), and paging by time would
+//! pass over one stamped earlier than a page already read. The recorded order is the time
+//! order but for those stragglers. The position between pages is an [`AuditCursor`]: the last
+//! row's trail position, encoded for a URL. It holds nothing a URL must not carry.
+//!
+//! [`insert_audit_rows`]: crate::audit::insert_audit_rows
 //!
 //! The SQL is written once for both backends; every filter value is bound, and the WHERE
 //! clause is assembled from fixed fragments and placeholders only.
@@ -50,51 +55,34 @@ pub struct AuditFilter {
     pub to: Option<Timestamp>,
 }
 
-/// Where the next page starts: just after the row with this time and id. Opaque to callers;
+/// Where the next page starts: just after the row at this trail position. Opaque to callers;
 /// [`AuditCursor::encode`] gives URL-safe text (base64url, no padding) and
 /// [`AuditCursor::decode`] reads it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AuditCursor {
-    occurred_at_us: i64,
-    audit_id: Uuid,
+    trail_position: i64,
 }
 
-/// Bytes of an encoded cursor: the time (8, big-endian) and the id (16).
-const CURSOR_BYTES: usize = 24;
+/// Bytes of an encoded cursor: the trail position, 8 bytes big-endian.
+const CURSOR_BYTES: usize = 8;
 
 impl AuditCursor {
-    /// The position just after `row`.
-    pub fn after(row: &AuditRow) -> Self {
-        Self {
-            occurred_at_us: row.occurred_at.unix_micros(),
-            audit_id: row.audit_id,
-        }
-    }
-
-    /// URL-safe text (base64url without padding, 32 characters).
+    /// URL-safe text (base64url without padding, 11 characters).
     pub fn encode(&self) -> String {
-        let mut bytes = [0u8; CURSOR_BYTES];
-        bytes[..8].copy_from_slice(&self.occurred_at_us.to_be_bytes());
-        bytes[8..].copy_from_slice(self.audit_id.as_bytes());
-        base64url_encode(&bytes)
+        base64url_encode(&self.trail_position.to_be_bytes())
     }
 
     /// `None` for anything [`AuditCursor::encode`] did not produce.
     pub fn decode(raw: &str) -> Option<Self> {
         let bytes = base64url_decode(raw)?;
         let bytes: [u8; CURSOR_BYTES] = bytes.try_into().ok()?;
-        let occurred_at_us = i64::from_be_bytes(bytes[..8].try_into().ok()?);
-        let audit_id = Uuid::from_bytes(bytes[8..].try_into().ok()?);
-        // Only times a row can have: a cursor names a row that was read.
-        Timestamp::from_unix_micros(occurred_at_us).ok()?;
-        Some(Self {
-            occurred_at_us,
-            audit_id,
-        })
+        let trail_position = i64::from_be_bytes(bytes);
+        // Positions start at 1: a cursor names a row that was read.
+        (trail_position > 0).then_some(Self { trail_position })
     }
 }
 
-/// One page of the trail, oldest first.
+/// One page of the trail, in the order it was recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditPage {
     pub rows: Vec<AuditRow>,
@@ -102,7 +90,7 @@ pub struct AuditPage {
     pub next: Option<AuditCursor>,
 }
 
-/// Reads the rows that match `filter`, oldest first by `(occurred_at, audit_id)`, after
+/// Reads the rows that match `filter`, in the order the trail recorded them, after
 /// `after` (from the start when `None`), at most `limit` of them (clamped to
 /// `1..=`[`AUDIT_PAGE_ROWS_MAX`]).
 pub async fn read_audit_trail(
@@ -136,8 +124,8 @@ pub async fn read_audit_trail(
 }
 
 /// The accounting of disclosures of `patient`'s record (HIPAA 164.528): every access to it
-/// ([`DISCLOSURE_ACTIONS`]) by anyone acting in a role other than `patient`, oldest first,
-/// paged as [`read_audit_trail`]. The patient's own reads are not disclosures; rows about
+/// ([`DISCLOSURE_ACTIONS`]) by anyone acting in a role other than `patient`, in the order
+/// recorded, paged as [`read_audit_trail`]. The patient's own reads are not disclosures; rows about
 /// other patients and rows about no patient (logins) never appear. Refused and failed
 /// attempts are listed with their outcome.
 pub async fn accounting_of_disclosures(
@@ -185,9 +173,8 @@ impl Query {
     ) -> Result<AuditPage, ProjectionError> {
         let limit = limit.clamp(1, AUDIT_PAGE_ROWS_MAX);
         if let Some(after) = after {
-            let at = self.bind(SqlArg::I64(after.occurred_at_us));
-            let id = self.bind(SqlArg::Uuid(after.audit_id));
-            self.condition(format!("(occurred_at_us, audit_id) > ({at}, {id})"));
+            let p = self.bind(SqlArg::I64(after.trail_position));
+            self.condition(format!("trail_position > {p}"));
         }
         // One row more than asked says whether there is a next page.
         let fetch = self.bind(SqlArg::I64(i64::from(limit) + 1));
@@ -202,22 +189,20 @@ impl Query {
         };
         let sql = format!(
             "SELECT audit_id, occurred_at_us, user_id, role, purpose_of_use, break_glass, \
-             patient_id, entity, record_id, action, outcome, {client_address}, event_type \
-             FROM {AUDIT_TABLE} {where_clause} \
-             ORDER BY occurred_at_us, audit_id LIMIT {fetch}"
+             patient_id, entity, record_id, action, outcome, {client_address}, event_type, \
+             trail_position FROM {AUDIT_TABLE} {where_clause} \
+             ORDER BY trail_position LIMIT {fetch}"
         );
         // Built from the fixed fragments above and placeholders only: no value is in the text.
         let found = db.fetch_all(sqlx::AssertSqlSafe(sql), self.args).await?;
         let more = found.len() > limit as usize;
-        let rows = found
-            .iter()
-            .take(limit as usize)
-            .map(decode_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let next = if more {
-            rows.last().map(AuditCursor::after)
-        } else {
-            None
+        let page = &found[..found.len().min(limit as usize)];
+        let rows = page.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
+        let next = match page.last() {
+            Some(last) if more => Some(AuditCursor {
+                trail_position: last.i64(13)?,
+            }),
+            _ => None,
         };
         Ok(AuditPage { rows, next })
     }
@@ -354,19 +339,19 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_refuse_anything_else() {
         let cursor = AuditCursor {
-            occurred_at_us: 1_763_000_000_123_456,
-            audit_id: Uuid::from_u128(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
+            trail_position: 0x0123_4567_89ab_cdef,
         };
         let text = cursor.encode();
-        assert_eq!(text.len(), 32);
+        assert_eq!(text.len(), 11);
         assert_eq!(AuditCursor::decode(&text), Some(cursor));
         assert_eq!(AuditCursor::decode(""), None);
-        assert_eq!(AuditCursor::decode(&text[..31]), None);
+        assert_eq!(AuditCursor::decode(&text[..10]), None);
         assert_eq!(AuditCursor::decode(&format!("{text}AA")), None);
-        let negative = AuditCursor {
-            occurred_at_us: i64::MIN,
-            audit_id: Uuid::nil(),
-        };
-        assert_eq!(AuditCursor::decode(&negative.encode()), None, "no row time");
+        for no_row in [0, -1, i64::MIN] {
+            let cursor = AuditCursor {
+                trail_position: no_row,
+            };
+            assert_eq!(AuditCursor::decode(&cursor.encode()), None, "{no_row}");
+        }
     }
 }

@@ -178,11 +178,6 @@ fn generated_row(i: u64) -> AuditRow {
     }
 }
 
-fn sorted(mut rows: Vec<AuditRow>) -> Vec<AuditRow> {
-    rows.sort_by_key(|row| (row.occurred_at, row.audit_id));
-    rows
-}
-
 /// Every page of a query, each cursor taken through its URL text; checks the page sizes.
 async fn all_pages<F, Fut>(limit: u32, mut read: F) -> (Vec<AuditRow>, usize)
 where
@@ -248,9 +243,9 @@ async fn appended_rows_read_back_filtered_and_paged(db: &ProjectionDb) {
     }
     append_audit_rows(db, &rows[..10]).await.expect("a retry");
     append_audit_rows(db, &[]).await.expect("nothing to append");
-    let expected = sorted(rows.clone());
+    let expected = rows.clone();
 
-    // Read back equal, oldest first; the limit is clamped to 1..=500.
+    // Read back equal, in the order appended; the limit is clamped to 1..=500.
     let everything = AuditFilter::default();
     let first = read_audit_trail(db, &everything, None, u32::MAX)
         .await
@@ -277,7 +272,7 @@ async fn appended_rows_read_back_filtered_and_paged(db: &ProjectionDb) {
     assert_eq!(pages, (GENERATED_ROWS as usize).div_ceil(7));
     let ids: HashSet<Uuid> = paged.iter().map(|row| row.audit_id).collect();
     assert_eq!(ids.len(), paged.len(), "no row twice");
-    assert_eq!(paged, expected, "every row, oldest first");
+    assert_eq!(paged, expected, "every row, in the order appended");
 
     // Filters, alone and together; each keeps some rows and drops others.
     let user = UserId::from_uuid(Uuid::from_u128(USERS[1].0));
@@ -392,7 +387,7 @@ async fn disclosures_list_others_accesses_only(db: &ProjectionDb) {
     let auditor = actor(0xf003, Role::Auditor);
     let row = |n: u128, who: Option<Actor>, about: Option<PatientId>, action, outcome| AuditRow {
         audit_id: Uuid::from_u128(0x1000 + n),
-        // Two rows per second, the later id first, so the order is by time, then id.
+        // Two rows per second, appended in time order.
         occurred_at: at(i64::try_from(n / 2).unwrap() * 1_000_000),
         actor: who,
         patient_id: about,
@@ -436,7 +431,11 @@ async fn disclosures_list_others_accesses_only(db: &ProjectionDb) {
         .iter()
         .map(|row| row.audit_id.as_u128() - 0x1000)
         .collect();
-    assert_eq!(ids, [1, 2, 6, 7, 9, 10], "others' accesses, oldest first");
+    assert_eq!(
+        ids,
+        [1, 2, 6, 7, 9, 10],
+        "others' accesses, in the order recorded"
+    );
     assert_eq!(pages, 3);
     assert_eq!(found[0], rows[0], "read back whole");
     assert_eq!(
@@ -447,13 +446,14 @@ async fn disclosures_list_others_accesses_only(db: &ProjectionDb) {
     // A generated patient: every access but the patient-role users', and nothing else.
     let generated = PatientId::from_uuid(Uuid::from_u128(PATIENTS[0]));
     let disclosure_actions = [Read, Export, BreakGlass, Search, Create, Update];
-    let wanted: Vec<AuditRow> = sorted(noise.clone())
-        .into_iter()
+    let wanted: Vec<AuditRow> = noise
+        .iter()
         .filter(|row| {
             row.patient_id == Some(generated)
                 && disclosure_actions.contains(&row.action)
                 && row.actor.is_none_or(|a| a.role != Role::Patient)
         })
+        .cloned()
         .collect();
     assert!(!wanted.is_empty());
     assert!(
@@ -469,6 +469,147 @@ async fn disclosures_list_others_accesses_only(db: &ProjectionDb) {
     })
     .await;
     assert_eq!(found, wanted);
+}
+
+/// A row stamped before the last row of a page already read, but recorded after it (it waited
+/// for its process's audit writer and the projection runner), is on the next page of the
+/// trail and of the patient's accounting of disclosures: paging by time passed over it.
+async fn a_row_recorded_late_is_on_the_next_page(db: &ProjectionDb) {
+    let patient = PatientId::from_uuid(Uuid::from_u128(0xe101));
+    let doctor = actor(0xf101, Role::Physician);
+    let read = |n: u128, seconds: i64| AuditRow {
+        audit_id: Uuid::from_u128(0x2000 + n),
+        occurred_at: at(seconds * 1_000_000),
+        actor: Some(doctor),
+        patient_id: Some(patient),
+        entity: Some(AuditEntity::Patient),
+        record_id: Some(patient.as_uuid()),
+        action: AuditAction::Read,
+        outcome: AuditOutcome::Success,
+        client_address: None,
+        event_type: None,
+    };
+    let on_time: Vec<AuditRow> = (1..=5).map(|n| read(n, 10 + n as i64)).collect();
+    append_audit_rows(db, &on_time).await.expect("append");
+    let everything = AuditFilter::default();
+    let first = read_audit_trail(db, &everything, None, 3)
+        .await
+        .expect("read");
+    assert_eq!(first.rows, on_time[..3]);
+    let first_disclosures = accounting_of_disclosures(db, patient, None, 3)
+        .await
+        .expect("disclosures");
+    assert_eq!(first_disclosures.rows, on_time[..3]);
+
+    // Stamped before every row above, and before the page boundary; recorded now.
+    let late = read(6, 5);
+    let after_it = read(7, 16);
+    append_audit_rows(db, &[late.clone(), after_it.clone()])
+        .await
+        .expect("append");
+    let wanted = vec![on_time[3].clone(), on_time[4].clone(), late, after_it];
+    let (rest, _) = all_pages(3, |after| {
+        let after = after.or(first.next);
+        async move {
+            read_audit_trail(db, &everything, after.as_ref(), 3)
+                .await
+                .expect("read")
+        }
+    })
+    .await;
+    assert_eq!(rest, wanted, "the trail's next pages");
+    let (rest, _) = all_pages(3, |after| {
+        let after = after.or(first_disclosures.next);
+        async move {
+            accounting_of_disclosures(db, patient, after.as_ref(), 3)
+                .await
+                .expect("disclosures")
+        }
+    })
+    .await;
+    assert_eq!(rest, wanted, "the disclosures' next pages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_row_recorded_late_is_on_the_next_page() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteEventStore::open(&dir.path().join("chartlog.db"))
+        .await
+        .expect("open");
+    a_row_recorded_late_is_on_the_next_page(&ProjectionDb::Sqlite(store.pool().clone())).await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_a_row_recorded_late_is_on_the_next_page(pool: PgPool) {
+    a_row_recorded_late_is_on_the_next_page(&ProjectionDb::Postgres(pool)).await;
+}
+
+/// A trail written before `trail_position` existed: the migration numbers its rows in the
+/// order they were read in then (time, then id), whatever order they were inserted in, and
+/// rows appended afterwards follow them.
+async fn the_migration_numbers_an_old_trail_in_its_old_order(db: &ProjectionDb) {
+    // Inserted newest first, and two in one microsecond with the higher id first.
+    for (id, second) in [(4u128, 30i64), (3, 20), (2, 10), (1, 10)] {
+        let sql = "INSERT INTO chartlog_audit_trail (audit_id, occurred_at_us, break_glass, \
+                   action, outcome) VALUES ($1, $2, false, 'login', 'failure')";
+        let mut tx = db.begin().await.expect("begin");
+        tx.execute(
+            sql,
+            vec![
+                chartlog_projections::db::SqlArg::Uuid(Uuid::from_u128(0x3000 + id)),
+                chartlog_projections::db::SqlArg::I64(at(second * 1_000_000).unix_micros()),
+            ],
+        )
+        .await
+        .expect("an old row");
+        tx.commit().await.expect("commit");
+    }
+    match db {
+        ProjectionDb::Sqlite(pool) => chartlog_store::sqlite::MIGRATOR.run(pool).await,
+        ProjectionDb::Postgres(pool) => chartlog_store::postgres::MIGRATOR.run(pool).await,
+    }
+    .expect("the remaining migrations");
+    let later = AuditRow {
+        audit_id: Uuid::from_u128(0x3000),
+        occurred_at: at(0),
+        actor: None,
+        patient_id: None,
+        entity: Some(AuditEntity::Session),
+        record_id: None,
+        action: AuditAction::Login,
+        outcome: AuditOutcome::Failure,
+        client_address: None,
+        event_type: None,
+    };
+    append_audit_rows(db, std::slice::from_ref(&later))
+        .await
+        .expect("append");
+    let (rows, _) = read_filtered(db, &AuditFilter::default(), 2).await;
+    let ids: Vec<u128> = rows.iter().map(|row| row.audit_id.as_u128()).collect();
+    assert_eq!(ids, [0x3001, 0x3002, 0x3003, 0x3004, 0x3000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_the_migration_numbers_an_old_trail_in_its_old_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.path().join("chartlog.db"))
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
+    chartlog_store::sqlite::MIGRATOR
+        .run_to(12, &pool)
+        .await
+        .expect("the migrations before the trail position");
+    the_migration_numbers_an_old_trail_in_its_old_order(&ProjectionDb::Sqlite(pool)).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn postgres_the_migration_numbers_an_old_trail_in_its_old_order(pool: PgPool) {
+    chartlog_store::postgres::MIGRATOR
+        .run_to(13, &pool)
+        .await
+        .expect("the migrations before the trail position");
+    the_migration_numbers_an_old_trail_in_its_old_order(&ProjectionDb::Postgres(pool)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
