@@ -2,7 +2,7 @@
 //!
 //! A backup is one age file (age-encryption.org/v1, X25519 recipients) holding JSON lines:
 //!
-//! 1. a header: `{"record":"header","format":"chartlog-backup","version":1,...,"tables":[...]}`
+//! 1. a header: `{"record":"header","format":"chartlog-backup","version":2,...,"tables":[...]}`
 //!    naming every table and its columns, in the order their rows follow;
 //! 2. one line per row, `{"record":"row","table":...,"values":[...]}`, the columns as stored
 //!    (integers and booleans as JSON, text and UUIDs as strings, bytes as lower-case hex, NULL

@@ -20,8 +20,11 @@ use uuid::Uuid;
 
 /// The `format` of the header and the manifest.
 pub const FORMAT: &str = "chartlog-backup";
-/// The version of the format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the format this build writes and reads. Version 2 added the audit trail's
+/// `trail_position`, a break-glass grant's `opening_audited_at_us` and a login attempt's
+/// `attempt_id`; a version 1 backup is
+/// restored by the chartlog that wrote it, whose database this one then migrates.
+pub const FORMAT_VERSION: u32 = 2;
 /// Rows handed from the reader to the inserting task at a time.
 pub const RESTORE_BATCH_ROWS: usize = 500;
 /// The longest line a backup may hold: far above any row (an event's ciphertext is a few
@@ -168,6 +171,7 @@ pub static TABLES: &[Table] = &[
             ("username", Kind::Text),
             ("client_address", Kind::Text),
             ("failed_at_us", Kind::Int),
+            ("attempt_id", Kind::Uuid),
         ],
         key: &[],
     },
@@ -184,6 +188,7 @@ pub static TABLES: &[Table] = &[
             ("verdict", Kind::Text),
             ("reviewed_by", Kind::Uuid),
             ("reviewed_at_us", Kind::Int),
+            ("opening_audited_at_us", Kind::Int),
         ],
         key: &["grant_id"],
     },
@@ -205,6 +210,7 @@ pub static TABLES: &[Table] = &[
         columns: &[
             ("audit_id", Kind::Uuid),
             ("source_position", Kind::Int),
+            ("trail_position", Kind::Int),
             ("occurred_at_us", Kind::Int),
             ("user_id", Kind::Uuid),
             ("role", Kind::Text),

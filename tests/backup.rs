@@ -659,6 +659,7 @@ const READ_MODEL_TABLES: &[(&str, &[&str], &str)] = &[
         &[
             "audit_id",
             "source_position",
+            "trail_position",
             "occurred_at_us",
             "user_id",
             "role",
@@ -848,6 +849,28 @@ async fn a_sqlite_round_trip_keeps_the_log_hashes_and_the_read_models() {
              src/backup.rs, or to READ_MODEL_TABLES here if a rebuild derives it"
         );
     }
+    // Every column of a table backed up is in the backup: a column added by a migration and
+    // left out of TABLES would come back empty after a restore.
+    let pool = source.pool().await;
+    for table in header["tables"].as_array().expect("tables") {
+        let name = table["name"].as_str().expect("name");
+        let mut backed_up: Vec<&str> = table["columns"]
+            .as_array()
+            .expect("columns")
+            .iter()
+            .map(|column| column.as_str().expect("column"))
+            .collect();
+        backed_up.sort_unstable();
+        let mut in_schema: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info(?1) ORDER BY name")
+                .bind(name)
+                .fetch_all(&pool)
+                .await
+                .expect("columns");
+        in_schema.sort_unstable();
+        assert_eq!(backed_up, in_schema, "the columns of {name}");
+    }
+    pool.close().await;
 
     let copy = source.with_same_keys(&dir, "copy");
     let restored = restore(&copy, &key, &file, &[]);
