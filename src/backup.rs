@@ -1646,7 +1646,7 @@ mod tests {
         assert!(
             audit
                 .insert_sql(Backend::Postgres, 2)
-                .contains("$13::inet, $14), ($15")
+                .contains("$14::inet, $15), ($16")
         );
         assert!(
             audit
