@@ -98,6 +98,35 @@ mod tests {
     }
 
     #[test]
+    fn a_list_gives_a_repeatable_flag_once_per_item_and_nothing_else_takes_one() {
+        let out = merged(
+            &["chartlog", "serve"],
+            "[serve]\ntrusted-proxy = [\"10.0.0.0/8\", \"2001:db8::/48\"]\n",
+        )
+        .expect("merged");
+        assert!(
+            out.contains(&"--trusted-proxy=10.0.0.0/8".to_owned()),
+            "{out:?}"
+        );
+        assert!(
+            out.contains(&"--trusted-proxy=2001:db8::/48".to_owned()),
+            "{out:?}"
+        );
+        let single = merged(
+            &["chartlog", "serve"],
+            "[serve]\nlisten = [\"0.0.0.0:1\"]\n",
+        );
+        let message = single.expect_err("refused").to_string();
+        assert!(message.contains("listen takes one value"), "{message}");
+        let nested = merged(
+            &["chartlog", "serve"],
+            "[serve]\ntrusted-proxy = [[\"10.0.0.0/8\"]]\n",
+        );
+        let message = nested.expect_err("refused").to_string();
+        assert!(message.contains("strings or numbers"), "{message}");
+    }
+
+    #[test]
     fn secrets_and_unknown_settings_are_refused() {
         let secret = merged(
             &["chartlog", "serve"],

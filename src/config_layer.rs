@@ -143,6 +143,22 @@ pub fn merge(
                 continue;
             }
             toml::Value::Boolean(false) => continue,
+            // A flag given once per value (`--trusted-proxy`): a list gives it once per item.
+            toml::Value::Array(items) if matches!(flag.get_action(), ArgAction::Append) => {
+                for item in items {
+                    let item = match item {
+                        toml::Value::String(text) => text.clone(),
+                        toml::Value::Integer(number) => number.to_string(),
+                        _ => bail!(
+                            "{}: the items of {key} must be strings or numbers",
+                            path.display()
+                        ),
+                    };
+                    added.push(format!("--{key}={item}").into());
+                }
+                continue;
+            }
+            toml::Value::Array(_) => bail!("{}: {key} takes one value, not a list", path.display()),
             _ => bail!(
                 "{}: {key} must be a string, a number or a boolean",
                 path.display()
@@ -312,9 +328,10 @@ fn check_table(
                 | toml::Value::Integer(_)
                 | toml::Value::Float(_)
                 | toml::Value::Boolean(_)
+                | toml::Value::Array(_)
         ) {
             bail!(
-                "{}: {key} (in {here}) must be a string, a number or a boolean",
+                "{}: {key} (in {here}) must be a string, a number, a boolean or a list",
                 path.display()
             );
         }

@@ -221,6 +221,14 @@ struct ServeArgs {
     #[arg(long, default_value_t = RateLimit::DEFAULT_PER_SECOND, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     rate_limit_per_second: u32,
 
+    /// A reverse proxy or load balancer in front of this server, as a network (`10.0.0.0/8`,
+    /// `2001:db8::/48`) or one address; repeat for several. A request from one names its
+    /// client in `X-Forwarded-For`, which is then believed, read from the right up to the
+    /// first address that is not such a proxy. That address is what the audit trail records
+    /// and what login throttling and the rate limit count. Without it the header is ignored.
+    #[arg(long = "trusted-proxy", env = "CHARTLOG_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_trusted_proxy)]
+    trusted_proxies: Vec<ipnet::IpNet>,
+
     /// Requests one client may send at once, above the sustained rate, after a quiet spell.
     #[arg(long, default_value_t = RateLimit::DEFAULT_BURST, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     rate_limit_burst: u32,
@@ -237,6 +245,24 @@ struct ServeArgs {
 
     #[command(flatten)]
     erasure_ledger: erasure_ledger::ErasureLedgerArgs,
+}
+
+/// A network, or a single address as the network of that address alone.
+fn parse_trusted_proxy(raw: &str) -> Result<ipnet::IpNet, String> {
+    let raw = raw.trim();
+    let network = raw
+        .parse::<ipnet::IpNet>()
+        .map(|network| network.trunc())
+        .or_else(|_| raw.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!("{raw:?} is not a network or an address, e.g. 10.0.0.0/8 or 192.0.2.10")
+        })?;
+    if network.prefix_len() == 0 {
+        return Err(format!(
+            "{raw:?} would trust every client to name its own address; name the proxies' network"
+        ));
+    }
+    Ok(network)
 }
 
 impl ServeArgs {
@@ -705,6 +731,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("{scheme}://{address}")),
         rate_limiter: Arc::new(ClientRateLimiter::new(args.rate_limit())),
         identity_provider: args.identity_provider()?,
+        trusted_proxies: chartlog_api::client_address::TrustedProxies::new(
+            args.trusted_proxies.clone(),
+        ),
     };
     let server = HttpServer::new(move || chartlog_api::app(config.clone()))
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECONDS)
@@ -1264,5 +1293,23 @@ mod tests {
         let keys = projection_keys(dir.path(), KeyFiles::CreateMissing).expect("keys");
         let names: Vec<&str> = keys.projections.iter().map(|p| p.name()).collect();
         assert_eq!(names, PROJECTION_NAMES);
+    }
+
+    #[test]
+    fn trusted_proxies_are_networks_or_addresses_never_everyone() {
+        let parsed = |raw: &str| parse_trusted_proxy(raw).map(|network| network.to_string());
+        assert_eq!(parsed("10.0.0.0/8").as_deref(), Ok("10.0.0.0/8"));
+        assert_eq!(parsed(" 10.9.9.9/8").as_deref(), Ok("10.0.0.0/8"));
+        assert_eq!(parsed("192.0.2.10").as_deref(), Ok("192.0.2.10/32"));
+        assert_eq!(parsed("2001:db8::/48").as_deref(), Ok("2001:db8::/48"));
+        assert_eq!(parsed("2001:db8::1").as_deref(), Ok("2001:db8::1/128"));
+        for everyone in ["0.0.0.0/0", "::/0"] {
+            let refused = parsed(everyone).expect_err(everyone);
+            assert!(refused.contains("every client"), "{refused}");
+        }
+        for wrong in ["", "proxy.example", "10.0.0.0/33", "10.0.0.0/8/8"] {
+            let refused = parsed(wrong).expect_err(wrong);
+            assert!(refused.contains("not a network or an address"), "{refused}");
+        }
     }
 }

@@ -143,7 +143,7 @@ async fn authorize(
     request: &ServiceRequest,
 ) -> Result<Caller, ApiError> {
     let now = crate::now();
-    let client_address = request.peer_addr().map(|address| address.ip());
+    let client_address = config.trusted_proxies.client_of(request.request());
     let patient_id = request
         .match_info()
         .get("patient_id")

@@ -35,6 +35,7 @@
 
 pub mod alerts;
 pub mod audit;
+pub mod client_address;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -103,6 +104,8 @@ pub struct ApiConfig {
     pub rate_limiter: Arc<limits::ClientRateLimiter>,
     /// The identity provider whose ID tokens sign users in (`POST /auth/sso`), if any.
     pub identity_provider: Option<Arc<sso::IdentityProvider>>,
+    /// The proxies whose `X-Forwarded-For` names the client; none by default.
+    pub trusted_proxies: client_address::TrustedProxies,
 }
 
 /// The current time, as the domain counts it (the domain itself never reads the clock).
@@ -132,6 +135,7 @@ pub fn app(
 > {
     let transport = config.transport;
     let rate_limiter = Arc::clone(&config.rate_limiter);
+    let trusted_proxies = config.trusted_proxies.clone();
     App::new()
         .app_data(web::Data::from(config.readiness.clone()))
         .app_data(web::Data::new(config))
@@ -140,7 +144,12 @@ pub fn app(
         // Inside the security headers, so a 429 carries them too; outside everything else,
         // so a refused request costs no routing, session lookup or body read.
         .wrap(actix_web::middleware::from_fn(move |request, next| {
-            limits::limit_rate(Arc::clone(&rate_limiter), request, next)
+            limits::limit_rate(
+                Arc::clone(&rate_limiter),
+                trusted_proxies.clone(),
+                request,
+                next,
+            )
         }))
         .wrap(actix_web::middleware::from_fn(move |request, next| {
             middleware::security_headers(transport, request, next)

@@ -226,6 +226,7 @@ fn whole_seconds_up(wait: Duration) -> u64 {
 /// authentication or body reading happens.
 pub(crate) async fn limit_rate(
     limiter: std::sync::Arc<ClientRateLimiter>,
+    trusted_proxies: crate::client_address::TrustedProxies,
     request: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
@@ -234,7 +235,7 @@ pub(crate) async fn limit_rate(
     }
     let key = match crate::guard::session_token(&request) {
         Some(token) if needs_session(&request) => ClientKey::session(&token),
-        _ => ClientKey::address(request.peer_addr().map(|address| address.ip())),
+        _ => ClientKey::address(trusted_proxies.client_of(request.request())),
     };
     match limiter.check(&key) {
         Ok(()) => Ok(next.call(request).await?.map_into_boxed_body()),

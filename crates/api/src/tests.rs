@@ -119,6 +119,7 @@ async fn config_and_runner(
             crate::limits::RateLimit::default(),
         )),
         identity_provider: None,
+        trusted_proxies: crate::client_address::TrustedProxies::default(),
     };
     (config, dir, runner)
 }
@@ -1374,5 +1375,80 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         reviews["reviews"].as_array().map(Vec::len),
         Some(1),
         "{reviews}"
+    );
+}
+
+/// Behind a trusted proxy the client is the address the proxy forwarded: the audit trail
+/// records it, and the rate limit counts each client apart rather than every client as the
+/// proxy. From anywhere else the header is ignored, so a client cannot choose its address.
+#[actix_web::test]
+async fn a_trusted_proxy_names_the_client_and_nobody_else_can() {
+    const BURST: u32 = 2;
+    let (mut config, _dir) = config(Transport::Tls, Arc::new(Ready)).await;
+    config.rate_limiter = Arc::new(crate::limits::ClientRateLimiter::new(
+        crate::limits::RateLimit {
+            per_second: std::num::NonZeroU32::MIN,
+            burst: std::num::NonZeroU32::new(BURST).expect("non-zero"),
+        },
+    ));
+    config.trusted_proxies =
+        crate::client_address::TrustedProxies::new(vec!["10.0.0.0/8".parse().expect("a network")]);
+    let read_models = config.read_models.clone();
+    let service = test::init_service(app(config)).await;
+    let proxy: std::net::SocketAddr = "10.1.2.3:50000".parse().expect("address");
+    let elsewhere: std::net::SocketAddr = "192.0.2.10:40000".parse().expect("address");
+    let failed_login = |peer: std::net::SocketAddr, forwarded: &str| {
+        TestRequest::post()
+            .uri("/auth/login")
+            .peer_addr(peer)
+            .insert_header(("x-forwarded-for", forwarded.to_owned()))
+            .insert_header(("content-type", "application/json"))
+            .set_payload(r#"{"username":"nobody.here","password":"not the password at all"}"#)
+            .to_request()
+    };
+
+    // Two clients behind the proxy, each with its own allowance: none of these is limited,
+    // though the proxy alone sends twice the burst.
+    for client in ["203.0.113.9", "203.0.113.77"] {
+        for _ in 0..BURST {
+            let response = test::call_service(
+                &service,
+                failed_login(proxy, &format!("192.0.2.66, {client}")),
+            )
+            .await;
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{client}");
+        }
+    }
+    // A client that is no proxy names someone else: ignored, it is itself.
+    let response = test::call_service(&service, failed_login(elsewhere, "203.0.113.200")).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // The first proxied client is spent now.
+    let response = test::call_service(&service, failed_login(proxy, "203.0.113.9")).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+
+    let rows = read_models
+        .fetch_all(
+            "SELECT client_address, count(*) FROM chartlog_audit_trail \
+             WHERE action = 'login' GROUP BY client_address ORDER BY client_address",
+            Vec::new(),
+        )
+        .await
+        .expect("the failed logins' rows");
+    let addresses: Vec<(String, i64)> = rows
+        .iter()
+        .map(|row| {
+            (
+                row.text(0).expect("an address"),
+                row.i64(1).expect("a count"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        addresses,
+        [
+            ("192.0.2.10".to_owned(), 1),
+            ("203.0.113.77".to_owned(), i64::from(BURST)),
+            ("203.0.113.9".to_owned(), i64::from(BURST)),
+        ]
     );
 }

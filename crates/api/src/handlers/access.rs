@@ -122,7 +122,7 @@ pub(crate) async fn login(
 ) -> Result<HttpResponse, ApiError> {
     require_json(request.headers())?;
     let body: LoginBody = parse_body(&body)?;
-    let client_address = request.peer_addr().map(|address| address.ip());
+    let client_address = config.trusted_proxies.client_of(&request);
     let attempt = LoginAttempt {
         username: body.username,
         password: Password::new(body.password),
@@ -200,7 +200,7 @@ pub(crate) async fn sso_login(
             "this server trusts no identity provider: sign in with POST /auth/login",
         ));
     };
-    let client_address = request.peer_addr().map(|address| address.ip());
+    let client_address = config.trusted_proxies.client_of(&request);
     let now = crate::now();
     let identity = match provider.verify(&body.id_token, now, crate::sso::TokenUse::Login) {
         Ok(identity) => identity,
