@@ -220,6 +220,16 @@ async fn unknown_routes_and_methods_answer_in_the_error_shape() {
     assert_eq!(header(&response, "allow"), Some("GET, POST"));
 }
 
+/// A rate limit of `burst` requests, then one per second: small enough to spend in a test.
+fn burst_then_one_per_second(burst: u32) -> Arc<crate::limits::ClientRateLimiter> {
+    Arc::new(crate::limits::ClientRateLimiter::new(
+        crate::limits::RateLimit {
+            per_second: std::num::NonZeroU32::MIN,
+            burst: std::num::NonZeroU32::new(burst).expect("non-zero"),
+        },
+    ))
+}
+
 /// Bug this catches: the rate limiter keyed a public route's request on whatever bearer
 /// token it carried, which nothing there checks, so a client inventing a token per request
 /// had a fresh allowance for every login attempt.
@@ -227,12 +237,7 @@ async fn unknown_routes_and_methods_answer_in_the_error_shape() {
 async fn invented_tokens_on_public_routes_are_limited_by_address() {
     const BURST: u32 = 3;
     let (mut config, _dir) = config(Transport::Tls, Arc::new(Ready)).await;
-    config.rate_limiter = Arc::new(crate::limits::ClientRateLimiter::new(
-        crate::limits::RateLimit {
-            per_second: std::num::NonZeroU32::MIN,
-            burst: std::num::NonZeroU32::new(BURST).expect("non-zero"),
-        },
-    ));
+    config.rate_limiter = burst_then_one_per_second(BURST);
     let accounts = config.accounts.clone();
     let service = test::init_service(app(config)).await;
     let (_, one_time) = accounts
@@ -1385,12 +1390,7 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
 async fn a_trusted_proxy_names_the_client_and_nobody_else_can() {
     const BURST: u32 = 2;
     let (mut config, _dir) = config(Transport::Tls, Arc::new(Ready)).await;
-    config.rate_limiter = Arc::new(crate::limits::ClientRateLimiter::new(
-        crate::limits::RateLimit {
-            per_second: std::num::NonZeroU32::MIN,
-            burst: std::num::NonZeroU32::new(BURST).expect("non-zero"),
-        },
-    ));
+    config.rate_limiter = burst_then_one_per_second(BURST);
     config.trusted_proxies =
         crate::client_address::TrustedProxies::new(vec!["10.0.0.0/8".parse().expect("a network")]);
     let read_models = config.read_models.clone();
