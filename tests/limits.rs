@@ -363,3 +363,42 @@ async fn oversized_bodies_get_413_and_a_flooding_client_gets_429_while_others_ar
         "no session token in the log"
     );
 }
+
+/// `serve --trusted-proxy`: requests through the proxy (here the test itself, on loopback)
+/// count against the client it names in `X-Forwarded-For`, each client on its own.
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
+    const PROXIED_BURST: u32 = 2;
+    let data_dir = TestDir::new();
+    let server = Server::start(
+        data_dir.data_dir(),
+        &[
+            "--insecure-http",
+            "--rate-limit-per-second",
+            "1",
+            "--rate-limit-burst",
+            &PROXIED_BURST.to_string(),
+            "--trusted-proxy",
+            "127.0.0.0/8",
+        ],
+    );
+    server.wait_for_stderr("first-administrator-password");
+    let client = http_client();
+    // No session: refused with 401 at once, and limited by address.
+    let status = |forwarded_for: &'static str| {
+        let request = client
+            .get(server.url("/auth/session"))
+            .header("x-forwarded-for", forwarded_for)
+            .timeout(STEP_TIMEOUT)
+            .send();
+        async move { request.await.expect("answered").status() }
+    };
+    // One client spends its burst and is refused; the next one behind the same proxy is not.
+    for _ in 0..PROXIED_BURST {
+        assert_eq!(status("203.0.113.9").await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(status("203.0.113.9").await, StatusCode::TOO_MANY_REQUESTS);
+    for _ in 0..PROXIED_BURST {
+        assert_eq!(status("203.0.113.10").await, StatusCode::UNAUTHORIZED);
+    }
+}
