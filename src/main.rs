@@ -735,6 +735,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.trusted_proxies.clone(),
         ),
     };
+    if !args.trusted_proxies.is_empty() {
+        let networks: Vec<String> = args
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        tracing::info!(
+            proxies = %networks.join(", "),
+            "clients behind these proxies are named by X-Forwarded-For"
+        );
+    }
     let server = HttpServer::new(move || chartlog_api::app(config.clone()))
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECONDS)
         // Our own handler below makes SIGINT graceful too; actix's default treats it as forced.
