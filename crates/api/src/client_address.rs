@@ -33,10 +33,6 @@ impl TrustedProxies {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.networks.is_empty()
-    }
-
     fn trusts(&self, address: IpAddr) -> bool {
         self.networks
             .iter()
