@@ -1646,7 +1646,7 @@ mod tests {
         assert!(
             audit
                 .insert_sql(Backend::Postgres, 2)
-                .contains("$14::inet, $15), ($16")
+                .contains("$15::inet, $16), ($17")
         );
         assert!(
             audit

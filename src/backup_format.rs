@@ -21,9 +21,9 @@ use uuid::Uuid;
 /// The `format` of the header and the manifest.
 pub const FORMAT: &str = "chartlog-backup";
 /// The version of the format this build writes and reads. Version 2 added the audit trail's
-/// `trail_position`, a break-glass grant's `opening_audited_at_us` and a login attempt's
-/// `attempt_id`; a version 1 backup is
-/// restored by the chartlog that wrote it, whose database this one then migrates.
+/// `trail_position` and `occurred_at_max_us`, a break-glass grant's `opening_audited_at_us`
+/// and a login attempt's `attempt_id`; a version 1 backup is restored by the chartlog that
+/// wrote it, whose database this one then migrates.
 pub const FORMAT_VERSION: u32 = 2;
 /// Rows handed from the reader to the inserting task at a time.
 pub const RESTORE_BATCH_ROWS: usize = 500;
@@ -211,6 +211,7 @@ pub static TABLES: &[Table] = &[
             ("audit_id", Kind::Uuid),
             ("source_position", Kind::Int),
             ("trail_position", Kind::Int),
+            ("occurred_at_max_us", Kind::Int),
             ("occurred_at_us", Kind::Int),
             ("user_id", Kind::Uuid),
             ("role", Kind::Text),

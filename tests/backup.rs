@@ -660,6 +660,7 @@ const READ_MODEL_TABLES: &[(&str, &[&str], &str)] = &[
             "audit_id",
             "source_position",
             "trail_position",
+            "occurred_at_max_us",
             "occurred_at_us",
             "user_id",
             "role",

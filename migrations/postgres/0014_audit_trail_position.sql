@@ -10,19 +10,31 @@
 -- final: every row inserted later has a higher position and shows on a later page.
 --
 -- Rows already in the table are numbered in their old order, so an old trail reads as before.
+--
+-- occurred_at_max_us is the latest occurred_at_us of the row and of every row recorded before
+-- it. It never falls as trail_position rises, so the rows that occurred at or after a time T
+-- all lie at or after the first position whose occurred_at_max_us reaches T: a page of a time
+-- range starts there, found through its index, instead of walking every older row.
 ALTER TABLE chartlog_audit_trail ADD COLUMN trail_position bigint;
+ALTER TABLE chartlog_audit_trail ADD COLUMN occurred_at_max_us bigint;
 
 -- The table refuses UPDATE; this one numbering of existing rows is the only rewrite it gets.
 ALTER TABLE chartlog_audit_trail DISABLE TRIGGER chartlog_audit_trail_append_only;
-UPDATE chartlog_audit_trail AS trail SET trail_position = numbered.n
-FROM (SELECT audit_id, row_number() OVER (ORDER BY occurred_at_us, audit_id) AS n
+UPDATE chartlog_audit_trail AS trail
+SET trail_position = numbered.n, occurred_at_max_us = numbered.occurred_at_us
+FROM (SELECT audit_id, occurred_at_us,
+             row_number() OVER (ORDER BY occurred_at_us, audit_id) AS n
       FROM chartlog_audit_trail) AS numbered
 WHERE trail.audit_id = numbered.audit_id;
 ALTER TABLE chartlog_audit_trail ENABLE TRIGGER chartlog_audit_trail_append_only;
 
 ALTER TABLE chartlog_audit_trail ALTER COLUMN trail_position SET NOT NULL;
+ALTER TABLE chartlog_audit_trail ALTER COLUMN occurred_at_max_us SET NOT NULL;
 ALTER TABLE chartlog_audit_trail ADD CONSTRAINT chartlog_audit_trail_position_unique
     UNIQUE (trail_position);
+
+CREATE INDEX chartlog_audit_trail_by_latest_before
+    ON chartlog_audit_trail (occurred_at_max_us, trail_position);
 
 -- Each filter's index ends in the sort key, so a filtered page is one index range scan. The
 -- time index stays for time ranges.

@@ -9,12 +9,20 @@
 -- final: every row inserted later has a higher position and shows on a later page.
 --
 -- Rows already in the table are numbered in their old order, so an old trail reads as before.
+--
+-- occurred_at_max_us is the latest occurred_at_us of the row and of every row recorded before
+-- it. It never falls as trail_position rises, so the rows that occurred at or after a time T
+-- all lie at or after the first position whose occurred_at_max_us reaches T: a page of a time
+-- range starts there, found through its index, instead of walking every older row.
 ALTER TABLE chartlog_audit_trail ADD COLUMN trail_position INTEGER;
+ALTER TABLE chartlog_audit_trail ADD COLUMN occurred_at_max_us INTEGER;
 
 -- The table refuses UPDATE; this one numbering of existing rows is the only rewrite it gets.
 DROP TRIGGER chartlog_audit_trail_no_update;
-UPDATE chartlog_audit_trail SET trail_position = numbered.n
-FROM (SELECT audit_id, row_number() OVER (ORDER BY occurred_at_us, audit_id) AS n
+UPDATE chartlog_audit_trail
+SET trail_position = numbered.n, occurred_at_max_us = numbered.occurred_at_us
+FROM (SELECT audit_id, occurred_at_us,
+             row_number() OVER (ORDER BY occurred_at_us, audit_id) AS n
       FROM chartlog_audit_trail) AS numbered
 WHERE chartlog_audit_trail.audit_id = numbered.audit_id;
 CREATE TRIGGER chartlog_audit_trail_no_update BEFORE UPDATE ON chartlog_audit_trail
@@ -22,14 +30,17 @@ BEGIN
     SELECT RAISE(ABORT, 'chartlog_audit_trail is append-only: UPDATE refused');
 END;
 
--- SQLite cannot make an added column NOT NULL; a row without a position is refused here.
+-- SQLite cannot make an added column NOT NULL; a row without them is refused here.
 CREATE TRIGGER chartlog_audit_trail_position_required BEFORE INSERT ON chartlog_audit_trail
-WHEN NEW.trail_position IS NULL
+WHEN NEW.trail_position IS NULL OR NEW.occurred_at_max_us IS NULL
 BEGIN
-    SELECT RAISE(ABORT, 'chartlog_audit_trail: a row needs its trail_position');
+    SELECT RAISE(ABORT, 'chartlog_audit_trail: a row needs its trail_position and occurred_at_max_us');
 END;
 
 CREATE UNIQUE INDEX chartlog_audit_trail_by_position ON chartlog_audit_trail (trail_position);
+
+CREATE INDEX chartlog_audit_trail_by_latest_before
+    ON chartlog_audit_trail (occurred_at_max_us, trail_position);
 
 -- Each filter's index ends in the sort key, so a filtered page is one index range scan. The
 -- time index stays for time ranges.

@@ -452,9 +452,9 @@ pub const AUDIT_PROJECTION_NAME: &str = "audit_trail";
 pub const AUDIT_PROJECTION_VERSION: u32 = 1;
 
 /// Columns of one `chartlog_audit_trail` row as [`insert_audit_rows`] binds them.
-const AUDIT_COLUMNS: usize = 15;
+const AUDIT_COLUMNS: usize = 16;
 /// `client_address`, which PostgreSQL stores as `inet` and receives as text.
-const AUDIT_CLIENT_ADDRESS_COLUMN: usize = 13;
+const AUDIT_CLIENT_ADDRESS_COLUMN: usize = 14;
 
 /// Inserts [`AuditRow`]s (each with the log position it was folded from, if any) into
 /// `chartlog_audit_trail`, many rows per statement, ignoring a row whose `audit_id` is already
@@ -466,6 +466,8 @@ const AUDIT_CLIENT_ADDRESS_COLUMN: usize = 13;
 /// PostgreSQL the table is locked against other writers until the transaction ends; readers
 /// are not held up), so a row inserted later never sorts before a page already read. A row
 /// ignored as already there leaves its position unused: the positions have gaps, never ties.
+/// Each row also carries `occurred_at_max_us`, the latest `occurred_at` up to and including
+/// it in that order, which a time range's first page starts from.
 pub async fn insert_audit_rows<R: Borrow<AuditRow> + Sync>(
     tx: &mut crate::db::ProjectionTx,
     rows: &[(R, Option<u64>)],
@@ -482,33 +484,37 @@ pub async fn insert_audit_rows<R: Borrow<AuditRow> + Sync>(
         )
         .await?;
     }
-    let last = tx
+    let (mut next_position, mut occurred_at_max) = match tx
         .fetch_optional(
-            "SELECT CAST(COALESCE(MAX(trail_position), 0) AS BIGINT) FROM chartlog_audit_trail",
+            "SELECT trail_position, occurred_at_max_us FROM chartlog_audit_trail \
+             ORDER BY trail_position DESC LIMIT 1",
             vec![],
         )
         .await?
-        .map(|row| row.i64(0))
-        .transpose()?
-        .unwrap_or(0);
-    let mut next_position = last;
+    {
+        Some(last) => (last.i64(0)?, last.i64(1)?),
+        None => (0, i64::MIN),
+    };
     for chunk in rows.chunks(tx.rows_per_statement(AUDIT_COLUMNS)) {
         let values = crate::db::values_placeholders_cast(chunk.len(), AUDIT_COLUMNS, 1, cast);
         let sql = format!(
             "INSERT INTO chartlog_audit_trail (audit_id, source_position, trail_position, \
-             occurred_at_us, user_id, role, purpose_of_use, break_glass, patient_id, entity, \
-             record_id, action, outcome, client_address, event_type) VALUES {values} \
-             ON CONFLICT (audit_id) DO NOTHING"
+             occurred_at_max_us, occurred_at_us, user_id, role, purpose_of_use, break_glass, \
+             patient_id, entity, record_id, action, outcome, client_address, event_type) \
+             VALUES {values} ON CONFLICT (audit_id) DO NOTHING"
         );
         let mut args = Vec::with_capacity(chunk.len() * AUDIT_COLUMNS);
         for (row, source_position) in chunk {
             let row: &AuditRow = row.borrow();
             let position = source_position.map(|p| i64::try_from(p).unwrap_or(i64::MAX));
             next_position += 1;
+            // A row skipped as already there still counts: the bound only gets looser.
+            occurred_at_max = occurred_at_max.max(row.occurred_at.unix_micros());
             args.extend([
                 SqlArg::Uuid(row.audit_id),
                 SqlArg::OptI64(position),
                 SqlArg::I64(next_position),
+                SqlArg::I64(occurred_at_max),
                 SqlArg::I64(row.occurred_at.unix_micros()),
                 SqlArg::OptUuid(row.actor.map(|a| a.user_id.as_uuid())),
                 SqlArg::OptText(row.actor.map(|a| a.role.as_str().to_owned())),

@@ -115,6 +115,13 @@ pub async fn read_audit_trail(
     if let Some(from) = filter.from {
         let p = query.bind(SqlArg::I64(from.unix_micros()));
         query.condition(format!("occurred_at_us >= {p}"));
+        // Rows at or after `from` are all at or after the first position whose latest time so
+        // far reaches it (see `insert_audit_rows`): the page's scan starts there, through an
+        // index, rather than at the start of the trail.
+        query.condition(format!(
+            "trail_position >= (SELECT trail_position FROM {AUDIT_TABLE} \
+             WHERE occurred_at_max_us >= {p} ORDER BY occurred_at_max_us, trail_position LIMIT 1)"
+        ));
     }
     if let Some(to) = filter.to {
         let p = query.bind(SqlArg::I64(to.unix_micros()));

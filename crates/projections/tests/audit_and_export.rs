@@ -528,6 +528,35 @@ async fn a_row_recorded_late_is_on_the_next_page(db: &ProjectionDb) {
     })
     .await;
     assert_eq!(rest, wanted, "the disclosures' next pages");
+
+    // A time range finds late rows too, wherever they were recorded: this one is the earliest
+    // row at or after 15.2 s, recorded after one at 16 s.
+    let late_in_range = AuditRow {
+        occurred_at: at(15_500_000),
+        ..read(8, 0)
+    };
+    append_audit_rows(db, std::slice::from_ref(&late_in_range))
+        .await
+        .expect("append");
+    let since = |tenths: i64| AuditFilter {
+        from: Some(at(tenths * 100_000)),
+        ..AuditFilter::default()
+    };
+    let ids = |rows: Vec<AuditRow>| -> Vec<u128> {
+        rows.iter()
+            .map(|row| row.audit_id.as_u128() - 0x2000)
+            .collect()
+    };
+    for (tenths, wanted) in [
+        (50, &[1, 2, 3, 4, 5, 6, 7, 8][..]),
+        (130, &[3, 4, 5, 7, 8]),
+        (152, &[7, 8]),
+        (160, &[7]),
+        (161, &[]),
+    ] {
+        let (found, _) = read_filtered(db, &since(tenths), 2).await;
+        assert_eq!(ids(found), wanted, "from {tenths} tenths of a second");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -587,6 +616,14 @@ async fn the_migration_numbers_an_old_trail_in_its_old_order(db: &ProjectionDb) 
     let (rows, _) = read_filtered(db, &AuditFilter::default(), 2).await;
     let ids: Vec<u128> = rows.iter().map(|row| row.audit_id.as_u128()).collect();
     assert_eq!(ids, [0x3001, 0x3002, 0x3003, 0x3004, 0x3000]);
+    // The old rows' latest times are their own, so a time range finds them.
+    let since_20 = AuditFilter {
+        from: Some(at(20_000_000)),
+        ..AuditFilter::default()
+    };
+    let (rows, _) = read_filtered(db, &since_20, 2).await;
+    let ids: Vec<u128> = rows.iter().map(|row| row.audit_id.as_u128()).collect();
+    assert_eq!(ids, [0x3003, 0x3004]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
