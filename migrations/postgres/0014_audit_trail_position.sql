@@ -6,7 +6,7 @@
 -- processes' rows go their own way. A row stamped before the last row of a page an auditor
 -- had already read could land after it, and the next page, which starts after that row's time,
 -- never showed it. trail_position is handed out in the order rows are inserted, one writer at
--- a time (insert_audit_rows locks the table against other writers), so a page boundary is
+-- a time (insert_audit_rows takes an advisory lock), so a page boundary is
 -- final: every row inserted later has a higher position and shows on a later page.
 --
 -- Rows already in the table are numbered in their old order, so an old trail reads as before.

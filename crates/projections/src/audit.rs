@@ -455,6 +455,10 @@ pub const AUDIT_PROJECTION_VERSION: u32 = 1;
 const AUDIT_COLUMNS: usize = 16;
 /// `client_address`, which PostgreSQL stores as `inet` and receives as text.
 const AUDIT_CLIENT_ADDRESS_COLUMN: usize = 14;
+/// The first key of the advisory lock that takes writers to the trail one at a time. Two-key
+/// advisory locks are a space of their own, apart from the projection runner's single-key
+/// locks; the access crate's classes are `chlp` and `chbg`, this one is `chat`.
+const AUDIT_TRAIL_WRITER_LOCK_CLASS: i64 = 0x6368_6174;
 
 /// Inserts [`AuditRow`]s (each with the log position it was folded from, if any) into
 /// `chartlog_audit_trail`, many rows per statement, ignoring a row whose `audit_id` is already
@@ -463,8 +467,8 @@ const AUDIT_CLIENT_ADDRESS_COLUMN: usize = 14;
 ///
 /// Each row gets the next `trail_position`, the order auditors page the trail in (migration
 /// 0014/0013): positions are handed out here, in insertion order, one writer at a time (on
-/// PostgreSQL the table is locked against other writers until the transaction ends; readers
-/// are not held up), so a row inserted later never sorts before a page already read. A row
+/// PostgreSQL under an advisory lock held to the end of the transaction; readers are not held
+/// up), so a row inserted later never sorts before a page already read. A row
 /// ignored as already there leaves its position unused: the positions have gaps, never ties.
 /// Each row also carries `occurred_at_max_us`, the latest `occurred_at` up to and including
 /// it in that order, which a time range's first page starts from.
@@ -478,9 +482,12 @@ pub async fn insert_audit_rows<R: Borrow<AuditRow> + Sync>(
     }
     let cast = (tx.backend() == Backend::Postgres).then_some((AUDIT_CLIENT_ADDRESS_COLUMN, "inet"));
     if tx.backend() == Backend::Postgres {
+        // An advisory lock, not LOCK TABLE: a table lock strong enough to keep other writers
+        // out also waits for (auto)vacuum of the table, which an anti-wraparound vacuum does
+        // not give up, and the projection runner would stall behind it.
         tx.execute(
-            "LOCK TABLE chartlog_audit_trail IN SHARE ROW EXCLUSIVE MODE",
-            vec![],
+            "SELECT pg_advisory_xact_lock(CAST($1 AS integer), 0)",
+            vec![SqlArg::I64(AUDIT_TRAIL_WRITER_LOCK_CLASS)],
         )
         .await?;
     }

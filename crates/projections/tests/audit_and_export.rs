@@ -559,6 +559,46 @@ async fn a_row_recorded_late_is_on_the_next_page(db: &ProjectionDb) {
     }
 }
 
+/// Writers to the trail at the same time all succeed, one after another: each takes the next
+/// positions, and no two rows share one.
+async fn simultaneous_writers_each_get_their_own_positions(db: &ProjectionDb) {
+    let writers: Vec<_> = (0..8u64)
+        .map(|writer| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                for batch in 0..5u64 {
+                    let rows: Vec<AuditRow> = (0..3u64)
+                        .map(|n| generated_row(10_000 + writer * 100 + batch * 10 + n))
+                        .collect();
+                    append_audit_rows(&db, &rows).await.expect("append");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let (rows, _) = read_filtered(db, &AuditFilter::default(), 500).await;
+    assert_eq!(rows.len(), 8 * 5 * 3);
+    let ids: HashSet<Uuid> = rows.iter().map(|row| row.audit_id).collect();
+    assert_eq!(ids.len(), rows.len(), "no row twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_simultaneous_writers_each_get_their_own_positions() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteEventStore::open(&dir.path().join("chartlog.db"))
+        .await
+        .expect("open");
+    simultaneous_writers_each_get_their_own_positions(&ProjectionDb::Sqlite(store.pool().clone()))
+        .await;
+}
+
+#[sqlx::test(migrations = "../../migrations/postgres")]
+async fn postgres_simultaneous_writers_each_get_their_own_positions(pool: PgPool) {
+    simultaneous_writers_each_get_their_own_positions(&ProjectionDb::Postgres(pool)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_row_recorded_late_is_on_the_next_page() {
     let dir = tempfile::tempdir().expect("temp dir");
