@@ -11,6 +11,9 @@
 //! recorded (rows that reach the trail late), 200 users, 20,000 patients. Pages hold 100 rows;
 //! each figure is the median of its samples, every sample a fresh query.
 
+#[path = "support/scratch_postgres.rs"]
+mod scratch_postgres;
+
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -23,7 +26,6 @@ use chartlog_projections::audit_queries::{
 use chartlog_projections::db::ProjectionDb;
 use chartlog_store::postgres::PostgresEventStore;
 use chartlog_store::sqlite::SqliteEventStore;
-use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
 
 const PAGE_ROWS: u32 = 100;
@@ -73,18 +75,8 @@ async fn run() -> anyhow::Result<()> {
         println!("DATABASE_URL is not set: PostgreSQL skipped");
         return Ok(());
     };
-    let scratch = format!("chartlog_bench_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&url)
-        .await
-        .context("connect to DATABASE_URL")?;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {scratch}")))
-        .await
-        .context("create the scratch database")?;
-    let (base, _) = url
-        .rsplit_once('/')
-        .context("DATABASE_URL has no database path")?;
-    let store = PostgresEventStore::connect(&format!("{base}/{scratch}"))
+    let scratch = scratch_postgres::ScratchDatabase::create(&url).await?;
+    let store = PostgresEventStore::connect(&scratch.url)
         .await
         .context("open PostgreSQL")?;
     let pool = store.pool().clone();
@@ -95,13 +87,10 @@ async fn run() -> anyhow::Result<()> {
         samples,
     )
     .await;
+    // The store's own tasks hold connections of the pool until it is dropped.
+    drop(store);
     pool.close().await;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {scratch} WITH (FORCE)"
-        )))
-        .await
-        .context("drop the scratch database")?;
+    scratch.drop().await?;
     measured
 }
 

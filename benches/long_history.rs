@@ -21,6 +21,9 @@
 //! which takes the first snapshot; those set-up times are printed too. Two more long patients
 //! are written the same way, for the erasure figure.
 
+#[path = "support/scratch_postgres.rs"]
+mod scratch_postgres;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +46,6 @@ use chartlog_store::ledger::SNAPSHOT_EVERY_EVENTS;
 use chartlog_store::postgres::{PostgresEventStore, PostgresKeyStore, PostgresSnapshotStore};
 use chartlog_store::sqlite::{SqliteEventStore, SqliteKeyStore, SqliteSnapshotStore};
 use chartlog_store::{EVENTS_PER_APPEND_MAX, EventStore, PatientLedger, SnapshotStore};
-use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
 
 /// Events in the short history: registration and nine observations.
@@ -103,18 +105,8 @@ async fn run() -> anyhow::Result<()> {
         println!("DATABASE_URL is not set: PostgreSQL skipped");
         return Ok(());
     };
-    let scratch = format!("chartlog_bench_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&url)
-        .await
-        .context("connect to DATABASE_URL")?;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {scratch}")))
-        .await
-        .context("create the scratch database")?;
-    let (base, _) = url
-        .rsplit_once('/')
-        .context("DATABASE_URL has no database path")?;
-    let store = PostgresEventStore::connect(&format!("{base}/{scratch}"))
+    let scratch = scratch_postgres::ScratchDatabase::create(&url).await?;
+    let store = PostgresEventStore::connect(&scratch.url)
         .await
         .context("open PostgreSQL")?;
     let pool = store.pool().clone();
@@ -129,12 +121,7 @@ async fn run() -> anyhow::Result<()> {
     )
     .await;
     pool.close().await;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {scratch} WITH (FORCE)"
-        )))
-        .await
-        .context("drop the scratch database")?;
+    scratch.drop().await?;
     measured
 }
 
